@@ -1,0 +1,137 @@
+"""The local backend: this machine is the "rented" one. No cloud, no network; the demo and the tests.
+
+It lays the run out exactly as a remote backend does (bundle unpacked, secrets file, run.sh, log and
+exit-status files), so the same lifecycle is exercised end to end.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..manifest import NOT_PULLED
+from .base import EXIT_FILE, LOG_FILE, Backend, Bundle, RunContext, secrets_env
+
+STOP_GRACE_SECONDS = 10
+POLL_SECONDS = 0.2
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited; it only waits for its parent to read the status
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self) -> None:
+        self._children: dict[str, subprocess.Popen] = {}
+
+    @staticmethod
+    def root(ctx: RunContext) -> Path:
+        return ctx.work_dir / "machine"
+
+    def provision(self, ctx: RunContext) -> None:
+        self.root(ctx).mkdir(parents=True, exist_ok=True)
+        ctx.meta["root"] = str(self.root(ctx))
+
+    def sync(self, ctx: RunContext, bundle: Bundle, secrets: dict[str, str]) -> None:
+        root = self.root(ctx)
+        with tarfile.open(bundle.path) as tar:
+            tar.extractall(root, filter="data")
+        if secrets:
+            path = root / "secrets.env"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets_env(secrets))
+
+    def start(self, ctx: RunContext, resume: bool = False) -> None:
+        root = self.root(ctx)
+        (root / EXIT_FILE).unlink(missing_ok=True)
+        env = {**os.environ, "CLOUDTUNE_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+        args = ["sh", str(root / "bundle" / "run.sh")] + (["--resume"] if resume else [])
+        child = subprocess.Popen(args, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+        self._children[ctx.run_id] = child
+        ctx.meta["pid"] = child.pid
+
+    def _running(self, ctx: RunContext) -> bool:
+        child = self._children.get(ctx.run_id)
+        if child is not None:
+            return child.poll() is None
+        pid = ctx.meta.get("pid")
+        return bool(pid) and pid_alive(pid)
+
+    def exit_code(self, ctx: RunContext) -> int | None:
+        path = self.root(ctx) / EXIT_FILE
+        try:
+            return int(path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
+        path = self.root(ctx) / LOG_FILE
+        while follow and not path.exists() and self._running(ctx):
+            time.sleep(POLL_SECONDS)
+        if not path.exists():
+            return
+        with path.open("r", errors="replace") as handle:
+            pending = ""
+            while True:
+                chunk = handle.readline()
+                if chunk:
+                    pending += chunk
+                    if pending.endswith("\n"):
+                        yield pending.rstrip("\n")
+                        pending = ""
+                    continue
+                if not follow or not self._running(ctx):
+                    rest = handle.read()
+                    if pending or rest:
+                        yield from (pending + rest).splitlines()
+                    return
+                time.sleep(POLL_SECONDS)
+
+    def pull(self, ctx: RunContext, staging: Path) -> None:
+        shutil.copytree(self.root(ctx) / "out", staging, ignore=shutil.ignore_patterns(*NOT_PULLED),
+                        dirs_exist_ok=True)
+
+    def stop(self, ctx: RunContext) -> None:
+        pid = ctx.meta.get("pid")
+        if not pid or not self._running(ctx):
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + STOP_GRACE_SECONDS
+        while time.time() < deadline and self._running(ctx):
+            time.sleep(POLL_SECONDS)
+        if self._running(ctx):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            time.sleep(POLL_SECONDS)
+
+    def teardown(self, ctx: RunContext) -> bool:
+        self.stop(ctx)
+        (self.root(ctx) / "secrets.env").unlink(missing_ok=True)
+        child = self._children.pop(ctx.run_id, None)
+        if child is not None:
+            child.wait(timeout=5)
+        return not self._running(ctx)

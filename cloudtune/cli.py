@@ -1,0 +1,237 @@
+"""The `cloudtune` command: parse arguments, call the core, render. No logic lives here.
+
+Heavy libraries (torch, transformers, sky, paramiko) are never imported at module level, so
+`cloudtune --help` answers at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from importlib import resources
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import CloudtuneError
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class CloudtuneGroup(click.Group):
+    """Turns user mistakes into one red paragraph and exit 2; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CloudtuneError as exc:
+            from .runner import RunFailed
+
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}")
+            if exc.hint:
+                err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+            ctx.exit(EXIT_RUN_FAILED if isinstance(exc, RunFailed) else EXIT_USER_ERROR)
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+
+
+@click.group(cls=CloudtuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="cloudtune")
+def cli(debug: bool) -> None:
+    """Fine-tune an LLM on the cheapest GPU that fits, for a price known before you pay it."""
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------------------------
+# init / validate
+
+
+def _templates() -> dict[str, resources.abc.Traversable]:
+    folder = resources.files("cloudtune.tasks")
+    return {entry.name[:-5]: entry for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path), default="recipe.yaml")
+@click.option("--template", "-t", default="demo-tiny", show_default=True,
+              help="Which ready recipe to start from (see --list).")
+@click.option("--list", "list_only", is_flag=True, help="List the templates and exit.")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def init(path: Path, template: str, list_only: bool, force: bool) -> None:
+    """Write a commented recipe to PATH from a ready template."""
+    templates = _templates()
+    if list_only:
+        for name, entry in sorted(templates.items()):
+            first = entry.read_text().splitlines()[0].lstrip("# ")
+            console.print(f"[bold]{name}[/]  {escape(first)}")
+        return
+    if template not in templates:
+        raise CloudtuneError(f"no template '{template}'.", f"Choose one of: {', '.join(sorted(templates))}.")
+    if path.exists() and not force:
+        raise CloudtuneError(f"{path} already exists.", "Pass --force to overwrite it, or choose another path.")
+    text = templates[template].read_text()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    copied = _copy_template_data(text, path.parent)
+    console.print(f"wrote [bold]{path}[/] from template {template}" + (f" (+ {', '.join(copied)})" if copied else ""))
+    console.print(f"next: [bold]cloudtune validate {path}[/], then [bold]cloudtune cost {path}[/] "
+                  f"or [bold]cloudtune run {path}[/]")
+
+
+def _copy_template_data(text: str, dest: Path) -> list[str]:
+    """Templates that point at bundled sample data get a copy of it beside the new recipe."""
+    copied = []
+    data = resources.files("cloudtune.tasks") / "data"
+    for entry in data.iterdir():
+        relative = f"data/{entry.name}"
+        if relative in text and not (dest / relative).exists():
+            (dest / "data").mkdir(exist_ok=True)
+            (dest / relative).write_bytes(entry.read_bytes())
+            copied.append(relative)
+    return copied
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
+@json_option
+def validate(recipe_path: Path, as_json: bool) -> None:
+    """Check a recipe and its dataset; count rows and tokens."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .datasets import inspect_dataset
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    with Progress(SpinnerColumn(), TextColumn("counting rows and tokens: {task.completed:,} rows"),
+                  TimeElapsedColumn(), console=err_console, transient=True, disable=as_json) as progress:
+        task = progress.add_task("count", total=None)
+        report = inspect_dataset(recipe, progress=lambda n: progress.update(task, completed=n))
+    if as_json:
+        _print_json({"recipe": str(recipe_path), "fingerprint": recipe.fingerprint(), "dataset": report.as_dict()})
+        return
+    table = Table(title=f"{recipe_path}: valid", show_header=False, title_justify="left")
+    table.add_row("model", recipe.model.name or f"init: {recipe.model.init}")
+    table.add_row("method", recipe.method + (f" (r={recipe.lora.r}, targets {recipe.lora.target_modules})"
+                                             if recipe.uses_lora else ""))
+    table.add_row("dataset", f"{report.source} ({report.format})")
+    table.add_row("rows", f"{report.rows:,}")
+    exactness = "exact" if report.tokens_exact else "estimated"
+    table.add_row("tokens", f"{report.tokens:,} ({exactness}; tokenizer: {report.tokenizer})")
+    if report.truncated_rows:
+        table.add_row("truncated", f"{report.truncated_rows:,} rows longer than max_seq_len "
+                                   f"{recipe.training.max_seq_len} (longest {report.longest_row_tokens:,})")
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# run / status / logs / down
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.option("--backend", "-b", default="local", show_default=True, help="Where to train: local.")
+@click.option("--gpu", help="GPU to rent (A10, A100-80GB, H100, ...); overrides compute.gpu.")
+@json_option
+def run(recipe_path: Path, backend: str, gpu: str | None, as_json: bool) -> None:
+    """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
+    from .backends import get_backend
+    from .recipe import load_recipe
+    from .render import RichEvents, receipt_table
+    from .runner import execute
+
+    recipe = load_recipe(recipe_path)
+    if gpu:
+        recipe.compute.gpu = gpu
+    result = execute(recipe, get_backend(backend), RichEvents(err_console if as_json else console))
+    if as_json:
+        _print_json(result.receipt)
+    else:
+        console.print(receipt_table(result.receipt))
+
+
+@cli.command()
+@click.option("--limit", default=20, show_default=True, help="How many recent runs to show.")
+@json_option
+def status(limit: int, as_json: bool) -> None:
+    """Recent runs from the ledger, newest first."""
+    from .ledger import Ledger
+    from .render import runs_table
+
+    runs = Ledger().runs(limit)
+    if as_json:
+        _print_json(runs)
+    elif not runs:
+        console.print("no runs yet: try [bold]cloudtune init[/] then [bold]cloudtune run recipe.yaml[/]")
+    else:
+        console.print(runs_table(runs))
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN", default="last")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the training ends.")
+def logs(run_ref: str, follow: bool) -> None:
+    """Print a run's training log (RUN is an id, a prefix of one, or 'last')."""
+    from .backends import get_backend
+    from .ledger import Ledger
+    from .runner import context_for
+    from .secrets import Redactor
+
+    run_row = Ledger().get_run(run_ref)
+    names = run_row["meta"].get("secret_names", [])
+    redact = Redactor([os.environ[name] for name in names if os.environ.get(name)])
+    backend = get_backend(run_row["backend"])
+    for line in backend.logs(context_for(run_row), follow=follow):
+        click.echo(redact(line))
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN", required=False)
+@click.option("--all", "all_runs", is_flag=True, help="Every machine cloudtune started that is not terminated.")
+@click.option("--dry-run", is_flag=True, help="List what would be torn down; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def down(run_ref: str | None, all_runs: bool, dry_run: bool, yes: bool) -> None:
+    """Stop and remove machines cloudtune started (one run's, or --all)."""
+    from .teardown import find_machines, tear_down
+
+    if not run_ref and not all_runs:
+        raise CloudtuneError("say which machines: a RUN id, or --all.", "`cloudtune status` lists runs.")
+    machines = find_machines(None if all_runs else run_ref)
+    if not machines:
+        console.print("nothing to tear down: every machine in the ledger is terminated")
+        return
+    for machine in machines:
+        console.print(f"{machine['name']}  run {machine['run_id']}  backend {machine['backend']}  "
+                      f"status {machine['status']}")
+    if dry_run:
+        return
+    if not yes and not click.confirm(f"tear down {len(machines)} machine(s)?", default=True):
+        return
+    for name, verified in tear_down(machines):
+        console.print(f"{name}: " + ("[green]terminated[/]" if verified else "[red]could not verify[/]"))
+
+
+def main() -> None:
+    cli(prog_name="cloudtune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

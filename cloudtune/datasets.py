@@ -1,0 +1,172 @@
+"""Local dataset checks before any money is spent: readable, well-formed, rows and tokens counted.
+
+Light on purpose (stdlib; pyarrow only for parquet): `cloudtune validate` and `cloudtune cost` run it
+on a laptop. The token count drives the price estimate, so it uses the model's own tokenizer when
+one is available offline and says so when it has to estimate instead.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import formats
+from .errors import CloudtuneError
+from .recipe import Recipe
+
+# Llama-family tokenizers average about 3.6 characters per token on English prose.
+CHARS_PER_TOKEN_ESTIMATE = 3.6
+
+
+@dataclass
+class DatasetReport:
+    source: str
+    format: str
+    rows: int
+    tokens: int
+    tokens_exact: bool
+    truncated_rows: int
+    longest_row_tokens: int
+    tokenizer: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def iter_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """Yield (where, row) with `where` naming the line or item a user would look at."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _jsonl_rows(path)
+    elif suffix == ".json":
+        yield from _json_rows(path)
+    elif suffix == ".csv":
+        yield from _csv_rows(path)
+    elif suffix == ".parquet":
+        yield from _parquet_rows(path)
+    else:
+        raise CloudtuneError(f"{path}: unsupported dataset file type '{suffix}'.",
+                             "Use .jsonl, .json, .csv or .parquet.")
+
+
+def _decode(path: Path, raw: bytes, offset: int = 0) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1 + offset
+        raise CloudtuneError(f"{path}:{line}: not UTF-8 text (byte {exc.start} of that chunk).",
+                             "Re-save the dataset as UTF-8.") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _decode(path, raw, number - 1)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CloudtuneError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno}).",
+                                     "Each line of a .jsonl file must be one JSON object.") from None
+            if not isinstance(row, dict):
+                raise CloudtuneError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
+            yield f"{path.name}:{number}", row
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    text = _decode(path, path.read_bytes())
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CloudtuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}).") from None
+    if not isinstance(data, list):
+        raise CloudtuneError(f"{path}: a .json dataset must be a list of objects.",
+                             "Or use .jsonl with one object per line.")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise CloudtuneError(f"{path}: item {i} is {type(row).__name__}, expected an object.")
+        yield f"{path.name}[{i}]", row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    text = _decode(path, path.read_bytes())
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for row in reader:
+        if None in row:
+            raise CloudtuneError(f"{path}:{reader.line_num}: more fields than the header has columns.")
+        yield f"{path.name}:{reader.line_num}", row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CloudtuneError("reading .parquet needs pyarrow.", "pip install pyarrow") from None
+    table = pq.read_table(path)
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path.name} row {i}", row
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+Tokenize = Callable[[str], int]
+
+
+def token_counter(recipe: Recipe) -> tuple[Tokenize, bool, str]:
+    """Return (count_tokens(text), exact?, tokenizer description)."""
+    if recipe.model.init == "tiny-llama":
+        from .tiny import byte_token_count
+        return byte_token_count, True, "tiny-llama bytes"
+    try:
+        from transformers import AutoTokenizer  # heavy: only when counting exactly is possible
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model.name, revision=recipe.model.revision,
+                                                  local_files_only=True)
+    except Exception:  # noqa: BLE001 - no tokenizer offline is normal; we estimate instead
+        return (lambda text: int(len(text) / CHARS_PER_TOKEN_ESTIMATE) + 2), False, "estimate (≈3.6 chars/token)"
+    return (lambda text: len(tokenizer(text)["input_ids"]) + 1), True, recipe.model.name
+
+
+def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = None) -> DatasetReport:
+    """Read every row, check it against the format, count tokens. Raise CloudtuneError on bad data."""
+    file = recipe.dataset_file()
+    if file is None:
+        return DatasetReport(source=f"hub:{recipe.dataset.hub}", format=recipe.dataset.format, rows=0, tokens=0,
+                             tokens_exact=False, truncated_rows=0, longest_row_tokens=0,
+                             tokenizer="checked on the training machine")
+    count, exact, tokenizer_name = token_counter(recipe)
+    columns = recipe.dataset.columns
+    fmt = recipe.dataset.format
+    rows = tokens = truncated = longest = 0
+    cap = recipe.training.max_seq_len
+    for where, row in iter_rows(file):
+        try:
+            if fmt == "auto":
+                fmt = formats.detect_format(row, columns)
+            prompt, answer = formats.render(row, fmt, columns, formats.fallback_chat)
+        except formats.RowError as exc:
+            raise CloudtuneError(f"{file}: {where}: {exc}.",
+                                 "Fix that row, or map the right columns under dataset.columns.") from None
+        if recipe.dataset.completions_only and not prompt:
+            raise CloudtuneError(f"{file}: dataset.completions_only needs a prompt/answer split, "
+                                 f"but format '{fmt}' has none.", "Use alpaca, chat or llama2-inst data.")
+        n = count(prompt + answer)
+        longest = max(longest, n)
+        if n > cap:
+            truncated += 1
+            n = cap
+        tokens += n
+        rows += 1
+        if progress is not None:
+            progress(rows)
+        if recipe.dataset.max_rows and rows >= recipe.dataset.max_rows:
+            break
+    if rows == 0:
+        raise CloudtuneError(f"{file}: the dataset has no rows.", "Add training examples to the file.")
+    return DatasetReport(source=str(file), format=fmt, rows=rows, tokens=tokens, tokens_exact=exact,
+                         truncated_rows=truncated, longest_row_tokens=longest, tokenizer=tokenizer_name)

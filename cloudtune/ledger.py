@@ -1,0 +1,168 @@
+"""The ledger: one SQLite file (WAL) of every run and every machine cloudtune asked for.
+
+A machine gets its row BEFORE it is requested, so `cloudtune down` can always find it, even when
+the CLI that asked for it was killed.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import CloudtuneError
+from .paths import home
+
+RUN_STATUSES = ("planned", "provisioning", "syncing", "running", "pulling", "succeeded", "failed", "cancelled")
+FINAL_RUN_STATUSES = ("succeeded", "failed", "cancelled")
+MACHINE_STATUSES = ("requested", "up", "terminating", "terminated", "unknown")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    recipe_path TEXT,
+    recipe_hash TEXT,
+    backend TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    output_dir TEXT,
+    gpu TEXT,
+    price_per_hour REAL,
+    est_hours_low REAL,
+    est_hours_high REAL,
+    est_cost_low REAL,
+    est_cost_high REAL,
+    tokens INTEGER,
+    train_seconds REAL,
+    wall_seconds REAL,
+    actual_cost REAL,
+    error TEXT,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS machines (
+    name TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    backend TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    terminated_at REAL,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+RUN_COLUMNS = ("name", "recipe_path", "recipe_hash", "backend", "status", "finished_at", "output_dir", "gpu",
+               "price_per_hour", "est_hours_low", "est_hours_high", "est_cost_low", "est_cost_high", "tokens",
+               "train_seconds", "wall_seconds", "actual_cost", "error")
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across machines, valid in every cloud's cluster-name rules."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+def machine_name(run_id: str) -> str:
+    return f"ct-{run_id}"
+
+
+class Ledger:
+    def __init__(self, path: Path | None = None):
+        self.path = path or home() / "ledger.db"
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # runs ---------------------------------------------------------------------------------------
+
+    def add_run(self, run_id: str, *, name: str, backend: str, recipe_path: str | None = None,
+                recipe_hash: str | None = None, **fields: Any) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO runs (id, name, backend, recipe_path, recipe_hash, status, created_at) "
+                       "VALUES (?, ?, ?, ?, ?, 'planned', ?)",
+                       (run_id, name, backend, recipe_path, recipe_hash, time.time()))
+        if fields:
+            self.update_run(run_id, **fields)
+
+    def update_run(self, run_id: str, *, meta: dict | None = None, **fields: Any) -> None:
+        unknown = set(fields) - set(RUN_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown run columns: {sorted(unknown)}")
+        if fields.get("status") in FINAL_RUN_STATUSES and "finished_at" not in fields:
+            fields["finished_at"] = time.time()
+        with self._tx() as db:
+            if fields:
+                assignments = ", ".join(f"{column} = ?" for column in fields)
+                db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*fields.values(), run_id))
+            if meta:
+                current = json.loads(db.execute("SELECT meta FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+                db.execute("UPDATE runs SET meta = ? WHERE id = ?", (json.dumps({**current, **meta}), run_id))
+
+    def get_run(self, ref: str) -> dict:
+        """A run by id or unique id prefix (or 'last')."""
+        if ref == "last":
+            rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT 1").fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM runs WHERE id = ? OR id LIKE ? ORDER BY created_at DESC",
+                                    (ref, ref + "%")).fetchall()
+        if not rows:
+            raise CloudtuneError(f"no run '{ref}' in the ledger ({self.path}).", "See `cloudtune status` for run ids.")
+        exact = [row for row in rows if row["id"] == ref]
+        if len(rows) > 1 and not exact:
+            raise CloudtuneError(f"'{ref}' matches {len(rows)} runs.", "Give more of the run id.")
+        return _as_dict((exact or rows)[0])
+
+    def runs(self, limit: int = 20) -> list[dict]:
+        rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        return [_as_dict(row) for row in rows]
+
+    # machines -----------------------------------------------------------------------------------
+
+    def add_machine(self, name: str, run_id: str, backend: str, **meta: Any) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO machines (name, run_id, backend, status, created_at, meta) "
+                       "VALUES (?, ?, ?, 'requested', ?, ?)", (name, run_id, backend, time.time(), json.dumps(meta)))
+
+    def set_machine(self, name: str, status: str, **meta: Any) -> None:
+        if status not in MACHINE_STATUSES:
+            raise ValueError(f"unknown machine status {status}")
+        with self._tx() as db:
+            row = db.execute("SELECT meta FROM machines WHERE name = ?", (name,)).fetchone()
+            merged = {**json.loads(row[0]), **meta} if row else meta
+            db.execute("UPDATE machines SET status = ?, meta = ?, terminated_at = ? WHERE name = ?",
+                       (status, json.dumps(merged), time.time() if status == "terminated" else None, name))
+
+    def machines(self, include_terminated: bool = False) -> list[dict]:
+        query = "SELECT * FROM machines"
+        if not include_terminated:
+            query += " WHERE status != 'terminated'"
+        rows = self._db.execute(query + " ORDER BY created_at").fetchall()
+        return [_as_dict(row) for row in rows]
+
+    def machine_for_run(self, run_id: str) -> dict | None:
+        row = self._db.execute("SELECT * FROM machines WHERE run_id = ?", (run_id,)).fetchone()
+        return _as_dict(row) if row else None
+
+
+def _as_dict(row: sqlite3.Row) -> dict:
+    out = dict(row)
+    out["meta"] = json.loads(out.get("meta") or "{}")
+    return out

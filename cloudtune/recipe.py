@@ -1,0 +1,344 @@
+"""The recipe: one YAML file that says what to fine-tune, on what data, how, and on which hardware.
+
+`load_recipe(path)` is the only way in. Every mistake comes back as a CloudtuneError that names the
+file, the line, the field path and what to do, so the CLI never shows a traceback for a bad recipe.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from .errors import CloudtuneError
+
+# A CUDA 12.4 / torch 2.5 base that the [train] extra installs cleanly into; pinned to a tag so
+# every run of a recipe starts from the same bits. A digest (`image@sha256:...`) pins harder.
+DEFAULT_IMAGE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel"
+METHODS = ("lora", "qlora", "8bit", "full")
+FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class Strict(BaseModel):
+    """Every recipe section rejects unknown keys: a typo must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    name: str | None = Field(None, description="hub id (meta-llama/Llama-2-7b-hf) or a local directory")
+    init: Literal["tiny-llama"] | None = Field(
+        None, description="build a small random Llama locally instead of loading one (offline demo, tests)")
+    revision: str | None = Field(None, description="hub branch, tag or commit")
+    trust_remote_code: bool = False
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, gt=0, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+class ColumnMap(Strict):
+    """Which dataset columns feed each format; rename here instead of rewriting the data."""
+
+    text: str = "text"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    prompt: str = "prompt"
+    response: str = "response"
+
+
+class DatasetSpec(Strict):
+    path: str | None = Field(None, description="local .jsonl/.json/.csv/.parquet file, relative to the recipe")
+    hub: str | None = Field(None, description="hub dataset id, loaded on the training machine")
+    subset: str | None = None
+    split: str = "train"
+    format: Literal["auto", "completion", "alpaca", "chat", "llama2-inst"] = "auto"
+    columns: ColumnMap = ColumnMap()
+    completions_only: bool = Field(False, description="train only on answers: prompt tokens get no loss")
+    max_rows: int | None = Field(None, gt=0)
+
+
+class TrainingSpec(Strict):
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    micro_batch_size: int = Field(4, gt=0, le=1024)
+    gradient_accumulation: int = Field(1, gt=0)
+    max_seq_len: int = Field(1024, ge=16, le=131072)
+    packing: bool = True
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    checkpoint_steps: int | None = Field(None, gt=0, description="save a resumable checkpoint every N steps")
+    seed: int = 42
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `on`/`off` as a boolean; accept what the user meant.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
+
+class OutputsSpec(Strict):
+    dir: str | None = Field(None, description="where adapters land; default outputs/<recipe name>")
+    merge: bool = False
+    push_to_hub: str | None = Field(None, description="hub repo id (owner/name); needs HF_TOKEN in secrets")
+    samples: list[str] = Field(default_factory=list, description="prompts to generate from after training")
+    sample_max_new_tokens: int = Field(64, gt=0, le=4096)
+
+
+class TrackingSpec(Strict):
+    service: Literal["none", "tensorboard", "wandb"] = "none"
+    project: str | None = None
+
+
+class ComputeSpec(Strict):
+    gpu: str | None = Field(None, description="GPU name (A10, A100-80GB, H100...); default: cheapest that fits")
+    gpu_count: int = Field(1, gt=0, le=16)
+    cloud: list[str] = Field(default_factory=list, description="clouds to consider, in order of preference")
+    region: str | None = None
+    spot: bool = False
+    max_cost: float | None = Field(None, gt=0, description="refuse a plan whose high estimate exceeds this (USD)")
+    image: str = DEFAULT_IMAGE
+    disk_gb: int | None = Field(None, gt=0)
+    autostop_minutes: int = Field(30, gt=0, description="idle minutes before the machine tears itself down")
+
+    @field_validator("cloud", mode="before")
+    @classmethod
+    def _one_cloud(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class Recipe(Strict):
+    name: str | None = Field(None, description="run name; default: the recipe file's name")
+    model: ModelSpec
+    method: Literal["lora", "qlora", "8bit", "full"] = "lora"
+    lora: LoraSpec = LoraSpec()
+    dataset: DatasetSpec
+    training: TrainingSpec = TrainingSpec()
+    outputs: OutputsSpec = OutputsSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    compute: ComputeSpec = ComputeSpec()
+    secrets: list[str] = Field(default_factory=list, description="names of env vars forwarded to training")
+
+    _source: Path | None = PrivateAttr(None)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("tracking", mode="before")
+    @classmethod
+    def _tracking_shorthand(cls, value: Any) -> Any:
+        return {"service": value} if isinstance(value, str) else value
+
+    @property
+    def source(self) -> Path | None:
+        """The recipe file this was loaded from; relative dataset paths are resolved against it."""
+        return self._source
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        return self._source.stem if self._source else "run"
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method != "full"
+
+    def dataset_file(self) -> Path | None:
+        """The local dataset as an absolute path, or None for a hub dataset."""
+        if self.dataset.path is None:
+            return None
+        path = Path(self.dataset.path).expanduser()
+        if not path.is_absolute() and self._source is not None:
+            path = self._source.parent / path
+        return path.resolve()
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes what gets trained, for receipts and caching."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading with errors that point at the line
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise CloudtuneError(f"{where}: not valid YAML: {problem}.",
+                             "Check indentation and quoting on that line (values with ':' need quotes).") from None
+    if not isinstance(data, dict):
+        raise CloudtuneError(f"{path}: a recipe is a YAML mapping of sections (model:, dataset:, ...), "
+                             f"but this file holds {type(data).__name__}.",
+                             "Start from `cloudtune init` to get a commented recipe.")
+    lines = _line_index(text)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise CloudtuneError(_describe_validation(path, exc, lines),
+                             "Fix the field(s) named above; `cloudtune init` writes a commented example.") from None
+    recipe._source = path.resolve()
+    problems = _cross_check(recipe)
+    if problems:
+        field, message = problems[0]
+        raise CloudtuneError(f"{path}:{_line_for(field, lines)}: {'.'.join(field)}: {message}")
+    return recipe
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise CloudtuneError(f"{path}: no such recipe file.", "Check the path, or create one with `cloudtune init`.")
+    if path.is_dir():
+        raise CloudtuneError(f"{path}: is a directory, not a recipe file.")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CloudtuneError(f"{path}: cannot be read ({exc.strerror}).", "Check the file's permissions.") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise CloudtuneError(f"{path}:{line}: the recipe is not UTF-8 text (byte {exc.start}).",
+                             "Save the file as UTF-8.") from None
+
+
+def _line_index(text: str) -> dict[tuple, int]:
+    """Map each key path in the YAML document to the line it sits on."""
+    index: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                index[path + (key.value,)] = key.start_mark.line + 1
+                walk(value, path + (key.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                index[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _line_for(field: tuple, lines: dict[tuple, int]) -> int:
+    for end in range(len(field), 0, -1):
+        if field[:end] in lines:
+            return lines[field[:end]]
+    return 1
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # Pydantic puts union-member tags (e.g. "list[str]", "literal['all-linear']") into locations.
+    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p not in ("str", "int", "float")))
+
+
+def _describe_validation(path: Path, exc: ValidationError, lines: dict[tuple, int]) -> str:
+    seen: dict[tuple, str] = {}
+    for err in exc.errors():
+        field = _clean_loc(tuple(err["loc"]))
+        if field in seen:
+            continue
+        seen[field] = _explain(err, field)
+    out = [f"{path}:{_line_for(field, lines)}: {'.'.join(map(str, field)) or '(top level)'}: {message}"
+           for field, message in seen.items()]
+    return "\n".join(out[:8]) + (f"\n... and {len(out) - 8} more" if len(out) > 8 else "")
+
+
+def _explain(err: dict, field: tuple) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(field[:-1])
+        guess = difflib.get_close_matches(str(field[-1]), allowed, n=1, cutoff=0.6)
+        hint = f" Did you mean '{guess[0]}'?" if guess else ""
+        return f"unknown key '{field[-1]}'.{hint} Allowed here: {', '.join(allowed)}."
+    if kind == "missing":
+        return "is required but missing."
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+    return f"{err['msg']} (got {shown})."
+
+
+def _allowed_keys(section: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in section:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(part)
+        if info is None:
+            return []
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Rules that span fields; each names the field to change."""
+    problems: list[tuple[tuple, str]] = []
+    fields_set = recipe.model_fields_set
+    if recipe.method == "full" and "lora" in fields_set:
+        problems.append((("lora",), "method 'full' trains every weight, so LoRA settings do not apply. "
+                                    "Remove the lora section, or choose method lora, qlora or 8bit."))
+    if recipe.training.epochs is not None and recipe.training.max_steps is not None:
+        problems.append((("training", "max_steps"), "set either epochs or max_steps, not both."))
+    dataset = recipe.dataset
+    if (dataset.path is None) == (dataset.hub is None):
+        problems.append((("dataset",), "give exactly one of `path` (a local file) or `hub` (a hub dataset id)."))
+    elif dataset.path is not None:
+        file = recipe.dataset_file()
+        if not file.exists():
+            problems.append((("dataset", "path"), f"file not found: {file}. Paths are relative to the recipe file."))
+        elif file.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
+            problems.append((("dataset", "path"), f"unsupported file type '{file.suffix}': "
+                                                  "use .jsonl, .json, .csv or .parquet."))
+    if recipe.model.name is None and recipe.model.init is None:
+        problems.append((("model",), "give `name` (hub id or local path) or `init: tiny-llama`."))
+    if recipe.model.name is not None and recipe.model.init is not None:
+        problems.append((("model", "init"), "give either `name` or `init`, not both."))
+    for i, name in enumerate(recipe.secrets):
+        if not ENV_NAME.match(name):
+            problems.append((("secrets", i), f"'{name}' is not an environment variable name."))
+    push = recipe.outputs.push_to_hub
+    if push is not None:
+        if not HUB_REPO.match(push):
+            problems.append((("outputs", "push_to_hub"), f"'{push}' is not a hub repo id like owner/name."))
+        elif "HF_TOKEN" not in recipe.secrets:
+            problems.append((("outputs", "push_to_hub"), "pushing needs a token: add HF_TOKEN to `secrets`."))
+    return problems

@@ -1,0 +1,70 @@
+"""Rich rendering for the CLI: live run events, the receipt, run tables. No logic, only looks."""
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .runner import Events
+
+STATUS_COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
+
+
+class RichEvents(Events):
+    def __init__(self, console: Console):
+        self.console = console
+
+    def phase(self, name: str, detail: str = "") -> None:
+        self.console.print(f"[bold cyan]▸ {name}[/] {escape(detail)}")
+
+    def log(self, line: str) -> None:
+        self.console.print(f"  [dim]│[/] {escape(line)}")
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[bold yellow]! {escape(message)}[/]")
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    minutes, seconds = divmod(int(round(value)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def receipt_table(receipt: dict) -> Table:
+    table = Table(title="receipt", show_header=False, title_justify="left", title_style="bold green")
+    table.add_row("run", receipt["run_id"])
+    table.add_row("backend", f"{receipt['backend']} ({receipt['machine']}, torn down)")
+    table.add_row("device", str(receipt.get("device")))
+    table.add_row("wall time", _seconds(receipt.get("wall_seconds")))
+    table.add_row("train time", _seconds(receipt.get("train_seconds")))
+    table.add_row("tokens trained", f"{receipt.get('tokens', 0):,} over {receipt.get('steps')} steps")
+    table.add_row("tokens/s", f"{receipt.get('tokens_per_s', 0):,.0f}")
+    table.add_row("final loss", f"{receipt.get('final_loss', float('nan')):.4f}")
+    if receipt.get("peak_gpu_gib") is not None:
+        table.add_row("peak GPU memory", f"{receipt['peak_gpu_gib']:.1f} GiB")
+    estimate = receipt.get("estimate")
+    if estimate:
+        table.add_row("estimate", f"${estimate.get('est_cost_low', 0):.2f}–${estimate.get('est_cost_high', 0):.2f}")
+    table.add_row("adapter" if receipt.get("weights_dir") == "adapter" else "model", receipt["weights_path"])
+    table.add_row("outputs", receipt["output_dir"])
+    return table
+
+
+def runs_table(runs: list[dict]) -> Table:
+    table = Table(title="runs", title_justify="left")
+    for column in ("run", "name", "backend", "status", "started", "wall", "tokens", "est $", "actual $"):
+        table.add_column(column)
+    for run in runs:
+        colour = STATUS_COLOURS.get(run["status"], "cyan")
+        estimate = (f"{run['est_cost_low']:.2f}–{run['est_cost_high']:.2f}"
+                    if run.get("est_cost_low") is not None else "-")
+        actual = f"{run['actual_cost']:.2f}" if run.get("actual_cost") is not None else "-"
+        table.add_row(run["id"], run["name"], run["backend"], f"[{colour}]{run['status']}[/]",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"])),
+                      _seconds(run.get("wall_seconds")), f"{run['tokens']:,}" if run.get("tokens") else "-",
+                      estimate, actual)
+    return table

@@ -1,0 +1,41 @@
+"""`python -m cloudtune.train RECIPE --out DIR [--resume]`: what every backend starts."""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..errors import CloudtuneError
+from ..recipe import load_recipe
+
+EXIT_USER_ERROR = 2
+
+
+def quiet_libraries() -> None:
+    """Keep the streamed log to what a user reads: our step lines, warnings and errors."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel notices on machines without CUDA
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cloudtune.train", description=__doc__)
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--out", type=Path, required=True, help="directory for adapter, metrics and run.json")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        recipe = load_recipe(args.recipe)
+        from .loop import train  # heavy imports only once the recipe is known to be good
+
+        train(recipe, args.out, resume=args.resume)
+    except CloudtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

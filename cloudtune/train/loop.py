@@ -1,0 +1,156 @@
+"""The training recipe, top to bottom: setup -> train -> save. Runs on the GPU machine.
+
+Progress goes to stdout one line per step (the CLI streams it) and to metrics.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..memory import ModelShape, needs_checkpointing
+from ..recipe import Recipe
+from . import checkpoint, export, model as model_lib, tracking
+from .data import Batcher, encode, load_rows
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def use_checkpointing(recipe: Recipe, config, device: torch.device) -> bool:
+    choice = recipe.training.gradient_checkpointing
+    if choice != "auto":
+        return choice == "on"
+    if device.type != "cuda":
+        return False
+    free, _total = torch.cuda.mem_get_info(device)
+    tokens = recipe.training.micro_batch_size * recipe.training.max_seq_len
+    return needs_checkpointing(ModelShape.from_config(config), tokens, free)
+
+
+def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device):
+    spec = recipe.training
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                                 fused=device.type == "cuda")
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.AdamW8bit if spec.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
+    return cls(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+def total_steps(recipe: Recipe, batches_per_epoch: int) -> int:
+    spec = recipe.training
+    if spec.max_steps:
+        return spec.max_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / spec.gradient_accumulation)
+    return max(1, math.ceil((spec.epochs or 1.0) * steps_per_epoch))
+
+
+def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
+    from transformers import get_scheduler, set_seed
+
+    started = time.time()
+    spec = recipe.training
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(spec.seed)
+    device = pick_device()
+    say(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+
+    tokenizer = model_lib.load_tokenizer(recipe)
+    encoded = encode(recipe, tokenizer, load_rows(recipe))
+    for note in encoded.notes:
+        say(f"note: {note}")
+    say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.trained_tokens} trained tokens per epoch")
+
+    base = model_lib.load_base(recipe, device)
+    checkpointing = use_checkpointing(recipe, base.config, device)
+    model = model_lib.prepare_for_training(recipe, base, checkpointing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    say(f"model: {model_lib.model_source(recipe)} method {recipe.method}, {n_trainable:,} trainable parameters, "
+        f"gradient checkpointing {'on' if checkpointing else 'off'}")
+
+    batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed,
+                      tokenizer.pad_token_id)
+    steps = total_steps(recipe, len(batcher))
+    optimizer = make_optimizer(recipe, trainable, device)
+    scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=int(spec.warmup_ratio * steps),
+                              num_training_steps=steps)
+    state = checkpoint.State()
+    if resume:
+        state = checkpoint.restore_latest(out, model, optimizer, scheduler) or state
+        if state.step:
+            say(f"resumed from step {state.step}")
+    tracker = tracking.open_tracker(recipe, out)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    say(f"training: {steps} steps of {spec.gradient_accumulation}×{spec.micro_batch_size} rows "
+        f"(≤{spec.max_seq_len} tokens each), {len(batcher)} micro-batches per epoch")
+    model.train()
+    stream = _micro_batches(batcher, state)
+    metrics_file = (out / "metrics.jsonl").open("a")
+    train_seconds = 0.0
+    print_every = max(1, steps // 50)  # every step stays in metrics.jsonl; the terminal gets ~50 lines
+    last_loss = float("nan")
+    while state.step < steps:
+        t0 = time.perf_counter()
+        group = [next(stream) for _ in range(spec.gradient_accumulation)]
+        n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+        loss_sum = 0.0
+        for batch in group:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
+            loss.backward()
+            loss_sum += loss.detach().float().item()
+        grad_norm = None
+        if spec.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        train_seconds += dt
+        state.step += 1
+        state.tokens += n_items
+        last_loss = loss_sum
+        row = dict(step=state.step, loss=round(loss_sum, 5), lr=scheduler.get_last_lr()[0], tokens=state.tokens,
+                   step_tokens=n_items, tokens_per_s=round(n_items / dt, 1), grad_norm=grad_norm,
+                   seconds=round(train_seconds, 3))
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        tracker.log(row)
+        if state.step % print_every == 0 or state.step in (1, steps):
+            say(f"step {state.step}/{steps} loss {loss_sum:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f}")
+        if spec.checkpoint_steps and state.step % spec.checkpoint_steps == 0 and state.step < steps:
+            checkpoint.save(out, model, optimizer, scheduler, state)
+    metrics_file.close()
+    tracker.close()
+
+    summary = export.finish(recipe, model, tokenizer, out, device=device, encoded=encoded, state=state,
+                            train_seconds=train_seconds, wall_seconds=time.time() - started,
+                            final_loss=last_loss, gradient_checkpointing=checkpointing, trainable=n_trainable)
+    say(f"done: {state.tokens} tokens in {train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
+        f"outputs in {out}")
+    return summary
+
+
+def _micro_batches(batcher: Batcher, state: checkpoint.State):
+    """Endless stream over epochs that continues exactly where a resumed run stopped."""
+    while True:
+        for batch in batcher.epoch(state.epoch, start=state.batch_in_epoch):
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0

@@ -1,0 +1,138 @@
+"""Load the base model and tokenizer, quantise when the method asks, wrap with LoRA.
+
+A tiny random Llama is first written to disk and then loaded like any checkpoint, so the demo and
+the tests go through the same `from_pretrained` path as a hub model.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CloudtuneError
+from ..formats import FALLBACK_CHAT_TEMPLATE
+from ..paths import home
+from ..recipe import Recipe
+from ..tiny import SPECIAL_TOKENS, TINY_LLAMA, VOCAB_SIZE
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The GPT-2 byte-level alphabet: every byte maps to a printable character, so no byte is lost.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def build_byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in _bytes_to_unicode().values():
+        vocab[char] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="</s>")
+    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama_dir() -> Path:
+    """Write the tiny model once (seeded, so identical everywhere) and return its directory."""
+    target = home() / "models" / "tiny-llama-v1"
+    if (target / "config.json").exists():
+        return target
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(**TINY_LLAMA, vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent))
+    model.save_pretrained(scratch)
+    build_byte_tokenizer().save_pretrained(scratch)
+    try:
+        os.rename(scratch, target)  # atomic: a concurrent run sees all of it or none
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)  # another process won the race; theirs is identical
+    return target
+
+
+def model_source(recipe: Recipe) -> str:
+    return str(tiny_llama_dir()) if recipe.model.init == "tiny-llama" else recipe.model.name
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPU bf16 matmuls are slow and lossy; the CPU path is for tests and the demo
+
+
+def load_tokenizer(recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_source(recipe), revision=recipe.model.revision,
+                                              trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(recipe: Recipe, device: torch.device):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantized = recipe.method in ("qlora", "8bit")
+    if quantized and device.type != "cuda":
+        raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
+                             "Run it on a GPU backend, or use method lora/full on this machine.")
+    dtype = compute_dtype(device)
+    kwargs: dict = dict(dtype=dtype, revision=recipe.model.revision, attn_implementation="sdpa",
+                        trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    elif recipe.method == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(model_source(recipe), **kwargs)
+    model.config.use_cache = False
+    return model.to(device) if device.type != "cuda" else model
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    spec = recipe.lora
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=spec.target_modules,
+                      use_dora=spec.use_dora, use_rslora=spec.use_rslora)
+
+
+def prepare_for_training(recipe: Recipe, model, gradient_checkpointing: bool):
+    if recipe.method in ("qlora", "8bit"):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if recipe.uses_lora:
+            model.enable_input_require_grads()
+    if recipe.uses_lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(recipe))
+    return model

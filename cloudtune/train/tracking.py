@@ -1,0 +1,52 @@
+"""Experiment tracking: TensorBoard event files or Weights & Biases (offline works without network)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..recipe import Recipe
+
+
+class Tracker:
+    def log(self, row: dict) -> None:  # noqa: B027 - tracking "none" keeps this no-op on purpose
+        pass
+
+    def close(self) -> None:  # noqa: B027
+        pass
+
+
+class TensorBoard(Tracker):
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(logdir))
+
+    def log(self, row: dict) -> None:
+        for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
+            if row.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB(Tracker):
+    def __init__(self, recipe: Recipe, out: Path):
+        import wandb
+
+        self.run = wandb.init(project=recipe.tracking.project or "cloudtune", name=recipe.run_name,
+                              dir=str(out), config=recipe.model_dump(mode="json"))
+
+    def log(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def open_tracker(recipe: Recipe, out: Path) -> Tracker:
+    service = recipe.tracking.service
+    if service == "tensorboard":
+        return TensorBoard(out / "tensorboard")
+    if service == "wandb":
+        return WandB(recipe, out)
+    return Tracker()
