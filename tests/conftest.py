@@ -1,0 +1,48 @@
+"""Shared fixtures. Every test gets its own CLOUDTUNE_HOME and no network."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RECIPE = REPO / "tasks" / "demo-tiny.yaml"
+
+# Keep every library offline: nothing here may reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory) -> Path:
+    """One CLOUDTUNE_HOME for the session's model cache, so the tiny model is written once."""
+    return tmp_path_factory.mktemp("cloudtune-models")
+
+
+@pytest.fixture(autouse=True)
+def ct_home(tmp_path, shared_home, monkeypatch) -> Path:
+    home = tmp_path / "ct-home"
+    home.mkdir()
+    (home / "models").symlink_to(shared_home, target_is_directory=True)
+    monkeypatch.setenv("CLOUDTUNE_HOME", str(home))
+    return home
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def demo_recipe_text(**training) -> str:
+    """The demo recipe with a few training fields overridden (e.g. fewer steps for speed)."""
+    import yaml
+
+    data = yaml.safe_load(DEMO_RECIPE.read_text())
+    data["dataset"]["path"] = str(DEMO_RECIPE.parent / "data" / "demo-chat.jsonl")
+    data["training"].update(training)
+    return yaml.safe_dump(data)
