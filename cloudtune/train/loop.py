@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..memory import ModelShape, needs_checkpointing
+from ..memory import ModelShape, TrainSetup, needs_checkpointing
 from ..recipe import Recipe
 from . import checkpoint, export, model as model_lib, tracking
 from .data import Batcher, encode, load_rows
@@ -33,7 +33,7 @@ def use_checkpointing(recipe: Recipe, config, device: torch.device) -> bool:
         return False
     free, _total = torch.cuda.mem_get_info(device)
     tokens = recipe.training.micro_batch_size * recipe.training.max_seq_len
-    return needs_checkpointing(ModelShape.from_config(config), tokens, free)
+    return needs_checkpointing(ModelShape.from_config(config), tokens, free, TrainSetup.from_recipe(recipe))
 
 
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device):
