@@ -420,11 +420,15 @@ def network_available(host: str = "raw.githubusercontent.com", timeout: float = 
         return False
 
 
-def refresh_catalogs(clouds: Sequence[str] | None = None) -> list[RefreshResult]:
-    """Ask SkyPilot to download fresh catalogs; keep the current file wherever that fails."""
+def refresh_catalogs(clouds: Sequence[str] | None = None, probe_host: str = "raw.githubusercontent.com"
+                     ) -> list[RefreshResult]:
+    """Ask SkyPilot to download fresh catalogs; keep the current file wherever that fails.
+
+    `probe_host` is where SkyPilot's catalogs are hosted; when it cannot be reached nothing is touched.
+    """
     wanted = _check_clouds(clouds)
     seed_sky_catalog()
-    if not network_available():
+    if not network_available(probe_host):
         return [RefreshResult(cloud, False, "no network") for cloud in wanted]
     from sky.catalog import common as sky_common  # heavy
 

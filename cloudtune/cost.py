@@ -131,7 +131,9 @@ def flops_per_token(shape: ModelShape, method: str, checkpointing: bool, width: 
 
 
 def _quant_class(method: str) -> str:
-    return {"qlora": "4bit", "8bit": "8bit"}.get(method, "16bit")
+    """Methods whose speed differs: quantised weights are dequantised on every pass; full
+    fine-tuning adds an optimizer step over every weight."""
+    return {"qlora": "4bit", "8bit": "8bit", "full": "full"}.get(method, "16bit")
 
 
 @lru_cache(maxsize=1)
@@ -154,10 +156,14 @@ def efficiency_band(method: str, checkpointing: bool) -> tuple[float, float, str
     slowdown = (1.0, 1.0)
     if quant == "8bit" and not any(r["quant"] == "8bit" for r in calibration_rows()):
         quant, slowdown = "16bit", INT8_SLOWDOWN
+    if quant == "full" and not any(r["quant"] == "full" for r in calibration_rows()):
+        quant = "16bit"
     rows = [r for r in calibration_rows() if r["quant"] == quant]
-    same_gc = [r for r in rows if r["gradient_checkpointing"] == checkpointing] or rows
-    own = [r for r in same_gc if r["stack"] == "cloudtune"]
-    chosen = own or same_gc
+    # cloudtune's own runs describe the trainer that will run; checkpointing's recomputation is in
+    # the FLOP count already, so they count with or without it. Other stacks only as a fallback,
+    # and then those that checkpointed the same way.
+    own = [r for r in rows if r["stack"] == "cloudtune"]
+    chosen = own or [r for r in rows if r["gradient_checkpointing"] == checkpointing] or rows
     values = [r["efficiency"] for r in chosen]
     median = statistics.median(values)
     low = max(min(values), median / MAX_SPREAD)

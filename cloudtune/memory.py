@@ -31,6 +31,10 @@ CUDA_CONTEXT_BYTES = 0.8 * GIB
 FRAGMENTATION = 0.08
 # Small allocations that are not per token: cuBLAS workspaces, the optimizer's scratch, masks.
 WORKSPACE_BYTES = 0.15 * GIB
+# bitsandbytes' int8 matmul keeps its input (and outlier columns) per module for backward; what it
+# costs per input element is calibrated on cloudtune's 8-bit run on an H100 (bench/results/
+# gpu_methods.jsonl: 69.2 GiB at 2 x 2048 tokens without checkpointing), not derived.
+INT8_SAVED_BYTES = 5.0
 
 
 @dataclass(frozen=True)
@@ -217,8 +221,10 @@ def trainable_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     stack = setup.impl
     states = 0.0 if stack.paged_optimizer else stack.optimizer_state_bytes
     if setup.method == "full":
-        # bf16 weights (already counted), bf16 gradients, AdamW moments in the parameters' dtype
-        return shape.params * (2.0 + (0.0 if stack.paged_optimizer else stack.optimizer_state_bytes / 2))
+        # bf16 weights (already counted) and gradients; AdamW's two moments in the parameters' dtype
+        # (bf16), or one byte each for the 8-bit optimizers
+        moments = 0.0 if stack.paged_optimizer else (2.0 if stack.optimizer_state_bytes <= 2 else 4.0)
+        return shape.params * (2.0 + moments)
     return lora_params(shape, setup) * (2 * stack.adapter_bytes + states)
 
 
@@ -234,8 +240,8 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     attention = a * (2 * shape.attention_width + 2 * shape.kv_width) + 4 * shape.heads  # q, k, v, out, lse
     mlp = stack.mlp_saved * a * i + (a * i if full else 0)  # full: down_proj's input too
     kbit_inputs = 0.0
-    if setup.method == "8bit":  # bitsandbytes' int8 matmul keeps an fp16 copy of every input
-        kbit_inputs = 2.0 * sum(fan_in for fan_in, _ in shape.module_shapes().values())
+    if setup.method == "8bit":
+        kbit_inputs = INT8_SAVED_BYTES * sum(fan_in for fan_in, _ in shape.module_shapes().values())
     return 2 * norm + attention + mlp + kbit_inputs + _lora_activation_bytes(shape, setup)
 
 
