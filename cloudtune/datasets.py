@@ -75,7 +75,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
                                      "Each line of a .jsonl file must be one JSON object.") from None
             if not isinstance(row, dict):
                 raise CloudtuneError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
-            yield f"{path.name}:{number}", row
+            yield f"{path}:{number}", row
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -90,7 +90,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
     for i, row in enumerate(data):
         if not isinstance(row, dict):
             raise CloudtuneError(f"{path}: item {i} is {type(row).__name__}, expected an object.")
-        yield f"{path.name}[{i}]", row
+        yield f"{path} item {i}", row
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -99,7 +99,7 @@ def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
     for row in reader:
         if None in row:
             raise CloudtuneError(f"{path}:{reader.line_num}: more fields than the header has columns.")
-        yield f"{path.name}:{reader.line_num}", row
+        yield f"{path}:{reader.line_num}", row
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -109,7 +109,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
         raise CloudtuneError("reading .parquet needs pyarrow.", "pip install pyarrow") from None
     table = pq.read_table(path)
     for i, row in enumerate(table.to_pylist()):
-        yield f"{path.name} row {i}", row
+        yield f"{path} row {i}", row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
                 fmt = formats.detect_format(row, columns)
             prompt, answer = formats.render(row, fmt, columns, formats.fallback_chat)
         except formats.RowError as exc:
-            raise CloudtuneError(f"{file}: {where}: {exc}.",
+            raise CloudtuneError(f"{where}: {exc}.",
                                  "Fix that row, or map the right columns under dataset.columns.") from None
         if recipe.dataset.completions_only and not prompt:
             raise CloudtuneError(f"{file}: dataset.completions_only needs a prompt/answer split, "

@@ -13,7 +13,8 @@ import torch
 
 from ..memory import ModelShape, needs_checkpointing
 from ..recipe import Recipe
-from . import checkpoint, export, model as model_lib, tracking
+from . import checkpoint, export, tracking
+from . import model as model_lib
 from .data import Batcher, encode, load_rows
 
 
