@@ -87,6 +87,8 @@ class TrainingSpec(Strict):
     packing: bool = Field(True, description="several documents per row, no attention across them")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: only when the batch would not fit in GPU memory")
+    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="attention kernel; auto picks the fastest that respects packing")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="8-bit variants (bitsandbytes) save optimizer memory")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")

@@ -98,7 +98,9 @@ def load_base(recipe: Recipe, device: torch.device):
         raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
                              "Run it on a GPU backend, or use method lora/full on this machine.")
     dtype = compute_dtype(device)
-    kwargs: dict = dict(dtype=dtype, revision=recipe.model.revision, attn_implementation="sdpa",
+    attention = recipe.training.attention
+    kwargs: dict = dict(dtype=dtype, revision=recipe.model.revision,
+                        attn_implementation="sdpa" if attention == "auto" else attention,
                         trust_remote_code=recipe.model.trust_remote_code)
     if recipe.method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
