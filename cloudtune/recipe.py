@@ -64,7 +64,11 @@ class ColumnMap(Strict):
 
 class DatasetSpec(Strict):
     path: str | None = Field(None, description="local .jsonl/.json/.csv/.parquet file, relative to the recipe")
-    hub: str | None = Field(None, description="hub dataset id, loaded on the training machine")
+    hub: str | None = Field(None, description="hub dataset id (or anything datasets.load_dataset takes: a builder "
+                                              "such as json/csv/parquet with data_files, a directory), "
+                                              "loaded on the training machine")
+    data_files: str | list[str] | None = Field(
+        None, description="with hub: the files to load, as datasets.load_dataset's data_files (paths or globs)")
     subset: str | None = Field(None, description="hub dataset configuration name")
     split: str = Field("train", description="hub dataset split")
     format: Literal["auto", "completion", "alpaca", "chat", "llama2-inst"] = Field(
@@ -330,6 +334,9 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     dataset = recipe.dataset
     if (dataset.path is None) == (dataset.hub is None):
         problems.append((("dataset",), "give exactly one of `path` (a local file) or `hub` (a hub dataset id)."))
+    elif dataset.data_files is not None and dataset.hub is None:
+        problems.append((("dataset", "data_files"), "data_files goes with `hub` (e.g. hub: json); "
+                                                    "for one local file use `path` instead."))
     elif dataset.path is not None:
         file = recipe.dataset_file()
         if not file.exists():
