@@ -114,6 +114,9 @@ def encode(recipe: Recipe, tokenizer, rows: list[tuple[str, dict]]) -> Encoded:
         out.trained_tokens += n_trained
         out.examples.append((ids, labels))
     out.rows = len(out.examples)
+    if out.trained_tokens == 0:
+        raise CloudtuneError(f"no row has an answer token within max_seq_len={cap}: nothing would be trained.",
+                             "Raise training.max_seq_len, or shorten the prompts.")
     if out.truncated:
         out.notes.append(f"{out.truncated} of {out.rows} rows were longer than max_seq_len={cap} and were truncated")
     if answerless:
