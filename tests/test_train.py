@@ -262,3 +262,37 @@ def test_sigterm_checkpoints_at_once_and_resumes_to_the_same_adapter(tmp_path):
 
     assert train_main([str(recipe), "--out", str(out), "--resume"]) == 0
     assert_same_run(out, reference)
+
+
+def test_push_needs_a_token_up_front_and_a_failed_push_keeps_the_outputs(tmp_path, monkeypatch, capsys):
+    recipe = make_recipe(tmp_path, ALPACA, outputs={"push_to_hub": "someone/adapter"}, secrets=["HF_TOKEN"],
+                         training={"max_steps": 2})
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert train_main([str(recipe), "--out", str(tmp_path / "no-token")]) == 2
+    assert "outputs.push_to_hub 'someone/adapter' needs HF_TOKEN" in capsys.readouterr().err
+    assert not (tmp_path / "no-token").exists(), "a missing token must stop the run before training, not after"
+
+    secret = "hf_" + "pushTokenValue" * 3
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is unreachable, as it is here anyway
+    out = tmp_path / "out"
+    summary = run(recipe, out)
+    assert "warning: push to hub someone/adapter failed" in capsys.readouterr().out
+    assert summary["push_to_hub"]["repo"] == "someone/adapter" and summary["push_to_hub"]["ok"] is False
+    assert json.loads((out / "run.json").read_text())["push_to_hub"]["ok"] is False
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "manifest.json").is_file()
+    assert not any(secret in path.read_text(errors="replace") for path in out.rglob("*") if path.is_file())
+
+
+def test_wandb_without_a_key_is_a_user_error(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    wandb.teardown()  # W&B keeps its settings per process; an earlier offline test must not leak into this one
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    recipe = make_recipe(tmp_path, ALPACA, tracking="wandb", training={"max_steps": 2})
+    assert train_main([str(recipe), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tracking: W&B could not start a run" in err and "WANDB_MODE=offline" in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

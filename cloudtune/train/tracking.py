@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import CloudtuneError
 from ..recipe import Recipe
 
 
@@ -38,8 +39,12 @@ class WandB(Tracker):
         id_file = out / "wandb-run-id"
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
         id_file.write_text(run_id)
-        self.run = wandb.init(project=recipe.tracking.project or "cloudtune", name=recipe.run_name, id=run_id,
-                              resume="allow", dir=str(out), config=recipe.model_dump(mode="json"))
+        try:
+            self.run = wandb.init(project=recipe.tracking.project or "cloudtune", name=recipe.run_name, id=run_id,
+                                  resume="allow", dir=str(out), config=recipe.model_dump(mode="json"))
+        except Exception as exc:  # noqa: BLE001 - no key, no network: say what to set instead of a traceback
+            raise CloudtuneError(f"tracking: W&B could not start a run ({type(exc).__name__}: {exc}).",
+                                 "Add WANDB_API_KEY to the recipe's secrets, or set WANDB_MODE=offline.") from None
 
     def log(self, row: dict) -> None:
         self.run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
