@@ -125,51 +125,37 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     model.train()
     stream = _micro_batches(batcher, state)
     print_every = max(1, steps // 50)  # every step stays in metrics.jsonl; the terminal gets ~50 lines
-    last_loss = float("nan")
+    last_loss = float("nan")  # a resumed run that is already complete trains no step
     with metrics_path.open("a") as metrics_file, _sigterm_flag() as stop_requested:
-        while state.step < steps:
-            t0 = time.perf_counter()
-            group = [next(stream) for _ in range(spec.gradient_accumulation)]
-            # The loss is a mean over every trained token of the whole step, however they fall into
-            # micro-batches: each micro-batch's summed loss is divided by the step's token count.
-            n_items = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch, _ in group)
-            loss_sum = 0.0
-            for batch, _tokens in group:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
-                loss.backward()
-                loss_sum += loss.detach().float().item()
-            grad_norm = None
-            if spec.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            step_tokens = sum(tokens for _, tokens in group)
-            state.step += 1
-            state.tokens += step_tokens
-            state.trained_tokens += n_items
-            state.train_seconds += dt
-            last_loss = loss_sum
-            row = dict(step=state.step, loss=round(loss_sum, 5), lr=scheduler.get_last_lr()[0], tokens=state.tokens,
-                       step_tokens=step_tokens, trained_tokens=n_items, tokens_per_s=round(step_tokens / dt, 1),
-                       grad_norm=grad_norm, seconds=round(state.train_seconds, 3))
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            tracker.log(row)
-            if state.step % print_every == 0 or state.step in (1, steps):
-                say(f"step {state.step}/{steps} loss {loss_sum:.4f} lr {row['lr']:.2e} "
-                    f"tok/s {row['tokens_per_s']:.0f}")
-            if state.step < steps and (stop_requested() or (spec.checkpoint_steps
-                                                             and state.step % spec.checkpoint_steps == 0)):
-                saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state)
-                if stop_requested():
-                    tracker.close()
-                    raise Stopped(state.step, saved)
-    tracker.close()
+        try:
+            while state.step < steps:
+                t0 = time.perf_counter()
+                group = [next(stream) for _ in range(spec.gradient_accumulation)]
+                last_loss, n_items, grad_norm = train_step(model, group, optimizer, scheduler, trainable,
+                                                           spec.max_grad_norm, device)
+                dt = time.perf_counter() - t0
+                step_tokens = sum(tokens for _, tokens in group)
+                state.step += 1
+                state.tokens += step_tokens
+                state.trained_tokens += n_items
+                state.train_seconds += dt
+                row = dict(step=state.step, loss=round(last_loss, 5), lr=scheduler.get_last_lr()[0],
+                           tokens=state.tokens, step_tokens=step_tokens, trained_tokens=n_items,
+                           tokens_per_s=round(step_tokens / dt, 1), grad_norm=grad_norm,
+                           seconds=round(state.train_seconds, 3))
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                tracker.log(row)
+                if state.step % print_every == 0 or state.step in (1, steps):
+                    say(f"step {state.step}/{steps} loss {last_loss:.4f} lr {row['lr']:.2e} "
+                        f"tok/s {row['tokens_per_s']:.0f}")
+                due = bool(spec.checkpoint_steps) and state.step % spec.checkpoint_steps == 0
+                if state.step < steps and (due or stop_requested()):
+                    saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state)
+                    if stop_requested():
+                        raise Stopped(state.step, saved)
+        finally:
+            tracker.close()
 
     summary = export.finish(recipe, model, tokenizer, out, device=device, encoded=encoded, state=state,
                             wall_seconds=time.time() - started,
@@ -178,6 +164,29 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary
+
+
+def train_step(model, group: list, optimizer, scheduler, trainable: list, max_grad_norm: float | None,
+               device: torch.device) -> tuple[float, int, float | None]:
+    """One optimizer step over a group of micro-batches; returns (loss, trained tokens, grad norm).
+
+    The loss is the mean over every trained token of the step, however they fall into micro-batches:
+    each micro-batch's summed token loss is divided by the whole step's token count.
+    """
+    n_items = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch, _ in group)
+    loss_sum = 0.0
+    for batch, _tokens in group:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
+        loss.backward()
+        loss_sum += loss.detach().float().item()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)) if max_grad_norm else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # so the step's time is the GPU's, not just the launch queue's
+    return loss_sum, n_items, grad_norm
 
 
 @contextmanager
