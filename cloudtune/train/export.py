@@ -60,6 +60,7 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "final_loss": final_loss,
         "peak_gpu_gib": round(peak, 2) if peak is not None else None,
         "gradient_checkpointing": gradient_checkpointing,
+        "attention": recipe.training.attention,
         "trainable_params": trainable,
     }
     if recipe.outputs.push_to_hub:

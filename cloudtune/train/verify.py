@@ -31,6 +31,7 @@ def reload(out: Path, base_source: str, device: torch.device | None = None):
         model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=compute_dtype(device))
         return model.to(device)
     recipe = Recipe.model_validate({"model": {"name": base_source}, "method": run["method"],
+                                    "training": {"attention": run.get("attention", "auto")},
                                     "dataset": {"hub": "unused"}})
     base = load_base(recipe, device)
     if run["method"] in ("qlora", "8bit"):
