@@ -39,7 +39,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check cloudtune tests bench scripts
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info

@@ -38,9 +38,10 @@ class CloudtuneGroup(click.Group):
 
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            err_console.print(f"[bold red]error:[/] {escape(exc.message)}")
+            # soft_wrap: paths and file:line references must stay whole for copy-paste
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
             if exc.hint:
-                err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}")
+                err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
             ctx.exit(EXIT_RUN_FAILED if isinstance(exc, RunFailed) else EXIT_USER_ERROR)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

@@ -37,7 +37,7 @@ class ModelSpec(Strict):
     init: Literal["tiny-llama"] | None = Field(
         None, description="build a small random Llama locally instead of loading one (offline demo, tests)")
     revision: str | None = Field(None, description="hub branch, tag or commit")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="run model code from the hub repo (only repos you trust)")
     params: str | float | None = Field(
         None, description="parameter count (8B, 500M) to price a model whose config.json is not available offline")
 
@@ -55,53 +55,64 @@ class ModelSpec(Strict):
 
 
 class LoraSpec(Strict):
-    r: int = Field(16, gt=0, le=4096)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    use_dora: bool = False
-    use_rslora: bool = False
+    r: int = Field(16, gt=0, le=4096, description="LoRA rank: adapter size and capacity")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (q_proj, v_proj, ...) or all-linear")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
 
 
 class ColumnMap(Strict):
     """Which dataset columns feed each format; rename here instead of rewriting the data."""
 
-    text: str = "text"
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    messages: str = "messages"
-    prompt: str = "prompt"
-    response: str = "response"
+    text: str = Field("text", description="completion format: the whole document")
+    instruction: str = Field("instruction", description="alpaca format: the task")
+    input: str = Field("input", description="alpaca format: optional context")
+    output: str = Field("output", description="alpaca format: the answer")
+    messages: str = Field("messages", description="chat format: list of {role, content}")
+    prompt: str = Field("prompt", description="llama2-inst format: the prompt")
+    response: str = Field("response", description="llama2-inst format: the answer")
 
 
 class DatasetSpec(Strict):
     path: str | None = Field(None, description="local .jsonl/.json/.csv/.parquet file, relative to the recipe")
-    hub: str | None = Field(None, description="hub dataset id, loaded on the training machine")
-    subset: str | None = None
-    split: str = "train"
-    format: Literal["auto", "completion", "alpaca", "chat", "llama2-inst"] = "auto"
-    columns: ColumnMap = ColumnMap()
+    hub: str | None = Field(None, description="hub dataset id (or anything datasets.load_dataset takes: a builder "
+                                              "such as json/csv/parquet with data_files, a directory), "
+                                              "loaded on the training machine")
+    data_files: str | list[str] | None = Field(
+        None, description="with hub: the files to load, as datasets.load_dataset's data_files (paths or globs)")
+    subset: str | None = Field(None, description="hub dataset configuration name")
+    split: str = Field("train", description="hub dataset split")
+    format: Literal["auto", "completion", "alpaca", "chat", "llama2-inst"] = Field(
+        "auto", description="how rows become text; auto detects from the columns")
+    columns: ColumnMap = Field(ColumnMap(), description="dataset column names per format")
     completions_only: bool = Field(False, description="train only on answers: prompt tokens get no loss")
-    max_rows: int | None = Field(None, gt=0)
+    max_rows: int | None = Field(None, gt=0, description="use only the first N rows")
 
 
 class TrainingSpec(Strict):
-    epochs: float | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    micro_batch_size: int = Field(4, gt=0, le=1024)
-    gradient_accumulation: int = Field(1, gt=0)
-    max_seq_len: int = Field(1024, ge=16, le=131072)
-    packing: bool = True
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
+    epochs: float | None = Field(None, gt=0, description="passes over the data (default 1 unless max_steps)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps instead of epochs")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="peak learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warmup")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps spent warming up")
+    micro_batch_size: int = Field(4, gt=0, le=1024, description="rows per forward pass (packed rows hold many docs)")
+    gradient_accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_seq_len: int = Field(1024, ge=16, le=131072, description="tokens per row; longer documents are truncated")
+    packing: bool = Field(True, description="several documents per row, no attention across them")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: only when the batch would not fit in GPU memory")
+    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="attention kernel; auto picks the fastest that respects packing")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw", description="8-bit variants (bitsandbytes) save optimizer memory")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null turns it off")
     checkpoint_steps: int | None = Field(None, gt=0, description="save a resumable checkpoint every N steps")
-    seed: int = 42
+    seed: int = Field(42, description="seeds weights init, data order and dropout")
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -114,26 +125,27 @@ class TrainingSpec(Strict):
 
 class OutputsSpec(Strict):
     dir: str | None = Field(None, description="where adapters land; default outputs/<recipe name>")
-    merge: bool = False
+    merge: bool = Field(False, description="also save the base with the adapter merged in")
     push_to_hub: str | None = Field(None, description="hub repo id (owner/name); needs HF_TOKEN in secrets")
     samples: list[str] = Field(default_factory=list, description="prompts to generate from after training")
-    sample_max_new_tokens: int = Field(64, gt=0, le=4096)
+    sample_max_new_tokens: int = Field(64, gt=0, le=4096, description="length of each sample generation")
 
 
 class TrackingSpec(Strict):
-    service: Literal["none", "tensorboard", "wandb"] = "none"
-    project: str | None = None
+    service: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="where metrics go besides metrics.jsonl (WANDB_MODE=offline works)")
+    project: str | None = Field(None, description="W&B project (default cloudtune)")
 
 
 class ComputeSpec(Strict):
     gpu: str | None = Field(None, description="GPU name (A10, A100-80GB, H100...); default: cheapest that fits")
-    gpu_count: int = Field(1, gt=0, le=16)
+    gpu_count: int = Field(1, gt=0, le=16, description="GPUs per machine")
     cloud: list[str] = Field(default_factory=list, description="clouds to consider, in order of preference")
-    region: str | None = None
-    spot: bool = False
+    region: str | None = Field(None, description="restrict to one region")
+    spot: bool = Field(False, description="spot/preemptible machines; training resumes from checkpoints")
     max_cost: float | None = Field(None, gt=0, description="refuse a plan whose high estimate exceeds this (USD)")
-    image: str = DEFAULT_IMAGE
-    disk_gb: int | None = Field(None, gt=0)
+    image: str = Field(DEFAULT_IMAGE, description="Docker image, pinned by tag or @sha256 digest")
+    disk_gb: int | None = Field(None, gt=0, description="disk size; default from model + data + outputs")
     autostop_minutes: int = Field(30, gt=0, description="idle minutes before the machine tears itself down")
 
     @field_validator("cloud", mode="before")
@@ -144,14 +156,15 @@ class ComputeSpec(Strict):
 
 class Recipe(Strict):
     name: str | None = Field(None, description="run name; default: the recipe file's name")
-    model: ModelSpec
-    method: Literal["lora", "qlora", "8bit", "full"] = "lora"
-    lora: LoraSpec = LoraSpec()
-    dataset: DatasetSpec
-    training: TrainingSpec = TrainingSpec()
-    outputs: OutputsSpec = OutputsSpec()
-    tracking: TrackingSpec = TrackingSpec()
-    compute: ComputeSpec = ComputeSpec()
+    model: ModelSpec = Field(description="base model: a hub id or path string, or a section")
+    method: Literal["lora", "qlora", "8bit", "full"] = Field(
+        "lora", description="lora: bf16 base; qlora: 4-bit nf4 base; 8bit: int8 base; full: all weights")
+    lora: LoraSpec = Field(LoraSpec(), description="adapter settings (not for method full)")
+    dataset: DatasetSpec = Field(description="training data")
+    training: TrainingSpec = Field(TrainingSpec(), description="optimisation settings")
+    outputs: OutputsSpec = Field(OutputsSpec(), description="what comes back and where")
+    tracking: TrackingSpec = Field(TrackingSpec(), description="experiment tracking; a bare string names the service")
+    compute: ComputeSpec = Field(ComputeSpec(), description="hardware and budget")
     secrets: list[str] = Field(default_factory=list, description="names of env vars forwarded to training")
 
     _source: Path | None = PrivateAttr(None)
@@ -228,7 +241,7 @@ def load_recipe(path: str | Path) -> Recipe:
     problems = _cross_check(recipe)
     if problems:
         field, message = problems[0]
-        raise CloudtuneError(f"{path}:{_line_for(field, lines)}: {'.'.join(field)}: {message}")
+        raise CloudtuneError(f"{path}:{_line_for(field, lines)}: {'.'.join(map(str, field))}: {message}")
     return recipe
 
 
@@ -335,6 +348,9 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     dataset = recipe.dataset
     if (dataset.path is None) == (dataset.hub is None):
         problems.append((("dataset",), "give exactly one of `path` (a local file) or `hub` (a hub dataset id)."))
+    elif dataset.data_files is not None and dataset.hub is None:
+        problems.append((("dataset", "data_files"), "data_files goes with `hub` (e.g. hub: json); "
+                                                    "for one local file use `path` instead."))
     elif dataset.path is not None:
         file = recipe.dataset_file()
         if not file.exists():

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CloudtuneError
 from ..formats import FALLBACK_CHAT_TEMPLATE
 from ..paths import home
 from ..recipe import Recipe
@@ -30,7 +29,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def build_byte_tokenizer():
@@ -93,17 +92,17 @@ def load_tokenizer(recipe: Recipe):
 def load_base(recipe: Recipe, device: torch.device):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantized = recipe.method in ("qlora", "8bit")
-    if quantized and device.type != "cuda":
-        raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
-                             "Run it on a GPU backend, or use method lora/full on this machine.")
     dtype = compute_dtype(device)
-    kwargs: dict = dict(dtype=dtype, revision=recipe.model.revision, attn_implementation="sdpa",
+    attention = recipe.training.attention
+    kwargs: dict = dict(dtype=dtype, revision=recipe.model.revision,
+                        attn_implementation="sdpa" if attention == "auto" else attention,
                         trust_remote_code=recipe.model.trust_remote_code)
     if recipe.method == "qlora":
+        # The QLoRA recipe: nf4 with double quantisation, matmuls in bf16. The packed 4-bit weights keep
+        # the default uint8 storage; a float storage dtype only matters for FSDP sharding.
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+            bnb_4bit_compute_dtype=dtype)
     elif recipe.method == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if device.type == "cuda":
@@ -123,14 +122,16 @@ def lora_config(recipe: Recipe):
 
 
 def prepare_for_training(recipe: Recipe, model, gradient_checkpointing: bool):
+    # Non-reentrant checkpointing handles frozen inputs itself, so no input-grad hooks are needed.
+    checkpoint_kwargs = {"use_reentrant": False}
     if recipe.method in ("qlora", "8bit"):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # Freezes the base and upcasts its unquantised parts (norms, embeddings, head) to fp32 for stability.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpoint_kwargs)
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if recipe.uses_lora:
-            model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     if recipe.uses_lora:
         from peft import get_peft_model
 

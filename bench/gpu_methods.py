@@ -1,0 +1,108 @@
+"""Every method on a GPU: qlora, 8bit, lora, full train a few steps of a Llama-2-7B-shaped model.
+
+  python bench/gpu_methods.py [--methods qlora,8bit,lora,full] [--steps 8]
+
+For each: loss finite, weights saved, and reloaded the way a user would (base loaded again with the
+same quantisation, then the adapter) giving the logits recorded at the end of training. Appends
+JSON lines to bench/results/gpu_methods.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import make_model, record, write_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def recipe_for(method: str, model: Path, data: Path, steps: int) -> dict:
+    training = dict(max_steps=steps, learning_rate=1e-4, warmup_ratio=0.0, micro_batch_size=2, max_seq_len=2048,
+                    gradient_checkpointing="on")
+    recipe = dict(name=f"gpu-{method}", model=dict(name=str(model)), method=method,
+                  dataset=dict(path=str(data), format="completion"), training=training)
+    if method == "full":
+        training.update(optimizer="adamw_8bit", gradient_checkpointing="on", micro_batch_size=1)
+    else:
+        recipe["lora"] = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+    return recipe
+
+
+def reload_difference(recipe_path: Path, out: Path) -> float:
+    """Max |logit difference| between the end of training and base + saved weights reloaded."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from cloudtune.recipe import load_recipe
+    from cloudtune.train import model as model_lib
+
+    recipe = load_recipe(recipe_path)
+    device = torch.device("cuda", 0)
+    if recipe.uses_lora:
+        base = model_lib.load_base(recipe, device)
+        if recipe.method in ("qlora", "8bit"):
+            # training ran with norms upcast to fp32 by peft; reload with the same numerics
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.bfloat16, device_map={"": 0})
+    probe = load_file(str(out / "probe.safetensors"))
+    with torch.no_grad():
+        logits = model.eval()(input_ids=probe["input_ids"].to(device)).logits.float().cpu()
+    del model
+    torch.cuda.empty_cache()  # the next method's training process needs the whole GPU
+    return float((logits - probe["logits"]).abs().max())
+
+
+def main() -> int:
+    import yaml
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--methods", default="qlora,8bit,lora,full")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--shape", default="7b", help="model shape: 7b (the benchmark), 1b, mini (smoke test)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ct-methods")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = make_model(args.work / f"llama-{args.shape}", args.shape)
+    data = write_dataset(args.work / "data.jsonl", n=600)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    for method in args.methods.split(","):
+        recipe_path = args.work / f"{method}.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe_for(method, model, data, args.steps)))
+        out = args.work / f"out-{method}"
+        started = time.time()
+        proc = subprocess.run([sys.executable, "-m", "cloudtune.train", str(recipe_path), "--out", str(out)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            record("gpu_methods", dict(method=method, ok=False, error=(proc.stdout + proc.stderr)[-2500:]))
+            continue
+        run = json.loads((out / "run.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        difference = reload_difference(recipe_path, out)
+        ok = all(math.isfinite(x) for x in losses) and difference < 0.5
+        record("gpu_methods", dict(method=method, ok=ok, steps=run["steps"], first_loss=losses[0],
+                                   last_loss=losses[-1], reload_max_logit_diff=round(difference, 4),
+                                   peak_gpu_gib=run["peak_gpu_gib"], tokens_per_s=run["tokens_per_s"],
+                                   gradient_checkpointing=run["gradient_checkpointing"],
+                                   trainable_params=run["trainable_params"], device=run["device"],
+                                   wall_seconds=round(time.time() - started, 1), versions=run["versions"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

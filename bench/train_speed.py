@@ -1,0 +1,118 @@
+"""Training speed, side by side in one GPU run: the seeds' recipe, Unsloth, and cloudtune's trainer.
+
+  python bench/train_speed.py --anchors DIR [--profiles seed-qlora,unsloth-nogc,cloudtune-qlora] [--steps N]
+
+DIR holds the anchor scripts (seed_baseline.py, unsloth_bench.py from the shared bench folder), which
+are run as they are; cloudtune runs through `python -m cloudtune.train` like on a rented machine.
+Every profile trains the same Llama-2-7B-shaped random model on the same guanaco-like length
+distribution. Prints a table (real tok/s, peak GiB, ratio to seed-qlora) and appends JSON lines to
+bench/results/train_speed.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import make_model, record, write_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# cloudtune profiles: recipe overrides on top of the base below.
+CLOUDTUNE_PROFILES = {
+    "cloudtune-qlora": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096)),
+    "cloudtune-qlora-nogc": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                 gradient_checkpointing="off")),
+    "cloudtune-lora-nogc": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                               gradient_checkpointing="off")),
+    "cloudtune-lora": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096)),
+    # For 24 GB cards: smaller rows and checkpointing so the peak stays under 22 GiB.
+    "cloudtune-qlora-24g": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                gradient_checkpointing="on")),
+}
+ANCHOR_PROFILES = {"seed-qlora": "seed_baseline.py", "seed-lora": "seed_baseline.py",
+                   "unsloth-nogc": "unsloth_bench.py", "unsloth-gc": "unsloth_bench.py",
+                   "unsloth-packed": "unsloth_bench.py"}
+
+
+def cloudtune_recipe(profile: str, model: Path, data: Path, steps: int) -> dict:
+    spec = CLOUDTUNE_PROFILES[profile]
+    training = dict(max_steps=steps, learning_rate=2e-4, lr_scheduler="constant", warmup_ratio=0.0, packing=True,
+                    optimizer="adamw", **spec["training"])
+    return dict(name=profile, model=dict(name=str(model)), method=spec["method"],
+                lora=dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear"),
+                dataset=dict(path=str(data), format="completion"), training=training)
+
+
+def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int, work: Path) -> dict:
+    import yaml
+
+    recipe = work / f"{profile}.yaml"
+    recipe.write_text(yaml.safe_dump(cloudtune_recipe(profile, model, data, steps + warmup)))
+    out = work / profile
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "cloudtune.train", str(recipe), "--out", str(out)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return dict(profile=profile, error=proc.stdout[-3000:] + proc.stderr[-3000:])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    measured = rows[warmup:]
+    seconds = measured[-1]["seconds"] - (rows[warmup - 1]["seconds"] if warmup else 0)
+    tokens = sum(r["step_tokens"] for r in measured)
+    run = json.loads((out / "run.json").read_text())
+    return dict(profile=profile, steps_measured=len(measured), seconds=round(seconds, 3), real_tokens=tokens,
+                real_tok_per_s=round(tokens / seconds, 1), peak_mem_gib=run["peak_gpu_gib"],
+                gradient_checkpointing=run["gradient_checkpointing"], trainable_params=run["trainable_params"],
+                device=run["device"])
+
+
+def run_anchor(profile: str, anchors: Path, model: Path, steps: int, warmup: int, work: Path) -> dict:
+    script = anchors / ANCHOR_PROFILES[profile]
+    out_json = work / f"{profile}.json"
+    args = [sys.executable, str(script)] + (["run"] if script.name == "seed_baseline.py" else []) + [
+        "--model", str(model), "--profile", profile, "--steps", str(steps), "--warmup", str(warmup),
+        "--json", str(out_json)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0 or not out_json.exists():
+        return dict(profile=profile, error=proc.stdout[-3000:] + proc.stderr[-3000:])
+    return json.loads(out_json.read_text().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--anchors", type=Path, required=True, help="folder with seed_baseline.py, unsloth_bench.py")
+    parser.add_argument("--profiles", default="seed-qlora,unsloth-nogc,cloudtune-qlora,cloudtune-lora")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--shape", default="7b", help="model shape: 7b (the benchmark), 1b, mini (smoke test)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ct-speed")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    model = make_model(args.work / f"llama-{args.shape}", args.shape)
+    data = write_dataset(args.work / "guanaco-like.jsonl", n=4000)
+    results = []
+    for profile in args.profiles.split(","):
+        if profile in CLOUDTUNE_PROFILES:
+            row = run_cloudtune(profile, model, data, args.steps, args.warmup, args.work)
+        else:
+            row = run_anchor(profile, args.anchors, model, args.steps, args.warmup, args.work)
+        results.append(row)
+        record("train_speed", row)
+    base = next((r for r in results if r["profile"] == "seed-qlora" and "real_tok_per_s" in r), None)
+    print(f"\n{'profile':<22}{'real tok/s':>12}{'peak GiB':>10}{'× seed-qlora':>14}")
+    for row in results:
+        if "error" in row:
+            print(f"{row['profile']:<22}  failed: {row['error'][-300:]!r}")
+            continue
+        ratio = f"{row['real_tok_per_s'] / base['real_tok_per_s']:.2f}" if base else "-"
+        print(f"{row['profile']:<22}{row['real_tok_per_s']:>12,.0f}{row['peak_mem_gib'] or 0:>10.1f}{ratio:>14}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

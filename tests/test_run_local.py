@@ -1,0 +1,128 @@
+"""The spine end to end on the local backend: run, receipt, ledger, adapter reload, failure, cancel."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cloudtune.backends.local import pid_alive
+from cloudtune.cli import cli
+from cloudtune.ledger import Ledger
+
+from .conftest import demo_recipe_text, write_recipe
+
+
+def test_demo_run_trains_and_the_adapter_reloads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=60))
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", "--json", str(recipe)])
+    assert result.exit_code == 0, result.output
+    receipt = json.loads(result.stdout[result.stdout.index("{"):])
+    out = Path(receipt["output_dir"])
+    assert out.parent == (tmp_path / "outputs" / "demo-tiny").resolve()
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.jsonl",
+                 "run.json", "receipt.json", "manifest.json", "samples.jsonl"):
+        assert (out / name).is_file(), name
+
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:5]) / 5, "loss did not go down"
+    assert receipt["tokens"] > 0 and receipt["tokens_per_s"] > 0
+
+    from cloudtune.train.model import tiny_llama_dir
+    from cloudtune.train.verify import max_logit_difference
+
+    assert max_logit_difference(out, str(tiny_llama_dir())) < 1e-4
+
+    run = Ledger().get_run(receipt["run_id"])
+    assert run["status"] == "succeeded" and run["tokens"] == receipt["tokens"]
+    machine = Ledger().machine_for_run(receipt["run_id"])
+    assert machine["name"] == f"ct-{receipt['run_id']}" and machine["status"] == "terminated"
+
+    status = CliRunner().invoke(cli, ["status", "--json"])
+    assert json.loads(status.output)[0]["id"] == receipt["run_id"]
+    logs = CliRunner().invoke(cli, ["logs", receipt["run_id"][:15]])
+    assert "step 60/60" in logs.output
+
+
+def test_failed_training_is_recorded_with_the_log_tail(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = demo_recipe_text(max_steps=5).replace("method: lora", "method: qlora")
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(write_recipe(tmp_path, text))])
+    assert result.exit_code == 1, result.output
+    assert "exited with status 2" in result.output
+    assert "needs an NVIDIA GPU" in result.output  # the tail of the training log is shown
+    run = Ledger().runs(1)[0]
+    assert run["status"] == "failed" and "needs an NVIDIA GPU" in run["error"]
+    assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+    assert not (tmp_path / "outputs" / "demo-tiny" / run["id"]).exists()
+
+
+def test_ctrl_c_cancels_stops_the_child_and_is_recorded(tmp_path, ct_home):
+    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=100000))
+    cli_process = subprocess.Popen([sys.executable, "-m", "cloudtune.cli", "run", "--backend", "local", str(recipe)],
+                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "COLUMNS": "200"})
+    seen = []
+    for line in cli_process.stdout:
+        seen.append(line)
+        if "step " in line:
+            break
+    run = Ledger().runs(1)[0]
+    pid = run["meta"]["pid"]
+    assert pid_alive(pid)
+    cli_process.send_signal(signal.SIGINT)
+    rest = cli_process.communicate(timeout=60)[0]
+    assert cli_process.returncode == 130, "".join(seen) + rest
+    assert "interrupted" in rest
+    deadline = time.time() + 10
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not pid_alive(pid), "training process outlived the cancelled run"
+    run = Ledger().get_run(run["id"])
+    assert run["status"] == "cancelled"
+    assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+
+
+def test_secret_values_are_redacted_from_terminal_and_ledger(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    secret = "hf_" + "s3cr3tValue" * 3
+    monkeypatch.setenv("HF_TOKEN", secret)
+    # The training fails loading a model whose path holds the token, so the token lands in its log and error.
+    text = demo_recipe_text(max_steps=2).replace("init: tiny-llama", f"name: /nonexistent/{secret}")
+    text += "secrets: [HF_TOKEN]\n"
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(write_recipe(tmp_path, text))])
+    assert result.exit_code == 1
+    assert "<redacted>" in result.output and secret not in result.output
+    run = Ledger().runs(1)[0]
+    assert "<redacted>" in run["error"]
+    assert secret.encode() not in (Path(os.environ["CLOUDTUNE_HOME"]) / "ledger.db").read_bytes()
+    machine_root = Path(os.environ["CLOUDTUNE_HOME"]) / "runs" / run["id"] / "machine"
+    assert (machine_root / "train.log").is_file()
+    assert not (machine_root / "secrets.env").exists(), "secrets file left behind after teardown"
+
+
+def test_missing_secret_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    text = demo_recipe_text(max_steps=2) + "secrets: [WANDB_API_KEY]\n"
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(write_recipe(tmp_path, text))])
+    assert result.exit_code == 2 and "WANDB_API_KEY" in result.output
+    assert Ledger().runs() == []  # nothing was started
+
+
+@pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["status"]])
+def test_cli_stays_light(command, tmp_path):
+    code = (f"import sys; from cloudtune.cli import main; sys.argv=['cloudtune', *{command!r}]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'sky', 'peft', 'paramiko') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ}).stdout
+    assert "HEAVY []" in output, output
