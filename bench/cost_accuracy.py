@@ -110,7 +110,7 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointing: bool | None = No
     work = plan_work(recipe, report)
     mb, planned_gc, memory, fits = choose_batch(recipe, shape, setup, work.row_tokens, usable_gib(offer) * GIB)
     gc = planned_gc if checkpointing is None else checkpointing
-    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, gc, work.width)
+    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, gc, work.width, mb * work.width)
     return dict(planned_gradient_checkpointing=planned_gc, planned_micro_batch=mb, fits=fits,
                 planned_peak_gib=round(memory.gib, 2), processed_tokens=work.processed, tokens=work.tokens,
                 train_seconds_low=round(work.processed / high, 1), train_seconds_high=round(work.processed / low, 1),

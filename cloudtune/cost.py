@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from .catalog import SPECS, load_offers, match_gpus, usable_gib
-from .datasets import DatasetReport
+from .datasets import DatasetReport, percentiles
 from .errors import CloudtuneError
 from .memory import GIB, MemoryEstimate, ModelShape, TrainSetup, estimate, lora_params, required_bytes
 from .plan import Estimate, Offer, Plan
@@ -40,6 +41,13 @@ INT8_SLOWDOWN = (0.35, 0.6)
 PACKING_FILL = 0.97  # first-fit-decreasing packing leaves about 3 % of each row empty
 MULTI_GPU_SCALING = 0.9  # data-parallel efficiency per doubling of GPUs
 TOKENS_UNCERTAINTY = 0.15  # token counts estimated from characters (no tokenizer offline)
+# A step cannot beat its kernel launches: tiny models are launch-bound, not FLOP-bound.
+STEP_FLOOR_SECONDS = 5e-3
+LAYER_PASS_SECONDS = 0.25e-3  # about 25 kernels of ~10 µs per layer and pass
+# Hub datasets the shipped recipes train on, so `cloudtune cost` can price them before the training
+# machine downloads them: the published number of training rows, with guanaco's lengths (lognormal,
+# median 350 tokens, sigma 0.8: the distribution the benchmarks in bench/common.py use).
+HUB_DATASET_ROWS = {"mlabonne/guanaco-llama2-1k": 1000, "timdettmers/openassistant-guanaco": 9846}
 
 # Minutes from "launch" to a machine that answers SSH, then SkyPilot's runtime, the image pull and
 # `pip install .[train]` (DESIGN.md: about 3 min), and teardown until billing stops.
@@ -174,13 +182,18 @@ def efficiency_band(method: str, checkpointing: bool) -> tuple[float, float, str
 
 
 def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, checkpointing: bool,
-                          width: float) -> tuple[float, float]:
+                          width: float, micro_batch_tokens: float | None = None) -> tuple[float, float]:
     """Processed tokens per second (low, high) on `gpu_count` GPUs of one kind."""
     spec = SPECS[offer_gpu]
     flops = flops_per_token(shape, method, checkpointing, width)
     low, high, _ = efficiency_band(method, checkpointing)
     scale = gpu_count * MULTI_GPU_SCALING ** math.log2(gpu_count) if gpu_count > 1 else 1.0
-    return (spec.tflops * 1e12 * low / flops * scale, spec.tflops * 1e12 * high / flops * scale)
+    rates = [spec.tflops * 1e12 * e / flops for e in (low, high)]
+    if micro_batch_tokens:
+        passes = (3 if method == "full" else 2) + (1 if checkpointing else 0)
+        floor = STEP_FLOOR_SECONDS + shape.layers * passes * LAYER_PASS_SECONDS
+        rates = [min(rate, micro_batch_tokens / floor) for rate in rates]
+    return rates[0] * scale, rates[1] * scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +219,8 @@ def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: s
     parts = ["provisioning", "setup"]
     if download:
         parts.append(f"{download / 1e9:.1f} GB model download")
+    if outputs > 1e8:
+        parts.append(f"{outputs / 1e9:.1f} GB of outputs back")
     parts.append("teardown")
     return seconds[0] / 3600, seconds[1] / 3600, ", ".join(parts)
 
@@ -241,7 +256,7 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, setu
     mb, checkpointing, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
     work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
     tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, model.shape, recipe.method, checkpointing,
-                                              work.width)
+                                              work.width, mb * work.width)
     processed = (work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)) \
         if not work.exact else (work.processed, work.processed)
     train_low, train_high = processed[0] / tps_high / 3600, processed[1] / tps_low / 3600
@@ -300,6 +315,12 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
         raise CloudtuneError(f"no offer in the price catalog matches {wanted}.",
                              "`cloudtune gpus` lists what there is; widen --gpu/--cloud, drop --spot, or "
                              "change compute.gpu_count.")
+    if report.rows == 0:
+        known = hub_report(recipe)
+        if known is not None:
+            report = known
+            notes.append(f"hub dataset {recipe.dataset.hub}: {known.rows:,} rows as published, lengths assumed "
+                         "guanaco-like; the training machine counts the real tokens")
     work = plan_work(recipe, report)
     if work.note:
         notes.append(work.note)
@@ -309,6 +330,22 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.offer.cloud, e.offer.instance_type))
     return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
                 notes=notes, model_source=model.source, catalog=catalog_info)
+
+
+def hub_report(recipe: Recipe) -> DatasetReport | None:
+    """An estimated report for a hub dataset cloudtune knows the size of; None for others."""
+    rows = HUB_DATASET_ROWS.get(recipe.dataset.hub or "")
+    if rows is None:
+        return None
+    rows = min(rows, recipe.dataset.max_rows or rows)
+    cap = recipe.training.max_seq_len
+    rng = random.Random(0)
+    raw = [max(16, int(rng.lognormvariate(math.log(350), 0.8))) for _ in range(rows)]
+    lengths = [min(cap, n) for n in raw]
+    return DatasetReport(source=f"hub:{recipe.dataset.hub}", format=recipe.dataset.format, rows=rows,
+                         tokens=sum(lengths), tokens_exact=False, truncated_rows=sum(n > cap for n in raw),
+                         longest_row_tokens=max(raw), tokenizer="estimate (published rows, guanaco-like lengths)",
+                         length_percentiles=percentiles(lengths))
 
 
 def apply_estimate(recipe: Recipe, chosen: Estimate) -> list[str]:

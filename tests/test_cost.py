@@ -149,14 +149,20 @@ def test_unknown_model_offline_is_one_clear_error(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_hub_dataset_without_steps_is_priced_on_overheads_and_says_so(tmp_path):
-    path = write_recipe(tmp_path, yaml.safe_dump({"model": "meta-llama/Llama-2-7b-hf", "method": "qlora",
-                                                  "dataset": {"hub": "timdettmers/openassistant-guanaco"}}))
-    recipe = load_recipe(path)
-    plan = make_plan(recipe, inspect_dataset(recipe), offers=OFFERS)
-    assert plan.tokens == 0 and any("max_steps" in note for note in plan.notes)
+def test_hub_datasets_are_estimated_when_known_and_flagged_when_not(tmp_path):
+    def plan_hub(hub: str):
+        path = write_recipe(tmp_path, yaml.safe_dump({"model": "meta-llama/Llama-2-7b-hf", "method": "qlora",
+                                                      "dataset": {"hub": hub, "format": "llama2-inst"}}))
+        recipe = load_recipe(path)
+        return make_plan(recipe, inspect_dataset(recipe), offers=OFFERS)
+
+    known = plan_hub("mlabonne/guanaco-llama2-1k")  # what the shipped seed recipes train on
+    assert 300_000 < known.tokens < 600_000 and not known.tokens_exact
+    assert any("1,000 rows as published" in note for note in known.notes)
+    unknown = plan_hub("acme/private-set")
+    assert unknown.tokens == 0 and any("max_steps" in note for note in unknown.notes)
     with pytest.raises(CloudtuneError, match="cannot be checked"):
-        check_budget(plan, 100.0)
+        check_budget(unknown, 100.0)
 
 
 def test_cost_cli_json_schema_and_cache(tmp_path, ct_home):
