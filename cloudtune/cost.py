@@ -232,20 +232,18 @@ def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: s
 def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_tokens: int,
                  usable_bytes: float) -> tuple[int, bool, MemoryEstimate, bool]:
     """(micro-batch, checkpointing, memory, fits): the recipe's micro-batch without checkpointing if
-    that fits and the recipe allows it, else with it, else halve the micro-batch (the run keeps the
+    that fits and the recipe allows it, else with it, else a smaller micro-batch (the run keeps the
     effective batch by accumulating more)."""
     choice = recipe.training.gradient_checkpointing
     options = {"auto": (False, True), "on": (True,), "off": (False,)}[choice]
-    mb = recipe.training.micro_batch_size
-    while True:
+    wanted = recipe.training.micro_batch_size
+    # divisors only, so that accumulating more micro-batches keeps the effective batch exactly
+    for mb in (d for d in range(wanted, 0, -1) if wanted % d == 0):
         for checkpointing in options:
             memory = estimate(shape, setup, mb * row_tokens, checkpointing)
             if required_bytes(memory) <= usable_bytes:
                 return mb, checkpointing, memory, True
-        if mb == 1:
-            break
-        mb = max(1, mb // 2)
-    mb, checkpointing = recipe.training.micro_batch_size, options[-1]
+    mb, checkpointing = wanted, options[-1]
     return mb, checkpointing, estimate(shape, setup, mb * row_tokens, checkpointing), False
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -96,45 +97,42 @@ def _dollars(low: float, high: float) -> str:
 
 def cost_table(plan, title: str, top: int) -> Table:
     """The plan's offers, cheapest run first; the chosen (cheapest that fits) one highlighted."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("cloud", no_wrap=True)
-    table.add_column("region", no_wrap=True, max_width=16, overflow="ellipsis")
-    table.add_column("instance", no_wrap=True, max_width=22, overflow="ellipsis")
-    table.add_column("GPU", no_wrap=True)
-    for column in ("$/h", "est. time", "est. $ whole run"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("fits? (peak)", no_wrap=True)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    # figures never shrink; the offer's names fold onto a second line on a narrow terminal
+    table.add_column("offer", overflow="fold", max_width=24)
+    table.add_column("GPU", overflow="fold", min_width=6)
+    for column, width in (("$/h", 4), ("est. time", 9), ("est. $ (run)", 11)):
+        table.add_column(column, justify="right", no_wrap=True, min_width=width)
+    table.add_column("fits (peak)", no_wrap=True, min_width=8)
     chosen = plan.chosen
     for estimate in plan.estimates[:top]:
         offer = estimate.offer
         if estimate.fits:
-            fits = "[green]yes[/]" + (f", ckpt mb {estimate.micro_batch_size}" if estimate.gradient_checkpointing
-                                      else "")
+            fits = "[green]yes[/]" + (f" ckpt mb{estimate.micro_batch_size}" if estimate.gradient_checkpointing else "")
         else:
             fits = "[red]no[/]"
         style = "bold green" if estimate is chosen else ("dim" if not estimate.fits else None)
         price = f"{estimate.price_per_hour:.2f}" + (" spot" if estimate.spot else "")
-        table.add_row(offer.cloud, escape(offer.region), escape(offer.instance_type),
+        table.add_row(f"{offer.cloud} {escape(offer.region)} [dim]{escape(offer.instance_type)}[/]",
                       f"{offer.gpu}×{offer.gpu_count}", price, _hours(estimate.hours_low, estimate.hours_high),
-                      _dollars(estimate.cost_low, estimate.cost_high), f"{fits} ({estimate.peak_gib:.0f} GiB)",
+                      _dollars(estimate.cost_low, estimate.cost_high), f"{fits} {estimate.peak_gib:.0f}G",
                       style=style)
     return table
 
 
 def gpus_table(catalog, title: str, specs: dict) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("GPU", no_wrap=True)
-    table.add_column("memory", justify="right", no_wrap=True)
-    table.add_column("TFLOP/s", justify="right", no_wrap=True)
-    table.add_column("cloud", no_wrap=True)
-    table.add_column("region", no_wrap=True, max_width=16, overflow="ellipsis")
-    table.add_column("instance", no_wrap=True, max_width=24, overflow="ellipsis")
-    table.add_column("$/h", justify="right", no_wrap=True)
-    table.add_column("spot $/h", justify="right", no_wrap=True)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("GPU", overflow="fold", min_width=6)
+    table.add_column("memory", justify="right", no_wrap=True, min_width=6)
+    table.add_column("TFLOP/s", justify="right", no_wrap=True, min_width=4)
+    table.add_column("offer", overflow="fold", max_width=30)
+    table.add_column("$/h", justify="right", no_wrap=True, min_width=5)
+    table.add_column("spot $/h", justify="right", no_wrap=True, min_width=5)
     for offer in catalog.offers:
         spec = specs[offer.gpu]
         spot = f"{offer.spot_price_per_hour:.2f}" if offer.spot_price_per_hour is not None else "-"
         table.add_row(f"{offer.gpu}×{offer.gpu_count}", f"{offer.gpu_memory_gib:.0f} GiB",
-                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"), offer.cloud, escape(offer.region),
-                      escape(offer.instance_type), f"{offer.price_per_hour:.2f}", spot)
+                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"),
+                      f"{offer.cloud} {escape(offer.region)} [dim]{escape(offer.instance_type)}[/]",
+                      f"{offer.price_per_hour:.2f}", spot)
     return table
