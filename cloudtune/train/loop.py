@@ -41,14 +41,17 @@ def preflight(recipe: Recipe, device: torch.device) -> None:
                              "Add HF_TOKEN to the recipe's secrets and set it where you run cloudtune.")
 
 
-def use_checkpointing(recipe: Recipe, config, device: torch.device) -> bool:
+def use_checkpointing(recipe: Recipe, config, device: torch.device, longest_row: int | None = None) -> bool:
     choice = recipe.training.gradient_checkpointing
     if choice != "auto":
         return choice == "on"
     if device.type != "cuda":
         return False
     free, _total = torch.cuda.mem_get_info(device)
-    tokens = recipe.training.micro_batch_size * recipe.training.max_seq_len
+    # unpacked batches pad to their longest row, as `cloudtune cost` assumes
+    width = recipe.training.max_seq_len if recipe.training.packing else min(longest_row or 10**9,
+                                                                              recipe.training.max_seq_len)
+    tokens = recipe.training.micro_batch_size * width
     return needs_checkpointing(ModelShape.from_config(config), tokens, free, TrainSetup.from_recipe(recipe))
 
 
@@ -94,7 +97,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.trained_tokens} trained tokens per epoch")
 
     base = model_lib.load_base(recipe, device)
-    checkpointing = use_checkpointing(recipe, base.config, device)
+    checkpointing = use_checkpointing(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples))
     model = model_lib.prepare_for_training(recipe, base, checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
