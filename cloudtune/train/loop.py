@@ -96,10 +96,11 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     base = model_lib.load_base(recipe, device)
     checkpointing = use_checkpointing(recipe, base.config, device)
     model = model_lib.prepare_for_training(recipe, base, checkpointing)
+    fused = model_lib.apply_fused_kernels(recipe, model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     say(f"model: {model_lib.model_source(recipe)} method {recipe.method}, {n_trainable:,} trainable parameters, "
-        f"gradient checkpointing {'on' if checkpointing else 'off'}")
+        f"gradient checkpointing {'on' if checkpointing else 'off'}, fused kernels {'on' if fused else 'off'}")
     # Before any step, the model is the base (a fresh LoRA adds zero), so these are the "before" samples.
     base_samples = export.generate_samples(recipe, model, tokenizer, encoded.format, device)
 
@@ -160,7 +161,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     summary = export.finish(recipe, model, tokenizer, out, device=device, encoded=encoded, state=state,
                             wall_seconds=time.time() - started,
                             epochs=state.epoch + state.batch_in_epoch / len(batcher), final_loss=last_loss,
-                            gradient_checkpointing=checkpointing, trainable=n_trainable, base_samples=base_samples)
+                            gradient_checkpointing=checkpointing, fused_kernels=fused, trainable=n_trainable,
+                            base_samples=base_samples)
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary
