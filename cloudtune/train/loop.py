@@ -95,8 +95,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
 
     base = model_lib.load_base(recipe, device)
     checkpointing = use_checkpointing(recipe, base.config, device)
+    fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
     model = model_lib.prepare_for_training(recipe, base, checkpointing)
-    fused = model_lib.apply_fused_kernels(recipe, model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     say(f"model: {model_lib.model_source(recipe)} method {recipe.method}, {n_trainable:,} trainable parameters, "
