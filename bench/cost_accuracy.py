@@ -94,7 +94,8 @@ def batches_trained(recipe, steps: int) -> dict:
     return dict(processed=processed, real=real, peak_tokens=peak, width=sum(widths) / len(widths))
 
 
-def predict(recipe, gpu: str, memory_gib: float, checkpointing: bool | None = None) -> dict:
+def predict(recipe, gpu: str, memory_gib: float, checkpointing: bool | None = None,
+            fused_kernels: bool | None = None) -> dict:
     """What `cloudtune cost` says for this recipe on one such GPU (training only, no overheads)."""
     from cloudtune.catalog import usable_gib
     from cloudtune.cost import choose_batch, gpu_tokens_per_second, plan_work
@@ -105,12 +106,13 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointing: bool | None = No
 
     report = inspect_dataset(recipe)
     shape = resolve_model(recipe).shape
-    setup = TrainSetup.from_recipe(recipe)
+    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels)
     offer = Offer("this machine", "-", gpu, gpu, 1, memory_gib, 0.0)
     work = plan_work(recipe, report)
     mb, planned_gc, memory, fits = choose_batch(recipe, shape, setup, work.row_tokens, usable_gib(offer) * GIB)
     gc = planned_gc if checkpointing is None else checkpointing
-    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, gc, work.width, mb * work.width)
+    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, gc, work.width, mb * work.width,
+                                      setup.impl.fused_loss)
     return dict(planned_gradient_checkpointing=planned_gc, planned_micro_batch=mb, fits=fits,
                 planned_peak_gib=round(memory.gib, 2), processed_tokens=work.processed, tokens=work.tokens,
                 train_seconds_low=round(work.processed / high, 1), train_seconds_high=round(work.processed / low, 1),
@@ -139,12 +141,13 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
         return dict(name=name, ok=False, error=(proc.stdout + proc.stderr)[-3000:])
     run = json.loads((out / "run.json").read_text())
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    gc = run["gradient_checkpointing"]
+    gc, fused = run["gradient_checkpointing"], bool(run.get("fused_kernels"))
     replay = batches_trained(recipe, run["steps"])
-    # the prediction for what actually ran: the tokens actually computed, with the trainer's checkpointing
+    # the prediction for what actually ran: the tokens actually computed, the trainer's checkpointing
+    # and kernels
     shape = resolve_model(recipe).shape
-    setup = TrainSetup.from_recipe(recipe)
-    actual = predict(recipe, gpu, memory_gib, checkpointing=gc)
+    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused)
+    actual = predict(recipe, gpu, memory_gib, checkpointing=gc, fused_kernels=fused)
     low, high = actual["processed_tokens_per_s"]
     predicted_low, predicted_high = replay["processed"] / high, replay["processed"] / low
     predicted_mid = (predicted_low + predicted_high) / 2
@@ -163,6 +166,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
         tokens=run["tokens"], processed_tokens=replay["processed"], peak_tokens=replay["peak_tokens"],
         planned_processed_tokens=round(before["processed_tokens"]),  # the padding model, before the run
         gradient_checkpointing=gc, planned_gradient_checkpointing=before["planned_gradient_checkpointing"],
+        fused_kernels=fused,
         peak_gib=measured_peak, predicted_peak_gib=round(peak_predicted, 2),
         peak_error=round(peak_predicted / measured_peak - 1, 3) if measured_peak else None,
         train_seconds=run["train_seconds"], predicted_train_seconds=[round(predicted_low, 1), round(predicted_high, 1)],
@@ -174,7 +178,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
         calibration=dict(source=f"bench/results/cost_accuracy.jsonl: {name} ({run['steps']} steps, "
                                 f"steady state after {WARMUP_STEPS})",
                          stack="cloudtune", gpu=gpu, model="Llama-2-7B" if shape == _llama2_7b() else "custom",
-                         shape=shape.__dict__, method=recipe.method, gradient_checkpointing=gc,
+                         shape=shape.__dict__, method=recipe.method, gradient_checkpointing=gc, fused_kernels=fused,
                          width=round(replay["width"], 1), tokens_per_s=round(processed_per_s, 1)))
 
 

@@ -36,8 +36,11 @@ from .shapes import KNOWN_MODELS, ModelInfo, resolve_model
 CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.jsonl"
 MIN_SPREAD = 0.12  # no efficiency band is narrower than ±12 %: runs of one recipe vary that much
 MAX_SPREAD = 1.35  # nor wider than ×/÷ 1.35 around the median: one odd row should not double a price
-# bitsandbytes' LLM.int8 matmul (outlier decomposition) trains 2-3x slower than bf16; no row measured yet.
-INT8_SLOWDOWN = (0.35, 0.6)
+# Speed relative to cloudtune's bf16 LoRA for a method cloudtune has no run of yet: 4-bit dequantises
+# every weight on each pass (trl's H100 rows put it within ±10 % of bf16 at 4k-16k tokens per
+# micro-batch); bitsandbytes' LLM.int8 matmul with outlier decomposition trains 2-3x slower; full
+# fine-tuning adds an optimizer step over every weight.
+RELATIVE_TO_16BIT = {"4bit": (0.85, 1.0), "8bit": (0.35, 0.6), "full": (0.7, 0.9)}
 PACKING_FILL = 0.97  # first-fit-decreasing packing leaves about 3 % of each row empty
 MULTI_GPU_SCALING = 0.9  # data-parallel efficiency per doubling of GPUs
 TOKENS_UNCERTAINTY = 0.15  # token counts estimated from characters (no tokenizer offline)
@@ -158,35 +161,42 @@ def calibration_rows() -> tuple[dict, ...]:
     return tuple(rows)
 
 
-def efficiency_band(method: str, checkpointing: bool) -> tuple[float, float, str]:
-    """(low, high) fraction of the datasheet peak, and which rows it rests on."""
+def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = False) -> tuple[float, float, str]:
+    """(low, high) fraction of the datasheet peak, and which rows it rests on.
+
+    cloudtune's own runs describe the trainer that will run (checkpointing's recomputation is in the
+    FLOP count already, so they count with or without it); a method it has not measured yet is
+    scaled from its bf16 LoRA runs; other stacks' runs, with the same checkpointing, come last.
+    """
     quant = _quant_class(method)
-    slowdown = (1.0, 1.0)
-    if quant == "8bit" and not any(r["quant"] == "8bit" for r in calibration_rows()):
-        quant, slowdown = "16bit", INT8_SLOWDOWN
-    if quant == "full" and not any(r["quant"] == "full" for r in calibration_rows()):
-        quant = "16bit"
-    rows = [r for r in calibration_rows() if r["quant"] == quant]
-    # cloudtune's own runs describe the trainer that will run; checkpointing's recomputation is in
-    # the FLOP count already, so they count with or without it. Other stacks only as a fallback,
-    # and then those that checkpointed the same way.
-    own = [r for r in rows if r["stack"] == "cloudtune"]
-    chosen = own or [r for r in rows if r["gradient_checkpointing"] == checkpointing] or rows
+    rows = calibration_rows()
+
+    def own(kind: str) -> list[dict]:
+        mine = [r for r in rows if r["stack"] == "cloudtune" and r["quant"] == kind]
+        return [r for r in mine if r.get("fused_kernels", False) == fused_kernels] or mine
+
+    chosen, factor, basis = own(quant), (1.0, 1.0), "cloudtune run(s)"
+    if not chosen and quant in RELATIVE_TO_16BIT and own("16bit"):
+        chosen, factor, basis = own("16bit"), RELATIVE_TO_16BIT[quant], "cloudtune bf16 LoRA run(s), scaled"
+    if not chosen:
+        same = [r for r in rows if r["quant"] == quant]
+        chosen = [r for r in same if r["gradient_checkpointing"] == checkpointing] or same
+        basis = "reference run(s) of other trainers"
     values = [r["efficiency"] for r in chosen]
     median = statistics.median(values)
     low = max(min(values), median / MAX_SPREAD)
     high = min(max(values), median * MAX_SPREAD)
     low, high = min(low, median * (1 - MIN_SPREAD)), max(high, median * (1 + MIN_SPREAD))
-    basis = f"{len(chosen)} {'cloudtune' if own else 'reference'} run(s)"
-    return low * slowdown[0], high * slowdown[1], basis
+    return low * factor[0], high * factor[1], f"{len(chosen)} {basis}"
 
 
 def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, checkpointing: bool,
-                          width: float, micro_batch_tokens: float | None = None) -> tuple[float, float]:
+                          width: float, micro_batch_tokens: float | None = None,
+                          fused_kernels: bool = False) -> tuple[float, float]:
     """Processed tokens per second (low, high) on `gpu_count` GPUs of one kind."""
     spec = SPECS[offer_gpu]
     flops = flops_per_token(shape, method, checkpointing, width)
-    low, high, _ = efficiency_band(method, checkpointing)
+    low, high, _ = efficiency_band(method, checkpointing, fused_kernels)
     scale = gpu_count * MULTI_GPU_SCALING ** math.log2(gpu_count) if gpu_count > 1 else 1.0
     rates = [spec.tflops * 1e12 * e / flops for e in (low, high)]
     if micro_batch_tokens:
@@ -254,7 +264,7 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, setu
     mb, checkpointing, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
     work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
     tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, model.shape, recipe.method, checkpointing,
-                                              work.width, mb * work.width)
+                                              work.width, mb * work.width, setup.impl.fused_loss)
     processed = (work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)) \
         if not work.exact else (work.processed, work.processed)
     train_low, train_high = processed[0] / tps_high / 3600, processed[1] / tps_low / 3600

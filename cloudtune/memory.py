@@ -7,9 +7,9 @@ The model predicts what PyTorch's caching allocator reports as `max_memory_alloc
 from what autograd actually keeps for a Llama decoder layer, term by term, and each term depends on
 how the training code is written (a "stack"): cloudtune's own trainer, the trl SFTTrainer the seed
 recipes use (with or without liger kernels), or Unsloth. Stacks differ in the dtype activations
-flow in (peft's k-bit preparation upcasts norms and embeddings to fp32, so cloudtune's QLoRA keeps
-fp32 hidden states), whether LoRA inputs are copied per module (peft casts them to the fp32 adapter
-dtype), and whether norms, SwiGLU and the loss are fused kernels. tests/test_memory_model.py holds
+flow in (peft's k-bit preparation upcasts norms and embeddings to fp32, which keeps the hidden
+states fp32), whether LoRA inputs are copied per module (peft casts them to the fp32 adapter dtype),
+and whether norms, SwiGLU and the loss are fused kernels. tests/test_memory_model.py holds
 the model to every peak measured on an H100 (../shared/data/h100-anchor-measurements.jsonl) within
 ±20 %, and to what autograd saves in cloudtune's own model preparation on CPU.
 
@@ -31,10 +31,11 @@ CUDA_CONTEXT_BYTES = 0.8 * GIB
 FRAGMENTATION = 0.08
 # Small allocations that are not per token: cuBLAS workspaces, the optimizer's scratch, masks.
 WORKSPACE_BYTES = 0.15 * GIB
-# bitsandbytes' int8 matmul keeps its input (and outlier columns) per module for backward; what it
-# costs per input element is calibrated on cloudtune's 8-bit run on an H100 (bench/results/
-# gpu_methods.jsonl: 69.2 GiB at 2 x 2048 tokens without checkpointing), not derived.
-INT8_SAVED_BYTES = 5.0
+# bitsandbytes' int8 matmul keeps its input (and outlier columns) per module for backward. What that
+# costs per input element, per byte of activation dtype, is calibrated on cloudtune's 8-bit run on an
+# H100 with fp32 activations (bench/results/gpu_methods.jsonl: 69.2 GiB at 2 x 2048 tokens, no
+# checkpointing), not derived; for bf16 activations it is scaled, not yet measured.
+INT8_SAVED_BYTES_PER_ACT_BYTE = 1.25
 
 
 @dataclass(frozen=True)
@@ -116,16 +117,35 @@ class Stack:
     optimizer_state_bytes: float = 8.0  # per trainable parameter (AdamW: two fp32 moments)
 
 
-def cloudtune_stack(method: str) -> Stack:
-    """cloudtune's trainer (train/model.py + train/loop.py): bf16 model, no autocast, peft adapters in fp32.
-
-    For qlora/8bit, peft's prepare_model_for_kbit_training casts every non-quantised weight to fp32,
-    so the embeddings emit fp32 and the hidden states stay fp32 through the network; LoRA then
-    reads that fp32 input directly instead of copying it.
+def cloudtune_stack(method: str, fused_kernels: bool = False) -> Stack:
+    """cloudtune's trainer (train/model.py + train/loop.py): a bf16 model (quantised bases too: nothing is
+    upcast to fp32), no autocast, peft's adapters in fp32, so every LoRA module keeps an fp32 copy of its
+    input. With Liger's fused kernels (training.fused_kernels, on a GPU with liger-kernel installed)
+    each norm keeps only its input, SwiGLU recomputes the silu, and head + loss never build the logits.
     """
-    if method in KBIT:
-        return Stack("cloudtune", act_bytes=4, norm_bytes=4, lora_copy_bytes=0, upcast_embeddings=True)
+    del method  # every method shares the layout since quantised bases stay in bf16
+    if fused_kernels:
+        return Stack("cloudtune+liger", norm_bytes=2, mlp_saved=2, fused_loss=True)
     return Stack("cloudtune")
+
+
+def cloudtune_kbit_fp32_stack() -> Stack:
+    """cloudtune's trainer for qlora/8bit until 2026-11-23 (main before c753919): peft's
+    prepare_model_for_kbit_training cast every unquantised weight to fp32, so the embeddings emitted
+    fp32 and the hidden states stayed fp32 through the network, and LoRA read that fp32 input without
+    copying it. Kept because the H100 rows in bench/results measured before that date ran it."""
+    return Stack("cloudtune-kbit-fp32", act_bytes=4, norm_bytes=4, lora_copy_bytes=0, upcast_embeddings=True)
+
+
+def fused_kernels_by_default() -> bool:
+    """Whether `fused_kernels: auto` means Liger on a rented GPU: only if the [train] extra installs it."""
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("cloudtune") or []
+    except metadata.PackageNotFoundError:
+        return False
+    return any(r.lower().startswith("liger") and "train" in r for r in requires)
 
 
 def trl_stack(method: str, *, liger: bool = False, optimizer: str = "adamw") -> Stack:
@@ -168,10 +188,15 @@ class TrainSetup:
         return self.stack or cloudtune_stack(self.method)
 
     @classmethod
-    def from_recipe(cls, recipe) -> TrainSetup:
+    def from_recipe(cls, recipe, fused_kernels: bool | None = None) -> TrainSetup:
+        """The recipe on cloudtune's trainer; `fused_kernels` is known on the training machine, and
+        otherwise follows the recipe (auto: whatever the training image installs)."""
         lora = recipe.lora
         targets = ALL_LINEAR if lora.target_modules == "all-linear" else tuple(lora.target_modules)
-        stack = _with_optimizer(cloudtune_stack(recipe.method), recipe.training.optimizer)
+        if fused_kernels is None:
+            choice = getattr(recipe.training, "fused_kernels", "auto")
+            fused_kernels = choice == "on" or (choice == "auto" and fused_kernels_by_default())
+        stack = _with_optimizer(cloudtune_stack(recipe.method, fused_kernels), recipe.training.optimizer)
         return cls(method=recipe.method, lora_r=lora.r, lora_targets=targets, lora_dropout=lora.dropout, stack=stack)
 
 
@@ -241,7 +266,7 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     mlp = stack.mlp_saved * a * i + (a * i if full else 0)  # full: down_proj's input too
     kbit_inputs = 0.0
     if setup.method == "8bit":
-        kbit_inputs = INT8_SAVED_BYTES * sum(fan_in for fan_in, _ in shape.module_shapes().values())
+        kbit_inputs = INT8_SAVED_BYTES_PER_ACT_BYTE * a * sum(fan_in for fan_in, _ in shape.module_shapes().values())
     return 2 * norm + attention + mlp + kbit_inputs + _lora_activation_bytes(shape, setup)
 
 

@@ -107,6 +107,8 @@ class TrainingSpec(Strict):
         "auto", description="auto: only when the batch would not fit in GPU memory")
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="attention kernel; auto picks the fastest that respects packing")
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger Triton kernels (norm, SwiGLU, RoPE, head+loss without logits) on GPUs")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="8-bit variants (bitsandbytes) save optimizer memory")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")

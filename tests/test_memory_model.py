@@ -21,6 +21,7 @@ from cloudtune.memory import (
     ModelShape,
     TrainSetup,
     _with_optimizer,
+    cloudtune_kbit_fp32_stack,
     cloudtune_stack,
     estimate,
     layer_activation_bytes,
@@ -86,26 +87,29 @@ def test_every_h100_anchor_peak_is_predicted_within_20_percent(row):
     assert predicted == pytest.approx(row["peak_mem_gib"], rel=TOLERANCE), (row["profile"], predicted)
 
 
-def _cloudtune_setup(method: str, optimizer: str = "adamw") -> TrainSetup:
-    return TrainSetup(method, 16, ALL_LINEAR, 0.0, stack=_with_optimizer(cloudtune_stack(method), optimizer))
+def _cloudtune_setup(method: str, optimizer: str = "adamw", stack=None) -> TrainSetup:
+    stack = stack or cloudtune_stack(method)
+    return TrainSetup(method, 16, ALL_LINEAR, 0.0, stack=_with_optimizer(stack, optimizer))
 
 
 # cloudtune's own trainer on an H100, Llama-2-7B shape, all-linear r16, packed rows (so the peak
-# micro-batch is micro_batch_size × max_seq_len). From bench/results/gpu_methods.jsonl (recipes in
-# bench/gpu_methods.py) and train_speed.jsonl (bench/train_speed.py), 2026-11-23.
+# micro-batch is micro_batch_size × max_seq_len), no fused kernels yet. From bench/results/
+# gpu_methods.jsonl (recipes in bench/gpu_methods.py) and train_speed.jsonl (bench/train_speed.py),
+# measured 2026-11-23 before quantised bases stopped being upcast to fp32 (main c753919).
+OLD_KBIT = cloudtune_kbit_fp32_stack()
 CLOUDTUNE_ROWS = [
-    ("qlora", "adamw", 2 * 2048, False, 44.65),
-    ("lora", "adamw", 2 * 2048, False, 48.54),
-    ("full", "adamw_8bit", 1 * 2048, True, 38.12),
-    ("8bit", "adamw", 2 * 2048, False, 69.21),  # the row INT8_SAVED_BYTES was calibrated on
-    ("qlora", "adamw", 2 * 4096, True, 11.92),
-    ("lora", "adamw", 2 * 4096, True, 18.15),
+    ("qlora", "adamw", 2 * 2048, False, OLD_KBIT, 44.65),
+    ("lora", "adamw", 2 * 2048, False, None, 48.54),
+    ("full", "adamw_8bit", 1 * 2048, True, None, 38.12),
+    ("8bit", "adamw", 2 * 2048, False, OLD_KBIT, 69.21),  # the row INT8_SAVED_BYTES_PER_ACT_BYTE rests on
+    ("qlora", "adamw", 2 * 4096, True, OLD_KBIT, 11.92),
+    ("lora", "adamw", 2 * 4096, True, None, 18.15),
 ]
 
 
-@pytest.mark.parametrize("method,optimizer,tokens,checkpointing,measured", CLOUDTUNE_ROWS)
-def test_cloudtune_trainer_peaks_on_h100(method, optimizer, tokens, checkpointing, measured):
-    predicted = estimate(LLAMA2_7B, _cloudtune_setup(method, optimizer), tokens, checkpointing).gib
+@pytest.mark.parametrize("method,optimizer,tokens,checkpointing,stack,measured", CLOUDTUNE_ROWS)
+def test_cloudtune_trainer_peaks_on_h100(method, optimizer, tokens, checkpointing, stack, measured):
+    predicted = estimate(LLAMA2_7B, _cloudtune_setup(method, optimizer, stack), tokens, checkpointing).gib
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
 
 
@@ -116,8 +120,9 @@ def test_rows_written_by_the_cost_accuracy_benchmark():
         if row.get("peak_gib") is None or "predicted_peak_gib" not in row:
             continue
         shape = ModelShape(**row["shape"])
+        stack = cloudtune_stack(row["method"], row.get("fused_kernels", False))
         setup = TrainSetup(row["method"], row["lora_r"], tuple(row["lora_targets"]), row["lora_dropout"],
-                           stack=_with_optimizer(cloudtune_stack(row["method"]), row["optimizer"]))
+                           stack=_with_optimizer(stack, row["optimizer"]))
         predicted = estimate(shape, setup, row["peak_tokens"], row["gradient_checkpointing"]).gib
         assert predicted == pytest.approx(row["peak_gib"], rel=TOLERANCE), row["name"]
 
@@ -184,8 +189,11 @@ def test_checkpointing_is_needed_only_when_the_batch_does_not_fit():
     # after loading a 7B in 4 bits: ~74 GiB free on an H100, ~18 GiB on an A10G
     assert not needs_checkpointing(LLAMA2_7B, 2 * 2048, 74 * GIB, setup)
     assert needs_checkpointing(LLAMA2_7B, 2 * 2048, 18 * GIB, setup)
-    # the same tokens cost more without a LoRA setup's fp32 activations: plain bf16 LoRA
     assert needs_checkpointing(LLAMA2_7B, 8 * 4096, 60 * GIB, _cloudtune_setup("lora"))
+    # fused kernels keep less per layer and never build the logits: more fits without recomputation
+    fused = _cloudtune_setup("lora", stack=cloudtune_stack("lora", fused_kernels=True))
+    plain = _cloudtune_setup("lora")
+    assert estimate(LLAMA2_7B, fused, 4096, False).total < 0.85 * estimate(LLAMA2_7B, plain, 4096, False).total
 
 
 def test_model_shapes_come_from_config_and_table(tmp_path):

@@ -19,7 +19,7 @@ PROBE_TOKENS = 64
 
 
 def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Encoded, state, wall_seconds: float,
-           epochs: float, final_loss: float, gradient_checkpointing: bool, trainable: int,
+           epochs: float, final_loss: float, gradient_checkpointing: bool, fused_kernels: bool, trainable: int,
            base_samples: list[str]) -> dict:
     model.eval()
     weights_dir = out / ("adapter" if recipe.uses_lora else "model")
@@ -60,6 +60,7 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "final_loss": final_loss,
         "peak_gpu_gib": round(peak, 2) if peak is not None else None,
         "gradient_checkpointing": gradient_checkpointing,
+        "fused_kernels": fused_kernels,
         "attention": recipe.training.attention,
         "trainable_params": trainable,
     }

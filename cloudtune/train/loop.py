@@ -41,7 +41,8 @@ def preflight(recipe: Recipe, device: torch.device) -> None:
                              "Add HF_TOKEN to the recipe's secrets and set it where you run cloudtune.")
 
 
-def use_checkpointing(recipe: Recipe, config, device: torch.device, longest_row: int | None = None) -> bool:
+def use_checkpointing(recipe: Recipe, config, device: torch.device, longest_row: int | None = None,
+                      fused_kernels: bool = False) -> bool:
     choice = recipe.training.gradient_checkpointing
     if choice != "auto":
         return choice == "on"
@@ -52,7 +53,8 @@ def use_checkpointing(recipe: Recipe, config, device: torch.device, longest_row:
     width = recipe.training.max_seq_len if recipe.training.packing else min(longest_row or 10**9,
                                                                               recipe.training.max_seq_len)
     tokens = recipe.training.micro_batch_size * width
-    return needs_checkpointing(ModelShape.from_config(config), tokens, free, TrainSetup.from_recipe(recipe))
+    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels)
+    return needs_checkpointing(ModelShape.from_config(config), tokens, free, setup)
 
 
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device):
@@ -97,12 +99,14 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.trained_tokens} trained tokens per epoch")
 
     base = model_lib.load_base(recipe, device)
-    checkpointing = use_checkpointing(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples))
+    fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
+    checkpointing = use_checkpointing(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples),
+                                      fused_kernels=fused)
     model = model_lib.prepare_for_training(recipe, base, checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     say(f"model: {model_lib.model_source(recipe)} method {recipe.method}, {n_trainable:,} trainable parameters, "
-        f"gradient checkpointing {'on' if checkpointing else 'off'}")
+        f"gradient checkpointing {'on' if checkpointing else 'off'}, fused kernels {'on' if fused else 'off'}")
     # Before any step, the model is the base (a fresh LoRA adds zero), so these are the "before" samples.
     base_samples = export.generate_samples(recipe, model, tokenizer, encoded.format, device)
 
@@ -163,7 +167,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     summary = export.finish(recipe, model, tokenizer, out, device=device, encoded=encoded, state=state,
                             wall_seconds=time.time() - started,
                             epochs=state.epoch + state.batch_in_epoch / len(batcher), final_loss=last_loss,
-                            gradient_checkpointing=checkpointing, trainable=n_trainable, base_samples=base_samples)
+                            gradient_checkpointing=checkpointing, fused_kernels=fused, trainable=n_trainable,
+                            base_samples=base_samples)
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary

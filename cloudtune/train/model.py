@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CloudtuneError
 from ..formats import FALLBACK_CHAT_TEMPLATE
 from ..paths import home
 from ..recipe import Recipe
@@ -121,16 +122,32 @@ def lora_config(recipe: Recipe):
                       use_dora=spec.use_dora, use_rslora=spec.use_rslora)
 
 
+def apply_fused_kernels(recipe: Recipe, model, device: torch.device) -> bool:
+    """Swap in Liger's Triton kernels; the fused head + loss never materialises the logits.
+
+    On by default on a GPU when liger-kernel is installed; the tokens/s it buys are in bench/results.
+    """
+    choice = recipe.training.fused_kernels
+    if choice == "off" or device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError:
+        if choice == "on":
+            raise CloudtuneError("training.fused_kernels: on needs the liger-kernel package.",
+                                 "pip install liger-kernel, or set fused_kernels: auto.") from None
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    return True
+
+
 def prepare_for_training(recipe: Recipe, model, gradient_checkpointing: bool):
     # Non-reentrant checkpointing handles frozen inputs itself, so no input-grad hooks are needed.
     checkpoint_kwargs = {"use_reentrant": False}
-    if recipe.method in ("qlora", "8bit"):
-        from peft import prepare_model_for_kbit_training
-
-        # Freezes the base and upcasts its unquantised parts (norms, embeddings, head) to fp32 for stability.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpoint_kwargs)
-    elif gradient_checkpointing:
+    # Quantised bases stay in bf16 around the 4/8-bit weights, and get_peft_model freezes the base.
+    # peft's prepare_model_for_kbit_training would upcast norms, embeddings and the 32k-wide head to
+    # fp32: the head matmul then runs without tensor cores and the residual stream doubles in size.
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     if recipe.uses_lora:
         from peft import get_peft_model

@@ -18,7 +18,7 @@ LOW_PRECISION_RELATIVE = 1e-2
 
 
 def reload(out: Path, base_source: str, device: torch.device | None = None):
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from ..recipe import Recipe
@@ -33,10 +33,7 @@ def reload(out: Path, base_source: str, device: torch.device | None = None):
     recipe = Recipe.model_validate({"model": {"name": base_source}, "method": run["method"],
                                     "training": {"attention": run.get("attention", "auto")},
                                     "dataset": {"hub": "unused"}})
-    base = load_base(recipe, device)
-    if run["method"] in ("qlora", "8bit"):
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return PeftModel.from_pretrained(base, str(out / "adapter"))
+    return PeftModel.from_pretrained(load_base(recipe, device), str(out / "adapter"))
 
 
 def logit_differences(out: Path, base_source: str) -> tuple[float, float, float | None]:
