@@ -31,11 +31,12 @@ CUDA_CONTEXT_BYTES = 0.8 * GIB
 FRAGMENTATION = 0.08
 # Small allocations that are not per token: cuBLAS workspaces, the optimizer's scratch, masks.
 WORKSPACE_BYTES = 0.15 * GIB
-# bitsandbytes' int8 matmul keeps its input (and outlier columns) per module for backward. What that
-# costs per input element, per byte of activation dtype, is calibrated on cloudtune's 8-bit run on an
-# H100 with fp32 activations (bench/results/gpu_methods.jsonl: 69.2 GiB at 2 x 2048 tokens, no
-# checkpointing), not derived; for bf16 activations it is scaled, not yet measured.
-INT8_SAVED_BYTES_PER_ACT_BYTE = 1.25
+# bitsandbytes' int8 matmul keeps its input (and outlier columns) per module for backward, in a plain
+# ctx attribute that gradient checkpointing cannot see, so every layer keeps it either way. What that
+# costs per input element and byte of activation dtype is calibrated on cloudtune's two 8-bit H100
+# runs (bench/results/gpu_methods.jsonl: 69.2 GiB with fp32 activations and no checkpointing, 17.9 GiB
+# with bf16 activations and checkpointing, both at 2 x 2048 tokens), not derived.
+INT8_SAVED_BYTES_PER_ACT_BYTE = 1.125
 
 
 @dataclass(frozen=True)
@@ -264,10 +265,15 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
         norm += 2 * a * h
     attention = a * (2 * shape.attention_width + 2 * shape.kv_width) + 4 * shape.heads  # q, k, v, out, lse
     mlp = stack.mlp_saved * a * i + (a * i if full else 0)  # full: down_proj's input too
-    kbit_inputs = 0.0
-    if setup.method == "8bit":
-        kbit_inputs = INT8_SAVED_BYTES_PER_ACT_BYTE * a * sum(fan_in for fan_in, _ in shape.module_shapes().values())
-    return 2 * norm + attention + mlp + kbit_inputs + _lora_activation_bytes(shape, setup)
+    return 2 * norm + attention + mlp + int8_kept_bytes(shape, setup) + _lora_activation_bytes(shape, setup)
+
+
+def int8_kept_bytes(shape: ModelShape, setup: TrainSetup) -> float:
+    """Per token and layer: what bitsandbytes' 8-bit matmuls keep, checkpointing or not."""
+    if setup.method != "8bit":
+        return 0.0
+    fan_in = sum(fan_in for fan_in, _ in shape.module_shapes().values())
+    return INT8_SAVED_BYTES_PER_ACT_BYTE * setup.impl.act_bytes * fan_in
 
 
 def _lora_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
@@ -299,6 +305,7 @@ def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, checkpointing: b
         loss = tokens * shape.vocab * 12.0  # log-softmax output, its gradient and the incoming one, fp32
     if checkpointing:
         activations = 0.0 if stack.offload_checkpoints else tokens * shape.layers * stack.act_bytes * shape.hidden
+        activations += tokens * shape.layers * int8_kept_bytes(shape, setup)
         # During backward one layer is recomputed in full and its gradients pass through; that
         # happens after the loss's peak, so the larger of the two counts.
         recompute = tokens * (per_layer + 4 * stack.act_bytes * shape.hidden)

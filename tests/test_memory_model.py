@@ -92,18 +92,30 @@ def _cloudtune_setup(method: str, optimizer: str = "adamw", stack=None) -> Train
     return TrainSetup(method, 16, ALL_LINEAR, 0.0, stack=_with_optimizer(stack, optimizer))
 
 
-# cloudtune's own trainer on an H100, Llama-2-7B shape, all-linear r16, packed rows (so the peak
-# micro-batch is micro_batch_size × max_seq_len), no fused kernels yet. From bench/results/
-# gpu_methods.jsonl (recipes in bench/gpu_methods.py) and train_speed.jsonl (bench/train_speed.py),
-# measured 2026-11-23 before quantised bases stopped being upcast to fp32 (main c753919).
+# cloudtune's own trainer on an H100, Llama-2-7B shape, LoRA all-linear r16 without dropout, packed rows
+# (so the peak micro-batch is micro_batch_size × max_seq_len). From bench/results/gpu_methods.jsonl
+# (recipes in bench/gpu_methods.py) and train_speed.jsonl (profiles in bench/train_speed.py), 2026-11-23.
+# The first six ran before main c753919, when quantised bases were upcast to fp32 and no fused kernels
+# existed; the rest run the current trainer, Liger kernels on unless the profile turned them off.
 OLD_KBIT = cloudtune_kbit_fp32_stack()
+FUSED, PLAIN = cloudtune_stack("lora", fused_kernels=True), cloudtune_stack("lora")
 CLOUDTUNE_ROWS = [
     ("qlora", "adamw", 2 * 2048, False, OLD_KBIT, 44.65),
-    ("lora", "adamw", 2 * 2048, False, None, 48.54),
-    ("full", "adamw_8bit", 1 * 2048, True, None, 38.12),
-    ("8bit", "adamw", 2 * 2048, False, OLD_KBIT, 69.21),  # the row INT8_SAVED_BYTES_PER_ACT_BYTE rests on
+    ("lora", "adamw", 2 * 2048, False, PLAIN, 48.54),
+    ("full", "adamw_8bit", 1 * 2048, True, PLAIN, 38.12),
+    ("8bit", "adamw", 2 * 2048, False, OLD_KBIT, 69.21),  # one of the rows INT8_SAVED_BYTES_PER_ACT_BYTE rests on
     ("qlora", "adamw", 2 * 4096, True, OLD_KBIT, 11.92),
-    ("lora", "adamw", 2 * 4096, True, None, 18.15),
+    ("lora", "adamw", 2 * 4096, True, PLAIN, 18.15),
+    ("qlora", "adamw", 2 * 4096, False, FUSED, 64.34),  # cloudtune-qlora
+    ("qlora", "adamw", 1 * 4096, False, FUSED, 34.23),  # cloudtune-qlora-nogc
+    ("qlora", "adamw", 1 * 4096, False, PLAIN, 40.10),  # cloudtune-qlora-nofuse
+    ("lora", "adamw", 1 * 4096, False, FUSED, 43.17),  # cloudtune-lora-nogc
+    ("lora", "adamw", 2 * 4096, False, FUSED, 73.28),  # cloudtune-lora
+    ("qlora", "adamw", 2 * 4096, True, FUSED, 8.54),  # cloudtune-qlora-24g
+    ("qlora", "adamw", 2 * 2048, True, FUSED, 6.31),  # gpu_methods
+    ("8bit", "adamw", 2 * 2048, True, FUSED, 17.89),  # gpu_methods; the other 8-bit calibration row
+    ("lora", "adamw", 2 * 2048, True, FUSED, 15.28),  # gpu_methods
+    ("full", "adamw_8bit", 1 * 2048, True, FUSED, 38.12),  # gpu_methods
 ]
 
 
