@@ -35,14 +35,15 @@ sys.path.insert(0, str(REPO))
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 WARMUP_STEPS = 3  # first steps pay for cuBLAS heuristics and allocator growth
+RUN_OVERHEAD_SECONDS = 45  # per run: Python and CUDA start, loading and quantising 13 GB, saving
 
 # name -> (method, steps, training overrides). Gradient checkpointing is left to `auto`, so the
 # trainer's own decision is compared with the planner's.
 RECIPES = {
-    "lora-packed": ("lora", 100, dict(micro_batch_size=2, max_seq_len=2048, packing=True)),
-    "qlora-unpacked": ("qlora", 80, dict(micro_batch_size=4, max_seq_len=1024, packing=False)),
-    "lora-unpacked": ("lora", 80, dict(micro_batch_size=4, max_seq_len=1024, packing=False)),
-    "full": ("full", 40, dict(micro_batch_size=1, max_seq_len=2048, packing=True, gradient_checkpointing="on",
+    "lora-packed": ("lora", 150, dict(micro_batch_size=2, max_seq_len=2048, packing=True)),
+    "qlora-unpacked": ("qlora", 120, dict(micro_batch_size=4, max_seq_len=1024, packing=False)),
+    "lora-unpacked": ("lora", 120, dict(micro_batch_size=4, max_seq_len=1024, packing=False)),
+    "full": ("full", 50, dict(micro_batch_size=1, max_seq_len=2048, packing=True, gradient_checkpointing="on",
                               optimizer="adamw_8bit" if HAVE_BNB else "adamw")),
 }
 DEFAULT = "lora-packed,qlora-unpacked,full" if HAVE_BNB else "lora-packed,lora-unpacked,full"
@@ -119,7 +120,8 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointing: bool | None = No
                 processed_tokens_per_s=(round(low), round(high)), width=work.width)
 
 
-def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib: float, steps_scale: float) -> dict:
+def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib: float, steps_scale: float,
+            seconds_left: float) -> dict:
     import yaml
 
     from cloudtune.memory import ModelShape, TrainSetup, estimate
@@ -130,6 +132,11 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     path.write_text(yaml.safe_dump(recipe_data(name, model, data, steps_scale)))
     recipe = load_recipe(path)
     before = predict(recipe, gpu, memory_gib)
+    # the model's own worst case, plus starting Python, loading (and quantising) and saving the model
+    expected = before["train_seconds_high"] + RUN_OVERHEAD_SECONDS + (40 if recipe.method == "full" else 0)
+    if expected > seconds_left:
+        return dict(name=name, ok=False, error=f"skipped: needs about {expected:.0f}s, {seconds_left:.0f}s of "
+                                               "--budget-seconds left")
     out = work / f"out-{name}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
@@ -201,7 +208,8 @@ def main() -> int:
     parser.add_argument("--steps-scale", type=float, default=1.0, help="scale every recipe's step count")
     parser.add_argument("--shape", default="7b", choices=sorted(SHAPES), help="mini: a CPU plumbing check")
     parser.add_argument("--assume-gpu", help="predict for this GPU when there is none (plumbing checks)")
-    parser.add_argument("--budget-seconds", type=float, default=440, help="skip recipes that would not finish in it")
+    parser.add_argument("--budget-seconds", type=float, default=450,
+                        help="skip a recipe the cost model says would not finish in what is left of this")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ct-cost-accuracy")
     args = parser.parse_args()
     if args.out:
@@ -229,10 +237,9 @@ def main() -> int:
         method = RECIPES[name][0]
         if method in ("qlora", "8bit") and not HAVE_BNB:
             row = dict(name=name, ok=False, error="bitsandbytes is not installed here")
-        elif results and time.time() - began + max(r.get("wall_seconds", 0) for r in results) > args.budget_seconds:
-            row = dict(name=name, ok=False, error=f"skipped: would overrun --budget-seconds {args.budget_seconds}")
         else:
-            row = run_one(name, model, data, args.work, gpu, memory, args.steps_scale)
+            row = run_one(name, model, data, args.work, gpu, memory, args.steps_scale,
+                          args.budget_seconds - (time.time() - began))
         results.append(row)
         record("cost_accuracy", row)
     print(f"\n{'recipe':<16}{'ckpt plan/ran':>14}{'peak GiB pred/meas':>21}{'train s pred (range)':>26}"
