@@ -453,6 +453,40 @@ def test_secrets_file_is_private(sshd, remote, tmp_path, ct_home):
     assert not secrets_file.exists() and (Path(ctx.meta["remote_dir"]) / "bundle").is_dir()  # kept, minus secrets
 
 
+def test_missing_packages_get_a_venv_built_once(sshd, remote, tmp_path, ct_home, monkeypatch):
+    # A Python without the packages (this venv's base interpreter) and one requirement that pip can
+    # install offline: a wheel built here. The venv sees the base's own packages too.
+    base = getattr(sys, "_base_executable", sys.executable)
+    monkeypatch.setenv(REMOTE_PYTHON_ENV, base)
+    source = tmp_path / "probe-src"
+    (source / "ct_venv_probe").mkdir(parents=True)
+    (source / "ct_venv_probe" / "__init__.py").write_text("ANSWER = 42\n")
+    (source / "pyproject.toml").write_text('[project]\nname = "ct-venv-probe"\nversion = "1.0"\n'
+                                          '[build-system]\nrequires = ["setuptools"]\n'
+                                          'build-backend = "setuptools.build_meta"\n')
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True)
+    wheel = next((tmp_path / "dist").glob("ct_venv_probe-*.whl"))
+    requirements = [f"ct-venv-probe @ {wheel.as_uri()}", "pip"]
+
+    backend = get_backend("ssh", host=sshd.address(), key=sshd.key)
+    backend.events = Recorder()
+    ctx = new_context(ct_home)
+    backend.provision(ctx)
+    assert backend.ensure_python(ctx, ["pip"]) == ctx.meta["base_python"]  # nothing missing: no venv
+    python = backend.ensure_python(ctx, requirements)
+    assert Path(python).parent.parent.parent == remote / "envs"
+    ready = Path(python).parent.parent / ".ready"
+    built = ready.stat().st_mtime_ns
+    answer = subprocess.run([python, "-c", "import ct_venv_probe; print(ct_venv_probe.ANSWER)"],
+                            capture_output=True, text=True)
+    assert answer.stdout.strip() == "42", answer.stderr
+    assert "include-system-site-packages = true" in (Path(python).parent.parent / "pyvenv.cfg").read_text()
+    assert backend.ensure_python(ctx, requirements) == python  # the next run reuses it
+    assert ready.stat().st_mtime_ns == built
+    assert backend.teardown(ctx)
+
+
 # ------------------------------------------------------------------------------------------------
 # Training over SSH, end to end
 
@@ -499,7 +533,7 @@ def test_train_over_ssh_end_to_end(sshd, remote, tmp_path, ct_home, monkeypatch)
     from cloudtune.train.verify import TOLERANCE, max_logit_difference
 
     monkeypatch.setenv(SECRET_NAME, SECRET_VALUE)
-    steps = 30
+    steps = 20
     recipe_path = ssh_recipe(tmp_path, max_steps=steps, secrets=(SECRET_NAME,))
     watcher = Watcher(remote, sshd, drop_at="step 8/")
     thread = threading.Thread(target=watcher.watch, daemon=True)
@@ -561,12 +595,12 @@ def test_train_over_ssh_end_to_end(sshd, remote, tmp_path, ct_home, monkeypatch)
 
 
 def test_logs_reattach_after_the_cli_dies_and_down_cleans_up(sshd, remote, tmp_path, ct_home):
-    steps = 30
+    steps = 20
     recipe_path = ssh_recipe(tmp_path, max_steps=steps)
     cli_log = tmp_path / "cli.log"
     process = start_cli(["run", "--backend", "ssh", "--host", sshd.address(), "--key", str(sshd.key),
                          str(recipe_path)], cli_log)
-    train_log = wait_for_log(remote, r"step [2-5]/", process=process)
+    train_log = wait_for_log(remote, r"step [2-4]/", process=process)
     os.killpg(process.pid, signal.SIGKILL)  # the laptop's lid closes: client and connection gone at once
     process.wait()
     assert "done:" not in train_log.read_text()

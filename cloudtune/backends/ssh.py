@@ -424,14 +424,8 @@ class SSHBackend(Backend):
         run = ctx.meta["remote_dir"]
         if secrets:
             self._write_private(ctx, f"{run}/secrets.env", secrets_env(secrets))
-        requirements = train_requirements(self._wheel or build_wheel())
-        _, output = self._run(ctx, f"tar -xzf {shlex.quote(archive)} -C {shlex.quote(run)} && "
-                                   f"{shlex.quote(ctx.meta['base_python'])} -c {shlex.quote(MISSING_CODE)} "
-                                   f"{shlex.quote(MARK)} {shlex.quote(json.dumps(requirements))}")
-        missing = json.loads(self._marked(output) or "null")
-        if missing is None:
-            raise CloudtuneError(f"could not check the Python packages on {self._where(ctx)}:\n{output[-2000:]}")
-        python = self._python(ctx, requirements, missing)
+        self._run(ctx, f"tar -xzf {shlex.quote(archive)} -C {shlex.quote(run)}")
+        python = self.ensure_python(ctx, train_requirements(self._wheel or build_wheel()))
         # cloudtune goes into the run's own directory, not the shared venv, so runs of different
         # cloudtune versions can train side by side on one machine.
         self._run(ctx, f"{shlex.quote(python)} -m pip install --no-deps --no-index --quiet "
@@ -459,10 +453,15 @@ class SSHBackend(Backend):
         ctx.meta["pid"] = int(pid)
 
     def exit_code(self, ctx: RunContext) -> int | None:
-        try:
-            return int(self._read(ctx, f"{ctx.meta['remote_dir']}/{EXIT_FILE}").strip())
-        except (FileNotFoundError, ValueError):
-            return None
+        for _ in range(10):
+            try:
+                text = self._read(ctx, f"{ctx.meta['remote_dir']}/{EXIT_FILE}").strip()
+            except FileNotFoundError:
+                return None
+            if text:
+                return int(text) if text.lstrip("-").isdigit() else None
+            time.sleep(0.1)  # caught between the shell creating the file and writing the status
+        return None
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
         if "remote_dir" not in ctx.meta:
@@ -574,7 +573,7 @@ class SSHBackend(Backend):
         partial = target + ".part"
         for fresh in (False, True):
             if fresh:  # the resumed file did not check out: start over once
-                self._events.warn("the partly uploaded bundle did not match; uploading it again from the start")
+                self._events.warn("the uploaded bundle did not match its sha256; uploading it again from the start")
                 self._files(ctx).remove(partial)
             self._retrying(ctx, "uploading the bundle", lambda: self._send(ctx, bundle.path, partial))
             digest = self._remote_sha256(ctx, partial)
@@ -620,15 +619,20 @@ class SSHBackend(Backend):
             handle.chmod(0o600)  # before a single byte of the secret is written
             handle.write(text)
 
-    def _python(self, ctx: RunContext, requirements: list[str], missing: list[str]) -> str:
-        """The machine's Python when it has the training packages already; otherwise a cached venv."""
+    def ensure_python(self, ctx: RunContext, requirements: list[str]) -> str:
+        """The machine's Python when it has the requirements already; otherwise a venv built once per set."""
         base = ctx.meta["base_python"]
+        _, output = self._run(ctx, f"{shlex.quote(base)} -c {shlex.quote(MISSING_CODE)} {shlex.quote(MARK)} "
+                                   f"{shlex.quote(json.dumps(requirements))}")
+        missing = json.loads(self._marked(output) or "null")
+        if missing is None:
+            raise CloudtuneError(f"could not check the Python packages on {self._where(ctx)}:\n{output[-2000:]}")
         if not missing:
             self._events.phase("env", f"{base} already has the training packages")
             return base
         key = hashlib.sha256(json.dumps([base, sorted(requirements)]).encode()).hexdigest()[:16]
         venv = f"{ctx.meta['remote_root']}/envs/{key}"
-        self._events.phase("env", f"{venv}: installing {', '.join(missing)} (once; later runs reuse it)")
+        self._events.phase("env", f"{venv}: a venv for {', '.join(missing)} (built once, reused by later runs)")
         _, output = self._run(ctx, f"{shlex.quote(base)} -c {shlex.quote(VENV_CODE)} {shlex.quote(MARK)} "
                                    f"{shlex.quote(venv)} {shlex.quote(json.dumps(requirements))}",
                               on_line=self._events.log)
