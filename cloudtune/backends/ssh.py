@@ -197,12 +197,16 @@ class _HostKeyPolicy(paramiko.MissingHostKeyPolicy):
                 "If that fingerprint is the machine's (ask its provider, or run `ssh-keygen -lf "
                 "/etc/ssh/ssh_host_ed25519_key.pub` on it), run again with --trust-new-host to record it.")
         # Appended rather than rewritten, so the user's comments and other entries stay as they were.
-        self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        existing = self.known_hosts.read_bytes() if self.known_hosts.exists() else b""
-        with self.known_hosts.open("a") as handle:
-            if existing and not existing.endswith(b"\n"):
-                handle.write("\n")
-            handle.write(paramiko.hostkeys.HostKeyEntry([hostname], key).to_line())
+        try:
+            self.known_hosts.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            existing = self.known_hosts.read_bytes() if self.known_hosts.exists() else b""
+            with self.known_hosts.open("a") as handle:
+                if existing and not existing.endswith(b"\n"):
+                    handle.write("\n")
+                handle.write(paramiko.hostkeys.HostKeyEntry([hostname], key).to_line())
+        except OSError as exc:
+            raise CloudtuneError(f"cannot record {hostname}'s host key in {self.known_hosts} ({exc.strerror}).",
+                                 f"Make that file writable, or point {KNOWN_HOSTS_ENV} at one that is.") from None
         client.get_host_keys().add(hostname, key.get_name(), key)
         self.note(f"trusted new host {hostname} ({key.get_name()} {key.fingerprint}); recorded in {self.known_hosts}")
 
