@@ -147,14 +147,42 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 # run / status / logs / down
 
 
+def ssh_options(command):
+    """`run`'s options for --backend ssh; they reach SSHBackend as keyword arguments."""
+    command = click.option("--keep-remote", is_flag=True,
+                           help="ssh: keep the run's directory on the machine (secrets are removed anyway).")(command)
+    command = click.option("--trust-new-host", is_flag=True,
+                           help="ssh: accept a host key not yet in known_hosts, and record it.")(command)
+    command = click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
+                           help="ssh: private key file (default: ssh-agent, then ~/.ssh/id_*).")(command)
+    return click.option("--host", help="ssh: the machine to train on, user@ip[:port].")(command)
+
+
+def _ssh_backend_options(backend: str, host: str | None, key: Path | None, trust_new_host: bool,
+                         keep_remote: bool) -> dict:
+    given = {"--host": host, "--key": key, "--trust-new-host": trust_new_host, "--keep-remote": keep_remote}
+    if backend != "ssh":
+        used = [name for name, value in given.items() if value]
+        if used:
+            raise CloudtuneError(f"{used[0]} only applies to --backend ssh.", "Add --backend ssh, or drop it.")
+        return {}
+    if not host:
+        raise CloudtuneError("--backend ssh needs the machine: --host user@ip[:port].",
+                             "Add --key PATH unless ssh-agent or ~/.ssh/id_* holds the key.")
+    return {"host": host, "key": key, "trust_new_host": trust_new_host, "keep_remote": keep_remote}
+
+
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--backend", "-b", default="local", show_default=True, help="Where to train: local.")
+@click.option("--backend", "-b", default="local", show_default=True, help="Where to train: local, ssh.")
 @click.option("--gpu", help="GPU to rent (A10, A100-80GB, H100, ...); overrides compute.gpu.")
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), metavar="USD",
               help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
+@ssh_options
 @json_option
-def run(recipe_path: Path, backend: str, gpu: str | None, max_cost: float | None, as_json: bool) -> None:
+def run(recipe_path: Path, backend: str, gpu: str | None, max_cost: float | None, as_json: bool,
+        host: str | None = None, key: Path | None = None, trust_new_host: bool = False,
+        keep_remote: bool = False) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
     from .backends import get_backend
     from .recipe import load_recipe
@@ -166,9 +194,9 @@ def run(recipe_path: Path, backend: str, gpu: str | None, max_cost: float | None
         recipe.compute.gpu = gpu
     if max_cost is not None:
         recipe.compute.max_cost = max_cost
+    chosen = get_backend(backend, **_ssh_backend_options(backend, host, key, trust_new_host, keep_remote))
     _plan, estimate = _plan_run(recipe, backend, err_console if as_json else console)
-    result = execute(recipe, get_backend(backend), RichEvents(err_console if as_json else console),
-                     estimate=estimate)
+    result = execute(recipe, chosen, RichEvents(err_console if as_json else console), estimate=estimate)
     if as_json:
         _print_json(result.receipt)
     else:
@@ -248,6 +276,9 @@ def _plan_run(recipe, backend: str, out: Console):
     if backend == "local":
         out.print("[bold cyan]▸ plan[/] this machine (local backend): nothing rented, $0")
         return None, local_estimate()
+    if backend == "ssh":
+        out.print("[bold cyan]▸ plan[/] a machine you provide over SSH: cloudtune rents nothing, so it has no price")
+        return None, None
     plan = make_plan(recipe, inspect_dataset(recipe))
     chosen = plan.chosen
     if chosen is None:
