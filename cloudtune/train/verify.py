@@ -23,17 +23,21 @@ def reload(out: Path, base_source: str, device: torch.device | None = None):
 
     from ..recipe import Recipe
     from .loop import pick_device
-    from .model import compute_dtype, load_base
+    from .model import apply_fused_kernels, compute_dtype, load_base
 
     device = device or pick_device()
     run = json.loads((out / "run.json").read_text())
-    if run["weights_dir"] == "model":
-        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=compute_dtype(device))
-        return model.to(device)
-    recipe = Recipe.model_validate({"model": {"name": base_source}, "method": run["method"],
-                                    "training": {"attention": run.get("attention", "auto")},
+    # The same kernels as in training: Liger's norms and RoPE round differently from the eager ones.
+    training = {"attention": run.get("attention", "auto"), "fused_kernels": "on" if run.get("fused_kernels") else "off"}
+    recipe = Recipe.model_validate({"model": {"name": base_source}, "method": run["method"], "training": training,
                                     "dataset": {"hub": "unused"}})
-    return PeftModel.from_pretrained(load_base(recipe, device), str(out / "adapter"))
+    if run["weights_dir"] == "model":
+        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=compute_dtype(device)).to(device)
+        apply_fused_kernels(recipe, model, device)
+        return model
+    base = load_base(recipe, device)
+    apply_fused_kernels(recipe, base, device)
+    return PeftModel.from_pretrained(base, str(out / "adapter"))
 
 
 def logit_differences(out: Path, base_source: str) -> tuple[float, float, float | None]:
