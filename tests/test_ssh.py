@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import REPO, demo_recipe_text, write_recipe
 
 from cloudtune.backends import get_backend
 from cloudtune.backends.base import RunContext, build_bundle
@@ -32,6 +31,8 @@ from cloudtune.errors import CloudtuneError
 from cloudtune.ledger import Ledger, machine_name, new_run_id
 from cloudtune.recipe import load_recipe
 from cloudtune.runner import Events, _pull, context_for
+
+from .conftest import REPO, demo_recipe_text, write_recipe
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SECRET_NAME = "CT_SSH_TEST_TOKEN"
