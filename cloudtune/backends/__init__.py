@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import CloudtuneError
 from .base import Backend
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "skypilot")
 
 
 def get_backend(name: str, **options) -> Backend:
@@ -12,4 +12,8 @@ def get_backend(name: str, **options) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend(**options)
+    if name == "skypilot":
+        from .skypilot import SkyPilotBackend
+
+        return SkyPilotBackend(**options)
     raise CloudtuneError(f"unknown backend '{name}'.", f"Choose one of: {', '.join(BACKENDS)}.")

@@ -131,3 +131,44 @@ def secrets_env(secrets: dict[str, str]) -> str:
     for name, value in sorted(secrets.items()):
         lines.append(f"{name}='" + value.replace("'", "'\\''") + "'")
     return "\n".join(lines) + "\n"
+
+
+def build_wheel(work_dir: Path) -> Path:
+    """A wheel of the cloudtune checkout this process runs from, so the machine trains with exactly this code.
+
+    The sources are copied out first: an in-tree build leaves `build/` behind, whose stale modules
+    would leak into the next wheel.
+    """
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from importlib.util import find_spec
+
+    from ..errors import CloudtuneError
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise CloudtuneError(f"cloudtune is installed without its sources ({root} has no pyproject.toml), so the "
+                             "training machine cannot get a wheel of exactly this code.",
+                             "Run cloudtune from a checkout: `git clone ...; pip install -e .`.")
+    dest = work_dir / "wheel"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="cloudtune-src-") as scratch:
+        source = Path(scratch)
+        skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (root / name).is_file():
+                shutil.copy2(root / name, source / name)
+        for name in ("cloudtune", "tasks"):
+            shutil.copytree(root / name, source / name, ignore=skip)
+        # Without build isolation pip needs no network, as long as setuptools is installed here.
+        isolation = [] if find_spec("setuptools") is None else ["--no-build-isolation"]
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation,
+                               "--wheel-dir", str(dest), str(source)], capture_output=True, text=True)
+    wheels = sorted(dest.glob("cloudtune-*.whl"))
+    if done.returncode != 0 or len(wheels) != 1:
+        raise CloudtuneError(f"building the cloudtune wheel from {root} failed:\n{done.stderr.strip()[-2000:]}",
+                             "Fix the packaging error above (pyproject.toml), then run again.")
+    return wheels[0]
