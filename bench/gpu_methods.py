@@ -49,13 +49,7 @@ def reload_difference(recipe_path: Path, out: Path) -> float:
     recipe = load_recipe(recipe_path)
     device = torch.device("cuda", 0)
     if recipe.uses_lora:
-        base = model_lib.load_base(recipe, device)
-        if recipe.method in ("qlora", "8bit"):
-            # training ran with norms upcast to fp32 by peft; reload with the same numerics
-            from peft import prepare_model_for_kbit_training
-
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        model = PeftModel.from_pretrained(base, str(out / "adapter"))
+        model = PeftModel.from_pretrained(model_lib.load_base(recipe, device), str(out / "adapter"))
     else:
         from transformers import AutoModelForCausalLM
 

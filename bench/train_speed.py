@@ -28,6 +28,8 @@ CLOUDTUNE_PROFILES = {
     "cloudtune-qlora": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096)),
     "cloudtune-qlora-nogc": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
                                                                  gradient_checkpointing="off")),
+    "cloudtune-qlora-nofuse": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                   gradient_checkpointing="off", fused_kernels="off")),
     "cloudtune-lora-nogc": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096,
                                                                gradient_checkpointing="off")),
     "cloudtune-lora": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096)),
@@ -67,7 +69,8 @@ def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int
     run = json.loads((out / "run.json").read_text())
     return dict(profile=profile, steps_measured=len(measured), seconds=round(seconds, 3), real_tokens=tokens,
                 real_tok_per_s=round(tokens / seconds, 1), peak_mem_gib=run["peak_gpu_gib"],
-                gradient_checkpointing=run["gradient_checkpointing"], trainable_params=run["trainable_params"],
+                gradient_checkpointing=run["gradient_checkpointing"], fused_kernels=run.get("fused_kernels"),
+                trainable_params=run["trainable_params"],
                 device=run["device"])
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from . import formats
 from .errors import CloudtuneError
-from .recipe import Recipe
+from .recipe import DatasetSpec, Recipe
 
 # Llama-family tokenizers average about 3.6 characters per token on English prose.
 CHARS_PER_TOKEN_ESTIMATE = 3.6
@@ -112,6 +112,26 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path} row {i}", row
 
 
+def render_rows(rows: Iterable[tuple[str, dict]], spec: DatasetSpec,
+                chat: formats.ChatRenderer) -> Iterator[tuple[str, list[formats.Segment]]]:
+    """Yield (format, prompt/answer pieces) per row; the first bad row raises an error naming it.
+
+    The CLI (counting) and the trainer (tokenizing) both go through here, so a row that passes
+    `cloudtune validate` is a row the trainer accepts.
+    """
+    fmt = spec.format
+    for where, row in rows:
+        try:
+            if fmt == "auto":
+                fmt = formats.detect_format(row, spec.columns)
+            pieces = formats.segments(row, fmt, spec.columns, chat)
+            formats.check_segments(pieces, fmt, spec.completions_only)
+        except formats.RowError as exc:
+            raise CloudtuneError(f"{where}: {exc}.",
+                                 "Fix that row, or map the right columns under dataset.columns.") from None
+        yield fmt, pieces
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -140,22 +160,12 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
                              tokens_exact=False, truncated_rows=0, longest_row_tokens=0,
                              tokenizer="checked on the training machine")
     count, exact, tokenizer_name = token_counter(recipe)
-    columns = recipe.dataset.columns
     fmt = recipe.dataset.format
     rows = tokens = truncated = longest = 0
     cap = recipe.training.max_seq_len
-    for where, row in iter_rows(file):
-        try:
-            if fmt == "auto":
-                fmt = formats.detect_format(row, columns)
-            prompt, answer = formats.render(row, fmt, columns, formats.fallback_chat)
-        except formats.RowError as exc:
-            raise CloudtuneError(f"{where}: {exc}.",
-                                 "Fix that row, or map the right columns under dataset.columns.") from None
-        if recipe.dataset.completions_only and not prompt:
-            raise CloudtuneError(f"{file}: dataset.completions_only needs a prompt/answer split, "
-                                 f"but format '{fmt}' has none.", "Use alpaca, chat or llama2-inst data.")
-        n = count(prompt + answer)
+    for detected, pieces in render_rows(iter_rows(file), recipe.dataset, formats.fallback_chat):
+        fmt = detected
+        n = count("".join(text for text, _trained in pieces))
         longest = max(longest, n)
         if n > cap:
             truncated += 1

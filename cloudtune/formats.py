@@ -1,10 +1,11 @@
-"""Dataset formats: detect which one a row is in, check it, and render it to (prompt, answer) text.
+"""Dataset formats: detect which one a row is in, check it, and render it to prompt/answer text pieces.
 
 Pure Python on purpose: the CLI checks and counts data with this before any GPU is rented, and the
 trainer renders with the very same functions, so what was counted is what gets trained.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,9 +59,46 @@ def _text(row: Mapping[str, Any], column: str, required: bool = True) -> str:
     return value
 
 
+LLAMA_PROMPT_END = "[/INST]"
+# The next turn of a multi-turn llama2-inst text starts at `[INST]`, optionally after a `<s>`.
+LLAMA_NEXT_TURN = re.compile(r"(?:<s>\s*)?\[INST\]")
+
+Segment = tuple[str, bool]
+"""A piece of a rendered document and whether it is an answer (trained on with completions_only)."""
+
+
 def _strip_llama_markers(text: str) -> str:
     # BOS/EOS come from the tokenizer; literal markers in the data would double them.
     return text.replace("<s>", "").replace("</s>", "").strip()
+
+
+def _llama_text_segments(text: str, column: str) -> list[Segment]:
+    """`<s>[INST] q1 [/INST] a1 </s><s>[INST] q2 [/INST] a2 </s>` -> prompt/answer segments per turn.
+
+    Only the outer `<s>`/`</s>` go (the tokenizer adds those); the inner ones stay, so the model
+    learns to end each answer and the next turn starts as it will at inference.
+    """
+    text = text.strip()
+    text = text[len("<s>"):].lstrip() if text.startswith("<s>") else text
+    text = text[: -len("</s>")].rstrip() if text.endswith("</s>") else text
+    if LLAMA_PROMPT_END not in text:
+        raise RowError(f"column '{column}' has no [INST] ... [/INST] prompt", column)
+    segments: list[Segment] = []
+    at = 0
+    while at < len(text):
+        end = text.find(LLAMA_PROMPT_END, at)
+        if end < 0:
+            raise RowError(f"column '{column}' has text after the last answer that is not an "
+                           f"[INST] ... [/INST] prompt", column)
+        prompt_end = end + len(LLAMA_PROMPT_END)
+        next_turn = LLAMA_NEXT_TURN.search(text, prompt_end)
+        answer_end = next_turn.start() if next_turn else len(text)
+        answer = text[prompt_end:answer_end]
+        if not _strip_llama_markers(answer):
+            raise RowError(f"column '{column}' has an [INST] prompt with an empty answer", column)
+        segments += [(text[at:prompt_end], False), (answer, True)]
+        at = answer_end
+    return segments
 
 
 def check_messages(row: Mapping[str, Any], column: str) -> list[dict]:
@@ -81,10 +119,33 @@ def check_messages(row: Mapping[str, Any], column: str) -> list[dict]:
 ChatRenderer = Callable[[list[dict], bool], str]
 
 
-def render(row: Mapping[str, Any], fmt: str, columns: ColumnMap, chat: ChatRenderer) -> tuple[str, str]:
-    """Return (prompt, answer). Training on completions only masks the prompt part."""
+def _chat_segments(messages: list[dict], chat: ChatRenderer) -> list[Segment]:
+    """Every assistant turn is an answer; everything the template puts around it is prompt.
+
+    Rendering the conversation up to each turn and taking differences needs a template whose output
+    for a shorter conversation is a prefix of the longer one. Templates that rewrite earlier turns
+    (e.g. dropping old reasoning) do not allow that: then the whole text is one unsplit segment.
+    """
+    segments: list[Segment] = []
+    done = ""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = chat(messages[:k], True) if k else done
+        full = chat(messages[: k + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            return [(chat(messages, False), True)]
+        if len(prompt) > len(done):
+            segments.append((prompt[len(done):], False))
+        segments.append((full[len(prompt):], True))
+        done = full
+    return segments
+
+
+def segments(row: Mapping[str, Any], fmt: str, columns: ColumnMap, chat: ChatRenderer) -> list[Segment]:
+    """Render one row to text, split into prompt and answer pieces (completions_only trains on answers)."""
     if fmt == "completion":
-        return "", _text(row, columns.text)
+        return [(_text(row, columns.text), True)]
     if fmt == "alpaca":
         instruction = _text(row, columns.instruction)
         context = _text(row, columns.input, required=False)
@@ -93,24 +154,47 @@ def render(row: Mapping[str, Any], fmt: str, columns: ColumnMap, chat: ChatRende
         prompt += f"### Instruction:\n{instruction}\n\n"
         if context:
             prompt += f"### Input:\n{context}\n\n"
-        return prompt + "### Response:\n", answer
+        return [(prompt + "### Response:\n", False), (answer, True)]
     if fmt == "llama2-inst":
         if columns.prompt in row and columns.response in row:
             prompt = _strip_llama_markers(_text(row, columns.prompt))
-            return f"[INST] {prompt} [/INST] ", _strip_llama_markers(_text(row, columns.response))
-        text = _strip_llama_markers(_text(row, columns.text))
-        if "[/INST]" not in text:
-            raise RowError(f"column '{columns.text}' has no [INST] ... [/INST] prompt", columns.text)
-        head, answer = text.split("[/INST]", 1)
-        return head + "[/INST] ", answer.strip()
+            answer = _strip_llama_markers(_text(row, columns.response))
+            if not answer:
+                raise RowError(f"column '{columns.response}' is empty", columns.response)
+            if not (prompt.startswith("[INST]") and prompt.endswith(LLAMA_PROMPT_END)):
+                prompt = f"[INST] {prompt} {LLAMA_PROMPT_END}"
+            return [(prompt, False), (f" {answer}", True)]
+        return _llama_text_segments(_text(row, columns.text), columns.text)
     if fmt == "chat":
         messages = check_messages(row, columns.messages)
-        prompt = chat(messages[:-1], True)
-        full = chat(messages, False)
-        if not full.startswith(prompt):
-            return "", full  # a template that rewrites history: fall back to training on everything
-        return prompt, full[len(prompt):]
+        try:
+            return _chat_segments(messages, chat)
+        except Exception as exc:  # noqa: BLE001 - a template's own error (e.g. roles must alternate) is row data
+            raise RowError(f"the chat template rejected column '{columns.messages}': {exc}", columns.messages) from None
     raise RowError(f"unknown format '{fmt}'")
+
+
+def check_segments(pieces: list[Segment], fmt: str, completions_only: bool) -> None:
+    """What training needs from a rendered row: some text to learn, and a prompt to mask if asked to."""
+    if not any(text.strip() for text, trained in pieces if trained):
+        raise RowError("the row has no answer text to train on")
+    if completions_only and all(trained for _text, trained in pieces):
+        if fmt == "chat":
+            raise RowError("dataset.completions_only: the tokenizer's chat template rewrites earlier turns, so "
+                           "answers cannot be told apart from prompts; set completions_only: false")
+        raise RowError(f"dataset.completions_only needs prompts and answers, but format '{fmt}' has only text; "
+                       "use alpaca, chat or llama2-inst data, or set completions_only: false")
+
+
+def prompt_only(fmt: str, text: str, chat: ChatRenderer) -> str:
+    """A user's prompt rendered the way the format renders prompts, ready for the model to answer."""
+    if fmt == "chat":
+        return chat([{"role": "user", "content": text}], True)
+    if fmt == "alpaca":
+        return segments({"instruction": text, "output": "-"}, fmt, ColumnMap(), chat)[0][0]
+    if fmt == "llama2-inst":
+        return f"[INST] {text.strip()} {LLAMA_PROMPT_END}"
+    return text
 
 
 def fallback_chat(messages: list[dict], add_generation_prompt: bool) -> str:

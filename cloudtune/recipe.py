@@ -67,7 +67,11 @@ class ColumnMap(Strict):
 
 class DatasetSpec(Strict):
     path: str | None = Field(None, description="local .jsonl/.json/.csv/.parquet file, relative to the recipe")
-    hub: str | None = Field(None, description="hub dataset id, loaded on the training machine")
+    hub: str | None = Field(None, description="hub dataset id (or anything datasets.load_dataset takes: a builder "
+                                              "such as json/csv/parquet with data_files, a directory), "
+                                              "loaded on the training machine")
+    data_files: str | list[str] | None = Field(
+        None, description="with hub: the files to load, as datasets.load_dataset's data_files (paths or globs)")
     subset: str | None = Field(None, description="hub dataset configuration name")
     split: str = Field("train", description="hub dataset split")
     format: Literal["auto", "completion", "alpaca", "chat", "llama2-inst"] = Field(
@@ -92,6 +96,8 @@ class TrainingSpec(Strict):
         "auto", description="auto: only when the batch would not fit in GPU memory")
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="attention kernel; auto picks the fastest that respects packing")
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger Triton kernels (norm, SwiGLU, RoPE, head+loss without logits) on GPUs")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="8-bit variants (bitsandbytes) save optimizer memory")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -333,6 +339,9 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     dataset = recipe.dataset
     if (dataset.path is None) == (dataset.hub is None):
         problems.append((("dataset",), "give exactly one of `path` (a local file) or `hub` (a hub dataset id)."))
+    elif dataset.data_files is not None and dataset.hub is None:
+        problems.append((("dataset", "data_files"), "data_files goes with `hub` (e.g. hub: json); "
+                                                    "for one local file use `path` instead."))
     elif dataset.path is not None:
         file = recipe.dataset_file()
         if not file.exists():

@@ -2,3 +2,10 @@
 
 The only package that imports torch, transformers, peft and bitsandbytes.
 """
+
+
+class Stopped(Exception):
+    """SIGTERM (a spot machine being reclaimed, `cloudtune down`) arrived; a checkpoint was saved."""
+
+    def __init__(self, step: int, saved):
+        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {saved} (continue with --resume)")

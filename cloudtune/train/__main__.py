@@ -7,8 +7,10 @@ from pathlib import Path
 
 from ..errors import CloudtuneError
 from ..recipe import load_recipe
+from . import Stopped
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 143  # 128 + SIGTERM, as if the signal had ended the process, but with a checkpoint saved
 
 
 def quiet_libraries() -> None:
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except CloudtuneError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except Stopped as exc:
+        print(str(exc), flush=True)
+        return EXIT_STOPPED
     return 0
 
 

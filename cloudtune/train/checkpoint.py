@@ -5,6 +5,7 @@ data order, so a recovered run trains what an uninterrupted one would have.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -14,6 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CloudtuneError
+from ..recipe import Recipe
+
+KEEP = 2  # the newest is enough to resume; one more in case the disk filled while writing it
+
 
 @dataclass
 class State:
@@ -21,13 +27,21 @@ class State:
     epoch: int = 0
     batch_in_epoch: int = 0
     tokens: int = 0
+    trained_tokens: int = 0
+    train_seconds: float = 0.0
+
+
+def training_fingerprint(recipe: Recipe) -> str:
+    """What must not change between a run and its resumption (outputs and compute may)."""
+    parts = recipe.model_dump(mode="json", include={"model", "method", "lora", "dataset", "training"})
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save(out: Path, model, optimizer, scheduler, state: State) -> Path:
+def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State) -> Path:
     root = out / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"step-{state.step:08d}"
@@ -39,21 +53,31 @@ def save(out: Path, model, optimizer, scheduler, state: State) -> Path:
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                partial / "state.pt")
-    (partial / "progress.json").write_text(json.dumps(asdict(state)))
+    (partial / "progress.json").write_text(json.dumps({**asdict(state), "recipe": training_fingerprint(recipe)}))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(partial, final)  # only complete checkpoints carry the step-N name
+    for old in complete(out)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-    return found[-1] if found else None
+def complete(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = out / "checkpoints"
+    return sorted(root.glob("step-*")) if root.is_dir() else []
 
 
-def restore_latest(out: Path, model, optimizer, scheduler) -> State | None:
-    path = latest(out)
-    if path is None:
+def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler) -> State | None:
+    found = complete(out)
+    if not found:
         return None
+    path = found[-1]
+    progress = json.loads((path / "progress.json").read_text())
+    made_by = progress.pop("recipe", None)
+    if made_by != training_fingerprint(recipe):
+        raise CloudtuneError(f"{path} was made with different model/method/lora/dataset/training settings, "
+                             "so resuming from it would not continue that run.",
+                             "Resume with the recipe the run started with, or train into a new --out directory.")
     saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -65,4 +89,19 @@ def restore_latest(out: Path, model, optimizer, scheduler) -> State | None:
     random.setstate(saved["rng"]["python"])
     if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-    return State(**json.loads((path / "progress.json").read_text()))
+    return State(**progress)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metric rows past `step`: a resumed run redoes those steps and writes them again."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # half a line from a process killed while writing it
+        if row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    path.write_text("".join(kept))

@@ -7,6 +7,8 @@ would teach nonsense.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import formats
-from ..datasets import iter_rows
+from ..datasets import iter_rows, render_rows
 from ..errors import CloudtuneError
 from ..recipe import Recipe
 
@@ -33,19 +35,27 @@ class Encoded:
 
 def load_rows(recipe: Recipe) -> list[tuple[str, dict]]:
     file = recipe.dataset_file()
-    if file is not None:
-        rows = list(iter_rows(file))
-    else:
-        from datasets import load_dataset
-
-        spec = recipe.dataset
-        dataset = load_dataset(spec.hub, spec.subset, split=spec.split)
-        rows = [(f"{spec.hub}[{i}]", dict(row)) for i, row in enumerate(dataset)]
+    rows = list(iter_rows(file)) if file is not None else _hub_rows(recipe)
     if recipe.dataset.max_rows:
         rows = rows[: recipe.dataset.max_rows]
     if not rows:
-        raise CloudtuneError("the dataset has no rows.", "Add training examples.")
+        where = file or f"dataset.hub '{recipe.dataset.hub}'"
+        raise CloudtuneError(f"{where}: the dataset has no rows.", "Add training examples.")
     return rows
+
+
+def _hub_rows(recipe: Recipe) -> list[tuple[str, dict]]:
+    from datasets import load_dataset
+
+    spec = recipe.dataset
+    try:
+        dataset = load_dataset(spec.hub, spec.subset, split=spec.split, data_files=spec.data_files)
+    except Exception as exc:  # noqa: BLE001 - unknown id, missing split, gated repo: all fixable in the recipe
+        raise CloudtuneError(f"dataset.hub '{spec.hub}' could not be loaded: {type(exc).__name__}: {exc}",
+                             "Check the id, subset, split and data_files; a gated or private dataset needs "
+                             "HF_TOKEN in secrets.") from None
+    name = spec.hub if spec.data_files is None else f"{spec.hub}:{spec.data_files}"
+    return [(f"{name} {spec.split} row {i}", dict(row)) for i, row in enumerate(dataset)]
 
 
 def chat_renderer(tokenizer) -> formats.ChatRenderer:
@@ -55,57 +65,84 @@ def chat_renderer(tokenizer) -> formats.ChatRenderer:
     return formats.fallback_chat
 
 
+def tokenize(tokenizer, pieces: list[formats.Segment]) -> tuple[list[int], list[bool]]:
+    """Token ids of a document with, per token, whether it belongs to an answer.
+
+    The text is tokenized in one piece, as it will be at inference; tokenizing prompt and answer
+    apart would change the tokens at the seam (SentencePiece adds a space to each start). A token
+    belongs to the piece holding its last character, so a token straddling the seam is an answer's.
+    BOS and EOS are added unless the text (e.g. a chat template) already carries them.
+    """
+    text = "".join(piece for piece, _ in pieces)
+    if tokenizer.is_fast:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoding["input_ids"])
+        ends = list(itertools.accumulate(len(piece) for piece, _ in pieces))
+        last = len(pieces) - 1
+        trained = [pieces[min(bisect.bisect_right(ends, max(end - 1, start)), last)][1]
+                   for start, end in encoding["offset_mapping"]]
+    else:  # slow tokenizers give no offsets: tokenize piece by piece
+        ids, trained = [], []
+        for piece, flag in pieces:
+            piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += piece_ids
+            trained += [flag] * len(piece_ids)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and ids[:1] != [bos]:
+        ids, trained = [bos] + ids, [False] + trained
+    if eos is not None and ids[-1:] != [eos]:
+        ids, trained = ids + [eos], trained + [pieces[-1][1]]
+    return ids, trained
+
+
 def encode(recipe: Recipe, tokenizer, rows: list[tuple[str, dict]]) -> Encoded:
-    columns = recipe.dataset.columns
-    fmt = recipe.dataset.format
-    if fmt == "auto":
-        fmt = formats.detect_format(rows[0][1], columns)
-    chat = chat_renderer(tokenizer)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id]
+    """Render, check and tokenize every row before any training; a bad row stops everything here."""
+    spec = recipe.dataset
     cap = recipe.training.max_seq_len
-    out = Encoded(examples=[], format=fmt)
-    for where, row in rows:
-        try:
-            prompt, answer = formats.render(row, fmt, columns, chat)
-        except formats.RowError as exc:
-            raise CloudtuneError(f"{where}: {exc}.", "Fix that row or map columns under dataset.columns.") from None
-        prompt_ids = bos + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + eos
-        ids = prompt_ids + answer_ids
-        if recipe.dataset.completions_only:
-            labels = [IGNORE] * len(prompt_ids) + answer_ids
-        else:
-            labels = list(ids)
+    out = Encoded(examples=[], format=spec.format)
+    answerless = 0
+    for fmt, pieces in render_rows(rows, spec, chat_renderer(tokenizer)):
+        out.format = fmt
+        ids, trained = tokenize(tokenizer, pieces)
+        labels = [i if keep or not spec.completions_only else IGNORE for i, keep in zip(ids, trained, strict=True)]
         if len(ids) > cap:
             out.truncated += 1
             ids, labels = ids[:cap], labels[:cap]
         labels[0] = IGNORE  # nothing predicts a document's first token
-        out.trained_tokens += sum(1 for label in labels if label != IGNORE)
+        n_trained = sum(1 for label in labels if label != IGNORE)
+        answerless += n_trained == 0
+        out.trained_tokens += n_trained
         out.examples.append((ids, labels))
     out.rows = len(out.examples)
+    if out.trained_tokens == 0:
+        raise CloudtuneError(f"no row has an answer token within max_seq_len={cap}: nothing would be trained.",
+                             "Raise training.max_seq_len, or shorten the prompts.")
     if out.truncated:
         out.notes.append(f"{out.truncated} of {out.rows} rows were longer than max_seq_len={cap} and were truncated")
+    if answerless:
+        out.notes.append(f"{answerless} rows have no answer tokens left within max_seq_len={cap}: "
+                         "they cost compute and teach nothing (raise max_seq_len or shorten the prompts)")
     return out
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: group document indices into rows of at most `capacity` tokens.
+    """Best-fit decreasing: group document indices into rows of at most `capacity` tokens.
 
-    Deterministic for a given dataset, so every epoch (and a resumed run) has the same row count.
+    Deterministic for a given dataset, so every epoch (and a resumed run) has the same rows.
+    O(n log n) with a sorted list of free room, so a million documents pack in seconds.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     bins: list[list[int]] = []
-    room: list[int] = []
+    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
     for i in order:
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
+        at = bisect.bisect_left(free, (lengths[i], -1))
+        if at < len(free):
+            room, b = free.pop(at)
+            bins[b].append(i)
         else:
+            room, b = capacity, len(bins)
             bins.append([i])
-            room.append(capacity - lengths[i])
+        bisect.insort(free, (room - lengths[i], b))
     return bins
 
 
@@ -127,20 +164,21 @@ class Batcher:
     def __len__(self) -> int:
         return -(-len(self.rows) // self.micro_batch_size)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """(batch, real tokens in it) for each micro-batch of `epoch`, from batch index `start` on."""
         order = list(range(len(self.rows)))
         random.Random(self.seed * 1000003 + epoch).shuffle(order)
         for b in range(start, len(self)):
             picked = [self.rows[i] for i in order[b * self.micro_batch_size:(b + 1) * self.micro_batch_size]]
             yield self.collate(picked)
 
-    def collate(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[list[int]]) -> tuple[dict[str, torch.Tensor], int]:
         examples = self.encoded.examples
-        width = max(sum(len(examples[i][0]) for i in row) for row in rows)
+        lengths = [sum(len(examples[i][0]) for i in row) for row in rows]
+        width = max(lengths)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
             at = 0
             for i in row:
@@ -149,11 +187,11 @@ class Batcher:
                 input_ids[r, at:at + n] = torch.tensor(ids)
                 labels[r, at:at + n] = torch.tensor(labs)
                 position_ids[r, at:at + n] = torch.arange(n)
-                attention_mask[r, at:at + n] = 1
                 at += n
-            # padding continues the positions so it reads as one more (ignored) document
+            # padding restarts the positions, so it reads as one more (ignored) document
             position_ids[r, at:] = torch.arange(width - at)
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if not self.packing:
-            batch["attention_mask"] = attention_mask
-        return batch
+            # one document per row: a plain padding mask (the packed form needs no mask at all)
+            batch["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+        return batch, sum(lengths)

@@ -18,20 +18,23 @@ from .data import Encoded, chat_renderer
 PROBE_TOKENS = 64
 
 
-def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Encoded, state, train_seconds: float,
-           wall_seconds: float, final_loss: float, gradient_checkpointing: bool, trainable: int) -> dict:
+def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Encoded, state, wall_seconds: float,
+           epochs: float, final_loss: float, gradient_checkpointing: bool, fused_kernels: bool, trainable: int,
+           base_samples: list[str]) -> dict:
     model.eval()
     weights_dir = out / ("adapter" if recipe.uses_lora else "model")
     model.save_pretrained(weights_dir)
     tokenizer.save_pretrained(weights_dir)
     save_probe(model, encoded, out, device)
     if recipe.outputs.samples:
-        write_samples(recipe, model, tokenizer, encoded.format, out, device)
+        tuned = generate_samples(recipe, model, tokenizer, encoded.format, device)
+        with (out / "samples.jsonl").open("w") as handle:
+            for prompt, after, before in zip(recipe.outputs.samples, tuned, base_samples, strict=True):
+                handle.write(json.dumps({"prompt": prompt, "tuned": after, "base": before}) + "\n")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    del model
     gc.collect()
     if recipe.outputs.merge and recipe.uses_lora:
-        merge(recipe, weights_dir, out / "merged", device)
+        merge(recipe, weights_dir, out / "merged")
     summary = {
         "cloudtune": __version__,
         "recipe_hash": recipe.fingerprint(),
@@ -39,25 +42,31 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "method": recipe.method,
         "model": recipe.model.name or f"init:{recipe.model.init}",
         "weights_dir": weights_dir.name,
+        "merged_dir": "merged" if (out / "merged").is_dir() else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "gpu_count": torch.cuda.device_count() if device.type == "cuda" else 0,
         "image_digest": os.environ.get("CLOUDTUNE_IMAGE_DIGEST"),
         "versions": _versions(),
+        "format": encoded.format,
         "rows": encoded.rows,
         "truncated_rows": encoded.truncated,
         "steps": state.step,
+        "epochs": round(epochs, 3),
         "tokens": state.tokens,
-        "train_seconds": round(train_seconds, 3),
+        "trained_tokens": state.trained_tokens,
+        "train_seconds": round(state.train_seconds, 3),
         "wall_seconds": round(wall_seconds, 3),
-        "tokens_per_s": round(state.tokens / train_seconds, 1) if train_seconds else 0.0,
+        "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else 0.0,
         "final_loss": final_loss,
         "peak_gpu_gib": round(peak, 2) if peak is not None else None,
         "gradient_checkpointing": gradient_checkpointing,
+        "fused_kernels": fused_kernels,
+        "attention": recipe.training.attention,
         "trainable_params": trainable,
     }
-    (out / "run.json").write_text(json.dumps(summary, indent=1))
     if recipe.outputs.push_to_hub:
-        push(recipe, out)
+        summary["push_to_hub"] = push(recipe, out)
+    (out / "run.json").write_text(json.dumps(summary, indent=1))
     write_manifest(out)
     return summary
 
@@ -80,55 +89,42 @@ def save_probe(model, encoded: Encoded, out: Path, device) -> None:
     save_file({"input_ids": ids.cpu(), "logits": logits.contiguous()}, str(out / "probe.safetensors"))
 
 
-def sample_prompt(fmt: str, text: str, tokenizer) -> str:
-    if fmt == "chat":
-        return chat_renderer(tokenizer)([{"role": "user", "content": text}], True)
-    if fmt == "alpaca":
-        prompt, _ = formats.render({"instruction": text, "output": "-"}, "alpaca", formats.ColumnMap(),
-                                   formats.fallback_chat)
-        return prompt
-    if fmt == "llama2-inst":
-        return f"[INST] {text} [/INST] "
-    return text
-
-
-def write_samples(recipe: Recipe, model, tokenizer, fmt: str, out: Path, device) -> None:
-    """Generate from the trained model and, for LoRA, from the base beside it (adapter switched off)."""
-    model.config.use_cache = True
-    rows = []
-    for text in recipe.outputs.samples:
-        prompt = sample_prompt(fmt, text, tokenizer)
-        row = {"prompt": text, "tuned": _generate(model, tokenizer, prompt, recipe, device), "base": None}
-        if recipe.uses_lora:
-            with model.disable_adapter():
-                row["base"] = _generate(model, tokenizer, prompt, recipe, device)
-        rows.append(row)
-    model.config.use_cache = False
-    with (out / "samples.jsonl").open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+def generate_samples(recipe: Recipe, model, tokenizer, fmt: str, device) -> list[str]:
+    """Greedy generations for outputs.samples, each prompt rendered the way the training data was."""
+    if not recipe.outputs.samples:
+        return []
+    was_training = model.training
+    model.eval()
+    chat = chat_renderer(tokenizer)
+    texts = [_generate(model, tokenizer, formats.prompt_only(fmt, prompt, chat), recipe, device)
+             for prompt in recipe.outputs.samples]
+    model.train(was_training)
+    return texts
 
 
 def _generate(model, tokenizer, prompt: str, recipe: Recipe, device) -> str:
-    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids += tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
     inputs = torch.tensor([ids], device=device)
     with torch.no_grad():
         generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
-                                   max_new_tokens=recipe.outputs.sample_max_new_tokens,
+                                   max_new_tokens=recipe.outputs.sample_max_new_tokens, use_cache=True,
                                    pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
 
 
-def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path, device) -> None:
-    """Merge into an unquantised copy of the base, saved in the base's compute dtype.
+def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path) -> None:
+    """Merge the adapter into a fresh, unquantised copy of the base, saved in the base's own dtype.
 
-    Merging into a 4-bit base would bake rounding errors in; reloading the base unquantised is exact.
+    On the host, not the GPU: a 7B base in bf16 needs 14 GB that the GPU may not have beside the
+    trained model. For qlora/8bit this merges into the full-precision base, which is what the
+    adapter is loaded onto at inference too; it is not bit-identical to the quantised training model.
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_lib.model_source(recipe), dtype=model_lib.compute_dtype(device),
+    base = AutoModelForCausalLM.from_pretrained(model_lib.model_source(recipe), dtype="auto",
                                                 revision=recipe.model.revision,
                                                 trust_remote_code=recipe.model.trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -136,14 +132,20 @@ def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path, device) -> None:
     model_lib.load_tokenizer(recipe).save_pretrained(merged_dir)
 
 
-def push(recipe: Recipe, out: Path) -> None:
+def push(recipe: Recipe, out: Path) -> dict:
+    """Upload the adapter (and merged model); a failure is reported, not raised, so the outputs still come home."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=os.environ.get("HF_TOKEN"))
     repo = recipe.outputs.push_to_hub
-    api.create_repo(repo, private=True, exist_ok=True)
-    weights = out / ("adapter" if recipe.uses_lora else "model")
-    api.upload_folder(repo_id=repo, folder_path=str(weights), commit_message=f"cloudtune {recipe.run_name}")
-    if (out / "merged").is_dir():
-        api.upload_folder(repo_id=repo, folder_path=str(out / "merged"), path_in_repo="merged")
+    try:
+        api = HfApi(token=os.environ.get("HF_TOKEN"))
+        api.create_repo(repo, private=True, exist_ok=True)
+        weights = out / ("adapter" if recipe.uses_lora else "model")
+        api.upload_folder(repo_id=repo, folder_path=str(weights), commit_message=f"cloudtune {recipe.run_name}")
+        if (out / "merged").is_dir():
+            api.upload_folder(repo_id=repo, folder_path=str(out / "merged"), path_in_repo="merged")
+    except Exception as exc:  # noqa: BLE001 - network, permissions, quota: the run's outputs matter more
+        print(f"warning: push to hub {repo} failed: {type(exc).__name__}: {exc}", flush=True)
+        return {"repo": repo, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
     print(f"pushed to hub: {repo}", flush=True)
+    return {"repo": repo, "ok": True}

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..errors import CloudtuneError
 from ..memory import ModelShape, needs_checkpointing
 from ..recipe import Recipe
-from . import checkpoint, export, tracking
+from . import Stopped, checkpoint, export, tracking
 from . import model as model_lib
-from .data import Batcher, encode, load_rows
+from .data import IGNORE, Batcher, encode, load_rows
 
 
 def pick_device() -> torch.device:
@@ -24,6 +29,16 @@ def pick_device() -> torch.device:
 
 def say(message: str) -> None:
     print(message, flush=True)
+
+
+def preflight(recipe: Recipe, device: torch.device) -> None:
+    """Problems that would otherwise surface after the data or the model is loaded, or after training."""
+    if recipe.method in ("qlora", "8bit") and device.type != "cuda":
+        raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
+                             "Run it on a GPU backend, or use method lora/full on this machine.")
+    if recipe.outputs.push_to_hub and not os.environ.get("HF_TOKEN"):
+        raise CloudtuneError(f"outputs.push_to_hub '{recipe.outputs.push_to_hub}' needs HF_TOKEN in the environment.",
+                             "Add HF_TOKEN to the recipe's secrets and set it where you run cloudtune.")
 
 
 def use_checkpointing(recipe: Recipe, config, device: torch.device) -> bool:
@@ -44,6 +59,8 @@ def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: tor
                                  fused=device.type == "cuda")
     import bitsandbytes as bnb
 
+    # Paged: optimizer states live in CUDA unified memory and spill to host RAM under pressure,
+    # which absorbs the memory spikes of long packed rows instead of failing with out-of-memory.
     cls = bnb.optim.AdamW8bit if spec.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     return cls(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
@@ -61,9 +78,13 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
 
     started = time.time()
     spec = recipe.training
+    device = pick_device()
+    preflight(recipe, device)
+    if not resume and checkpoint.complete(out):
+        raise CloudtuneError(f"{out} holds checkpoints of an earlier run.",
+                             "Pass --resume to continue it, or train into another --out directory.")
     out.mkdir(parents=True, exist_ok=True)
     set_seed(spec.seed)
-    device = pick_device()
     say(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
 
     tokenizer = model_lib.load_tokenizer(recipe)
@@ -75,10 +96,13 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     base = model_lib.load_base(recipe, device)
     checkpointing = use_checkpointing(recipe, base.config, device)
     model = model_lib.prepare_for_training(recipe, base, checkpointing)
+    fused = model_lib.apply_fused_kernels(recipe, model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     say(f"model: {model_lib.model_source(recipe)} method {recipe.method}, {n_trainable:,} trainable parameters, "
-        f"gradient checkpointing {'on' if checkpointing else 'off'}")
+        f"gradient checkpointing {'on' if checkpointing else 'off'}, fused kernels {'on' if fused else 'off'}")
+    # Before any step, the model is the base (a fresh LoRA adds zero), so these are the "before" samples.
+    base_samples = export.generate_samples(recipe, model, tokenizer, encoded.format, device)
 
     batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed,
                       tokenizer.pad_token_id)
@@ -88,10 +112,12 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                               num_training_steps=steps)
     state = checkpoint.State()
     if resume:
-        state = checkpoint.restore_latest(out, model, optimizer, scheduler) or state
-        if state.step:
-            say(f"resumed from step {state.step}")
-    tracker = tracking.open_tracker(recipe, out)
+        restored = checkpoint.restore_latest(out, recipe, model, optimizer, scheduler)
+        state = restored or state
+        say(f"resumed from step {state.step}" if restored else "resume: no checkpoint yet, starting from step 0")
+    metrics_path = out / "metrics.jsonl"
+    checkpoint.trim_metrics(metrics_path, state.step)
+    tracker = tracking.open_tracker(recipe, out, state.step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -99,59 +125,91 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
         f"(≤{spec.max_seq_len} tokens each), {len(batcher)} micro-batches per epoch")
     model.train()
     stream = _micro_batches(batcher, state)
-    metrics_file = (out / "metrics.jsonl").open("a")
-    train_seconds = 0.0
     print_every = max(1, steps // 50)  # every step stays in metrics.jsonl; the terminal gets ~50 lines
-    last_loss = float("nan")
-    while state.step < steps:
-        t0 = time.perf_counter()
-        group = [next(stream) for _ in range(spec.gradient_accumulation)]
-        n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-        loss_sum = 0.0
-        for batch in group:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
-            loss.backward()
-            loss_sum += loss.detach().float().item()
-        grad_norm = None
-        if spec.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        state.step += 1
-        state.tokens += n_items
-        last_loss = loss_sum
-        row = dict(step=state.step, loss=round(loss_sum, 5), lr=scheduler.get_last_lr()[0], tokens=state.tokens,
-                   step_tokens=n_items, tokens_per_s=round(n_items / dt, 1), grad_norm=grad_norm,
-                   seconds=round(train_seconds, 3))
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        tracker.log(row)
-        if state.step % print_every == 0 or state.step in (1, steps):
-            say(f"step {state.step}/{steps} loss {loss_sum:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f}")
-        if spec.checkpoint_steps and state.step % spec.checkpoint_steps == 0 and state.step < steps:
-            checkpoint.save(out, model, optimizer, scheduler, state)
-    metrics_file.close()
-    tracker.close()
+    last_loss = float("nan")  # a resumed run that is already complete trains no step
+    with metrics_path.open("a") as metrics_file, _sigterm_flag() as stop_requested:
+        try:
+            while state.step < steps:
+                t0 = time.perf_counter()
+                group = [next(stream) for _ in range(spec.gradient_accumulation)]
+                last_loss, n_items, grad_norm = train_step(model, group, optimizer, scheduler, trainable,
+                                                           spec.max_grad_norm, device)
+                dt = time.perf_counter() - t0
+                step_tokens = sum(tokens for _, tokens in group)
+                state.step += 1
+                state.tokens += step_tokens
+                state.trained_tokens += n_items
+                state.train_seconds += dt
+                row = dict(step=state.step, loss=round(last_loss, 5), lr=scheduler.get_last_lr()[0],
+                           tokens=state.tokens, step_tokens=step_tokens, trained_tokens=n_items,
+                           tokens_per_s=round(step_tokens / dt, 1), grad_norm=grad_norm,
+                           seconds=round(state.train_seconds, 3))
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                tracker.log(row)
+                if state.step % print_every == 0 or state.step in (1, steps):
+                    say(f"step {state.step}/{steps} loss {last_loss:.4f} lr {row['lr']:.2e} "
+                        f"tok/s {row['tokens_per_s']:.0f}")
+                due = bool(spec.checkpoint_steps) and state.step % spec.checkpoint_steps == 0
+                if state.step < steps and (due or stop_requested()):
+                    saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state)
+                    if stop_requested():
+                        raise Stopped(state.step, saved)
+        finally:
+            tracker.close()
 
     summary = export.finish(recipe, model, tokenizer, out, device=device, encoded=encoded, state=state,
-                            train_seconds=train_seconds, wall_seconds=time.time() - started,
-                            final_loss=last_loss, gradient_checkpointing=checkpointing, trainable=n_trainable)
-    say(f"done: {state.tokens} tokens in {train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
+                            wall_seconds=time.time() - started,
+                            epochs=state.epoch + state.batch_in_epoch / len(batcher), final_loss=last_loss,
+                            gradient_checkpointing=checkpointing, fused_kernels=fused, trainable=n_trainable,
+                            base_samples=base_samples)
+    say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary
+
+
+def train_step(model, group: list, optimizer, scheduler, trainable: list, max_grad_norm: float | None,
+               device: torch.device) -> tuple[float, int, float | None]:
+    """One optimizer step over a group of micro-batches; returns (loss, trained tokens, grad norm).
+
+    The loss is the mean over every trained token of the step, however they fall into micro-batches:
+    each micro-batch's summed token loss is divided by the whole step's token count.
+    """
+    n_items = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch, _ in group)
+    loss_sum = 0.0
+    for batch, _tokens in group:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
+        loss.backward()
+        loss_sum += loss.detach().float().item()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)) if max_grad_norm else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # so the step's time is the GPU's, not just the launch queue's
+    return loss_sum, n_items, grad_norm
+
+
+@contextmanager
+def _sigterm_flag():
+    """While training, SIGTERM asks for a checkpoint at the end of the current step instead of dying mid-write."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _micro_batches(batcher: Batcher, state: checkpoint.State):
     """Endless stream over epochs that continues exactly where a resumed run stopped."""
     while True:
-        for batch in batcher.epoch(state.epoch, start=state.batch_in_epoch):
+        for item in batcher.epoch(state.epoch, start=state.batch_in_epoch):
             state.batch_in_epoch += 1
-            yield batch
+            yield item
         state.epoch += 1
         state.batch_in_epoch = 0

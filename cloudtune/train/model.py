@@ -93,19 +93,17 @@ def load_tokenizer(recipe: Recipe):
 def load_base(recipe: Recipe, device: torch.device):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantized = recipe.method in ("qlora", "8bit")
-    if quantized and device.type != "cuda":
-        raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
-                             "Run it on a GPU backend, or use method lora/full on this machine.")
     dtype = compute_dtype(device)
     attention = recipe.training.attention
     kwargs: dict = dict(dtype=dtype, revision=recipe.model.revision,
                         attn_implementation="sdpa" if attention == "auto" else attention,
                         trust_remote_code=recipe.model.trust_remote_code)
     if recipe.method == "qlora":
+        # The QLoRA recipe: nf4 with double quantisation, matmuls in bf16. The packed 4-bit weights keep
+        # the default uint8 storage; a float storage dtype only matters for FSDP sharding.
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+            bnb_4bit_compute_dtype=dtype)
     elif recipe.method == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if device.type == "cuda":
@@ -124,15 +122,33 @@ def lora_config(recipe: Recipe):
                       use_dora=spec.use_dora, use_rslora=spec.use_rslora)
 
 
-def prepare_for_training(recipe: Recipe, model, gradient_checkpointing: bool):
-    if recipe.method in ("qlora", "8bit"):
-        from peft import prepare_model_for_kbit_training
+def apply_fused_kernels(recipe: Recipe, model, device: torch.device) -> bool:
+    """Swap in Liger's Triton kernels; the fused head + loss never materialises the logits.
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if recipe.uses_lora:
-            model.enable_input_require_grads()
+    On by default on a GPU when liger-kernel is installed; the tokens/s it buys are in bench/results.
+    """
+    choice = recipe.training.fused_kernels
+    if choice == "off" or device.type != "cuda":
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    except ImportError:
+        if choice == "on":
+            raise CloudtuneError("training.fused_kernels: on needs the liger-kernel package.",
+                                 "pip install liger-kernel, or set fused_kernels: auto.") from None
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    return True
+
+
+def prepare_for_training(recipe: Recipe, model, gradient_checkpointing: bool):
+    # Non-reentrant checkpointing handles frozen inputs itself, so no input-grad hooks are needed.
+    checkpoint_kwargs = {"use_reentrant": False}
+    # Quantised bases stay in bf16 around the 4/8-bit weights, and get_peft_model freezes the base.
+    # peft's prepare_model_for_kbit_training would upcast norms, embeddings and the 32k-wide head to
+    # fp32: the head matmul then runs without tensor cores and the residual stream doubles in size.
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     if recipe.uses_lora:
         from peft import get_peft_model
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import CloudtuneError
 from ..recipe import Recipe
 
 
@@ -15,10 +16,11 @@ class Tracker:
 
 
 class TensorBoard(Tracker):
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(logdir))
+        # purge_step hides events a killed run wrote after its last checkpoint; the resumed run rewrites them.
+        self.writer = SummaryWriter(log_dir=str(logdir), purge_step=start_step + 1 if start_step else None)
 
     def log(self, row: dict) -> None:
         for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
@@ -33,8 +35,16 @@ class WandB(Tracker):
     def __init__(self, recipe: Recipe, out: Path):
         import wandb
 
-        self.run = wandb.init(project=recipe.tracking.project or "cloudtune", name=recipe.run_name,
-                              dir=str(out), config=recipe.model_dump(mode="json"))
+        # A resumed run continues the same W&B run instead of starting a second one.
+        id_file = out / "wandb-run-id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        try:
+            self.run = wandb.init(project=recipe.tracking.project or "cloudtune", name=recipe.run_name, id=run_id,
+                                  resume="allow", dir=str(out), config=recipe.model_dump(mode="json"))
+        except Exception as exc:  # noqa: BLE001 - no key, no network: say what to set instead of a traceback
+            raise CloudtuneError(f"tracking: W&B could not start a run ({type(exc).__name__}: {exc}).",
+                                 "Add WANDB_API_KEY to the recipe's secrets, or set WANDB_MODE=offline.") from None
 
     def log(self, row: dict) -> None:
         self.run.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
@@ -43,10 +53,10 @@ class WandB(Tracker):
         self.run.finish()
 
 
-def open_tracker(recipe: Recipe, out: Path) -> Tracker:
+def open_tracker(recipe: Recipe, out: Path, start_step: int = 0) -> Tracker:
     service = recipe.tracking.service
     if service == "tensorboard":
-        return TensorBoard(out / "tensorboard")
+        return TensorBoard(out / "tensorboard", start_step)
     if service == "wandb":
         return WandB(recipe, out)
     return Tracker()

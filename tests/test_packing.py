@@ -1,0 +1,75 @@
+"""Packed rows do not attend across documents: each document's logits in a packed batch equal its
+logits when run alone, and the packed loss equals the loss over the documents one by one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloudtune.recipe import Recipe
+from cloudtune.train import model as model_lib
+from cloudtune.train.data import IGNORE, Batcher, Encoded
+
+LENGTHS = [(37, 12, 50), (23, 61)]  # documents per packed row; the second row is padded to the first's width
+
+
+@pytest.fixture(scope="module")
+def tiny_model(shared_home, tmp_path_factory):
+    home = tmp_path_factory.mktemp("packing-home")
+    (home / "models").symlink_to(shared_home, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLOUDTUNE_HOME", str(home))
+        recipe = Recipe.model_validate({"model": {"init": "tiny-llama"}, "dataset": {"hub": "unused"}})
+        return model_lib.load_base(recipe, torch.device("cpu")).eval()
+
+
+def documents() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [[1] + torch.randint(3, 259, (n - 1,), generator=generator).tolist() for row in LENGTHS for n in row]
+
+
+def packed_batch(docs: list[list[int]]) -> dict[str, torch.Tensor]:
+    encoded = Encoded(examples=[(ids, [IGNORE] + ids[1:]) for ids in docs], format="completion")
+    batcher = Batcher(encoded, micro_batch_size=2, max_seq_len=128, packing=True, seed=0, pad_id=2)
+    rows, at = [], 0
+    for row in LENGTHS:
+        rows.append(list(range(at, at + len(row))))
+        at += len(row)
+    batch, tokens = batcher.collate(rows)
+    assert tokens == sum(map(len, docs))
+    return batch
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_documents_do_not_see_each_other(tiny_model, attention):
+    tiny_model.set_attn_implementation(attention)
+    docs = documents()
+    batch = packed_batch(docs)
+    assert "attention_mask" not in batch  # the boundaries come from the position ids alone
+    with torch.no_grad():
+        packed = tiny_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        at, d = 0, 0
+        for r, row in enumerate(LENGTHS):
+            at = 0
+            for n in row:
+                alone = tiny_model(input_ids=torch.tensor([docs[d]])).logits[0]
+                torch.testing.assert_close(packed[r, at:at + n], alone, atol=2e-5, rtol=1e-4)
+                at, d = at + n, d + 1
+
+        # The check can fail: without the position restarts, later documents see earlier ones.
+        leaky_positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+        leaky = tiny_model(input_ids=batch["input_ids"], position_ids=leaky_positions).logits
+        second = tiny_model(input_ids=torch.tensor([docs[1]])).logits[0]
+        assert (leaky[0, 37:37 + 12] - second).abs().max() > 1e-2
+    tiny_model.set_attn_implementation("sdpa")
+
+
+def test_packed_loss_is_the_token_mean_over_documents(tiny_model):
+    docs = documents()
+    batch = packed_batch(docs)
+    n_items = int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert n_items == sum(len(doc) - 1 for doc in docs), "only each document's own next tokens carry a loss"
+    with torch.no_grad():
+        packed_loss = tiny_model(**batch, num_items_in_batch=n_items).loss
+        total = sum(tiny_model(input_ids=torch.tensor([doc]), labels=torch.tensor([doc])).loss * (len(doc) - 1)
+                    for doc in docs)
+    torch.testing.assert_close(packed_loss, total / n_items, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,298 @@
+"""The training entrypoint end to end on the tiny model: methods, outputs, trackers, resume, errors.
+
+Runs `cloudtune.train.loop.train` in-process where the process itself is not the point (a Python
+start with torch costs ~4 s); the exit codes and the kill/resume cases use the real
+`python -m cloudtune.train`.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cloudtune.errors import CloudtuneError
+from cloudtune.recipe import load_recipe
+from cloudtune.train.__main__ import main as train_main
+from cloudtune.train.loop import train
+from cloudtune.train.model import tiny_llama_dir
+from cloudtune.train.verify import max_logit_difference
+
+PROBLEMS = [(a, b) for a in range(2, 10) for b in range(2, 10)]
+ALPACA = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a + b}"} for a, b in PROBLEMS]
+CHAT = [{"messages": [{"role": "user", "content": f"{a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]}
+        for a, b in PROBLEMS]
+LLAMA = [{"text": f"<s>[INST] {a} plus {b}? [/INST] {a + b} </s>"} for a, b in PROBLEMS]
+
+
+def make_recipe(folder: Path, rows: list[dict], **sections) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    training = {"max_steps": 40, "learning_rate": 0.01, "micro_batch_size": 4, "max_seq_len": 256, "warmup_ratio": 0.1,
+                "seed": 7, **sections.pop("training", {})}
+    data = {"name": "t", "model": {"init": "tiny-llama"}, "method": sections.pop("method", "lora"),
+            "dataset": {"path": "data.jsonl", **sections.pop("dataset", {})}, "training": training, **sections}
+    if data["method"] != "full":
+        data.setdefault("lora", {"r": 8, "alpha": 16, "dropout": 0.0})
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(recipe_path: Path, out: Path, resume: bool = False) -> dict:
+    return train(load_recipe(recipe_path), out, resume=resume)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_learned(out: Path) -> None:
+    losses = [row["loss"] for row in metrics(out)]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:3]) / 3, f"loss did not go down: {losses}"
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# methods and outputs
+
+
+def test_lora_completions_only_with_truncation_samples_and_tensorboard(tmp_path, capsys):
+    rows = ALPACA + [{"instruction": "long " * 60, "input": "", "output": "x"}]
+    recipe = make_recipe(tmp_path, rows, dataset={"completions_only": True}, tracking="tensorboard",
+                         training={"max_seq_len": 200},  # the long row is cut before its answer
+                         outputs={"samples": ["What is 3 plus 4?", "What is 9 plus 9?"], "sample_max_new_tokens": 8})
+    out = tmp_path / "out"
+    summary = run(recipe, out)
+    log = capsys.readouterr().out
+    assert "note: 1 of 65 rows were longer than max_seq_len=200 and were truncated" in log
+    assert "note: 1 rows have no answer tokens left" in log
+    assert summary["truncated_rows"] == json.loads((out / "run.json").read_text())["truncated_rows"] == 1
+    assert summary["format"] == "alpaca" and summary["steps"] == 40
+    assert 0 < summary["trained_tokens"] < summary["tokens"] / 10, "completions only: prompts carry no loss"
+    assert summary["tokens_per_s"] > 0 and summary["peak_gpu_gib"] is None
+    assert_learned(out)
+    assert max_logit_difference(out, str(tiny_llama_dir())) < 1e-4
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["What is 3 plus 4?", "What is 9 plus 9?"]
+    assert all(isinstance(s["tuned"], str) and isinstance(s["base"], str) for s in samples)
+    assert any(s["tuned"] != s["base"] for s in samples), "training changed nothing the samples can show"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    accumulator = EventAccumulator(str(out / "tensorboard"))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == list(range(1, 41))
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"adapter/adapter_model.safetensors", "run.json", "samples.jsonl", "probe.safetensors"} <= set(files)
+    assert any(name.startswith("tensorboard/") for name in files)
+
+
+def test_full_fine_tune_saves_a_model_that_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = make_recipe(tmp_path, CHAT, method="full", training={"learning_rate": 0.003, "optimizer": "adamw_8bit"},
+                         outputs={"samples": ["2 plus 2?"], "sample_max_new_tokens": 4})
+    out = tmp_path / "out"
+    summary = run(recipe, out)
+    assert summary["weights_dir"] == "model" and summary["format"] == "chat"
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir())
+    assert summary["trainable_params"] == sum(p.numel() for p in base.parameters())
+    assert_learned(out)
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    assert max_logit_difference(out, str(tiny_llama_dir())) < 1e-4
+    sample, = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert isinstance(sample["base"], str) and isinstance(sample["tuned"], str)
+
+
+def test_dora_rslora_merge_and_offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    recipe = make_recipe(tmp_path, LLAMA, lora={"r": 4, "alpha": 8, "dropout": 0.0, "use_dora": True,
+                                                "use_rslora": True, "target_modules": ["q_proj", "v_proj"]},
+                         tracking={"service": "wandb", "project": "ct-test"}, outputs={"merge": True},
+                         training={"max_steps": 12})
+    out = tmp_path / "out"
+    summary = run(recipe, out)
+    assert summary["format"] == "llama2-inst" and summary["merged_dir"] == "merged"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert max_logit_difference(out, str(tiny_llama_dir())) < 1e-4
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = load_file(str(out / "probe.safetensors"))["input_ids"]
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir()), str(out / "adapter"))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir())(input_ids=ids).logits
+    assert (base - adapted(input_ids=ids).logits).abs().max() > 1e-3, "the adapter must change the model"
+
+    run_dirs = list((out / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1, list((out / "wandb").iterdir())
+    assert list(run_dirs[0].glob("run-*.wandb")), "W&B wrote no run file"
+    assert (out / "wandb-run-id").read_text() in run_dirs[0].name
+
+
+def test_gradient_checkpointing_changes_nothing_and_seeds_decide_everything(tmp_path):
+    def losses_and_adapter(name: str, **training) -> tuple[list[float], dict, dict]:
+        recipe = make_recipe(tmp_path / name, ALPACA, lora={"r": 8, "alpha": 16, "dropout": 0.1},
+                             training={"max_steps": 8, **training})
+        summary = run(recipe, tmp_path / name / "out")
+        out = tmp_path / name / "out"
+        return [row["loss"] for row in metrics(out)], weights(out / "adapter" / "adapter_model.safetensors"), summary
+
+    off, off_weights, off_summary = losses_and_adapter("off", gradient_checkpointing="off")
+    on, on_weights, on_summary = losses_and_adapter("on", gradient_checkpointing="on")
+    auto, auto_weights, auto_summary = losses_and_adapter("auto", gradient_checkpointing="auto")
+    other, other_weights, _ = losses_and_adapter("seed", gradient_checkpointing="off", seed=8)
+    assert (off_summary["gradient_checkpointing"], on_summary["gradient_checkpointing"],
+            auto_summary["gradient_checkpointing"]) == (False, True, False)  # auto: off without a GPU
+    assert on == pytest.approx(off, abs=1e-5)
+    for name, tensor in off_weights.items():
+        torch.testing.assert_close(on_weights[name], tensor, atol=1e-6, rtol=1e-5)
+        assert torch.equal(auto_weights[name], tensor), "the same seed must give the same adapter"
+    assert other != off and any(not torch.equal(other_weights[k], v) for k, v in off_weights.items())
+
+
+def test_quantised_methods_need_an_nvidia_gpu(tmp_path, capsys):
+    recipe = make_recipe(tmp_path / "q", ALPACA, method="qlora")
+    result = subprocess.run([sys.executable, "-m", "cloudtune.train", str(recipe), "--out", str(tmp_path / "q-out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "method 'qlora' quantises with bitsandbytes, which needs an NVIDIA GPU" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    recipe = make_recipe(tmp_path / "8", ALPACA, method="8bit")
+    assert train_main([str(recipe), "--out", str(tmp_path / "8-out")]) == 2
+    assert "method '8bit' quantises with bitsandbytes, which needs an NVIDIA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "8-out").exists(), "nothing may be written before the method is known to work here"
+
+
+# ----------------------------------------------------------------------------------------------
+# resume
+
+
+RESUMABLE = dict(lora={"r": 8, "alpha": 16, "dropout": 0.1},  # dropout: the RNG state must resume too
+                 training={"max_steps": 60, "checkpoint_steps": 5, "gradient_accumulation": 2,
+                           "lr_scheduler": "cosine", "micro_batch_size": 2})
+
+
+def interrupted(recipe: Path, out: Path, sig: int, after_step: int) -> subprocess.CompletedProcess:
+    """Start the real entrypoint, and send `sig` once it has logged `after_step`."""
+    process = subprocess.Popen([sys.executable, "-m", "cloudtune.train", str(recipe), "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(f"step {after_step}/"):
+            process.send_signal(sig)
+            break
+    rest = process.communicate(timeout=60)[0]
+    return subprocess.CompletedProcess(process.args, process.returncode, "".join(seen) + rest)
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    adapter = weights(out / "adapter" / "adapter_model.safetensors")
+    expected = weights(reference / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(adapter[name], tensor, atol=1e-7, rtol=1e-6)
+    mine, theirs = metrics(out), metrics(reference)
+    assert [row["step"] for row in mine] == list(range(1, 61))
+    for key in ("loss", "lr", "tokens", "step_tokens", "trained_tokens"):
+        assert [row[key] for row in mine] == pytest.approx([row[key] for row in theirs], rel=1e-6), key
+    assert json.loads((out / "run.json").read_text())["tokens"] == json.loads((reference / "run.json").read_text())[
+        "tokens"]
+
+
+def test_killed_run_resumes_to_the_same_adapter(tmp_path):
+    recipe = make_recipe(tmp_path, ALPACA, **RESUMABLE)
+    reference = tmp_path / "reference"
+    run(recipe, reference)
+
+    out = tmp_path / "killed"
+    killed = interrupted(recipe, out, signal.SIGKILL, after_step=17)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout
+    assert not (out / "run.json").exists(), "the run finished before it could be killed"
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert steps and len(steps) <= 2, steps  # older checkpoints are pruned
+    assert int(steps[-1].split("-")[1]) % 5 == 0
+
+    summary = run(recipe, out, resume=True)
+    assert summary["steps"] == 60
+    assert_same_run(out, reference)
+
+    with pytest.raises(CloudtuneError, match="holds checkpoints of an earlier run"):
+        run(recipe, out)  # without --resume, a directory with checkpoints is not silently reused
+    changed = make_recipe(tmp_path / "changed", ALPACA, **{**RESUMABLE, "training": {**RESUMABLE["training"],
+                                                                                      "learning_rate": 0.02}})
+    with pytest.raises(CloudtuneError, match="made with different model/method/lora/dataset/training settings"):
+        run(changed, out, resume=True)
+
+
+def test_sigterm_checkpoints_at_once_and_resumes_to_the_same_adapter(tmp_path):
+    recipe = make_recipe(tmp_path, ALPACA, **RESUMABLE)
+    reference = tmp_path / "reference"
+    run(recipe, reference)
+
+    out = tmp_path / "stopped"
+    stopped = interrupted(recipe, out, signal.SIGTERM, after_step=12)
+    assert stopped.returncode == 143, stopped.stdout
+    line = next(line for line in stopped.stdout.splitlines() if line.startswith("stopped by SIGTERM after step "))
+    step = int(line.split("after step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step-{step:08d}" / "state.pt").is_file()
+    assert not (out / "run.json").exists()
+
+    assert train_main([str(recipe), "--out", str(out), "--resume"]) == 0
+    assert_same_run(out, reference)
+
+
+def test_push_needs_a_token_up_front_and_a_failed_push_keeps_the_outputs(tmp_path, monkeypatch, capsys):
+    recipe = make_recipe(tmp_path, ALPACA, outputs={"push_to_hub": "someone/adapter"}, secrets=["HF_TOKEN"],
+                         training={"max_steps": 2})
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert train_main([str(recipe), "--out", str(tmp_path / "no-token")]) == 2
+    assert "outputs.push_to_hub 'someone/adapter' needs HF_TOKEN" in capsys.readouterr().err
+    assert not (tmp_path / "no-token").exists(), "a missing token must stop the run before training, not after"
+
+    secret = "hf_" + "pushTokenValue" * 3
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is unreachable, as it is here anyway
+    out = tmp_path / "out"
+    summary = run(recipe, out)
+    assert "warning: push to hub someone/adapter failed" in capsys.readouterr().out
+    assert summary["push_to_hub"]["repo"] == "someone/adapter" and summary["push_to_hub"]["ok"] is False
+    assert json.loads((out / "run.json").read_text())["push_to_hub"]["ok"] is False
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "manifest.json").is_file()
+    assert not any(secret in path.read_text(errors="replace") for path in out.rglob("*") if path.is_file())
+
+
+def test_wandb_without_a_key_is_a_user_error(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    wandb.teardown()  # W&B keeps its settings per process; an earlier offline test must not leak into this one
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    recipe = make_recipe(tmp_path, ALPACA, tracking="wandb", training={"max_steps": 2})
+    assert train_main([str(recipe), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tracking: W&B could not start a run" in err and "WANDB_MODE=offline" in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
