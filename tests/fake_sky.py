@@ -40,13 +40,18 @@ class FakeCloud:
 
     def __init__(self, root: Path, image: Path, *, enabled: tuple[str, ...] = ("aws", "lambda", "runpod", "gcp"),
                  corrupt_on_pull: bool = False, interrupt_after_lines: int | None = None,
-                 fail_after_lines: int | None = None):
+                 fail_after_lines: int | None = None, preempt_on: str | None = None):
         self.root = root
         self.image = image
         self.enabled = list(enabled)
         self.corrupt_on_pull = corrupt_on_pull
         self.interrupt_after_lines = interrupt_after_lines
         self.fail_after_lines = fail_after_lines
+        self.preempt_on = preempt_on  # a log line with this text: the spot machine is taken away
+        self._job_tasks: dict[str, object] = {}  # managed jobs live in this process only
+        self._job_cluster: dict[int, str] = {}
+        self._recoveries: dict[str, int] = {}
+        self._job_final: dict[int, str] = {}
         (root / "clusters").mkdir(parents=True, exist_ok=True)
 
     # bookkeeping ---------------------------------------------------------------------------------
@@ -99,6 +104,13 @@ class FakeCloud:
             shutil.rmtree(target, ignore_errors=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if Path(local).is_dir() else shutil.copy2)(local, target)
+        for remote, storage in (task.storage_mounts or {}).items():  # a bucket outlives every machine
+            bucket = self.bucket(storage.name)
+            bucket.mkdir(parents=True, exist_ok=True)
+            target = self.home(cluster) / remote.removeprefix("~/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.is_symlink():
+                target.symlink_to(bucket, target_is_directory=True)
         if task.setup:
             done = subprocess.run(["bash", "-c", task.setup], cwd=self.home(cluster), env=self._env(cluster, task),
                                   capture_output=True, text=True)
@@ -180,6 +192,65 @@ class FakeCloud:
                  if (path / "state.json").exists()}
         return {name: status for name, status in found.items() if clusters is None or name in clusters}
 
+    # managed jobs: a controller that provisions, runs and, after a preemption, recovers ---------------
+
+    def bucket(self, name: str) -> Path:
+        return self.root / "buckets" / name
+
+    def jobs_launch(self, task, name: str) -> int:
+        self.record("jobs_launch", name=name, resources=[str(r) for r in task.resources],
+                    spot=[r.use_spot for r in task.resources], secrets=sorted(task.secrets),
+                    storage=sorted(task.storage_mounts or {}))
+        self._job_tasks[name] = task
+        self._recoveries[name] = 0
+        self._start_job(name)
+        return 1
+
+    def _start_job(self, name: str) -> None:
+        cluster = f"{name}-{self._recoveries[name]}"
+        task = self._job_tasks[name]
+        self.launch(task, cluster, autostop_minutes=0)
+        self.exec(task, cluster)
+        self._job_cluster[1] = cluster
+
+    def jobs_tail_logs(self, job_id: int, follow: bool) -> Iterator[str]:
+        name = next(iter(self._job_tasks))
+        while True:
+            cluster = self._job_cluster[job_id]
+            for line in self.tail_logs(cluster, 1, follow):
+                yield line
+                if self.preempt_on and self.preempt_on in line and self._recoveries[name] == 0:
+                    break
+            else:
+                return
+            self.down(cluster)
+            self._recoveries[name] += 1
+            yield f"(the controller) {cluster} was preempted; recovering on a new machine\n"
+            self._start_job(name)
+
+    def jobs_status(self, job_id: int) -> str | None:
+        cluster = self._job_cluster.get(job_id)
+        if cluster is None:
+            return None
+        if not self.cluster_dir(cluster).exists():
+            return self._job_final.get(job_id, "CANCELLED")
+        status = self.job_status(cluster, 1)
+        if status in ("SUCCEEDED", "FAILED"):  # the controller takes a finished job's machine down itself
+            self._job_final[job_id] = status
+            self.down(cluster)
+        return status
+
+    def jobs_cancel(self, job_id: int) -> None:
+        self.record("jobs_cancel", job_id=job_id)
+        self.down(self._job_cluster[job_id])
+
+    def bucket_sync_command(self, bucket: str, destination: Path) -> str:
+        return f"rsync -a {self.bucket(bucket)}/ {destination}/"
+
+    def storage_delete(self, bucket: str) -> None:
+        self.record("storage_delete", bucket=bucket)
+        shutil.rmtree(self.bucket(bucket), ignore_errors=True)
+
     def rsync_remote(self, cluster: str, path: str) -> str:
         source = self.home(cluster) / path
         if self.corrupt_on_pull and source.is_dir():
@@ -193,19 +264,28 @@ class FakeCloud:
         return str(source) + "/"
 
 
-def _kill(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.time() + 10
-    while time.time() < deadline:
+def _group_alive(pgid: int) -> bool:
+    """Any live (not zombie) process left in the job's process group."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _kill(pgid: int) -> None:
+    if not _group_alive(pgid):
+        return
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.time() + 10
+    while _group_alive(pgid):
+        if time.time() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
             return
         time.sleep(POLL_SECONDS)
-    os.killpg(pid, signal.SIGKILL)
 
 
 def offer_estimate(cloud: str, region: str, instance_type: str, gpu: str, count: int, memory: float, price: float,

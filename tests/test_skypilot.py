@@ -39,7 +39,7 @@ from cloudtune.errors import CloudtuneError
 from cloudtune.ledger import Ledger
 from cloudtune.plan import Plan
 from cloudtune.recipe import DEFAULT_IMAGE, load_recipe
-from cloudtune.runner import Events, PullFailed, RunFailed, execute, pull_again
+from cloudtune.runner import Events, PullFailed, RunFailed, context_for, execute, pull_again
 from cloudtune.teardown import find_machines, tear_down
 
 from .conftest import REPO, demo_recipe_text, write_recipe
@@ -381,6 +381,13 @@ def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
     cli.wait()
     assert _training_pids(cloud), "the training should still be running on its machine"
 
+    # `cloudtune logs RUN` from another terminal: the job's log, from the ledger's record of the run.
+    reattached = SkyPilotBackend(client=cloud)
+    deadline = time.time() + 60
+    while not any("step 1/" in line for line in reattached.logs(context_for(Ledger().get_run(run["id"])), False)):
+        assert time.time() < deadline, "no training log through a reattached backend"
+        time.sleep(0.5)
+
     # A second cluster the ledger never saw (a ledger from another machine, say): SkyPilot's list finds it.
     orphan = "ct-20260101-000000-beef"
     cloud.launch(to_task(task_config(orphan, {"infra": "aws", "instance_type": "g5.xlarge"})), orphan,
@@ -455,3 +462,27 @@ def test_dry_run_yaml_never_shows_secret_values():
     text = to_yaml(config)
     assert SECRET not in text and text.count("<redacted>") == 2
     assert config["secrets"]["HF_TOKEN"] == SECRET  # the dict for SkyPilot itself keeps the value
+
+
+def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, preempt_on="step 5/8")
+    recipe = tiny_recipe(tmp_path, steps=8, extra="")
+    recipe.compute.spot = True
+    recipe.training.checkpoint_steps = 2
+    events = Recorder()
+    result = execute(recipe, SkyPilotBackend(a10_plan(spot=True), client=cloud), events)
+
+    launch = next(c for c in cloud.calls() if c["call"] == "jobs_launch")
+    assert launch["name"] == f"ct-{result.run_id}" and all(launch["spot"])
+    assert launch["resources"][0].startswith("AWS(g5.xlarge")  # Lambda sells no spot
+    assert launch["storage"] == ["~/cloudtune/out"]
+    log = "\n".join(events.lines)
+    assert "preempted" in log and "cloudtune: resuming from the newest checkpoint" in log
+    assert re.search(r"resumed from step [2468]", log)
+    assert result.receipt["steps"] == 8
+    metrics = (Path(result.receipt["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == list(range(1, 9))
+    assert [c["call"] for c in cloud.calls()][-1] == "storage_delete"
+    assert not cloud.bucket(f"ct-{result.run_id}").exists() and cloud.status() == {}
+    assert Ledger().machine_for_run(result.run_id)["status"] == "terminated"
