@@ -149,10 +149,18 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--backend", "-b", default="local", show_default=True, help="Where to train: local.")
+@click.option("--backend", "-b", default="skypilot", show_default=True, envvar="CLOUDTUNE_BACKEND",
+              help="Where to train: skypilot (the cheapest cloud GPU that fits) or local (this machine: demo, tests).")
 @click.option("--gpu", help="GPU to rent (A10, A100-80GB, H100, ...); overrides compute.gpu.")
+@click.option("--cloud", "clouds", multiple=True,
+              help="Only these clouds (repeat for several); overrides compute.cloud.")
+@click.option("--spot/--on-demand", default=None,
+              help="Spot machines, run as a managed job that resumes after preemption; overrides compute.spot.")
+@click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
+                                              "rent nothing.")
 @json_option
-def run(recipe_path: Path, backend: str, gpu: str | None, as_json: bool) -> None:
+def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None, dry_run: bool,
+        as_json: bool) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
     from .backends import get_backend
     from .recipe import load_recipe
@@ -162,7 +170,23 @@ def run(recipe_path: Path, backend: str, gpu: str | None, as_json: bool) -> None
     recipe = load_recipe(recipe_path)
     if gpu:
         recipe.compute.gpu = gpu
-    result = execute(recipe, get_backend(backend), RichEvents(err_console if as_json else console))
+    if clouds:
+        recipe.compute.cloud = list(clouds)
+    if spot is not None:
+        recipe.compute.spot = spot
+    options, estimate = {}, None
+    if backend == "skypilot":
+        plan, model_bytes = _cloud_plan(recipe)
+        if dry_run:
+            _show_dry_run(recipe, plan, model_bytes, as_json)
+            return
+        options = {"plan": plan, "model_bytes": model_bytes}
+        estimate = plan.chosen.ledger_fields() if plan.chosen else None
+    elif dry_run:
+        raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend} backend rents nothing.",
+                             "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
+    result = execute(recipe, get_backend(backend, **options), RichEvents(err_console if as_json else console),
+                     estimate=estimate)
     if as_json:
         _print_json(result.receipt)
     else:
@@ -215,7 +239,10 @@ def down(run_ref: str | None, all_runs: bool, dry_run: bool, yes: bool) -> None:
 
     if not run_ref and not all_runs:
         raise CloudtuneError("say which machines: a RUN id, or --all.", "`cloudtune status` lists runs.")
-    machines = find_machines(None if all_runs else run_ref)
+    problems: list[str] = []
+    machines = find_machines(None if all_runs else run_ref, problems=problems)
+    for problem in problems:
+        err_console.print(f"[yellow]warning:[/] {escape(problem)}")
     if not machines:
         console.print("nothing to tear down: every machine in the ledger is terminated")
         return
@@ -228,6 +255,53 @@ def down(run_ref: str | None, all_runs: bool, dry_run: bool, yes: bool) -> None:
         return
     for name, verified in tear_down(machines):
         console.print(f"{name}: " + ("[green]terminated[/]" if verified else "[red]could not verify[/]"))
+
+
+# ----------------------------------------------------------------------------------------------
+# cloud runs (SkyPilot): plan, dry run, pull again
+
+
+def _cloud_plan(recipe):
+    """The plan a cloud run launches from, and the model's download size (it sizes the disk)."""
+    from .cost import make_plan
+    from .datasets import inspect_dataset
+    from .shapes import resolve_model
+
+    return make_plan(recipe, inspect_dataset(recipe)), resolve_model(recipe).download_bytes
+
+
+def _show_dry_run(recipe, plan, model_bytes: float, as_json: bool) -> None:
+    from .backends.skypilot import dry_run
+    from .render import launch_order_table
+
+    shown = dry_run(recipe, plan, model_bytes=model_bytes)
+    if as_json:
+        _print_json({key: value for key, value in shown.items() if key != "yaml"})
+        return
+    console.print(launch_order_table(shown, plan.snapshot_date))
+    for note in [*plan.notes, *shown["notes"]]:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    kind = "managed job (spot, resumes after preemption)" if shown["managed_job"] else "cluster"
+    console.print(f"[bold]SkyPilot task[/] ({kind}; secrets shown as <redacted>):")
+    console.print(shown["yaml"], markup=False, highlight=False, soft_wrap=True)
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN", default="last")
+@json_option
+def pull(run_ref: str, as_json: bool) -> None:
+    """Fetch the outputs of a run whose pull failed (its machine was left up), then tear the machine down."""
+    from .backends import get_backend
+    from .ledger import Ledger
+    from .render import RichEvents, receipt_table
+    from .runner import pull_again
+
+    run_row = Ledger().get_run(run_ref)
+    result = pull_again(run_row, get_backend(run_row["backend"]), RichEvents(err_console if as_json else console))
+    if as_json:
+        _print_json(result.receipt)
+    else:
+        console.print(receipt_table(result.receipt))
 
 
 def main() -> None:

@@ -68,3 +68,18 @@ def runs_table(runs: list[dict]) -> Table:
                       _seconds(run.get("wall_seconds")), f"{run['tokens']:,}" if run.get("tokens") else "-",
                       estimate, actual)
     return table
+
+
+def launch_order_table(shown: dict, snapshot_date: str) -> Table:
+    """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks."""
+    table = Table(title=f"launch order (cheapest run first; prices of {snapshot_date})", title_justify="left")
+    for column in ("", "cloud", "region", "instance", "GPU", "$/h", "est. hours", "est. $ per run"):
+        table.add_column(column)
+    rows = ([shown["chosen"]] if shown["chosen"] else []) + shown["fallbacks"]
+    for i, estimate in enumerate(rows):
+        offer = estimate["offer"]
+        table.add_row("[bold green]chosen[/]" if i == 0 else f"fallback {i}", offer["cloud"], escape(offer["region"]),
+                      escape(offer["instance_type"]), f"{offer['gpu']}×{offer['gpu_count']}",
+                      f"{estimate['price_per_hour']:.2f}", f"{estimate['hours_low']:.2f}–{estimate['hours_high']:.2f}",
+                      f"${estimate['cost_low']:.2f}–${estimate['cost_high']:.2f}")
+    return table

@@ -163,13 +163,18 @@ def resources_config(candidates: list[Estimate], compute: ComputeSpec, disk_gib:
         config["job_recovery"] = dict(RECOVERY)
     else:
         config["autostop"] = {"idle_minutes": compute.autostop_minutes, "down": True}
+    config["ordered"] = alternatives(launch_order(candidates, compute), compute.region)
+    return config
+
+
+def launch_order(candidates: list[Estimate], compute: ComputeSpec) -> list[Estimate]:
+    """The offers SkyPilot will try, in order: the plan's fitting ones, spot-capable ones for a spot run."""
     if compute.spot:
         candidates = [e for e in candidates if e.offer.spot_price_per_hour is not None]
         if not candidates:
             raise CloudtuneError("compute.spot: none of the fitting offers comes as spot.",
                                  "Drop spot, or widen the plan to clouds that sell spot (aws, gcp, azure, nebius).")
-    config["ordered"] = alternatives(candidates, compute.region)
-    return config
+    return candidates[:MAX_ALTERNATIVES]
 
 
 def setup_script(wheel_name: str) -> str:
@@ -639,7 +644,7 @@ def dry_run(recipe: Recipe, plan: Plan, *, model_bytes: float | None = None) -> 
     notes = []
     if recipe.compute.spot and not recipe.training.checkpoint_steps:
         notes.append("spot without training.checkpoint_steps: a preempted run restarts from step 0.")
-    candidates = plan.candidates(MAX_ALTERNATIVES)
+    candidates = launch_order(plan.candidates(MAX_ALTERNATIVES), recipe.compute)
     return {"chosen": candidates[0].as_dict() if candidates else None,
             "fallbacks": [e.as_dict() for e in candidates[1:]], "task": redacted(config), "yaml": to_yaml(config),
             "managed_job": recipe.compute.spot, "notes": notes}
