@@ -39,6 +39,7 @@ from typing import Any
 
 import yaml
 
+from .. import __version__
 from ..errors import CloudtuneError
 from ..manifest import NOT_PULLED
 from ..plan import Estimate, Plan
@@ -51,6 +52,7 @@ SKYPILOT_VERSION = "0.14.1"
 CLUSTER_PREFIX = "ct-"
 REMOTE_DIR = "cloudtune"  # under the remote user's home: upload/, bundle/, out/
 UPLOAD = "upload"
+WHEEL_NAME = f"cloudtune-{__version__}-py3-none-any.whl"  # what build_wheel makes of this checkout
 CHECKSUMS = "SHA256SUMS"
 REQUIREMENTS = "requirements-train.txt"
 # Dependencies of the laptop side only: the training machine never imports them, and skypilot's
@@ -453,7 +455,7 @@ class SkyPilotBackend(Backend):
 
     # what the task is made of ---------------------------------------------------------------------
 
-    def full_task(self, ctx: RunContext, *, upload_dir: Path | None = None, wheel_name: str = "cloudtune.whl",
+    def full_task(self, ctx: RunContext, *, upload_dir: Path | None = None, wheel_name: str = WHEEL_NAME,
                   secrets: dict[str, str] | None = None, candidates: list[Estimate] | None = None) -> dict[str, Any]:
         """The whole task: what a spot run launches as a managed job and what `--dry-run` prints."""
         recipe = self._recipe(ctx)
