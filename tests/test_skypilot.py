@@ -486,3 +486,79 @@ def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image
     assert [c["call"] for c in cloud.calls()][-1] == "storage_delete"
     assert not cloud.bucket(f"ct-{result.run_id}").exists() and cloud.status() == {}
     assert Ledger().machine_for_run(result.run_id)["status"] == "terminated"
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI
+
+
+def _json_out(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def test_dry_run_is_the_default_backend_and_matches_cloudtune_cost(monkeypatch):
+    """`cloudtune run --dry-run` launches from the plan `cloudtune cost` shows, and SkyPilot's optimizer,
+    given the generated task and the bundled prices, lands on that plan's cheapest offer."""
+    import sky
+    from click.testing import CliRunner
+    from sky import check, global_user_state, optimizer
+    from sky.clouds import cloud as cloud_lib
+
+    from cloudtune.cli import cli
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.delenv("CLOUDTUNE_BACKEND")  # no --backend: SkyPilot
+    recipe = str(REPO / "tasks" / "llama2-7b-qlora-guanaco.yaml")
+    runner = CliRunner()
+    text = runner.invoke(cli, ["run", "--dry-run", "--gpu", "A10", recipe])
+    assert text.exit_code == 0, text.output
+    assert "launch order" in text.output and "HF_TOKEN: <redacted>" in text.output and SECRET not in text.output
+
+    cost = _json_out(runner.invoke(cli, ["cost", "--gpu", "A10", "--json", recipe]))
+    shown = _json_out(runner.invoke(cli, ["run", "--dry-run", "--gpu", "A10", "--json", recipe]))
+    assert shown["chosen"]["offer"] == cost["chosen"]["offer"]
+    assert shown["task"]["secrets"] == {"HF_TOKEN": "<redacted>"} and SECRET not in json.dumps(shown)
+    assert Ledger().runs() == []  # nothing was rented, nothing recorded
+
+    workspace = "default"
+    clouds = sorted({entry["infra"] for entry in shown["task"]["resources"]["ordered"]})
+    global_user_state.set_allowed_clouds(check._get_workspace_allowed_clouds(workspace), workspace)
+    global_user_state.set_enabled_clouds(clouds, cloud_lib.CloudCapability.COMPUTE, workspace)
+    task = to_task({**shown["task"], "secrets": {"HF_TOKEN": SECRET}})
+    with sky.Dag() as dag:
+        dag.add(task)
+    optimizer.Optimizer.optimize(dag, quiet=True)
+    best, cheapest = task.best_resources, cost["chosen"]["offer"]
+    assert (str(best.cloud).lower(), best.instance_type, best.region) == \
+           (cheapest["cloud"], cheapest["instance_type"], cheapest["region"])
+    assert best.get_cost(3600) == pytest.approx(cheapest["price_per_hour"])
+
+    spot = _json_out(runner.invoke(cli, ["run", "--dry-run", "--spot", "--json", recipe]))
+    assert spot["managed_job"] and spot["task"]["resources"]["use_spot"] is True
+    assert spot["task"]["file_mounts"]["~/cloudtune/out"]["mode"] == "MOUNT_CACHED"
+
+
+def test_cli_user_errors_for_dry_run_pull_and_down(monkeypatch):
+    from click.testing import CliRunner
+
+    from cloudtune.cli import cli
+
+    runner = CliRunner()
+    result = runner.invoke(cli, ["run", "--backend", "local", "--dry-run", str(REPO / "tasks" / "demo-tiny.yaml")])
+    assert result.exit_code == 2 and "rents nothing" in result.output
+
+    ledger = Ledger()
+    ledger.add_run("20260101-000000-0001", name="gone", backend="skypilot", output_dir="/tmp/nowhere")
+    ledger.add_machine("ct-20260101-000000-0001", "20260101-000000-0001", "skypilot")
+    ledger.set_machine("ct-20260101-000000-0001", "terminated")
+    result = runner.invoke(cli, ["pull", "20260101-000000-0001"])
+    assert result.exit_code == 2 and "machine is gone" in result.output
+
+    # A machine the ledger still lists; SkyPilot's API server is off limits here, which `down` must survive.
+    ledger.add_run("20260101-000000-0002", name="up", backend="skypilot")
+    ledger.add_machine("ct-20260101-000000-0002", "20260101-000000-0002", "skypilot")
+    result = runner.invoke(cli, ["down", "--all", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "ct-20260101-000000-0002" in result.output and "could not list SkyPilot's clusters" in result.output
+    assert ledger.machine_for_run("20260101-000000-0002")["status"] == "requested"  # dry run: nothing changed

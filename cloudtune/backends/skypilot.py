@@ -484,7 +484,11 @@ class SkyPilotBackend(Backend):
     def usable_candidates(self) -> list[Estimate]:
         """The plan's offers on clouds SkyPilot can use; a clear error naming `sky check` when none."""
         candidates = self._candidates()
-        enabled = set(self.client.enabled_clouds())
+        try:  # the first call that needs SkyPilot's API server (it starts a local one on demand)
+            enabled = set(self.client.enabled_clouds())
+        except Exception as exc:  # noqa: BLE001 - SkyPilot reports a missing server as RuntimeError and kin
+            raise CloudtuneError(f"cannot reach SkyPilot's API server: {str(exc)[:500]}",
+                                 "`sky api status` shows the server; `sky check` which clouds it can use.") from None
         wanted = sorted({e.offer.cloud for e in candidates})
         if not enabled:
             raise CloudtuneError("SkyPilot has no cloud enabled: no credentials were found for any cloud.",
