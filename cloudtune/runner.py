@@ -191,6 +191,11 @@ def _teardown(backend: Backend, ctx: RunContext, ledger: Ledger, events: Events)
         try:
             verified = backend.teardown(ctx)
             break
+        except Exception as exc:  # noqa: BLE001 - the run's own outcome matters more; say what is left
+            ledger.set_machine(ctx.machine, "unknown")
+            events.warn(f"tearing down {ctx.machine} failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                        f"run `cloudtune down {ctx.run_id}`")
+            return
         except KeyboardInterrupt:
             if attempt == 2:
                 ledger.set_machine(ctx.machine, "unknown")

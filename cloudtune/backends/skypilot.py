@@ -21,6 +21,7 @@ Everything that reaches SkyPilot's API server goes through `SkyClient`, the seam
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -513,8 +514,18 @@ class SkyPilotBackend(Backend):
             ctx.meta.update(managed_job=True, bucket=bucket_name(ctx.machine))
             return
         resources = resources_config(candidates, recipe.compute, disk_size_gib(recipe, self.model_bytes), managed=False)
-        task = to_task(task_config(ctx.machine, resources))
-        ctx.meta["launched"] = self.client.launch(task, ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
+        ctx.meta["launched"] = self._launch(ctx, task_config(ctx.machine, resources), "provisioning")
+
+    def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> dict[str, Any]:
+        recipe = self._recipe(ctx)
+        try:
+            return self.client.launch(to_task(config), ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
+        except CloudtuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - SkyPilot raises many kinds; the runner tears down either way
+            raise CloudtuneError(f"{step} {ctx.machine} failed: {type(exc).__name__}: {str(exc)[-1500:]}",
+                                 "SkyPilot's output above shows the step that failed; the machine is torn down.") \
+                from None
 
     def _pinned_resources(self, ctx: RunContext) -> dict[str, Any]:
         """The machine SkyPilot chose, so later launches and execs land on that very cluster."""
@@ -536,9 +547,8 @@ class SkyPilotBackend(Backend):
         self._secrets[ctx.run_id] = dict(secrets)
         if self._managed(ctx):
             return  # the managed job carries the upload itself
-        recipe = self._recipe(ctx)
-        task = to_task(task_config(ctx.machine, self._pinned_resources(ctx), upload_dir=upload, wheel_name=wheel_name))
-        self.client.launch(task, ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
+        config = task_config(ctx.machine, self._pinned_resources(ctx), upload_dir=upload, wheel_name=wheel_name)
+        self._launch(ctx, config, "setting up")
 
     def start(self, ctx: RunContext, resume: bool = False) -> None:
         recipe = self._recipe(ctx)
@@ -620,7 +630,8 @@ class SkyPilotBackend(Backend):
         if job_id is not None and self.client.jobs_status(job_id) not in JOB_EXIT:
             self.client.jobs_cancel(job_id)
         if ctx.meta.get("bucket"):
-            self.client.storage_delete(ctx.meta["bucket"])
+            with contextlib.suppress(Exception):  # a job that never started made no bucket
+                self.client.storage_delete(ctx.meta["bucket"])
         # A managed job's machines are gone once the job reaches a final state; cancelling takes a while.
         deadline = time.time() + CANCEL_WAIT_SECONDS
         while job_id is not None and self.client.jobs_status(job_id) not in JOB_EXIT:
