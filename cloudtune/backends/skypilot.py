@@ -453,6 +453,11 @@ class SkyPilotBackend(Backend):
         self.client = client or SkyClient()
         self.model_bytes = model_bytes
         self._secrets: dict[str, dict[str, str]] = {}  # run id -> values; in memory only, never on disk
+        # Runs this process provisioned, and those for which it asked SkyPilot for a machine: a run in the
+        # first set but not the second never had one. (A backend rebuilt from the ledger knows neither,
+        # and always asks SkyPilot.)
+        self._provisioning: set[str] = set()
+        self._requested: set[str] = set()
 
     # what the task is made of ---------------------------------------------------------------------
 
@@ -507,6 +512,7 @@ class SkyPilotBackend(Backend):
 
     def provision(self, ctx: RunContext) -> None:
         recipe = self._recipe(ctx)
+        self._provisioning.add(ctx.run_id)
         candidates = self.usable_candidates()
         ctx.meta["offers"] = [f"{e.offer.cloud}:{e.offer.instance_type}" for e in candidates]
         if recipe.compute.spot:
@@ -518,8 +524,10 @@ class SkyPilotBackend(Backend):
 
     def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> dict[str, Any]:
         recipe = self._recipe(ctx)
+        task = to_task(config)
+        self._requested.add(ctx.run_id)
         try:
-            return self.client.launch(to_task(config), ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
+            return self.client.launch(task, ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
         except CloudtuneError:
             raise
         except Exception as exc:  # noqa: BLE001 - SkyPilot raises many kinds; the runner tears down either way
@@ -556,7 +564,9 @@ class SkyPilotBackend(Backend):
         if self._managed(ctx):
             config = self.full_task(ctx, wheel_name=ctx.meta["wheel"], secrets=secrets,
                                     candidates=self.usable_candidates())
-            ctx.meta["job_id"] = self.client.jobs_launch(to_task(config), ctx.machine)
+            task = to_task(config)
+            self._requested.add(ctx.run_id)
+            ctx.meta["job_id"] = self.client.jobs_launch(task, ctx.machine)
             return
         # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
         resources = {"accelerators": ctx.meta["launched"]["accelerators"]}
@@ -623,6 +633,8 @@ class SkyPilotBackend(Backend):
 
     def teardown(self, ctx: RunContext) -> bool:
         self._secrets.pop(ctx.run_id, None)
+        if ctx.run_id in self._provisioning and ctx.run_id not in self._requested:
+            return True  # stopped before SkyPilot was asked for anything
         if not self._managed(ctx):
             self.client.down(ctx.machine)
             return ctx.machine not in self.client.status([ctx.machine])
