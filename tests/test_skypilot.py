@@ -563,3 +563,69 @@ def test_cli_user_errors_for_dry_run_pull_and_down(monkeypatch):
     assert result.exit_code == 0, result.output
     assert "ct-20260101-000000-0002" in result.output and "could not list SkyPilot's clusters" in result.output
     assert ledger.machine_for_run("20260101-000000-0002")["status"] == "requested"  # dry run: nothing changed
+
+
+# ----------------------------------------------------------------------------------------------
+# The real SDK against a real local API server (no cloud behind it)
+
+
+def test_real_client_against_a_local_skypilot_api_server(tmp_path, monkeypatch):
+    """SkyPilot's own client and a local API server it starts, for the calls that need no cloud: no
+    credentials here, so SkyPilot's check enables nothing, and cloudtune says so naming `sky check`."""
+    from sky import global_user_state
+    from sky.client import sdk
+    from sky.clouds import cloud as cloud_lib
+
+    from cloudtune.backends.skypilot import SkyClient
+
+    config = tmp_path / "sky-config.yaml"
+    config.write_text("allowed_clouds: [aws, lambda]\n")  # SkyPilot's check then looks at these two only
+    monkeypatch.setenv("SKYPILOT_CONFIG", str(config))
+    global_user_state.set_enabled_clouds([], cloud_lib.CloudCapability.COMPUTE, "default")  # nothing cached
+    monkeypatch.delenv("SKYPILOT_DISABLE_LOCAL_API_SERVER")
+    client = SkyClient(progress=open(os.devnull, "w"))  # noqa: SIM115
+    try:
+        with pytest.raises(CloudtuneError) as failed:
+            SkyPilotBackend(a10_plan(), client=client).usable_candidates()
+        assert "no cloud enabled" in failed.value.message and "sky check" in failed.value.hint
+        assert client.status() == {} and SkyPilotBackend(client=client).clusters() == {}
+        client.down("ct-never-launched")  # SkyPilot's ClusterDoesNotExist means: already gone
+    finally:
+        sdk.api_stop()
+
+
+def test_every_sdk_call_matches_skypilot_0_14_1():
+    """The SkyClient calls the fake stands in for, bound against the pinned SDK's real signatures."""
+    import inspect
+
+    import sky
+    from sky import cloud_stores, exceptions
+    from sky.client import sdk
+    from sky.data import storage
+    from sky.utils import common
+
+    task, stream = object(), object()
+    calls = [
+        (sky.get, (object(),), {}),
+        (sdk.enabled_clouds, (), {}),
+        (sky.launch, (task,), {"cluster_name": "ct-x", "idle_minutes_to_autostop": 30, "down": True}),
+        (sky.stream_and_get, (object(),), {"output_stream": stream}),
+        (sky.exec, (task,), {"cluster_name": "ct-x"}),
+        (sky.tail_logs, ("ct-x", 1), {"follow": True, "preload_content": False}),
+        (sky.job_status, ("ct-x", [1]), {}),
+        (sky.cancel, ("ct-x",), {"job_ids": [1], "all": False}),
+        (sky.down, ("ct-x",), {}),
+        (sky.status, (["ct-x"],), {"refresh": common.StatusRefreshMode.AUTO}),
+        (sky.storage_ls, (), {}),
+        (sky.storage_delete, ("ct-x",), {}),
+        (sky.jobs.launch, (task,), {"name": "ct-x"}),
+        (sky.jobs.tail_logs, (), {"job_id": 1, "follow": True, "preload_content": False}),
+        (sky.jobs.queue_v2, (), {"refresh": False, "job_ids": [1]}),
+        (sky.jobs.cancel, (), {"job_ids": [1]}),
+        (cloud_stores.get_storage_from_path, ("s3://ct-x",), {}),
+    ]
+    for function, args, kwargs in calls:
+        inspect.signature(function).bind(*args, **kwargs)
+    assert storage.StoreType.S3.store_prefix() == "s3://"
+    caught = (exceptions.ClusterDoesNotExist, exceptions.NoCloudAccessError, exceptions.ResourcesUnavailableError)
+    assert all(issubclass(kind, Exception) for kind in caught)

@@ -321,8 +321,9 @@ class SkyClient:
 
     def enabled_clouds(self) -> list[str]:
         import sky
+        from sky.client import sdk
 
-        return [str(cloud).lower() for cloud in sky.get(sky.enabled_clouds())]
+        return [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())]
 
     def launch(self, task, cluster: str, *, autostop_minutes: int) -> dict[str, Any]:
         import sky
@@ -492,7 +493,7 @@ class SkyPilotBackend(Backend):
         candidates = self._candidates()
         try:  # the first call that needs SkyPilot's API server (it starts a local one on demand)
             enabled = set(self.client.enabled_clouds())
-        except Exception as exc:  # noqa: BLE001 - SkyPilot reports a missing server as RuntimeError and kin
+        except (RuntimeError, OSError) as exc:  # how SkyPilot reports a server it cannot reach or start
             raise CloudtuneError(f"cannot reach SkyPilot's API server: {str(exc)[:500]}",
                                  "`sky api status` shows the server; `sky check` which clouds it can use.") from None
         wanted = sorted({e.offer.cloud for e in candidates})
@@ -528,7 +529,7 @@ class SkyPilotBackend(Backend):
         self._requested.add(ctx.run_id)
         try:
             return self.client.launch(task, ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
-        except CloudtuneError:
+        except (CloudtuneError, AttributeError, NameError, TypeError):  # ours, or a bug: not SkyPilot's verdict
             raise
         except Exception as exc:  # noqa: BLE001 - SkyPilot raises many kinds; the runner tears down either way
             raise CloudtuneError(f"{step} {ctx.machine} failed: {type(exc).__name__}: {str(exc)[-1500:]}",
