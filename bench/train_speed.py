@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 # cloudtune profiles: recipe overrides on top of the base below.
 CLOUDTUNE_PROFILES = {
     "cloudtune-qlora": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096)),
-    "cloudtune-qlora-nogc": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+    "cloudtune-qlora-nogc": dict(method="qlora", training=dict(micro_batch_size=1, max_seq_len=4096,
                                                                  gradient_checkpointing="off")),
-    "cloudtune-qlora-nofuse": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+    "cloudtune-qlora-nofuse": dict(method="qlora", training=dict(micro_batch_size=1, max_seq_len=4096,
                                                                    gradient_checkpointing="off", fused_kernels="off")),
-    "cloudtune-lora-nogc": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096,
+    "cloudtune-lora-nogc": dict(method="lora", training=dict(micro_batch_size=1, max_seq_len=4096,
                                                                gradient_checkpointing="off")),
     "cloudtune-lora": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096)),
     # For 24 GB cards: smaller rows and checkpointing so the peak stays under 22 GiB.

@@ -156,11 +156,13 @@ def validate(recipe_path: Path, as_json: bool) -> None:
               help="Only these clouds (repeat for several); overrides compute.cloud.")
 @click.option("--spot/--on-demand", default=None,
               help="Spot machines, run as a managed job that resumes after preemption; overrides compute.spot.")
+@click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), metavar="USD",
+              help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
 @click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
                                               "rent nothing.")
 @json_option
-def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None, dry_run: bool,
-        as_json: bool) -> None:
+def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None,
+        max_cost: float | None, dry_run: bool, as_json: bool) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
     from .backends import get_backend
     from .recipe import load_recipe
@@ -174,18 +176,23 @@ def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...
         recipe.compute.cloud = list(clouds)
     if spot is not None:
         recipe.compute.spot = spot
-    options, estimate = {}, None
+    if max_cost is not None:
+        recipe.compute.max_cost = max_cost
+    if dry_run and backend != "skypilot":
+        raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend} backend rents nothing.",
+                             "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
+    out = err_console if as_json else console
+    plan, estimate = _plan_run(recipe, backend, out)
+    options = {}
     if backend == "skypilot":
-        plan, model_bytes = _cloud_plan(recipe)
+        from .shapes import resolve_model
+
+        model_bytes = resolve_model(recipe).download_bytes
         if dry_run:
             _show_dry_run(recipe, plan, model_bytes, as_json)
             return
         options = {"plan": plan, "model_bytes": model_bytes}
-        estimate = plan.chosen.ledger_fields() if plan.chosen else None
-    elif dry_run:
-        raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend} backend rents nothing.",
-                             "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
-    result = execute(recipe, get_backend(backend, **options), RichEvents(err_console if as_json else console),
+    result = execute(recipe, get_backend(backend, **options), RichEvents(out),
                      estimate=estimate)
     if as_json:
         _print_json(result.receipt)
@@ -258,16 +265,118 @@ def down(run_ref: str | None, all_runs: bool, dry_run: bool, yes: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# cloud runs (SkyPilot): plan, dry run, pull again
+# cost / gpus: dollars per run before renting
 
 
-def _cloud_plan(recipe):
-    """The plan a cloud run launches from, and the model's download size (it sizes the disk)."""
+def _plan_run(recipe, backend: str, out: Console):
+    """Plan before anything starts: print the chosen offer and its estimate, refuse one over budget."""
+    from .cost import apply_estimate, check_budget, local_estimate, make_plan
+    from .datasets import inspect_dataset
+
+    if backend == "local":
+        out.print("[bold cyan]▸ plan[/] this machine (local backend): nothing rented, $0")
+        return None, local_estimate()
+    plan = make_plan(recipe, inspect_dataset(recipe))
+    chosen = plan.chosen
+    if chosen is None:
+        raise CloudtuneError("no GPU offer fits this fine-tune: " + plan.estimates[0].why + ".",
+                             "See `cloudtune cost` for every offer; try method qlora, a shorter max_seq_len, "
+                             "or a bigger GPU with --gpu.")
+    check_budget(plan, recipe.compute.max_cost)
+    offer = chosen.offer
+    out.print(f"[bold cyan]▸ plan[/] {offer.gpu}×{offer.gpu_count} on {offer.cloud} {escape(offer.region)} "
+              f"({escape(offer.instance_type)}) at ${chosen.price_per_hour:.2f}/h"
+              f"{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–{chosen.hours_high:.2f} h, "
+              f"${chosen.cost_low:.2f}–${chosen.cost_high:.2f} (prices of {plan.snapshot_date})")
+    out.print(f"  [dim]{escape(chosen.why)}[/]")
+    for change in apply_estimate(recipe, chosen):
+        out.print(f"  [yellow]{escape(change)}[/]")
+    for note in plan.notes:
+        out.print(f"  [yellow]note:[/] {escape(note)}")
+    return plan, chosen.ledger_fields()
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.option("--gpu", help="Only this GPU (A10 also matches A10G; A100 and H100 match their variants).")
+@click.option("--spot/--on-demand", default=None, help="Price spot instances (default: compute.spot).")
+@click.option("--cloud", "clouds", multiple=True, help="Only these clouds (repeat the option for several).")
+@click.option("--top", default=15, show_default=True, type=click.IntRange(min=1), help="How many offers to show.")
+@json_option
+def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[str, ...], top: int,
+         as_json: bool) -> None:
+    """Dollars for the whole run of RECIPE on every GPU offer, cheapest that fits first."""
     from .cost import make_plan
     from .datasets import inspect_dataset
-    from .shapes import resolve_model
+    from .recipe import load_recipe
+    from .render import cost_table
 
-    return make_plan(recipe, inspect_dataset(recipe)), resolve_model(recipe).download_bytes
+    recipe = load_recipe(recipe_path)
+    plan = make_plan(recipe, inspect_dataset(recipe), gpu=gpu, clouds=list(clouds) or None, spot=spot)
+    if as_json:
+        _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
+        return
+    exactness = "exact" if plan.tokens_exact else "estimated"
+    title = (f"{recipe_path}: {plan.tokens:,} tokens ({exactness}), {recipe.method}, "
+             f"model shape from {plan.model_source}\n{plan.catalog.get('prices', plan.snapshot_date)}")
+    console.print(cost_table(plan, title, top))
+    chosen = plan.chosen
+    if chosen:
+        console.print(f"[bold green]cheapest that fits:[/] {chosen.offer.gpu}×{chosen.offer.gpu_count} on "
+                      f"{chosen.offer.cloud}, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} for the whole run")
+        console.print(f"  [dim]{escape(chosen.why)}[/]")
+    else:
+        console.print(f"[bold red]no offer fits:[/] {escape(plan.estimates[0].why)}")
+    hidden = len(plan.estimates) - top
+    misfits = [e for e in plan.estimates if not e.fits]
+    if hidden > 0:
+        console.print(f"[dim]{hidden} more offer(s) not shown (--top); {len(misfits)} of {len(plan.estimates)} "
+                      "do not fit[/]")
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+@cli.command()
+@click.option("--gpu", help="Only this GPU (family names match every variant).")
+@click.option("--cloud", "clouds", multiple=True, help="Only these clouds.")
+@click.option("--refresh", is_flag=True, help="Ask SkyPilot for fresh price catalogs first (needs network).")
+@json_option
+def gpus(gpu: str | None, clouds: tuple[str, ...], refresh: bool, as_json: bool) -> None:
+    """GPU offers and their prices, cheapest first."""
+    from .catalog import SPECS, load_offers, match_gpus, refresh_catalogs
+    from .render import gpus_table
+
+    refreshed = refresh_catalogs(list(clouds) or None) if refresh else []
+    catalog = load_offers(list(clouds) or None)
+    note = None
+    if gpu:
+        match = match_gpus(gpu)
+        catalog.offers = [o for o in catalog.offers if o.gpu in match.names]
+        note = match.note
+    if as_json:
+        _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in refreshed], "note": note})
+        return
+    out = err_console
+    if refreshed and all(r.message == "no network" for r in refreshed):
+        out.print("[yellow]no network: SkyPilot's catalog repository cannot be reached; "
+                  f"showing the prices of {catalog.snapshot_date}[/]")
+    for result in refreshed:
+        if result.message != "no network":
+            colour = "green" if result.ok else "red"
+            out.print(f"[{colour}]{result.cloud}: {'refreshed' if result.ok else 'not refreshed'}[/] "
+                      f"({escape(result.message)})")
+    console.print(gpus_table(catalog, f"GPU offers, cheapest first · {catalog.describe()}", SPECS))
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    for problem in catalog.problems:
+        console.print(f"[red]{escape(problem)}[/]")
+    if catalog.skipped:
+        console.print("[dim]not planned on: " + "; ".join(f"{name} ({why})" for name, why in
+                                                         sorted(catalog.skipped.items())) + "[/]")
+
+
+# ----------------------------------------------------------------------------------------------
+# cloud runs (SkyPilot): plan, dry run, pull again
 
 
 def _show_dry_run(recipe, plan, model_bytes: float, as_json: bool) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ class DatasetReport:
     truncated_rows: int
     longest_row_tokens: int
     tokenizer: str
+    # Row lengths (after truncation) at percentiles 0..100: how much padding unpacked batches carry.
+    length_percentiles: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,13 +146,26 @@ def token_counter(recipe: Recipe) -> tuple[Tokenize, bool, str]:
     if recipe.model.init == "tiny-llama":
         from .tiny import byte_token_count
         return byte_token_count, True, "tiny-llama bytes"
+    estimate = (lambda text: int(len(text) / CHARS_PER_TOKEN_ESTIMATE) + 2), False, "estimate (≈3.6 chars/token)"
+    if not _tokenizer_on_disk(recipe):  # importing transformers only to fail offline costs seconds
+        return estimate
     try:
         from transformers import AutoTokenizer  # heavy: only when counting exactly is possible
         tokenizer = AutoTokenizer.from_pretrained(recipe.model.name, revision=recipe.model.revision,
                                                   local_files_only=True)
     except Exception:  # noqa: BLE001 - no tokenizer offline is normal; we estimate instead
-        return (lambda text: int(len(text) / CHARS_PER_TOKEN_ESTIMATE) + 2), False, "estimate (≈3.6 chars/token)"
+        return estimate
     return (lambda text: len(tokenizer(text)["input_ids"]) + 1), True, recipe.model.name
+
+
+def _tokenizer_on_disk(recipe: Recipe) -> bool:
+    from .shapes import hf_cache_snapshot
+
+    name = recipe.model.name or ""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return True
+    return hf_cache_snapshot(name, recipe.model.revision, "tokenizer_config.json") is not None
 
 
 def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = None) -> DatasetReport:
@@ -162,6 +178,7 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
     count, exact, tokenizer_name = token_counter(recipe)
     fmt = recipe.dataset.format
     rows = tokens = truncated = longest = 0
+    lengths = array("I")
     cap = recipe.training.max_seq_len
     for detected, pieces in render_rows(iter_rows(file), recipe.dataset, formats.fallback_chat):
         fmt = detected
@@ -171,6 +188,7 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
             truncated += 1
             n = cap
         tokens += n
+        lengths.append(n)
         rows += 1
         if progress is not None:
             progress(rows)
@@ -179,4 +197,10 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
     if rows == 0:
         raise CloudtuneError(f"{file}: the dataset has no rows.", "Add training examples to the file.")
     return DatasetReport(source=str(file), format=fmt, rows=rows, tokens=tokens, tokens_exact=exact,
-                         truncated_rows=truncated, longest_row_tokens=longest, tokenizer=tokenizer_name)
+                         truncated_rows=truncated, longest_row_tokens=longest, tokenizer=tokenizer_name,
+                         length_percentiles=percentiles(lengths))
+
+
+def percentiles(values) -> list[int]:
+    ordered = sorted(values)
+    return [ordered[round(p / 100 * (len(ordered) - 1))] for p in range(101)] if ordered else []

@@ -20,6 +20,11 @@ class Offer:
     gpu_memory_gib: float  # per GPU
     price_per_hour: float  # on-demand, whole instance
     spot_price_per_hour: float | None = None
+    accelerator: str = ""  # the catalog's own name for the GPU (what SkyPilot's `accelerators:` takes)
+
+    @property
+    def sky_accelerator(self) -> str:
+        return self.accelerator or self.gpu
 
 
 @dataclass
@@ -63,6 +68,9 @@ class Plan:
     tokens_exact: bool
     snapshot_date: str
     estimates: list[Estimate] = field(default_factory=list)  # fitting first, then by high cost
+    notes: list[str] = field(default_factory=list)  # what the user should know about this plan
+    model_source: str = ""  # where the model's shape came from
+    catalog: dict = field(default_factory=dict)  # price sources per cloud, cache use, unreadable clouds
 
     @property
     def chosen(self) -> Estimate | None:
@@ -71,3 +79,9 @@ class Plan:
     def candidates(self, limit: int = 8) -> list[Estimate]:
         """The fitting offers, cheapest run first: what a launcher may fall back through."""
         return [e for e in self.estimates if e.fits][:limit]
+
+    def as_dict(self, limit: int | None = None) -> dict:
+        return {"tokens": self.tokens, "tokens_exact": self.tokens_exact, "snapshot_date": self.snapshot_date,
+                "model_source": self.model_source, "notes": self.notes, "catalog": self.catalog,
+                "chosen": self.chosen.as_dict() if self.chosen else None,
+                "estimates": [e.as_dict() for e in self.estimates[:limit]]}

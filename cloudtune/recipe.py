@@ -41,6 +41,20 @@ class ModelSpec(Strict):
         None, description="build a small random Llama locally instead of loading one (offline demo, tests)")
     revision: str | None = Field(None, description="hub branch, tag or commit")
     trust_remote_code: bool = Field(False, description="run model code from the hub repo (only repos you trust)")
+    params: str | float | None = Field(
+        None, description="parameter count (8B, 500M) to price a model whose config.json is not available offline")
+
+    @field_validator("params")
+    @classmethod
+    def _parameter_count(cls, value: Any) -> Any:
+        from .shapes import parse_params
+
+        if value is not None:
+            try:
+                parse_params(value)
+            except CloudtuneError as exc:
+                raise ValueError(f"'{value}' is not a parameter count; write it like 8B, 500M or 7e9") from exc
+        return value
 
 
 class LoraSpec(Strict):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -48,7 +49,14 @@ def receipt_table(receipt: dict) -> Table:
         table.add_row("peak GPU memory", f"{receipt['peak_gpu_gib']:.1f} GiB")
     estimate = receipt.get("estimate")
     if estimate:
-        table.add_row("estimate", f"${estimate.get('est_cost_low', 0):.2f}–${estimate.get('est_cost_high', 0):.2f}")
+        if estimate.get("est_hours_low") is not None:
+            table.add_row("time: estimate / actual", f"{_hours(estimate['est_hours_low'], estimate['est_hours_high'])}"
+                                                     f" / {_seconds(receipt.get('wall_seconds'))}")
+        actual = receipt.get("actual_cost")
+        table.add_row("cost: estimate / actual",
+                      f"{_dollars(estimate.get('est_cost_low', 0), estimate.get('est_cost_high', 0))} / "
+                      + (f"${actual:,.2f}" if actual is not None else "-")
+                      + (f" ({estimate['gpu']} at ${estimate['price_per_hour']:.2f}/h)" if estimate.get("gpu") else ""))
     table.add_row("adapter" if receipt.get("weights_dir") == "adapter" else "model", receipt["weights_path"])
     table.add_row("outputs", receipt["output_dir"])
     return table
@@ -56,7 +64,7 @@ def receipt_table(receipt: dict) -> Table:
 
 def runs_table(runs: list[dict]) -> Table:
     table = Table(title="runs", title_justify="left")
-    for column in ("run", "name", "backend", "status", "started", "wall", "tokens", "est $", "actual $"):
+    for column in ("run", "name", "backend", "status", "started", "wall", "est time", "tokens", "est $", "actual $"):
         table.add_column(column)
     for run in runs:
         colour = STATUS_COLOURS.get(run["status"], "cyan")
@@ -65,9 +73,68 @@ def runs_table(runs: list[dict]) -> Table:
         actual = f"{run['actual_cost']:.2f}" if run.get("actual_cost") is not None else "-"
         table.add_row(run["id"], run["name"], run["backend"], f"[{colour}]{run['status']}[/]",
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"])),
-                      _seconds(run.get("wall_seconds")), f"{run['tokens']:,}" if run.get("tokens") else "-",
+                      _seconds(run.get("wall_seconds")),
+                      _hours(run["est_hours_low"], run["est_hours_high"]) if run.get("est_hours_low") is not None
+                      else "-",
+                      f"{run['tokens']:,}" if run.get("tokens") else "-",
                       estimate, actual)
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans and offers
+
+
+def _hours(low: float, high: float) -> str:
+    if high < 1:
+        return f"{low * 60:.0f}–{high * 60:.0f} min"
+    return f"{low:.1f}–{high:.1f} h"
+
+
+def _dollars(low: float, high: float) -> str:
+    return f"${low:,.2f}–{high:,.2f}"
+
+
+def cost_table(plan, title: str, top: int) -> Table:
+    """The plan's offers, cheapest run first; the chosen (cheapest that fits) one highlighted."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    # figures never shrink; the offer's names fold onto a second line on a narrow terminal
+    table.add_column("offer", overflow="fold", max_width=24)
+    table.add_column("GPU", overflow="fold", min_width=6)
+    for column, width in (("$/h", 4), ("est. time", 9), ("est. $ (run)", 11)):
+        table.add_column(column, justify="right", no_wrap=True, min_width=width)
+    table.add_column("fits (peak)", no_wrap=True, min_width=8)
+    chosen = plan.chosen
+    for estimate in plan.estimates[:top]:
+        offer = estimate.offer
+        if estimate.fits:
+            fits = "[green]yes[/]" + (f" ckpt mb{estimate.micro_batch_size}" if estimate.gradient_checkpointing else "")
+        else:
+            fits = "[red]no[/]"
+        style = "bold green" if estimate is chosen else ("dim" if not estimate.fits else None)
+        price = f"{estimate.price_per_hour:.2f}" + (" spot" if estimate.spot else "")
+        table.add_row(f"{offer.cloud} {escape(offer.region)} [dim]{escape(offer.instance_type)}[/]",
+                      f"{offer.gpu}×{offer.gpu_count}", price, _hours(estimate.hours_low, estimate.hours_high),
+                      _dollars(estimate.cost_low, estimate.cost_high), f"{fits} {estimate.peak_gib:.0f}G",
+                      style=style)
+    return table
+
+
+def gpus_table(catalog, title: str, specs: dict) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("GPU", overflow="fold", min_width=6)
+    table.add_column("memory", justify="right", no_wrap=True, min_width=6)
+    table.add_column("TFLOP/s", justify="right", no_wrap=True, min_width=4)
+    table.add_column("offer", overflow="fold", max_width=30)
+    table.add_column("$/h", justify="right", no_wrap=True, min_width=5)
+    table.add_column("spot $/h", justify="right", no_wrap=True, min_width=5)
+    for offer in catalog.offers:
+        spec = specs[offer.gpu]
+        spot = f"{offer.spot_price_per_hour:.2f}" if offer.spot_price_per_hour is not None else "-"
+        table.add_row(f"{offer.gpu}×{offer.gpu_count}", f"{offer.gpu_memory_gib:.0f} GiB",
+                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"),
+                      f"{offer.cloud} {escape(offer.region)} [dim]{escape(offer.instance_type)}[/]",
+                      f"{offer.price_per_hour:.2f}", spot)
 
 
 def launch_order_table(shown: dict, snapshot_date: str) -> Table:

@@ -120,6 +120,7 @@ def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, l
                        wall_seconds=round(time.time() - started, 1), output_dir=str(output_dir))
         if estimate:
             receipt["estimate"] = estimate
+            receipt["actual_cost"] = _actual_cost(estimate, receipt["wall_seconds"])
         (output_dir / "receipt.json").write_text(json.dumps(receipt, indent=1))
         ledger.update_run(run_id, tokens=receipt.get("tokens"), train_seconds=receipt.get("train_seconds"),
                           wall_seconds=receipt["wall_seconds"], gpu=receipt.get("device"),

@@ -132,18 +132,13 @@ def disk_size_gib(recipe: Recipe, model_bytes: float | None) -> int | None:
     return max(MIN_DISK_GIB, int(math.ceil(total / 10.0) * 10))
 
 
-def _accelerator(estimate: Estimate) -> str:
-    # The cost branch adds Offer.sky_accelerator (the catalog's own spelling); gpu is the same name today.
-    return getattr(estimate.offer, "sky_accelerator", "") or estimate.offer.gpu
-
-
 def alternatives(candidates: list[Estimate], region: str | None) -> list[dict[str, Any]]:
     """One SkyPilot resources entry per fitting offer, in the plan's order (cheapest run first)."""
     entries: list[dict[str, Any]] = []
     for estimate in candidates[:MAX_ALTERNATIVES]:
         offer = estimate.offer
         entry = {"infra": f"{offer.cloud}/{region}" if region else offer.cloud,
-                 "accelerators": {_accelerator(estimate): offer.gpu_count}}
+                 "accelerators": {offer.sky_accelerator: offer.gpu_count}}
         if offer.instance_type:
             entry["instance_type"] = offer.instance_type
         if entry not in entries:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CloudtuneError
-from ..memory import ModelShape, needs_checkpointing
+from ..memory import ModelShape, TrainSetup, needs_checkpointing
 from ..recipe import Recipe
 from . import Stopped, checkpoint, export, tracking
 from . import model as model_lib
@@ -41,15 +41,20 @@ def preflight(recipe: Recipe, device: torch.device) -> None:
                              "Add HF_TOKEN to the recipe's secrets and set it where you run cloudtune.")
 
 
-def use_checkpointing(recipe: Recipe, config, device: torch.device) -> bool:
+def use_checkpointing(recipe: Recipe, config, device: torch.device, longest_row: int | None = None,
+                      fused_kernels: bool = False) -> bool:
     choice = recipe.training.gradient_checkpointing
     if choice != "auto":
         return choice == "on"
     if device.type != "cuda":
         return False
     free, _total = torch.cuda.mem_get_info(device)
-    tokens = recipe.training.micro_batch_size * recipe.training.max_seq_len
-    return needs_checkpointing(ModelShape.from_config(config), tokens, free)
+    # unpacked batches pad to their longest row, as `cloudtune cost` assumes
+    width = recipe.training.max_seq_len if recipe.training.packing else min(longest_row or 10**9,
+                                                                              recipe.training.max_seq_len)
+    tokens = recipe.training.micro_batch_size * width
+    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels)
+    return needs_checkpointing(ModelShape.from_config(config), tokens, free, setup)
 
 
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device):
@@ -94,9 +99,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.trained_tokens} trained tokens per epoch")
 
     base = model_lib.load_base(recipe, device)
-    checkpointing = use_checkpointing(recipe, base.config, device)
+    fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
+    checkpointing = use_checkpointing(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples),
+                                      fused_kernels=fused)
     model = model_lib.prepare_for_training(recipe, base, checkpointing)
-    fused = model_lib.apply_fused_kernels(recipe, model, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     say(f"model: {model_lib.model_source(recipe)} method {recipe.method}, {n_trainable:,} trainable parameters, "

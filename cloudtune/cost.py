@@ -1,0 +1,404 @@
+"""What a fine-tune costs on each GPU offer: memory fit, training time, overheads, dollars per run.
+
+Time = tokens the GPU processes / throughput + fixed overheads. Throughput comes from FLOPs: about
+2·N per token forward, 2·N more for the backward of a frozen base (LoRA, QLoRA, 8-bit) or 4·N for
+full fine-tuning, 2·N more when checkpointing recomputes the forward, plus attention. The GPU's
+datasheet bf16 peak times an efficiency turns FLOPs into seconds. Efficiencies are calibrated on
+measured runs, listed in cloudtune/data/calibration.jsonl (one JSON object a line: stack, gpu,
+model, method, gradient_checkpointing, width = padded row width, tokens_per_s = processed tokens
+incl. padding). Rows measured with cloudtune's own trainer (stack "cloudtune", written by
+bench/cost_accuracy.py) take precedence over rows of other stacks for the same method and
+checkpointing. 4-bit and 8-bit have their own factors: quantised weights are dequantised on every
+pass.
+
+Every figure is a low–high range: throughput from the spread of the calibration rows, overheads
+from per-cloud provisioning times and download bandwidths, and tokens ±15 % when they were counted
+without the model's tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .catalog import SPECS, load_offers, match_gpus, usable_gib
+from .datasets import DatasetReport, percentiles
+from .errors import CloudtuneError
+from .memory import GIB, MemoryEstimate, ModelShape, TrainSetup, estimate, lora_params, required_bytes
+from .plan import Estimate, Offer, Plan
+from .recipe import Recipe
+from .shapes import KNOWN_MODELS, ModelInfo, resolve_model
+
+CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.jsonl"
+MIN_SPREAD = 0.12  # no efficiency band is narrower than ±12 %: runs of one recipe vary that much
+MAX_SPREAD = 1.35  # nor wider than ×/÷ 1.35 around the median: one odd row should not double a price
+# Speed relative to cloudtune's bf16 LoRA for a method cloudtune has no run of yet: 4-bit dequantises
+# every weight on each pass (trl's H100 rows put it within ±10 % of bf16 at 4k-16k tokens per
+# micro-batch); bitsandbytes' LLM.int8 matmul with outlier decomposition trains 2-3x slower; full
+# fine-tuning adds an optimizer step over every weight.
+RELATIVE_TO_16BIT = {"4bit": (0.85, 1.0), "8bit": (0.35, 0.6), "full": (0.7, 0.9)}
+PACKING_FILL = 0.97  # first-fit-decreasing packing leaves about 3 % of each row empty
+MULTI_GPU_SCALING = 0.9  # data-parallel efficiency per doubling of GPUs
+TOKENS_UNCERTAINTY = 0.15  # token counts estimated from characters (no tokenizer offline)
+# A step cannot beat its kernel launches: tiny models are launch-bound, not FLOP-bound.
+STEP_FLOOR_SECONDS = 5e-3
+LAYER_PASS_SECONDS = 0.25e-3  # about 25 kernels of ~10 µs per layer and pass
+# Hub datasets the shipped recipes train on, so `cloudtune cost` can price them before the training
+# machine downloads them: the published number of training rows, with guanaco's lengths (lognormal,
+# median 350 tokens, sigma 0.8: the distribution the benchmarks in bench/common.py use).
+HUB_DATASET_ROWS = {"mlabonne/guanaco-llama2-1k": 1000, "timdettmers/openassistant-guanaco": 9846}
+
+# Minutes from "launch" to a machine that answers SSH, then SkyPilot's runtime, the image pull and
+# `pip install .[train]` (DESIGN.md: about 3 min), and teardown until billing stops.
+PROVISION_MINUTES = {"aws": (3, 8), "gcp": (2, 6), "azure": (4, 10), "lambda": (3, 8), "runpod": (1, 4),
+                     "vast": (1, 6), "nebius": (3, 8), "hyperbolic": (2, 6), "fluidstack": (5, 12)}
+DEFAULT_PROVISION_MINUTES = (3, 10)
+SETUP_MINUTES = (3, 8)
+TEARDOWN_MINUTES = (1, 3)
+HUB_DOWNLOAD_BYTES_PER_S = (400e6, 100e6)  # from the Hugging Face hub to a cloud machine
+LOAD_BYTES_PER_S = (2e9, 0.5e9)  # safetensors into GPU memory (quantising on the way)
+UPLOAD_BYTES_PER_S = (20e6, 5e6)  # the dataset bundle from here
+PULL_BYTES_PER_S = (50e6, 10e6)  # outputs back to here
+
+
+# ----------------------------------------------------------------------------------------------
+# Work: how many tokens, in which micro-batches
+
+
+@dataclass(frozen=True)
+class Work:
+    tokens: int  # trained tokens (what receipts count)
+    processed: float  # tokens the GPU computes on, padding included
+    row_tokens: int  # widest row a micro-batch can hold: the peak memory's sequence length
+    width: float  # average padded row width (for attention FLOPs)
+    exact: bool
+    note: str = ""
+
+
+def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | None = None) -> Work:
+    spec = recipe.training
+    mb = micro_batch_size or spec.micro_batch_size
+    cap = spec.max_seq_len
+    if report.rows == 0:  # hub dataset: counted on the training machine
+        rows_per_step = mb * spec.gradient_accumulation
+        if not spec.max_steps:
+            return Work(0, 0.0, cap, cap, False, "tokens unknown: the hub dataset is counted on the training "
+                                                "machine; set training.max_steps to price the training itself")
+        per_row = cap if spec.packing else cap / 2
+        tokens = spec.max_steps * rows_per_step * per_row
+        return Work(int(tokens), tokens, cap, per_row, False,
+                    f"hub dataset: assumed {per_row:.0f} tokens per row over {spec.max_steps} steps")
+    if spec.packing:
+        rows = max(1, math.ceil(report.tokens / (cap * PACKING_FILL)))
+        width = min(cap, report.tokens / rows / PACKING_FILL)
+        processed_per_epoch = rows * width
+        row_tokens = min(cap, math.ceil(report.tokens / PACKING_FILL))
+    else:
+        rows = report.rows
+        width = expected_batch_width(report, mb)
+        processed_per_epoch = rows * width
+        row_tokens = min(cap, report.longest_row_tokens or cap)
+    micro_batches = max(1, math.ceil(rows / mb))
+    if spec.max_steps:
+        total_micro_batches = spec.max_steps * spec.gradient_accumulation
+        epochs = total_micro_batches / micro_batches
+    else:
+        epochs = spec.epochs or 1.0
+        steps = math.ceil(epochs * math.ceil(micro_batches / spec.gradient_accumulation))
+        epochs = steps * spec.gradient_accumulation / micro_batches
+    return Work(tokens=int(report.tokens * epochs), processed=processed_per_epoch * epochs, row_tokens=row_tokens,
+                width=width, exact=report.tokens_exact)
+
+
+def expected_batch_width(report: DatasetReport, micro_batch_size: int) -> float:
+    """Mean padded width of an unpacked micro-batch: the expected longest of its rows.
+
+    With the length percentiles q_0..q_100 the longest of n random rows is at most q_p with
+    probability (p/100)^n.
+    """
+    percentiles = getattr(report, "length_percentiles", None)
+    mean = report.tokens / max(report.rows, 1)
+    if not percentiles or micro_batch_size <= 1:
+        return mean
+    n = micro_batch_size
+    cdf = [(p / 100) ** n for p in range(len(percentiles))]
+    expected = sum((cdf[k] - cdf[k - 1]) * (percentiles[k] + percentiles[k - 1]) / 2 for k in range(1, len(cdf)))
+    return max(mean, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# Throughput
+
+
+def flops_per_token(shape: ModelShape, method: str, checkpointing: bool, width: float) -> float:
+    passes = (3 if method == "full" else 2) + (1 if checkpointing else 0)
+    # causal attention: each token attends to about half the row; its backward costs twice the forward
+    attention = 4 * shape.layers * (width / 2) * shape.attention_width * (3 + (1 if checkpointing else 0))
+    return 2.0 * shape.matmul_params * passes + attention
+
+
+def _quant_class(method: str) -> str:
+    """Methods whose speed differs: quantised weights are dequantised on every pass; full
+    fine-tuning adds an optimizer step over every weight."""
+    return {"qlora": "4bit", "8bit": "8bit", "full": "full"}.get(method, "16bit")
+
+
+@lru_cache(maxsize=1)
+def calibration_rows() -> tuple[dict, ...]:
+    rows = []
+    for line in CALIBRATION_FILE.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        shape = KNOWN_MODELS[row["model"]][1] if row["model"] in KNOWN_MODELS else ModelShape(**row["shape"])
+        peak = SPECS[row["gpu"]].tflops * 1e12
+        used = row["tokens_per_s"] * flops_per_token(shape, row["method"], row["gradient_checkpointing"], row["width"])
+        rows.append({**row, "efficiency": used / peak, "quant": _quant_class(row["method"])})
+    return tuple(rows)
+
+
+def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = False) -> tuple[float, float, str]:
+    """(low, high) fraction of the datasheet peak, and which rows it rests on.
+
+    cloudtune's own runs describe the trainer that will run (checkpointing's recomputation is in the
+    FLOP count already, so they count with or without it); a method it has not measured yet is
+    scaled from its bf16 LoRA runs; other stacks' runs, with the same checkpointing, come last.
+    """
+    quant = _quant_class(method)
+    rows = calibration_rows()
+
+    def own(kind: str) -> list[dict]:
+        mine = [r for r in rows if r["stack"] == "cloudtune" and r["quant"] == kind]
+        return [r for r in mine if r.get("fused_kernels", False) == fused_kernels] or mine
+
+    chosen, factor, basis = own(quant), (1.0, 1.0), "cloudtune run(s)"
+    if not chosen and quant in RELATIVE_TO_16BIT and own("16bit"):
+        chosen, factor, basis = own("16bit"), RELATIVE_TO_16BIT[quant], "cloudtune bf16 LoRA run(s), scaled"
+    if not chosen:
+        same = [r for r in rows if r["quant"] == quant]
+        chosen = [r for r in same if r["gradient_checkpointing"] == checkpointing] or same
+        basis = "reference run(s) of other trainers"
+    values = [r["efficiency"] for r in chosen]
+    median = statistics.median(values)
+    low = max(min(values), median / MAX_SPREAD)
+    high = min(max(values), median * MAX_SPREAD)
+    low, high = min(low, median * (1 - MIN_SPREAD)), max(high, median * (1 + MIN_SPREAD))
+    return low * factor[0], high * factor[1], f"{len(chosen)} {basis}"
+
+
+def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, checkpointing: bool,
+                          width: float, micro_batch_tokens: float | None = None,
+                          fused_kernels: bool = False) -> tuple[float, float]:
+    """Processed tokens per second (low, high) on `gpu_count` GPUs of one kind."""
+    spec = SPECS[offer_gpu]
+    flops = flops_per_token(shape, method, checkpointing, width)
+    low, high, _ = efficiency_band(method, checkpointing, fused_kernels)
+    scale = gpu_count * MULTI_GPU_SCALING ** math.log2(gpu_count) if gpu_count > 1 else 1.0
+    rates = [spec.tflops * 1e12 * e / flops for e in (low, high)]
+    if micro_batch_tokens:
+        passes = (3 if method == "full" else 2) + (1 if checkpointing else 0)
+        floor = STEP_FLOOR_SECONDS + shape.layers * passes * LAYER_PASS_SECONDS
+        rates = [min(rate, micro_batch_tokens / floor) for rate in rates]
+    return rates[0] * scale, rates[1] * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Overheads
+
+
+def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: str) -> tuple[float, float, str]:
+    minutes = [a + b + c for a, b, c in zip(PROVISION_MINUTES.get(cloud, DEFAULT_PROVISION_MINUTES),
+                                            SETUP_MINUTES, TEARDOWN_MINUTES, strict=True)]
+    seconds = [m * 60.0 for m in minutes]
+    download = 0.0 if recipe.model.init else model.download_bytes
+    dataset = recipe.dataset_file()
+    upload = dataset.stat().st_size if dataset is not None and dataset.exists() else 0
+    if recipe.uses_lora:
+        outputs = lora_params(model.shape, setup) * 4.0  # adapters are saved in fp32
+    else:
+        outputs = model.shape.params * 2.0
+    if recipe.outputs.merge and recipe.uses_lora:
+        outputs += model.shape.params * 2.0
+    for k in (0, 1):
+        seconds[k] += (download / HUB_DOWNLOAD_BYTES_PER_S[k] + model.download_bytes / LOAD_BYTES_PER_S[k]
+                       + upload / UPLOAD_BYTES_PER_S[k] + outputs / PULL_BYTES_PER_S[k])
+    parts = ["provisioning", "setup"]
+    if download:
+        parts.append(f"{download / 1e9:.1f} GB model download")
+    if outputs > 1e8:
+        parts.append(f"{outputs / 1e9:.1f} GB of outputs back")
+    parts.append("teardown")
+    return seconds[0] / 3600, seconds[1] / 3600, ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_tokens: int,
+                 usable_bytes: float) -> tuple[int, bool, MemoryEstimate, bool]:
+    """(micro-batch, checkpointing, memory, fits): the recipe's micro-batch without checkpointing if
+    that fits and the recipe allows it, else with it, else a smaller micro-batch (the run keeps the
+    effective batch by accumulating more)."""
+    choice = recipe.training.gradient_checkpointing
+    options = {"auto": (False, True), "on": (True,), "off": (False,)}[choice]
+    wanted = recipe.training.micro_batch_size
+    # divisors only, so that accumulating more micro-batches keeps the effective batch exactly
+    for mb in (d for d in range(wanted, 0, -1) if wanted % d == 0):
+        for checkpointing in options:
+            memory = estimate(shape, setup, mb * row_tokens, checkpointing)
+            if required_bytes(memory) <= usable_bytes:
+                return mb, checkpointing, memory, True
+    mb, checkpointing = wanted, options[-1]
+    return mb, checkpointing, estimate(shape, setup, mb * row_tokens, checkpointing), False
+
+
+def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, setup: TrainSetup, offer: Offer,
+                   spot: bool) -> Estimate:
+    usable = usable_gib(offer) * GIB
+    base = plan_work(recipe, report)
+    mb, checkpointing, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
+    work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
+    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, model.shape, recipe.method, checkpointing,
+                                              work.width, mb * work.width, setup.impl.fused_loss)
+    processed = (work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)) \
+        if not work.exact else (work.processed, work.processed)
+    train_low, train_high = processed[0] / tps_high / 3600, processed[1] / tps_low / 3600
+    over_low, over_high, over_what = overhead_hours(recipe, model, setup, offer.cloud)
+    hours_low, hours_high = train_low + over_low, train_high + over_high
+    price = offer.spot_price_per_hour if spot and offer.spot_price_per_hour is not None else offer.price_per_hour
+    real = work.tokens / work.processed if work.processed else 1.0  # trained share of processed tokens
+    why = (f"{_si(work.tokens)} tokens at {_si(tps_low * real)}–{_si(tps_high * real)} tok/s "
+           f"({recipe.method}, micro-batch {mb}, checkpointing {'on' if checkpointing else 'off'}) "
+           f"+ {over_low * 60:.0f}–{over_high * 60:.0f} min {over_what}")
+    if not fits:
+        smallest = estimate(model.shape, setup, base.row_tokens, checkpointing)
+        why = (f"needs {required_bytes(smallest) / GIB:.1f} GiB even at micro-batch 1 with checkpointing "
+               f"{'on' if checkpointing else 'off'}; {offer.gpu} has {usable / GIB:.1f} GiB usable")
+    return Estimate(offer=offer, spot=spot and offer.spot_price_per_hour is not None, fits=fits,
+                    peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=checkpointing,
+                    tokens=work.tokens, tokens_per_s_low=round(tps_low * real, 1),
+                    tokens_per_s_high=round(tps_high * real, 1), hours_low=round(hours_low, 3),
+                    hours_high=round(hours_high, 3), cost_low=round(hours_low * price, 2),
+                    cost_high=round(hours_high * price, 2), why=why)
+
+
+def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, clouds: list[str] | None = None,
+              spot: bool | None = None, offers: list[Offer] | None = None) -> Plan:
+    """Every offer that matches the recipe's compute wishes, with fit and cost; fitting ones first, cheapest first."""
+    model = resolve_model(recipe)
+    setup = TrainSetup.from_recipe(recipe)
+    gpu = gpu or recipe.compute.gpu
+    clouds = clouds or recipe.compute.cloud or None
+    spot = recipe.compute.spot if spot is None else spot
+    notes: list[str] = []
+    catalog_info: dict = {}
+    if offers is None:
+        catalog = load_offers(clouds, recipe.compute.region)
+        offers, snapshot = catalog.offers, catalog.snapshot_date
+        catalog_info = {"prices": catalog.describe(), "sources": catalog.sources, "from_cache": catalog.from_cache,
+                        "problems": catalog.problems}
+        notes += catalog.problems
+    else:
+        snapshot = "given offers"
+        if clouds:
+            offers = [o for o in offers if o.cloud in {c.lower() for c in clouds}]
+    candidates = [o for o in offers if o.gpu in SPECS]
+    if gpu:
+        match = match_gpus(gpu)
+        candidates = [o for o in candidates if o.gpu in match.names]
+        if match.note:
+            notes.append(match.note)
+    count = recipe.compute.gpu_count
+    candidates = [o for o in candidates if o.gpu_count == count]
+    if spot:
+        candidates = [o for o in candidates if o.spot_price_per_hour is not None]
+    if not candidates:
+        wanted = " ".join(filter(None, [f"{count}× {gpu or 'any GPU'}", "spot" if spot else "",
+                                        f"on {', '.join(clouds)}" if clouds else ""]))
+        raise CloudtuneError(f"no offer in the price catalog matches {wanted}.",
+                             "`cloudtune gpus` lists what there is; widen --gpu/--cloud, drop --spot, or "
+                             "change compute.gpu_count.")
+    if report.rows == 0:
+        known = hub_report(recipe)
+        if known is not None:
+            report = known
+            notes.append(f"hub dataset {recipe.dataset.hub}: {known.rows:,} rows as published, lengths assumed "
+                         "guanaco-like; the training machine counts the real tokens")
+    work = plan_work(recipe, report)
+    if work.note:
+        notes.append(work.note)
+    if not model.exact:
+        notes.append(f"model shape {model.source}")
+    estimates = [estimate_offer(recipe, report, model, setup, offer, spot) for offer in candidates]
+    estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.offer.cloud, e.offer.instance_type))
+    return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
+                notes=notes, model_source=model.source, catalog=catalog_info)
+
+
+def hub_report(recipe: Recipe) -> DatasetReport | None:
+    """An estimated report for a hub dataset cloudtune knows the size of; None for others."""
+    rows = HUB_DATASET_ROWS.get(recipe.dataset.hub or "")
+    if rows is None:
+        return None
+    rows = min(rows, recipe.dataset.max_rows or rows)
+    cap = recipe.training.max_seq_len
+    rng = random.Random(0)
+    raw = [max(16, int(rng.lognormvariate(math.log(350), 0.8))) for _ in range(rows)]
+    lengths = [min(cap, n) for n in raw]
+    return DatasetReport(source=f"hub:{recipe.dataset.hub}", format=recipe.dataset.format, rows=rows,
+                         tokens=sum(lengths), tokens_exact=False, truncated_rows=sum(n > cap for n in raw),
+                         longest_row_tokens=max(raw), tokenizer="estimate (published rows, guanaco-like lengths)",
+                         length_percentiles=percentiles(lengths))
+
+
+def apply_estimate(recipe: Recipe, chosen: Estimate) -> list[str]:
+    """Make the recipe train with the micro-batch the plan found to fit; the effective batch stays.
+
+    Returns what changed, for the CLI to print. Checkpointing stays as the recipe says: with `auto`
+    the trainer decides on the machine it lands on, from the same memory model.
+    """
+    spec = recipe.training
+    if chosen.micro_batch_size >= spec.micro_batch_size:
+        return []
+    factor = spec.micro_batch_size // chosen.micro_batch_size
+    before = f"{spec.micro_batch_size}×{spec.gradient_accumulation}"
+    spec.micro_batch_size, spec.gradient_accumulation = chosen.micro_batch_size, spec.gradient_accumulation * factor
+    return [f"micro-batch × accumulation {before} → {spec.micro_batch_size}×{spec.gradient_accumulation} "
+            f"so it fits {chosen.offer.gpu}"]
+
+
+def local_estimate() -> dict:
+    """`--backend local`: this machine, nothing rented, nothing to pay."""
+    return {"gpu": "local", "price_per_hour": 0.0, "est_cost_low": 0.0, "est_cost_high": 0.0}
+
+
+def check_budget(plan_or_estimate, max_cost: float | None) -> None:
+    """Refuse a plan whose high estimate exceeds `max_cost` dollars."""
+    if max_cost is None:
+        return
+    chosen = plan_or_estimate.chosen if isinstance(plan_or_estimate, Plan) else plan_or_estimate
+    if chosen is None:
+        return
+    if isinstance(plan_or_estimate, Plan) and not plan_or_estimate.tokens:
+        raise CloudtuneError(f"max_cost ${max_cost:.2f} cannot be checked: the number of tokens is unknown "
+                             "before the training machine counts the hub dataset.",
+                             "Set training.max_steps, or train from a local dataset file.")
+    if chosen.cost_high > max_cost:
+        raise CloudtuneError(
+            f"the cheapest plan that fits costs up to ${chosen.cost_high:.2f} "
+            f"({chosen.offer.gpu}×{chosen.offer.gpu_count} on {chosen.offer.cloud}, {chosen.hours_low:.1f}–"
+            f"{chosen.hours_high:.1f} h at ${chosen.price_per_hour:.2f}/h), over max_cost ${max_cost:.2f}.",
+            "Raise compute.max_cost (or --max-cost), train fewer tokens (epochs, max_steps, max_rows), "
+            "or see `cloudtune cost` for the options.")
+
+
+def _si(value: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"

@@ -1,0 +1,223 @@
+"""Plans: which offers fit, what the whole run costs, budgets, and `cloudtune cost` itself.
+
+Plans built in-process get their offers handed in (no SkyPilot import here); the CLI tests run the
+real `cloudtune` in a subprocess against the bundled snapshot, with HOME a fresh directory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cloudtune.catalog import usable_gib
+from cloudtune.cli import cli
+from cloudtune.cost import apply_estimate, check_budget, make_plan
+from cloudtune.datasets import inspect_dataset
+from cloudtune.errors import CloudtuneError
+from cloudtune.memory import GIB, TrainSetup, estimate, required_bytes
+from cloudtune.plan import Offer
+from cloudtune.recipe import load_recipe
+from cloudtune.shapes import resolve_model
+
+from .conftest import demo_recipe_text, write_recipe
+from .test_catalog import sky_env
+
+OFFERS = [
+    Offer("vast", "Texas, US", "1x-T4", "T4", 1, 16, 0.15),
+    Offer("lambda", "us-east-1", "gpu_1x_a10", "A10", 1, 24, 0.75, None, "A10"),
+    Offer("aws", "us-east-1", "g5.xlarge", "A10G", 1, 24, 1.01, 0.45, "A10G"),
+    Offer("runpod", "US", "1x_A100-80GB_SECURE", "A100-80GB", 1, 80, 1.39, None, "A100-80GB"),
+    Offer("lambda", "us-east-1", "gpu_1x_h100_sxm5", "H100", 1, 80, 2.99, None, "H100"),
+    Offer("lambda", "us-east-1", "gpu_2x_h100_sxm5", "H100", 2, 80, 5.98, None, "H100"),
+]
+
+
+def guanaco_like(path: Path, rows: int = 400) -> Path:
+    rng = random.Random(0)
+    with path.open("w") as handle:
+        for _ in range(rows):
+            words = int(min(900, max(10, rng.lognormvariate(math.log(250), 0.8))))
+            answer = " ".join(rng.choice(["the", "model", "learns", "tokens", "fast", "and", "well"])
+                              for _ in range(words))
+            handle.write(json.dumps({"instruction": "Say something.", "output": answer}) + "\n")
+    return path
+
+
+def recipe_file(folder: Path, **sections) -> Path:
+    guanaco_like(folder / "data.jsonl")
+    data = {"model": "meta-llama/Llama-2-7b-hf", "dataset": {"path": "data.jsonl"},
+            "training": {"epochs": 2, "micro_batch_size": 4, "max_seq_len": 2048}}
+    for key, value in sections.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
+    return write_recipe(folder, yaml.safe_dump(data))
+
+
+def plan_for(path: Path, **kwargs):
+    recipe = load_recipe(path)
+    return recipe, make_plan(recipe, inspect_dataset(recipe), offers=OFFERS, **kwargs)
+
+
+def test_offers_that_do_not_fit_are_never_chosen(tmp_path):
+    recipe, plan = plan_for(recipe_file(tmp_path, method="full", training={"optimizer": "adamw"}))
+    fits = [e.fits for e in plan.estimates]
+    assert fits == sorted(fits, reverse=True)  # every fitting offer before every other
+    assert {e.offer.gpu for e in plan.estimates if not e.fits} == {"T4", "A10", "A10G"}
+    chosen = plan.chosen
+    assert chosen.fits and chosen.offer.gpu == "A100-80GB"  # the T4 is cheapest per hour, and useless
+    assert all(e.fits for e in plan.candidates())
+    shape, setup = resolve_model(recipe).shape, TrainSetup.from_recipe(recipe)
+    for e in plan.estimates:
+        rows = e.micro_batch_size * 2048
+        needed = required_bytes(estimate(shape, setup, rows, e.gradient_checkpointing))
+        assert (needed <= usable_gib(e.offer) * GIB) == e.fits
+        assert e.gradient_checkpointing or e.fits  # a misfit was tried with checkpointing too
+    costs = [e.cost_high for e in plan.estimates if e.fits]
+    assert costs == sorted(costs)
+
+
+def test_checkpointing_and_micro_batch_are_chosen_to_fit(tmp_path):
+    recipe, plan = plan_for(recipe_file(tmp_path, method="qlora", training={"micro_batch_size": 2}))
+    by_gpu = {e.offer.gpu: e for e in plan.estimates if e.offer.gpu_count == 1}
+    assert not by_gpu["H100"].gradient_checkpointing  # 80 GB hold 2 × 2048 tokens' activations
+    assert by_gpu["A10G"].gradient_checkpointing and by_gpu["A10G"].fits
+    assert by_gpu["H100"].peak_gib > by_gpu["A10G"].peak_gib
+
+    # 16 rows of 2048 tokens in bf16 LoRA do not fit 24 GB even with checkpointing: halve the rows
+    path = recipe_file(tmp_path, method="lora", training={"micro_batch_size": 16, "gradient_accumulation": 2})
+    recipe, plan = plan_for(path, gpu="A10G")
+    chosen = plan.chosen
+    assert chosen.fits and chosen.gradient_checkpointing and chosen.micro_batch_size < 16
+    changes = apply_estimate(recipe, chosen)
+    assert changes and recipe.training.micro_batch_size * recipe.training.gradient_accumulation == 32
+
+
+def test_the_estimate_adds_up(tmp_path):
+    recipe, plan = plan_for(recipe_file(tmp_path, method="qlora"))
+    report = inspect_dataset(recipe)
+    for e in plan.estimates:
+        assert e.tokens == plan.tokens == report.tokens * 2  # two epochs
+        assert 0 < e.tokens_per_s_low < e.tokens_per_s_high
+        assert 0 < e.hours_low < e.hours_high
+        assert e.cost_low == pytest.approx(e.hours_low * e.price_per_hour, abs=0.01)
+        assert e.cost_high == pytest.approx(e.hours_high * e.price_per_hour, abs=0.01)
+        assert e.hours_high > plan.tokens / e.tokens_per_s_low / 3600  # overheads come on top
+    h100 = next(e for e in plan.estimates if e.offer.gpu == "H100" and e.offer.gpu_count == 1)
+    a10 = next(e for e in plan.estimates if e.offer.gpu == "A10")
+    assert h100.tokens_per_s_low > 3 * a10.tokens_per_s_high  # 989 vs 125 TFLOP/s, and no recomputation
+
+    _, longer = plan_for(recipe_file(tmp_path, method="qlora", training={"epochs": 6}))
+    assert longer.chosen.hours_high > plan.chosen.hours_high and longer.tokens == 3 * plan.tokens
+
+    _, spot = plan_for(recipe_file(tmp_path, method="qlora"), spot=True)
+    assert [e.offer.instance_type for e in spot.estimates] == ["g5.xlarge"]  # the only offer with a spot price
+    assert spot.chosen.spot and spot.chosen.price_per_hour == 0.45
+
+
+def test_gpu_and_count_narrow_the_offers(tmp_path):
+    path = recipe_file(tmp_path, method="qlora")
+    _, a10 = plan_for(path, gpu="A10")
+    assert {e.offer.gpu for e in a10.estimates} == {"A10", "A10G"} and any("A10G" in n for n in a10.notes)
+    recipe = load_recipe(path)
+    recipe.compute.gpu_count = 2
+    plan = make_plan(recipe, inspect_dataset(recipe), offers=OFFERS)
+    assert [e.offer.instance_type for e in plan.estimates] == ["gpu_2x_h100_sxm5"]
+    with pytest.raises(CloudtuneError, match="no offer"):
+        plan_for(path, gpu="V100")
+
+
+def test_a_plan_over_budget_is_refused(tmp_path):
+    _, plan = plan_for(recipe_file(tmp_path, method="qlora"))
+    check_budget(plan, plan.chosen.cost_high + 0.01)
+    with pytest.raises(CloudtuneError) as refused:
+        check_budget(plan, plan.chosen.cost_high / 2)
+    assert "max_cost" in refused.value.message and f"${plan.chosen.cost_high:.2f}" in refused.value.message
+
+
+def test_unknown_model_offline_is_one_clear_error(tmp_path):
+    path = recipe_file(tmp_path, model="acme/secret-model")
+    result = CliRunner().invoke(cli, ["cost", str(path)])
+    assert result.exit_code == 2
+    assert "acme/secret-model" in result.output and "params: 8B" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_hub_datasets_are_estimated_when_known_and_flagged_when_not(tmp_path):
+    def plan_hub(hub: str):
+        path = write_recipe(tmp_path, yaml.safe_dump({"model": "meta-llama/Llama-2-7b-hf", "method": "qlora",
+                                                      "dataset": {"hub": hub, "format": "llama2-inst"}}))
+        recipe = load_recipe(path)
+        return make_plan(recipe, inspect_dataset(recipe), offers=OFFERS)
+
+    known = plan_hub("mlabonne/guanaco-llama2-1k")  # what the shipped seed recipes train on
+    assert 300_000 < known.tokens < 600_000 and not known.tokens_exact
+    assert any("1,000 rows as published" in note for note in known.notes)
+    unknown = plan_hub("acme/private-set")
+    assert unknown.tokens == 0 and any("max_steps" in note for note in unknown.notes)
+    with pytest.raises(CloudtuneError, match="cannot be checked"):
+        check_budget(unknown, 100.0)
+
+
+def test_cost_cli_json_schema_and_cache(tmp_path, ct_home):
+    home = tmp_path / "home"
+    home.mkdir()
+    path = recipe_file(tmp_path, method="qlora")
+    env = sky_env(home, ct_home)
+    run = subprocess.run([sys.executable, "-m", "cloudtune.cli", "cost", str(path), "--json", "--top", "5"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert set(data) == {"recipe", "tokens", "tokens_exact", "snapshot_date", "model_source", "notes", "catalog",
+                         "chosen", "estimates", "offers_total"}
+    assert data["tokens"] > 0 and data["tokens_exact"] is False  # no Llama tokenizer offline: estimated
+    assert data["catalog"]["from_cache"] is False and "2026" in data["catalog"]["prices"]
+    assert len(data["estimates"]) == 5 < data["offers_total"]
+    estimate_keys = {"offer", "spot", "fits", "peak_gib", "micro_batch_size", "gradient_checkpointing", "tokens",
+                     "tokens_per_s_low", "tokens_per_s_high", "hours_low", "hours_high", "cost_low", "cost_high",
+                     "why", "price_per_hour"}
+    offer_keys = {"cloud", "region", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "price_per_hour",
+                  "spot_price_per_hour", "accelerator"}
+    for e in [data["chosen"], *data["estimates"]]:
+        assert set(e) == estimate_keys and set(e["offer"]) == offer_keys
+        assert e["cost_low"] <= e["cost_high"] and e["fits"]
+    assert data["chosen"] == data["estimates"][0]
+    assert [e["cost_high"] for e in data["estimates"]] == sorted(e["cost_high"] for e in data["estimates"])
+
+    again = subprocess.run([sys.executable, "-m", "cloudtune.cli", "cost", str(path), "--gpu", "A10"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "cheapest that fits" in again.stdout and "A10G" in again.stdout and "snapshot" in again.stdout
+    cached = json.loads(subprocess.run([sys.executable, "-m", "cloudtune.cli", "cost", str(path), "--json"],
+                                       env=env, capture_output=True, text=True, timeout=300).stdout)
+    assert cached["catalog"]["from_cache"] is True and cached["chosen"] == data["chosen"]
+
+    over = subprocess.run([sys.executable, "-m", "cloudtune.cli", "run", str(path), "--backend", "cloud",
+                           "--max-cost", "0.01"], env=env, capture_output=True, text=True, timeout=300)
+    assert over.returncode == 2 and "max_cost $0.01" in over.stderr and "Traceback" not in over.stderr
+
+
+def test_local_run_is_this_machine_at_zero_dollars_in_plan_receipt_and_status(tmp_path):
+    path = write_recipe(tmp_path, demo_recipe_text(max_steps=3))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["run", str(path), "--backend", "local", "--max-cost", "0.01"])
+    assert result.exit_code == 0, result.output
+    assert "this machine" in result.output and "$0" in result.output
+    assert "cost: estimate / actual" in result.output
+    status = runner.invoke(cli, ["status", "--json"])
+    run = json.loads(status.output)[0]
+    assert run["status"] == "succeeded" and run["est_cost_high"] == 0.0 and run["actual_cost"] == 0.0
+    receipt = json.loads((Path(run["output_dir"]) / "receipt.json").read_text())
+    assert receipt["estimate"]["gpu"] == "local" and receipt["actual_cost"] == 0.0
+
+
+def test_plan_dataclasses_keep_their_contract():
+    """The SkyPilot backend reads Offer/Estimate; cost only adds defaulted fields."""
+    offer = replace(OFFERS[3], accelerator="A100-80GB-SXM")
+    assert offer.sky_accelerator == "A100-80GB-SXM" and OFFERS[0].sky_accelerator == "T4"
