@@ -37,7 +37,6 @@ from cloudtune.backends.skypilot import (
 )
 from cloudtune.errors import CloudtuneError
 from cloudtune.ledger import Ledger
-from cloudtune.plan import Plan
 from cloudtune.recipe import DEFAULT_IMAGE, load_recipe
 from cloudtune.runner import Events, PullFailed, RunFailed, context_for, execute, pull_again
 from cloudtune.teardown import find_machines, tear_down
@@ -164,16 +163,34 @@ def no_secret_anywhere(*roots: Path) -> None:
 # The generated task, as SkyPilot itself reads it
 
 
-@pytest.mark.parametrize("seed", ["llama2-7b-qlora-guanaco", "llama2-7b-lora-r8", "llama2-7b-full"])
+SEEDS = ("llama2-7b-qlora-guanaco", "llama2-7b-lora-r8", "llama2-7b-full")
+
+
+@pytest.fixture(scope="module")
+def seed_plans(sky_home, tmp_path_factory) -> dict:
+    """cloudtune's own plans (cost model, bundled prices) for the seed recipes, with and without --gpu."""
+    from cloudtune.cost import make_plan
+    from cloudtune.datasets import inspect_dataset
+
+    plans = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLOUDTUNE_HOME", str(tmp_path_factory.mktemp("plans-home")))
+        for seed in SEEDS:
+            recipe = load_recipe(REPO / "tasks" / f"{seed}.yaml")
+            report = inspect_dataset(recipe)
+            for gpu in (None, "H100"):
+                for spot in (False, True):
+                    plans[seed, gpu, spot] = make_plan(recipe, report, gpu=gpu, spot=spot)
+    return plans
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("spot", [False, True])
-@pytest.mark.parametrize("gpu", [None, "A10G"])
-def test_task_loads_in_skypilot(seed, spot, gpu):
+@pytest.mark.parametrize("gpu", [None, "H100"])
+def test_task_loads_in_skypilot(seed, spot, gpu, seed_plans):
     recipe = load_recipe(REPO / "tasks" / f"{seed}.yaml")
     recipe.compute.spot = spot
-    plan = a10_plan(spot=spot)
-    if gpu:  # what `--gpu A10G` leaves of the plan
-        narrowed = [e for e in plan.estimates if e.offer.gpu == gpu]
-        plan = Plan(plan.tokens, plan.tokens_exact, plan.snapshot_date, narrowed)
+    plan = seed_plans[seed, gpu, spot]
     shown = dry_run(recipe, plan, model_bytes=13.5e9)
     config = copy.deepcopy(shown["task"])
     config["secrets"] = {"HF_TOKEN": SECRET}
@@ -184,9 +201,10 @@ def test_task_loads_in_skypilot(seed, spot, gpu):
     common_utils.validate_schema(config, schemas.get_task_schema(), "Invalid task YAML: ")
     task = to_task(config)
     resources = list(task.resources)
-    fitting = [e for e in plan.candidates() if not spot or e.offer.spot_price_per_hour is not None]
     assert [(str(r.cloud).lower(), r.instance_type) for r in resources] == \
-           [(e.offer.cloud, e.offer.instance_type) for e in fitting]
+           [(e.offer.cloud, e.offer.instance_type) for e in plan.candidates()]
+    if gpu:
+        assert all(next(iter(r.accelerators)).startswith("H100") for r in resources)
     assert all(r.use_spot == spot for r in resources)
     assert all(str(r.image_id[None]) == f"docker:{DEFAULT_IMAGE}" for r in resources)
     assert task.num_nodes == 1 and "python3 -u -m cloudtune.train bundle/recipe.yaml --out out" in task.run
