@@ -114,8 +114,8 @@ def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, l
             receipt = _pull(backend, ctx, output_dir)
         except Exception as exc:
             keep_machine = True
-            raise PullFailed(f"run {run_id}: training finished but its outputs did not come back: "
-                             f"{getattr(exc, 'message', exc)}", _retry_pull_hint(run_id, ctx.machine)) from exc
+            raise PullFailed(redact(f"run {run_id}: training finished but its outputs did not come back: "
+                                    f"{getattr(exc, 'message', exc)}"), _retry_pull_hint(run_id)) from exc
         receipt.update(run_id=run_id, backend=backend.name, machine=ctx.machine,
                        wall_seconds=round(time.time() - started, 1), output_dir=str(output_dir))
         if estimate:
@@ -139,12 +139,12 @@ def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, l
         ledger.update_run(run_id, status=status, wall_seconds=round(time.time() - started, 1))
         if keep_machine:
             ledger.set_machine(ctx.machine, "up", pull_failed=True)
-            events.warn(f"{ctx.machine} is left up with the outputs on it. " + _retry_pull_hint(run_id, ctx.machine))
+            events.warn(f"{ctx.machine} is left up with the outputs on it. " + _retry_pull_hint(run_id))
         else:
             _teardown(backend, ctx, ledger, events)
 
 
-def _retry_pull_hint(run_id: str, machine: str) -> str:
+def _retry_pull_hint(run_id: str) -> str:
     return (f"Fetch them with `cloudtune pull {run_id}` (it tears the machine down afterwards), or give them up "
             f"with `cloudtune down {run_id}`. A cloud machine also tears itself down after compute.autostop_minutes "
             f"idle, outputs and all.")
