@@ -147,10 +147,36 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 # run / status / logs / down
 
 
+def ssh_options(command):
+    """`run`'s options for --backend ssh; they reach SSHBackend as keyword arguments."""
+    command = click.option("--keep-remote", is_flag=True,
+                           help="ssh: keep the run's directory on the machine (secrets are removed anyway).")(command)
+    command = click.option("--trust-new-host", is_flag=True,
+                           help="ssh: accept a host key not yet in known_hosts, and record it.")(command)
+    command = click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
+                           help="ssh: private key file (default: ssh-agent, then ~/.ssh/id_*).")(command)
+    return click.option("--host", help="ssh: the machine to train on, user@ip[:port].")(command)
+
+
+def _ssh_backend_options(backend: str, host: str | None, key: Path | None, trust_new_host: bool,
+                         keep_remote: bool) -> dict:
+    given = {"--host": host, "--key": key, "--trust-new-host": trust_new_host, "--keep-remote": keep_remote}
+    if backend != "ssh":
+        used = [name for name, value in given.items() if value]
+        if used:
+            raise CloudtuneError(f"{used[0]} only applies to --backend ssh.", "Add --backend ssh, or drop it.")
+        return {}
+    if not host:
+        raise CloudtuneError("--backend ssh needs the machine: --host user@ip[:port].",
+                             "Add --key PATH unless ssh-agent or ~/.ssh/id_* holds the key.")
+    return {"host": host, "key": key, "trust_new_host": trust_new_host, "keep_remote": keep_remote}
+
+
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("--backend", "-b", default="skypilot", show_default=True, envvar="CLOUDTUNE_BACKEND",
-              help="Where to train: skypilot (the cheapest cloud GPU that fits) or local (this machine: demo, tests).")
+              help="Where to train: skypilot (the cheapest cloud GPU that fits), ssh (a machine you can SSH "
+                   "into, --host) or local (this machine: demo, tests).")
 @click.option("--gpu", help="GPU to rent (A10, A100-80GB, H100, ...); overrides compute.gpu.")
 @click.option("--cloud", "clouds", multiple=True,
               help="Only these clouds (repeat for several); overrides compute.cloud.")
@@ -160,9 +186,11 @@ def validate(recipe_path: Path, as_json: bool) -> None:
               help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
 @click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
                                               "rent nothing.")
+@ssh_options
 @json_option
 def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None,
-        max_cost: float | None, dry_run: bool, as_json: bool) -> None:
+        max_cost: float | None, dry_run: bool, as_json: bool, host: str | None = None, key: Path | None = None,
+        trust_new_host: bool = False, keep_remote: bool = False) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
     from .backends import get_backend
     from .recipe import load_recipe
@@ -181,9 +209,9 @@ def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...
     if dry_run and backend != "skypilot":
         raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend} backend rents nothing.",
                              "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
+    options = _ssh_backend_options(backend, host, key, trust_new_host, keep_remote)
     out = err_console if as_json else console
     plan, estimate = _plan_run(recipe, backend, out)
-    options = {}
     if backend == "skypilot":
         from .shapes import resolve_model
 
@@ -192,8 +220,7 @@ def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...
             _show_dry_run(recipe, plan, model_bytes, as_json)
             return
         options = {"plan": plan, "model_bytes": model_bytes}
-    result = execute(recipe, get_backend(backend, **options), RichEvents(out),
-                     estimate=estimate)
+    result = execute(recipe, get_backend(backend, **options), RichEvents(out), estimate=estimate)
     if as_json:
         _print_json(result.receipt)
     else:
@@ -276,6 +303,9 @@ def _plan_run(recipe, backend: str, out: Console):
     if backend == "local":
         out.print("[bold cyan]▸ plan[/] this machine (local backend): nothing rented, $0")
         return None, local_estimate()
+    if backend == "ssh":
+        out.print("[bold cyan]▸ plan[/] a machine you provide over SSH: cloudtune rents nothing, so it has no price")
+        return None, None
     plan = make_plan(recipe, inspect_dataset(recipe))
     chosen = plan.chosen
     if chosen is None:

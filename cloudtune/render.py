@@ -6,6 +6,7 @@ import time
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from .runner import Events
@@ -16,15 +17,40 @@ STATUS_COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
 class RichEvents(Events):
     def __init__(self, console: Console):
         self.console = console
+        self._bar: Progress | None = None
+        self._bar_task = None
+        self._bar_label = ""
 
     def phase(self, name: str, detail: str = "") -> None:
+        self._end_bar()
         self.console.print(f"[bold cyan]▸ {name}[/] {escape(detail)}")
 
     def log(self, line: str) -> None:
+        self._end_bar()
         self.console.print(f"  [dim]│[/] {escape(line)}")
 
     def warn(self, message: str) -> None:
+        self._end_bar()
         self.console.print(f"[bold yellow]! {escape(message)}[/]")
+
+    def progress(self, label: str, done: int, total: int) -> None:
+        if self._bar is not None and label != self._bar_label:
+            self._end_bar()
+        if self._bar is None:
+            self._bar = Progress(TextColumn("  {task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=self.console)
+            self._bar_task = self._bar.add_task(label, total=total)
+            self._bar_label = label
+            self._bar.start()
+        self._bar.update(self._bar_task, completed=done, total=total)
+        if done >= total:
+            self._end_bar()
+
+    def _end_bar(self) -> None:
+        # Any other event (or the transfer's end) closes the bar, so a failed transfer leaves no live display.
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 def _seconds(value: float | None) -> str:

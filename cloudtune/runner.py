@@ -45,6 +45,9 @@ class Events:
     def warn(self, message: str) -> None:  # noqa: B027
         pass
 
+    def progress(self, label: str, done: int, total: int) -> None:  # noqa: B027
+        """A transfer's progress in bytes (uploads, downloads); done == total when it completes."""
+
 
 @dataclass
 class RunResult:
@@ -67,6 +70,7 @@ def context_for(run: dict, recipe: Recipe | None = None) -> RunContext:
 def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, ledger: Ledger | None = None,
             estimate: dict[str, Any] | None = None, extra_bundle_files: dict[str, Path] | None = None) -> RunResult:
     events = events or Events()
+    backend.events = events
     ledger = ledger or Ledger()
     report = inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
     events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens ({report.format})")
@@ -91,7 +95,8 @@ def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, l
         ledger.set_machine(ctx.machine, "up", **ctx.meta)
 
         ledger.update_run(run_id, status="syncing")
-        bundle = build_bundle(recipe, ctx.work_dir / "bundle.tar.gz", extra_bundle_files)
+        bundle = build_bundle(recipe, ctx.work_dir / "bundle.tar.gz",
+                              {**backend.bundle_files(ctx), **(extra_bundle_files or {})})
         events.phase("sync", f"bundle {bundle.path.stat().st_size / 1024:.0f} KiB, sha256 {bundle.sha256[:12]}")
         backend.sync(ctx, bundle, secrets)
 

@@ -24,9 +24,9 @@ import argparse
 import csv
 import pathlib
 import sys
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Callable, Iterable
 
-Row = Dict[str, str]
+Row = dict[str, str]
 
 # str(sky.utils.registry.CLOUD_REGISTRY.from_str(<dir>)) in SkyPilot 0.14.1.
 # canonicalize_accelerator_name() matches these names inside the `Clouds`
@@ -81,18 +81,18 @@ GCP_N1_MIN_CPUS = {
 GCP_GPU_MEMORY_PER_CPU = 4
 
 
-def parse_price(value: Optional[str]) -> Optional[float]:
+def parse_price(value: str | None) -> float | None:
     """Returns the price in a cell, or None for an empty cell."""
     return float(value) if value not in (None, '') else None
 
 
-def read_catalog(path: pathlib.Path) -> Tuple[List[str], List[Row]]:
+def read_catalog(path: pathlib.Path) -> tuple[list[str], list[Row]]:
     with path.open(newline='', encoding='utf-8') as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), list(reader)
 
 
-def write_csv(path: pathlib.Path, header: List[str],
+def write_csv(path: pathlib.Path, header: list[str],
               rows: Iterable[Iterable[str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open('w', newline='', encoding='utf-8') as f:
@@ -104,15 +104,15 @@ def write_csv(path: pathlib.Path, header: List[str],
 
 
 def group_by(rows: Iterable[Row],
-             key: Callable[[Row], Tuple]) -> Dict[Tuple, List[Row]]:
+             key: Callable[[Row], tuple]) -> dict[tuple, list[Row]]:
     """Groups rows by key; groups and rows keep their input order."""
-    groups: Dict[Tuple, List[Row]] = {}
+    groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault(key(row), []).append(row)
     return groups
 
 
-def cheapest(rows: List[Row], column: str) -> Optional[Row]:
+def cheapest(rows: list[Row], column: str) -> Row | None:
     """Returns the first row with the lowest price in column, if any."""
     priced = [r for r in rows if parse_price(r.get(column)) is not None]
     if not priced:
@@ -120,7 +120,7 @@ def cheapest(rows: List[Row], column: str) -> Optional[Row]:
     return min(priced, key=lambda r: parse_price(r[column]))
 
 
-def with_min_spot(row: Row, group: List[Row]) -> Row:
+def with_min_spot(row: Row, group: list[Row]) -> Row:
     """Copies row, carrying the cheapest SpotPrice seen in its group."""
     row = dict(row)
     if 'SpotPrice' in row:
@@ -129,7 +129,7 @@ def with_min_spot(row: Row, group: List[Row]) -> Row:
     return row
 
 
-def reduce_per_instance_type(rows: List[Row]) -> List[Row]:
+def reduce_per_instance_type(rows: list[Row]) -> list[Row]:
     """One row per instance type: cheapest on-demand, cheapest spot."""
     reduced = []
     for group in group_by(rows, lambda r: (r['InstanceType'],)).values():
@@ -140,7 +140,7 @@ def reduce_per_instance_type(rows: List[Row]) -> List[Row]:
     return reduced
 
 
-def gcp_host_candidates(accelerator: Row, zone_hosts: List[Row]) -> List[Row]:
+def gcp_host_candidates(accelerator: Row, zone_hosts: list[Row]) -> list[Row]:
     """The host VMs SkyPilot would pair with this GCP accelerator row."""
     name = accelerator['AcceleratorName']
     count = int(float(accelerator['AcceleratorCount']))
@@ -158,7 +158,7 @@ def gcp_host_candidates(accelerator: Row, zone_hosts: List[Row]) -> List[Row]:
     ]
 
 
-def reduce_gcp(rows: List[Row]) -> List[Row]:
+def reduce_gcp(rows: list[Row]) -> list[Row]:
     """Cheapest GPU + host pairing per (accelerator, count), with its host."""
     gpus = [
         r for r in rows if r['AcceleratorName'] and not r['InstanceType'] and
@@ -166,12 +166,12 @@ def reduce_gcp(rows: List[Row]) -> List[Row]:
     ]
     hosts_by_zone = group_by((r for r in rows if r['InstanceType']),
                              lambda r: (r['AvailabilityZone'],))
-    kept_gpus: List[Row] = []
-    kept_hosts: Dict[Tuple[str, str], Row] = {}
+    kept_gpus: list[Row] = []
+    kept_hosts: dict[tuple[str, str], Row] = {}
     groups = group_by(gpus,
                       lambda r: (r['AcceleratorName'], r['AcceleratorCount']))
     for (name, count), group in groups.items():
-        best: Optional[Tuple[float, Row, Row]] = None
+        best: tuple[float, Row, Row] | None = None
         for gpu in group:
             gpu_price = parse_price(gpu['Price'])
             zone_hosts = hosts_by_zone.get((gpu['AvailabilityZone'],), [])
@@ -195,7 +195,7 @@ def reduce_gcp(rows: List[Row]) -> List[Row]:
 
 
 def build_cloud(cloud: str, raw: pathlib.Path,
-                out: pathlib.Path) -> List[Row]:
+                out: pathlib.Path) -> list[Row]:
     header, rows = read_catalog(raw)
     if cloud == 'gcp':
         reduced = reduce_gcp(rows)
@@ -206,9 +206,9 @@ def build_cloud(cloud: str, raw: pathlib.Path,
     return reduced
 
 
-def accelerator_clouds(offers: Dict[str, List[Row]]) -> Dict[str, List[str]]:
+def accelerator_clouds(offers: dict[str, list[Row]]) -> dict[str, list[str]]:
     """Maps each accelerator name to the display names of its clouds."""
-    clouds: Dict[str, set] = {}
+    clouds: dict[str, set] = {}
     for cloud, rows in offers.items():
         for row in rows:
             if row['AcceleratorName']:

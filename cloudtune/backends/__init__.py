@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import CloudtuneError
 from .base import Backend
 
-BACKENDS = ("local", "skypilot")
+BACKENDS = ("local", "ssh", "skypilot")
 
 
 def get_backend(name: str, **options) -> Backend:
@@ -12,6 +12,10 @@ def get_backend(name: str, **options) -> Backend:
         from .local import LocalBackend
 
         return LocalBackend(**options)
+    if name == "ssh":
+        from .ssh import SSHBackend
+
+        return SSHBackend(**options)
     if name == "skypilot":
         from .skypilot import SkyPilotBackend
 

@@ -54,6 +54,13 @@ class RunContext:
 
 class Backend(ABC):
     name: str
+    # The runner's Events while it drives a run (progress, warnings); None when `logs`/`down` rebuild
+    # a backend from the ledger. A rebuilt backend must work from ctx.meta alone.
+    events: Any = None
+
+    def bundle_files(self, ctx: RunContext) -> dict[str, Path]:
+        """Extra files this backend ships inside the bundle (e.g. the cloudtune wheel); none by default."""
+        return {}
 
     @abstractmethod
     def provision(self, ctx: RunContext) -> None:

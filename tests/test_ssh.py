@@ -1,0 +1,647 @@
+"""The SSH backend against a real OpenSSH sshd on 127.0.0.1 (this machine plays the rented one).
+
+The sshd runs as the current user with a throwaway host key and user key. Its second port forces a
+PATH without Python, which plays a machine that has none. The "remote" Python is this test's own
+interpreter, which already has the training packages, so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import REPO, demo_recipe_text, write_recipe
+
+from cloudtune.backends import get_backend
+from cloudtune.backends.base import RunContext, build_bundle
+from cloudtune.backends.ssh import KNOWN_HOSTS_ENV, REMOTE_PYTHON_ENV, REMOTE_ROOT_ENV, parse_host
+from cloudtune.cli import cli
+from cloudtune.errors import CloudtuneError
+from cloudtune.ledger import Ledger, machine_name, new_run_id
+from cloudtune.recipe import load_recipe
+from cloudtune.runner import Events, _pull, context_for
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SECRET_NAME = "CT_SSH_TEST_TOKEN"
+SECRET_VALUE = "ct-secret-7f3a9c2e4b1d8a60"
+
+
+# ------------------------------------------------------------------------------------------------
+# A real sshd
+
+
+@dataclass
+class Sshd:
+    port: int
+    no_python_port: int
+    user: str
+    key: Path
+    host_public: str  # "ssh-ed25519 AAAA..."
+    folder: Path
+    process: subprocess.Popen
+
+    def address(self, port: int | None = None) -> str:
+        return f"{self.user}@127.0.0.1:{port or self.port}"
+
+    def known_hosts_lines(self) -> str:
+        return "".join(f"[127.0.0.1]:{port} {self.host_public}\n" for port in (self.port, self.no_python_port))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cloudtune-test", "-f", str(path)],
+                   check=True)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> Sshd:
+    if not Path(SSHD).exists():
+        pytest.fail("OpenSSH sshd is not installed: run `make system-packages` (apt-get install -y openssh-server).")
+    folder = tmp_path_factory.mktemp("sshd")
+    _keygen(folder / "host_key")
+    _keygen(folder / "user_key")
+    (folder / "authorized_keys").write_text((folder / "user_key.pub").read_text())
+    no_python = folder / "no-python.sh"
+    no_python.write_text('#!/bin/sh\nPATH=/nonexistent exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n')
+    no_python.chmod(0o755)
+    port, no_python_port = _free_port(), _free_port()
+    config = folder / "sshd_config"
+    config.write_text(f"""
+Port {port}
+Port {no_python_port}
+ListenAddress 127.0.0.1
+HostKey {folder}/host_key
+PidFile {folder}/sshd.pid
+AuthorizedKeysFile {folder}/authorized_keys
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+Subsystem sftp internal-sftp
+LogLevel ERROR
+Match LocalPort {no_python_port}
+    ForceCommand {no_python}
+""")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # Debian's sshd insists on its privilege-separation directory
+    log = (folder / "sshd.log").open("w")
+    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 15
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                if conn.recv(64).startswith(b"SSH-2.0"):
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"sshd did not start:\n{(folder / 'sshd.log').read_text()}")
+        time.sleep(0.1)
+    host_public = " ".join((folder / "host_key.pub").read_text().split()[:2])
+    server = Sshd(port, no_python_port, os.environ.get("USER") or _current_user(), folder / "user_key", host_public,
+                  folder, process)
+    yield server
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+def _current_user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+@pytest.fixture(scope="session")
+def remote_models(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("remote-models")
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("wheels")
+
+
+@pytest.fixture
+def remote(sshd, tmp_path, ct_home, monkeypatch, remote_models, wheel_cache) -> Path:
+    """Known hosts, remote root and remote Python for one test; returns the remote root."""
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(sshd.known_hosts_lines())
+    root = tmp_path / "remote-root"
+    root.mkdir()
+    (root / "models").symlink_to(remote_models, target_is_directory=True)  # the tiny model is written once
+    (ct_home / "wheels").symlink_to(wheel_cache, target_is_directory=True)  # and the wheel built once
+    monkeypatch.setenv(KNOWN_HOSTS_ENV, str(known_hosts))
+    monkeypatch.setenv(REMOTE_ROOT_ENV, str(root))
+    monkeypatch.setenv(REMOTE_PYTHON_ENV, sys.executable)
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # only the keys a test names may log in
+    return root
+
+
+def ssh_recipe(folder: Path, max_steps: int, secrets: tuple[str, ...] = ()) -> Path:
+    data = yaml.safe_load(demo_recipe_text(max_steps=max_steps))
+    data["outputs"]["dir"] = str(folder / "outputs")
+    data["outputs"]["samples"] = []
+    if secrets:
+        data["secrets"] = list(secrets)
+    return write_recipe(folder, yaml.safe_dump(data))
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def start_cli(args: list[str], log: Path) -> subprocess.Popen:
+    handle = log.open("w")
+    return subprocess.Popen([sys.executable, "-m", "cloudtune.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
+                            env=cli_env(COLUMNS="200"), start_new_session=True)
+
+
+def wait_for_log(root: Path, pattern: str, timeout: float = 120, process: subprocess.Popen | None = None) -> Path:
+    """The remote run's train.log, once it contains pattern."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for log in root.glob("runs/*/train.log"):
+            if re.search(pattern, log.read_text(errors="replace")):
+                return log
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the CLI exited early with {process.returncode}")
+        time.sleep(0.2)
+    raise AssertionError(f"no remote train.log matched {pattern!r} within {timeout} s")
+
+
+def group_alive(pgid: int) -> bool:
+    out = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout
+    return any(int(p) == pgid and not s.startswith("Z") for p, s in (line.split() for line in out.splitlines()))
+
+
+def kill_ssh_sessions(listener: int) -> int:
+    """SIGKILL every per-connection sshd process: the client sees its connection drop."""
+    parents, names = {}, {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat_file.read_text()
+        except OSError:
+            continue
+        pid = int(stat_file.parent.name)
+        names[pid] = text[text.index("(") + 1:text.rindex(")")]
+        parents[pid] = int(text[text.rindex(")") + 2:].split()[1])
+
+    def under_listener(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == listener:
+                return True
+        return False
+
+    victims = [pid for pid in parents if names[pid].startswith("sshd") and under_listener(pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(victims)
+
+
+class Recorder(Events):
+    def __init__(self, on_progress=None):
+        self.phases: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
+        self.transfers: list[tuple[str, int, int]] = []
+        self.on_progress = on_progress
+
+    def phase(self, name, detail=""):
+        self.phases.append((name, detail))
+
+    def warn(self, message):
+        self.warnings.append(message)
+
+    def progress(self, label, done, total):
+        self.transfers.append((label, done, total))
+        if self.on_progress:
+            self.on_progress(label, done, total)
+
+
+def new_context(ct_home: Path) -> RunContext:
+    run_id = new_run_id()
+    return RunContext(run_id=run_id, machine=machine_name(run_id), work_dir=ct_home / "runs" / run_id)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fast unit checks
+
+
+def test_host_addresses_parse_with_defaults():
+    assert parse_host("alice@10.0.0.5") == ("alice", "10.0.0.5", 22)
+    assert parse_host("ssh://bob@gpu.example.com:2222") == ("bob", "gpu.example.com", 2222)
+    assert parse_host("carol@[2001:db8::1]:2200") == ("carol", "2001:db8::1", 2200)
+    assert parse_host("10.0.0.5:22022")[1:] == ("10.0.0.5", 22022)
+    for bad in ("alice@", "alice@host:port", "alice@host:70000", "alice@host/x"):
+        with pytest.raises(CloudtuneError, match="not an SSH address"):
+            parse_host(bad)
+
+
+def test_ssh_options_need_the_ssh_backend(tmp_path, ct_home):
+    recipe = ssh_recipe(tmp_path, max_steps=1)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--host", "me@127.0.0.1"])
+    assert result.exit_code == 2 and "--host only applies to --backend ssh" in result.output
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--backend", "ssh"])
+    assert result.exit_code == 2 and "needs the machine: --host" in result.output
+
+
+# ------------------------------------------------------------------------------------------------
+# Connection errors: each one clear, exit 2, no traceback
+
+
+def _expect_refusal(sshd, recipe, args, *needles):
+    result = CliRunner().invoke(cli, ["run", "--backend", "ssh", *args, str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    print(result.output)  # shown when the test fails
+    flat = " ".join(result.output.split())
+    for needle in needles:
+        assert needle in flat, result.output
+    return flat
+
+
+def test_unknown_host_is_refused_then_trusted_and_recorded(sshd, remote, tmp_path, ct_home, monkeypatch):
+    known_hosts = Path(os.environ[KNOWN_HOSTS_ENV])
+    known_hosts.write_text("# my hosts\n")
+    recipe = ssh_recipe(tmp_path, max_steps=1)
+    flat = _expect_refusal(sshd, recipe, ["--host", sshd.address(), "--key", str(sshd.key)],
+                           f"[127.0.0.1]:{sshd.port} is not in {known_hosts}", "--trust-new-host")
+    assert sshd.host_public.split()[0] in flat
+    assert known_hosts.read_text() == "# my hosts\n"  # nothing recorded without consent
+
+    events = Recorder()
+    backend = get_backend("ssh", host=sshd.address(), key=sshd.key, trust_new_host=True)
+    backend.events = events
+    ctx = new_context(ct_home)
+    backend.provision(ctx)
+    assert backend.teardown(ctx)
+    assert known_hosts.read_text() == f"# my hosts\n[127.0.0.1]:{sshd.port} {sshd.host_public}\n"
+    assert any("trusted new host" in warning for warning in events.warnings)
+    # The recorded key is now simply known: a backend without --trust-new-host connects.
+    again = get_backend("ssh", host=sshd.address(), key=sshd.key)
+    ctx = new_context(ct_home)
+    again.provision(ctx)
+    assert again.teardown(ctx) and not Path(ctx.meta["remote_dir"]).exists()
+
+
+def test_changed_host_key_is_always_refused(sshd, remote, tmp_path):
+    _keygen(tmp_path / "impostor")
+    impostor = " ".join((tmp_path / "impostor.pub").read_text().split()[:2])
+    known_hosts = Path(os.environ[KNOWN_HOSTS_ENV])
+    known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {impostor}\n")
+    recipe = ssh_recipe(tmp_path, max_steps=1)
+    for extra in ([], ["--trust-new-host"]):
+        _expect_refusal(sshd, recipe, ["--host", sshd.address(), "--key", str(sshd.key), *extra],
+                        "has CHANGED", "never accepts a changed key", "ssh-keygen -R")
+    assert known_hosts.read_text() == f"[127.0.0.1]:{sshd.port} {impostor}\n"
+
+
+def test_bad_keys_are_refused(sshd, remote, tmp_path):
+    recipe = ssh_recipe(tmp_path, max_steps=1)
+    _keygen(tmp_path / "stranger")
+    _expect_refusal(sshd, recipe, ["--host", sshd.address(), "--key", str(tmp_path / "stranger")],
+                    "refused the login with the key", "authorized_keys")
+    garbage = tmp_path / "garbage"
+    garbage.write_text("this is not a key\n")
+    _expect_refusal(sshd, recipe, ["--host", sshd.address(), "--key", str(garbage)], "is not a private key")
+    _expect_refusal(sshd, recipe, ["--host", sshd.address(), "--key", str(tmp_path / "missing")],
+                    "no such file")
+
+
+def test_unreachable_host_is_a_clear_error(sshd, remote, tmp_path):
+    recipe = ssh_recipe(tmp_path, max_steps=1)
+    closed = _free_port()
+    _expect_refusal(sshd, recipe, ["--host", f"{sshd.user}@127.0.0.1:{closed}", "--key", str(sshd.key)],
+                    f"cannot reach 127.0.0.1:{closed} (Connection refused)", "firewall")
+
+
+def test_machine_without_python_is_a_clear_error(sshd, remote, tmp_path, monkeypatch):
+    monkeypatch.delenv(REMOTE_PYTHON_ENV)
+    recipe = ssh_recipe(tmp_path, max_steps=1)
+    _expect_refusal(sshd, recipe, ["--host", sshd.address(sshd.no_python_port), "--key", str(sshd.key)],
+                    "has no usable Python", "neither python3 nor python", "apt-get install")
+
+
+def test_errors_from_the_console_script_have_no_traceback(sshd, remote, tmp_path):
+    Path(os.environ[KNOWN_HOSTS_ENV]).write_text("")
+    recipe = ssh_recipe(tmp_path, max_steps=1)
+    done = subprocess.run([sys.executable, "-m", "cloudtune.cli", "run", "--backend", "ssh", "--host",
+                           sshd.address(), "--key", str(sshd.key), str(recipe)],
+                          capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr + done.stdout
+    assert "is not in" in done.stderr and "--trust-new-host" in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Upload: resumable and skipped when already there
+
+
+def _big_bundle(tmp_path: Path, backend, ctx) -> tuple:
+    recipe = load_recipe(ssh_recipe(tmp_path, max_steps=1))
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(3 << 20))  # incompressible, so the upload takes many chunks
+    files = {**backend.bundle_files(ctx), "blob.bin": blob}
+    return build_bundle(recipe, tmp_path / "bundle.tar.gz", files)
+
+
+def test_interrupted_upload_resumes_and_a_finished_one_is_skipped(sshd, remote, tmp_path, ct_home):
+    first = get_backend("ssh", host=sshd.address(), key=sshd.key)
+    ctx = new_context(ct_home)
+    first.provision(ctx)
+    bundle = _big_bundle(tmp_path, first, ctx)
+    size = bundle.path.stat().st_size
+    partial = remote / "bundles" / f"{bundle.sha256}.tar.gz.part"
+
+    def interrupt(label, done, total):
+        if label == "upload" and done > total // 3:
+            raise KeyboardInterrupt  # the user gives up (or the CLI dies) a third of the way in
+
+    first.events = Recorder(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        first.sync(ctx, bundle, {})
+    first.teardown(ctx)
+    left = partial.stat().st_size
+    assert 0 < left < size
+
+    # The next run finds the partial upload and sends only the rest.
+    second = get_backend("ssh", host=sshd.address(), key=sshd.key)
+    second.events = Recorder()
+    ctx = new_context(ct_home)
+    second.provision(ctx)
+    second.sync(ctx, bundle, {})
+    uploads = [done for label, done, _ in second.events.transfers if label == "upload"]
+    assert uploads[0] == left and uploads[-1] == size
+    assert any("resuming at" in detail for _, detail in second.events.phases)
+    assert not partial.exists()
+    assert (remote / "bundles" / f"{bundle.sha256}.tar.gz").read_bytes() == bundle.path.read_bytes()
+    assert (Path(ctx.meta["remote_dir"]) / "bundle" / "blob.bin").stat().st_size == 3 << 20
+    assert (Path(ctx.meta["remote_dir"]) / "site" / "cloudtune" / "__init__.py").is_file()
+    assert second.teardown(ctx)
+
+    # A re-run with the same bundle uploads nothing.
+    third = get_backend("ssh", host=sshd.address(), key=sshd.key)
+    third.events = Recorder()
+    ctx = new_context(ct_home)
+    third.provision(ctx)
+    third.sync(ctx, bundle, {})
+    assert not [t for t in third.events.transfers if t[0] == "upload"]
+    assert ("upload", "skipped: the machine already has this bundle (sha256 matches)") in third.events.phases
+    assert third.teardown(ctx)
+
+
+def test_upload_survives_a_dropped_connection(sshd, remote, tmp_path, ct_home):
+    backend = get_backend("ssh", host=sshd.address(), key=sshd.key)
+    ctx = new_context(ct_home)
+    backend.provision(ctx)
+    bundle = _big_bundle(tmp_path, backend, ctx)
+    dropped = []
+
+    def drop(label, done, total):
+        if label == "upload" and done > total // 2 and not dropped:
+            dropped.append(done)
+            backend._client.get_transport().close()  # the network goes away mid-transfer
+
+    backend.events = Recorder(drop)
+    backend.sync(ctx, bundle, {})
+    uploads = [done for label, done, _ in backend.events.transfers if label == "upload"]
+    restart = uploads[uploads.index(dropped[0]) + 1]
+    assert 0 < restart <= dropped[0]  # resumed from what had arrived, not from zero
+    assert any("lost while uploading" in warning for warning in backend.events.warnings)
+    assert (remote / "bundles" / f"{bundle.sha256}.tar.gz").read_bytes() == bundle.path.read_bytes()
+    assert backend.teardown(ctx)
+
+
+def test_secrets_file_is_private(sshd, remote, tmp_path, ct_home):
+    backend = get_backend("ssh", host=sshd.address(), key=sshd.key, keep_remote=True)
+    ctx = new_context(ct_home)
+    backend.provision(ctx)
+    bundle = build_bundle(load_recipe(ssh_recipe(tmp_path, max_steps=1)), tmp_path / "b.tar.gz",
+                          backend.bundle_files(ctx))
+    backend.sync(ctx, bundle, {SECRET_NAME: "it's a 'quoted' secret value"})
+    secrets_file = Path(ctx.meta["remote_dir"]) / "secrets.env"
+    assert secrets_file.stat().st_mode & 0o777 == 0o600
+    assert Path(ctx.meta["remote_dir"]).stat().st_mode & 0o077 == 0
+    sourced = subprocess.run(["sh", "-c", f". {secrets_file}; printf %s \"${SECRET_NAME}\""],
+                             capture_output=True, text=True).stdout
+    assert sourced == "it's a 'quoted' secret value"
+    assert backend.teardown(ctx)
+    assert not secrets_file.exists() and (Path(ctx.meta["remote_dir"]) / "bundle").is_dir()  # kept, minus secrets
+
+
+def test_missing_packages_get_a_venv_built_once(sshd, remote, tmp_path, ct_home, monkeypatch):
+    # A Python without the packages (this venv's base interpreter) and one requirement that pip can
+    # install offline: a wheel built here. The venv sees the base's own packages too.
+    base = getattr(sys, "_base_executable", sys.executable)
+    monkeypatch.setenv(REMOTE_PYTHON_ENV, base)
+    source = tmp_path / "probe-src"
+    (source / "ct_venv_probe").mkdir(parents=True)
+    (source / "ct_venv_probe" / "__init__.py").write_text("ANSWER = 42\n")
+    (source / "pyproject.toml").write_text('[project]\nname = "ct-venv-probe"\nversion = "1.0"\n'
+                                          '[build-system]\nrequires = ["setuptools"]\n'
+                                          'build-backend = "setuptools.build_meta"\n')
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True)
+    wheel = next((tmp_path / "dist").glob("ct_venv_probe-*.whl"))
+    requirements = [f"ct-venv-probe @ {wheel.as_uri()}", "pip"]
+
+    backend = get_backend("ssh", host=sshd.address(), key=sshd.key)
+    backend.events = Recorder()
+    ctx = new_context(ct_home)
+    backend.provision(ctx)
+    assert backend.ensure_python(ctx, ["pip"]) == ctx.meta["base_python"]  # nothing missing: no venv
+    python = backend.ensure_python(ctx, requirements)
+    assert Path(python).parent.parent.parent == remote / "envs"
+    ready = Path(python).parent.parent / ".ready"
+    built = ready.stat().st_mtime_ns
+    answer = subprocess.run([python, "-c", "import ct_venv_probe; print(ct_venv_probe.ANSWER)"],
+                            capture_output=True, text=True)
+    assert answer.stdout.strip() == "42", answer.stderr
+    assert "include-system-site-packages = true" in (Path(python).parent.parent / "pyvenv.cfg").read_text()
+    assert backend.ensure_python(ctx, requirements) == python  # the next run reuses it
+    assert ready.stat().st_mtime_ns == built
+    assert backend.teardown(ctx)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training over SSH, end to end
+
+
+@dataclass
+class Watcher:
+    """Samples `ps` while a run trains; drops the SSH connection once, mid-training, when asked to."""
+
+    remote_root: Path
+    sshd: Sshd
+    drop_at: str | None = None
+    samples: int = 0
+    leaks: list[str] = field(default_factory=list)
+    training_seen: bool = False
+    secret_in_training_env: bool = False
+    dropped: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def watch(self) -> None:
+        while not self.stop.is_set():
+            listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+            self.samples += 1
+            if SECRET_VALUE in listing:
+                self.leaks.append(listing)
+            for line in listing.splitlines():
+                pid, _, args = line.strip().partition(" ")
+                if "-m cloudtune.train" in args:
+                    self.training_seen = True
+                    try:
+                        environ = Path(f"/proc/{pid}/environ").read_bytes()
+                    except OSError:
+                        continue
+                    if f"{SECRET_NAME}={SECRET_VALUE}".encode() in environ:
+                        self.secret_in_training_env = True
+            if self.drop_at and not self.dropped:
+                logs = list(self.remote_root.glob("runs/*/train.log"))
+                if logs and self.drop_at in logs[0].read_text(errors="replace"):
+                    self.dropped = kill_ssh_sessions(self.sshd.process.pid)
+            time.sleep(0.25)
+
+
+def test_train_over_ssh_end_to_end(sshd, remote, tmp_path, ct_home, monkeypatch):
+    from cloudtune.train.model import model_source
+    from cloudtune.train.verify import TOLERANCE, max_logit_difference
+
+    monkeypatch.setenv(SECRET_NAME, SECRET_VALUE)
+    steps = 20
+    recipe_path = ssh_recipe(tmp_path, max_steps=steps, secrets=(SECRET_NAME,))
+    watcher = Watcher(remote, sshd, drop_at="step 8/")
+    thread = threading.Thread(target=watcher.watch, daemon=True)
+    thread.start()
+    try:
+        result = CliRunner(mix_stderr=False).invoke(cli, ["run", "--backend", "ssh", "--host", sshd.address(),
+                                                          "--key", str(sshd.key), "--keep-remote", "--json",
+                                                          str(recipe_path)])
+    finally:
+        watcher.stop.set()
+        thread.join()
+    assert result.exit_code == 0, result.stderr
+    receipt = json.loads(result.stdout)
+    assert receipt["backend"] == "ssh" and receipt["steps"] == steps
+
+    # The connection dropped mid-training; the stream reconnected and lost or repeated no line.
+    assert watcher.dropped >= 1
+    assert re.search(r"connection to 127\.0\.0\.1 lost.*; reconnecting", result.stderr), result.stderr
+    for step in range(1, steps + 1):
+        assert result.stderr.count(f"step {step}/{steps} ") == 1, result.stderr
+
+    # The adapter came back whole and reproduces the trained model's logits.
+    out = Path(receipt["output_dir"])
+    recipe = load_recipe(recipe_path)
+    assert max_logit_difference(out, model_source(recipe)) <= TOLERANCE
+
+    # The secret reached the training process, through the private file only.
+    assert watcher.training_seen and watcher.samples > 10
+    assert watcher.secret_in_training_env
+    assert not watcher.leaks, "the secret showed in `ps`"
+    assert SECRET_VALUE not in result.stdout + result.stderr
+    for path in [*ct_home.rglob("*"), *remote.rglob("*"), *out.rglob("*")]:
+        if path.is_file() and "models" not in path.parts:
+            assert SECRET_VALUE.encode() not in path.read_bytes(), path
+    run = Ledger().get_run(receipt["run_id"])
+    remote_dir = Path(run["meta"]["remote_dir"])
+    assert remote_dir.parent == remote / "runs"
+    assert (remote_dir / "train.log").is_file() and (remote_dir / "out" / "manifest.json").is_file()
+    assert not (remote_dir / "secrets.env").exists()  # --keep-remote keeps the outputs, never the secrets
+    assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+
+    # A corrupted remote output is caught on pull, and nothing lands in the output directory.
+    adapter = remote_dir / "out" / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-4] + b"oops")
+    ctx = context_for(run)
+    ctx.meta.update(Ledger().machine_for_run(run["id"])["meta"])
+    target = tmp_path / "second-pull"
+    with pytest.raises(CloudtuneError, match="checksum mismatch.*adapter/adapter_model.safetensors") as caught:
+        _pull(get_backend("ssh"), ctx, target)
+    assert not target.exists()
+    assert f"stay on {sshd.address()} in {remote_dir}/out" in caught.value.hint
+    assert ctx.meta["keep_remote"]  # so teardown keeps the machine's copy, the only one left
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(CloudtuneError, match="checksum mismatch"):
+        _pull(get_backend("ssh"), ctx, existing)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_logs_reattach_after_the_cli_dies_and_down_cleans_up(sshd, remote, tmp_path, ct_home):
+    steps = 20
+    recipe_path = ssh_recipe(tmp_path, max_steps=steps)
+    cli_log = tmp_path / "cli.log"
+    process = start_cli(["run", "--backend", "ssh", "--host", sshd.address(), "--key", str(sshd.key),
+                         str(recipe_path)], cli_log)
+    train_log = wait_for_log(remote, r"step [2-4]/", process=process)
+    os.killpg(process.pid, signal.SIGKILL)  # the laptop's lid closes: client and connection gone at once
+    process.wait()
+    assert "done:" not in train_log.read_text()
+
+    run = Ledger().runs(1)[0]
+    assert run["status"] == "running" and run["backend"] == "ssh"
+    result = CliRunner().invoke(cli, ["logs", run["id"], "-f"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "device: cpu" in lines
+    assert [line for line in lines if line.startswith("step ")][-1].startswith(f"step {steps}/{steps} ")
+    assert lines[-1].startswith("done:")
+    assert (train_log.parent / "exit_code").read_text().strip() == "0"
+    assert (train_log.parent / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+    result = CliRunner().invoke(cli, ["down", run["id"], "--yes"])
+    assert result.exit_code == 0 and "terminated" in result.output, result.output
+    assert not train_log.parent.exists()
+    assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+    # The log outlives the machine: a copy was kept at teardown.
+    result = CliRunner().invoke(cli, ["logs", run["id"]])
+    assert result.exit_code == 0 and result.output.splitlines()[-1].startswith("done:")
+
+
+def test_down_stops_the_remote_training(sshd, remote, tmp_path, ct_home):
+    recipe_path = ssh_recipe(tmp_path, max_steps=100000)
+    process = start_cli(["run", "--backend", "ssh", "--host", sshd.address(), "--key", str(sshd.key),
+                         str(recipe_path)], tmp_path / "cli.log")
+    deadline = time.time() + 120
+    while not (Ledger().runs(1) and Ledger().runs(1)[0]["status"] == "running"):
+        assert time.time() < deadline and process.poll() is None, (tmp_path / "cli.log").read_text()
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    run = Ledger().runs(1)[0]
+    pgid = run["meta"]["pid"]
+    remote_dir = Path(run["meta"]["remote_dir"])
+    assert group_alive(pgid), "the training should outlive the CLI"
+
+    result = CliRunner().invoke(cli, ["down", run["id"], "--yes"])
+    assert result.exit_code == 0 and "terminated" in result.output, result.output
+    assert not group_alive(pgid)
+    assert not remote_dir.exists()
+    assert Ledger().get_run(run["id"])["status"] == "cancelled"
