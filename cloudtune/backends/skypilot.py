@@ -8,8 +8,8 @@ How the lifecycle maps onto SkyPilot (on-demand):
              run first, as `ordered` alternatives (SkyPilot tries them in that order, unlike a set,
              which it would rank by $/hour). Autostop with down=True is armed at launch, so a killed
              CLI still ends the bill.
-  sync       sky.launch on the same cluster with one file mount (bundle, cloudtune wheel, its
-             requirements, checksums); setup verifies the checksums and installs the wheel.
+  sync       sky.launch on the same cluster with one file mount (the bundle with the cloudtune wheel
+             in it, the wheel's requirements, checksums); setup verifies them and installs the wheel.
   start      sky.exec of `python -m cloudtune.train`; secrets travel as SkyPilot secrets.
   logs       sky.tail_logs.
   pull       rsync over the SSH alias SkyPilot writes for every cluster.
@@ -32,9 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-import zipfile
 from collections.abc import Iterator
-from email.parser import Parser
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,8 @@ from ..plan import Estimate, Plan
 from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
 from ..secrets import REDACTED, Redactor
-from .base import LOG_FILE, Backend, Bundle, RunContext, build_wheel
+from ..wheel import build_wheel, train_requirements
+from .base import LOG_FILE, Backend, Bundle, RunContext
 
 SKYPILOT_VERSION = "0.14.1"
 CLUSTER_PREFIX = "ct-"
@@ -56,9 +55,6 @@ UPLOAD = "upload"
 WHEEL_NAME = f"cloudtune-{__version__}-py3-none-any.whl"  # what build_wheel makes of this checkout
 CHECKSUMS = "SHA256SUMS"
 REQUIREMENTS = "requirements-train.txt"
-# Dependencies of the laptop side only: the training machine never imports them, and skypilot's
-# pins (click<8.2) would fight the image's packages.
-LAPTOP_ONLY = ("skypilot", "paramiko")
 MAX_ALTERNATIVES = 8
 # Disk: image + [train] packages + OS, then the model, its outputs and the data on top.
 BASE_DISK_GIB = 40
@@ -74,7 +70,7 @@ set -e
 cd ~/{remote}
 (cd {upload} && sha256sum --check --quiet {checksums})
 rm -rf bundle && tar -xzf {upload}/bundle.tar.gz
-python3 -m pip install --quiet --no-deps --force-reinstall {upload}/{wheel}
+python3 -m pip install --quiet --no-deps --force-reinstall bundle/{wheel}
 python3 -m pip install --quiet -r {upload}/{requirements}
 """
 
@@ -256,42 +252,20 @@ def _redact_config(config: dict[str, Any], exc: Exception) -> str:
     return Redactor(list((config.get("secrets") or {}).values()))(str(exc))
 
 
-def remote_requirements(wheel: Path) -> list[str]:
-    """What the training machine installs beside the wheel: its base requirements and the [train] extra.
-
-    Read from the wheel's own metadata, so they always match the code that goes up. Platform
-    markers stay: they are the remote machine's to evaluate.
-    """
-    with zipfile.ZipFile(wheel) as archive:
-        metadata = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
-        headers = Parser().parsestr(archive.read(metadata).decode())
-    wanted = []
-    for line in headers.get_all("Requires-Dist") or []:
-        spec, _, marker = line.partition(";")
-        extras = re.findall(r'extra\s*==\s*"([^"]+)"', marker)
-        if extras and extras != ["train"]:
-            continue
-        name = re.split(r"[\s<>=!~\[(]", spec.strip(), maxsplit=1)[0]
-        if not extras and name.lower() in LAPTOP_ONLY:
-            continue
-        marker = re.sub(r'\s*(and\s+)?extra\s*==\s*"train"', "", marker).strip()
-        marker = marker[1:-1] if marker.startswith("(") and marker.endswith(")") else marker
-        wanted.append(f"{spec.strip()}; {marker}" if marker else spec.strip())
-    return wanted
-
-
 def prepare_upload(work_dir: Path, bundle: Bundle) -> tuple[Path, str]:
-    """The one directory that goes up: bundle, wheel, its requirements and their checksums."""
+    """The one directory that goes up: the bundle (the cloudtune wheel is inside it), the wheel's
+    requirements and their checksums."""
+    wheels = [name for name in bundle.files if name.endswith(".whl")]
+    if len(wheels) != 1:
+        raise CloudtuneError("the bundle carries no cloudtune wheel for the machine to install.")
     upload = work_dir / UPLOAD
     shutil.rmtree(upload, ignore_errors=True)
     upload.mkdir(parents=True)
-    wheel = build_wheel(work_dir)
     shutil.copy2(bundle.path, upload / "bundle.tar.gz")
-    shutil.copy2(wheel, upload / wheel.name)
-    (upload / REQUIREMENTS).write_text("\n".join(remote_requirements(wheel)) + "\n")
-    sums = [f"{_sha256(upload / name)}  {name}" for name in ("bundle.tar.gz", wheel.name, REQUIREMENTS)]
+    (upload / REQUIREMENTS).write_text("\n".join(train_requirements(build_wheel())) + "\n")
+    sums = [f"{_sha256(upload / name)}  {name}" for name in ("bundle.tar.gz", REQUIREMENTS)]
     (upload / CHECKSUMS).write_text("\n".join(sums) + "\n")
-    return upload, wheel.name
+    return upload, wheels[0].removeprefix("bundle/")
 
 
 def _sha256(path: Path) -> str:
@@ -506,6 +480,10 @@ class SkyPilotBackend(Backend):
 
     # lifecycle -----------------------------------------------------------------------------------
 
+    def bundle_files(self, ctx: RunContext) -> dict[str, Path]:
+        wheel = build_wheel()  # the machine trains with exactly the code that planned the run
+        return {wheel.name: wheel}
+
     def provision(self, ctx: RunContext) -> None:
         recipe = self._recipe(ctx)
         self._provisioning.add(ctx.run_id)
@@ -678,9 +656,6 @@ def dry_run(recipe: Recipe, plan: Plan, *, model_bytes: float | None = None) -> 
 
 if __name__ == "__main__":
     # `python -m cloudtune.backends.skypilot requirements > requirements-train.txt` (the Dockerfile's list)
-    import tempfile
-
     if sys.argv[1:] != ["requirements"]:
         sys.exit("usage: python -m cloudtune.backends.skypilot requirements")
-    with tempfile.TemporaryDirectory() as scratch:
-        print("\n".join(remote_requirements(build_wheel(Path(scratch)))))
+    print("\n".join(train_requirements(build_wheel())))
