@@ -533,6 +533,8 @@ class SkyPilotBackend(Backend):
         self._launch(ctx, config, "setting up")
 
     def start(self, ctx: RunContext, resume: bool = False) -> None:
+        # `resume` needs no flag here: the run script resumes whenever out/ holds a checkpoint, which is
+        # also what a managed job's recovery on a new machine relies on.
         recipe = self._recipe(ctx)
         secrets = self._secrets.get(ctx.run_id, {})
         if self._managed(ctx):
