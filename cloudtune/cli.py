@@ -174,15 +174,23 @@ def _ssh_backend_options(backend: str, host: str | None, key: Path | None, trust
 
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--backend", "-b", default="local", show_default=True, help="Where to train: local, ssh.")
+@click.option("--backend", "-b", default="skypilot", show_default=True, envvar="CLOUDTUNE_BACKEND",
+              help="Where to train: skypilot (the cheapest cloud GPU that fits), ssh (a machine you can SSH "
+                   "into, --host) or local (this machine: demo, tests).")
 @click.option("--gpu", help="GPU to rent (A10, A100-80GB, H100, ...); overrides compute.gpu.")
+@click.option("--cloud", "clouds", multiple=True,
+              help="Only these clouds (repeat for several); overrides compute.cloud.")
+@click.option("--spot/--on-demand", default=None,
+              help="Spot machines, run as a managed job that resumes after preemption; overrides compute.spot.")
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), metavar="USD",
               help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
+@click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
+                                              "rent nothing.")
 @ssh_options
 @json_option
-def run(recipe_path: Path, backend: str, gpu: str | None, max_cost: float | None, as_json: bool,
-        host: str | None = None, key: Path | None = None, trust_new_host: bool = False,
-        keep_remote: bool = False) -> None:
+def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None,
+        max_cost: float | None, dry_run: bool, as_json: bool, host: str | None = None, key: Path | None = None,
+        trust_new_host: bool = False, keep_remote: bool = False) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
     from .backends import get_backend
     from .recipe import load_recipe
@@ -192,11 +200,27 @@ def run(recipe_path: Path, backend: str, gpu: str | None, max_cost: float | None
     recipe = load_recipe(recipe_path)
     if gpu:
         recipe.compute.gpu = gpu
+    if clouds:
+        recipe.compute.cloud = list(clouds)
+    if spot is not None:
+        recipe.compute.spot = spot
     if max_cost is not None:
         recipe.compute.max_cost = max_cost
-    chosen = get_backend(backend, **_ssh_backend_options(backend, host, key, trust_new_host, keep_remote))
-    _plan, estimate = _plan_run(recipe, backend, err_console if as_json else console)
-    result = execute(recipe, chosen, RichEvents(err_console if as_json else console), estimate=estimate)
+    if dry_run and backend != "skypilot":
+        raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend} backend rents nothing.",
+                             "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
+    options = _ssh_backend_options(backend, host, key, trust_new_host, keep_remote)
+    out = err_console if as_json else console
+    plan, estimate = _plan_run(recipe, backend, out)
+    if backend == "skypilot":
+        from .shapes import resolve_model
+
+        model_bytes = resolve_model(recipe).download_bytes
+        if dry_run:
+            _show_dry_run(recipe, plan, model_bytes, as_json)
+            return
+        options = {"plan": plan, "model_bytes": model_bytes}
+    result = execute(recipe, get_backend(backend, **options), RichEvents(out), estimate=estimate)
     if as_json:
         _print_json(result.receipt)
     else:
@@ -249,7 +273,10 @@ def down(run_ref: str | None, all_runs: bool, dry_run: bool, yes: bool) -> None:
 
     if not run_ref and not all_runs:
         raise CloudtuneError("say which machines: a RUN id, or --all.", "`cloudtune status` lists runs.")
-    machines = find_machines(None if all_runs else run_ref)
+    problems: list[str] = []
+    machines = find_machines(None if all_runs else run_ref, problems=problems)
+    for problem in problems:
+        err_console.print(f"[yellow]warning:[/] {escape(problem)}")
     if not machines:
         console.print("nothing to tear down: every machine in the ledger is terminated")
         return
@@ -376,6 +403,44 @@ def gpus(gpu: str | None, clouds: tuple[str, ...], refresh: bool, as_json: bool)
     if catalog.skipped:
         console.print("[dim]not planned on: " + "; ".join(f"{name} ({why})" for name, why in
                                                          sorted(catalog.skipped.items())) + "[/]")
+
+
+# ----------------------------------------------------------------------------------------------
+# cloud runs (SkyPilot): plan, dry run, pull again
+
+
+def _show_dry_run(recipe, plan, model_bytes: float, as_json: bool) -> None:
+    from .backends.skypilot import dry_run
+    from .render import launch_order_table
+
+    shown = dry_run(recipe, plan, model_bytes=model_bytes)
+    if as_json:
+        _print_json({key: value for key, value in shown.items() if key != "yaml"})
+        return
+    console.print(launch_order_table(shown, plan.snapshot_date))
+    for note in [*plan.notes, *shown["notes"]]:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    kind = "managed job (spot, resumes after preemption)" if shown["managed_job"] else "cluster"
+    console.print(f"[bold]SkyPilot task[/] ({kind}; secrets shown as <redacted>):")
+    console.print(shown["yaml"], markup=False, highlight=False, soft_wrap=True)
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN", default="last")
+@json_option
+def pull(run_ref: str, as_json: bool) -> None:
+    """Fetch the outputs of a run whose pull failed (its machine was left up), then tear the machine down."""
+    from .backends import get_backend
+    from .ledger import Ledger
+    from .render import RichEvents, receipt_table
+    from .runner import pull_again
+
+    run_row = Ledger().get_run(run_ref)
+    result = pull_again(run_row, get_backend(run_row["backend"]), RichEvents(err_console if as_json else console))
+    if as_json:
+        _print_json(result.receipt)
+    else:
+        console.print(receipt_table(result.receipt))
 
 
 def main() -> None:

@@ -17,9 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import CloudtuneError
 
-# A CUDA 12.4 / torch 2.5 base that the [train] extra installs cleanly into; pinned to a tag so
-# every run of a recipe starts from the same bits. A digest (`image@sha256:...`) pins harder.
-DEFAULT_IMAGE = "pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel"
+# torch 2.8 built for CUDA 12.8: the first builds with Blackwell kernels (B200, RTX 5090, RTX PRO 6000
+# are in the catalog), above the [train] extra's floors (transformers 5 needs torch >= 2.5,
+# bitsandbytes >= 2.4, trl Python >= 3.11). The runtime flavour, because nothing is compiled on the
+# machine and the devel one is twice the download. Pinned to a tag so every run of a recipe starts
+# from the same bits; a digest (`image@sha256:...`) pins harder.
+DEFAULT_IMAGE = "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime"
 METHODS = ("lora", "qlora", "8bit", "full")
 FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

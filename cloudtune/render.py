@@ -161,4 +161,23 @@ def gpus_table(catalog, title: str, specs: dict) -> Table:
                       f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"),
                       f"{offer.cloud} {escape(offer.region)} [dim]{escape(offer.instance_type)}[/]",
                       f"{offer.price_per_hour:.2f}", spot)
+
+
+def launch_order_table(shown: dict, snapshot_date: str) -> Table:
+    """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks."""
+    table = Table(title=f"launch order: cheapest run first, then fallbacks (prices of {snapshot_date})",
+                  title_justify="left")
+    table.add_column("try", justify="right", no_wrap=True)
+    table.add_column("offer", overflow="fold", max_width=34)
+    table.add_column("GPU", no_wrap=True)
+    for column in ("$/h", "est. hours", "est. $ per run"):
+        table.add_column(column, justify="right", no_wrap=True)
+    rows = ([shown["chosen"]] if shown["chosen"] else []) + shown["fallbacks"]
+    for i, estimate in enumerate(rows, start=1):
+        offer = estimate["offer"]
+        table.add_row(str(i), f"{offer['cloud']} {escape(offer['region'])} [dim]{escape(offer['instance_type'])}[/]",
+                      f"{offer['gpu']}×{offer['gpu_count']}", f"{estimate['price_per_hour']:.2f}",
+                      f"{estimate['hours_low']:.2f}–{estimate['hours_high']:.2f}",
+                      f"${estimate['cost_low']:.2f}–{estimate['cost_high']:.2f}",
+                      style="bold green" if i == 1 else None)
     return table

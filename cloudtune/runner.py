@@ -29,6 +29,10 @@ class RunFailed(CloudtuneError):
     """The training itself failed; the message carries the log tail."""
 
 
+class PullFailed(RunFailed):
+    """Training finished but its outputs did not arrive intact; the machine is left up so they are not lost."""
+
+
 class Events:
     """What the runner reports while it works; the CLI renders these, tests record them."""
 
@@ -82,6 +86,7 @@ def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, l
     started = time.time()
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     status = "failed"
+    keep_machine = False
     try:
         ledger.add_machine(ctx.machine, run_id, backend.name)
         ledger.update_run(run_id, status="provisioning")
@@ -110,7 +115,12 @@ def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, l
 
         ledger.update_run(run_id, status="pulling")
         events.phase("pull", str(output_dir))
-        receipt = _pull(backend, ctx, output_dir)
+        try:
+            receipt = _pull(backend, ctx, output_dir)
+        except Exception as exc:
+            keep_machine = True
+            raise PullFailed(redact(f"run {run_id}: training finished but its outputs did not come back: "
+                                    f"{getattr(exc, 'message', exc)}"), _retry_pull_hint(run_id)) from exc
         receipt.update(run_id=run_id, backend=backend.name, machine=ctx.machine,
                        wall_seconds=round(time.time() - started, 1), output_dir=str(output_dir))
         if estimate:
@@ -132,7 +142,41 @@ def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, l
         raise
     finally:
         ledger.update_run(run_id, status=status, wall_seconds=round(time.time() - started, 1))
-        _teardown(backend, ctx, ledger, events)
+        if keep_machine:
+            ledger.set_machine(ctx.machine, "up", pull_failed=True)
+            events.warn(f"{ctx.machine} is left up with the outputs on it. " + _retry_pull_hint(run_id))
+        else:
+            _teardown(backend, ctx, ledger, events)
+
+
+def _retry_pull_hint(run_id: str) -> str:
+    return (f"Fetch them with `cloudtune pull {run_id}` (it tears the machine down afterwards), or give them up "
+            f"with `cloudtune down {run_id}`. A cloud machine also tears itself down after compute.autostop_minutes "
+            f"idle, outputs and all.")
+
+
+def pull_again(run: dict, backend: Backend, events: Events | None = None, *, ledger: Ledger | None = None) -> RunResult:
+    """`cloudtune pull RUN`: fetch the outputs of a run whose pull failed, then tear its machine down."""
+    events = events or Events()
+    ledger = ledger or Ledger()
+    machine = ledger.machine_for_run(run["id"])
+    if machine is None or machine["status"] == "terminated":
+        raise CloudtuneError(f"run {run['id']}: its machine is gone, and its outputs with it.",
+                             "`cloudtune status` shows the runs whose outputs arrived.")
+    ctx = context_for(run)
+    ctx.meta.update(machine["meta"])
+    output_dir = Path(run["output_dir"])
+    events.phase("pull", str(output_dir))
+    receipt = _pull(backend, ctx, output_dir)  # a failure leaves the machine as it is, for another try
+    receipt.update(run_id=run["id"], backend=backend.name, machine=ctx.machine, wall_seconds=run["wall_seconds"],
+                   output_dir=str(output_dir))
+    if _estimate_columns(run):
+        receipt["estimate"] = _estimate_columns(run)
+    (output_dir / "receipt.json").write_text(json.dumps(receipt, indent=1))
+    ledger.update_run(run["id"], status="succeeded", error=None, tokens=receipt.get("tokens"),
+                      train_seconds=receipt.get("train_seconds"), gpu=receipt.get("device"))
+    _teardown(backend, ctx, ledger, events)
+    return RunResult(run_id=run["id"], status="succeeded", receipt=receipt)
 
 
 def _pull(backend: Backend, ctx: RunContext, output_dir: Path) -> dict[str, Any]:
@@ -153,6 +197,11 @@ def _teardown(backend: Backend, ctx: RunContext, ledger: Ledger, events: Events)
         try:
             verified = backend.teardown(ctx)
             break
+        except Exception as exc:  # noqa: BLE001 - the run's own outcome matters more; say what is left
+            ledger.set_machine(ctx.machine, "unknown")
+            events.warn(f"tearing down {ctx.machine} failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                        f"run `cloudtune down {ctx.run_id}`")
+            return
         except KeyboardInterrupt:
             if attempt == 2:
                 ledger.set_machine(ctx.machine, "unknown")

@@ -46,3 +46,7 @@ def demo_recipe_text(**training) -> str:
     data["dataset"]["path"] = str(DEMO_RECIPE.parent / "data" / "demo-chat.jsonl")
     data["training"].update(training)
     return yaml.safe_dump(data)
+
+
+# `cloudtune run` rents through SkyPilot by default; tests train on this machine unless they say otherwise.
+os.environ.setdefault("CLOUDTUNE_BACKEND", "local")

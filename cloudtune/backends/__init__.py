@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import CloudtuneError
 from .base import Backend
 
-BACKENDS = ("local", "ssh")
+BACKENDS = ("local", "ssh", "skypilot")
 
 
 def get_backend(name: str, **options) -> Backend:
@@ -16,4 +16,8 @@ def get_backend(name: str, **options) -> Backend:
         from .ssh import SSHBackend
 
         return SSHBackend(**options)
+    if name == "skypilot":
+        from .skypilot import SkyPilotBackend
+
+        return SkyPilotBackend(**options)
     raise CloudtuneError(f"unknown backend '{name}'.", f"Choose one of: {', '.join(BACKENDS)}.")

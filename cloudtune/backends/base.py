@@ -138,3 +138,4 @@ def secrets_env(secrets: dict[str, str]) -> str:
     for name, value in sorted(secrets.items()):
         lines.append(f"{name}='" + value.replace("'", "'\\''") + "'")
     return "\n".join(lines) + "\n"
+

@@ -1,0 +1,663 @@
+"""The SkyPilot backend: rent the cheapest GPU that fits through SkyPilot, train there, bring the outputs back.
+
+Built against skypilot==0.14.1 (its client SDK talks to a local API server; calls return request
+ids). This is the only module that imports sky, and only inside functions.
+
+How the lifecycle maps onto SkyPilot (on-demand):
+  provision  sky.launch of a task that holds only resources: the plan's fitting offers, cheapest
+             run first, as `ordered` alternatives (SkyPilot tries them in that order, unlike a set,
+             which it would rank by $/hour). Autostop with down=True is armed at launch, so a killed
+             CLI still ends the bill.
+  sync       sky.launch on the same cluster with one file mount (the bundle with the cloudtune wheel
+             in it, the wheel's requirements, checksums); setup verifies them and installs the wheel.
+  start      sky.exec of `python -m cloudtune.train`; secrets travel as SkyPilot secrets.
+  logs       sky.tail_logs.
+  pull       rsync over the SSH alias SkyPilot writes for every cluster.
+  teardown   sky.down, then sky.status to verify the cluster is gone.
+Spot (`compute.spot`): one SkyPilot managed job, outputs and checkpoints on a bucket, `--resume`
+after a preemption.
+
+Everything that reaches SkyPilot's API server goes through `SkyClient`, the seam tests replace.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import __version__
+from ..errors import CloudtuneError
+from ..manifest import NOT_PULLED
+from ..plan import Estimate, Plan
+from ..recipe import ComputeSpec, Recipe
+from ..registry import parse_image
+from ..secrets import REDACTED, Redactor
+from ..wheel import build_wheel, train_requirements
+from .base import LOG_FILE, Backend, Bundle, RunContext
+
+SKYPILOT_VERSION = "0.14.1"
+CLUSTER_PREFIX = "ct-"
+REMOTE_DIR = "cloudtune"  # under the remote user's home: upload/, bundle/, out/
+UPLOAD = "upload"
+WHEEL_NAME = f"cloudtune-{__version__}-py3-none-any.whl"  # what build_wheel makes of this checkout
+CHECKSUMS = "SHA256SUMS"
+REQUIREMENTS = "requirements-train.txt"
+MAX_ALTERNATIVES = 8
+# Disk: image + [train] packages + OS, then the model, its outputs and the data on top.
+BASE_DISK_GIB = 40
+MIN_DISK_GIB = 64
+RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
+# Final job states (cluster jobs and managed jobs) and the exit status each stands for.
+JOB_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "FAILED_SETUP": 1, "FAILED_DRIVER": 1, "FAILED_PRECHECKS": 1,
+            "FAILED_NO_RESOURCE": 1, "FAILED_CONTROLLER": 1, "CANCELLED": None}
+CANCEL_WAIT_SECONDS = 120
+
+SETUP_SCRIPT = """\
+set -e
+cd ~/{remote}
+(cd {upload} && sha256sum --check --quiet {checksums})
+rm -rf bundle && tar -xzf {upload}/bundle.tar.gz
+python3 -m pip install --quiet --no-deps --force-reinstall bundle/{wheel}
+python3 -m pip install --quiet -r {upload}/{requirements}
+"""
+
+# The digest is read from the registry on the machine itself, just after SkyPilot pulled the image.
+RUN_SCRIPT = """\
+cd ~/{remote}
+if [ -z "${{CLOUDTUNE_IMAGE_DIGEST:-}}" ]; then
+  digest="$(python3 -m cloudtune.registry "$CLOUDTUNE_IMAGE")" && export CLOUDTUNE_IMAGE_DIGEST="$digest"
+fi
+resume=""
+if ls -d out/checkpoints/step-* >/dev/null 2>&1; then
+  resume="--resume"
+  echo "cloudtune: resuming from the newest checkpoint in out/checkpoints"
+fi
+exec python3 -u -m cloudtune.train bundle/recipe.yaml --out out $resume
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The task, as plain data: what `--dry-run` prints and what SkyPilot validates
+
+
+def check_image(image: str) -> str:
+    """The image as SkyPilot's `image_id`; refuses references that are not pinned."""
+    try:
+        ref = parse_image(image)
+    except ValueError as exc:
+        raise CloudtuneError(f"compute.image: {exc}.", "Write it like pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime.") \
+            from None
+    if ref.digest is None and ref.tag == "latest":
+        raise CloudtuneError(f"compute.image '{image}' is not pinned: 'latest' changes under you.",
+                             "Give an exact tag (name:1.2.3) or a digest (name@sha256:...).")
+    return f"docker:{image}"
+
+
+def disk_size_gib(recipe: Recipe, model_bytes: float | None) -> int | None:
+    """Disk for the image, the model download, what training writes and the data; None leaves SkyPilot's default.
+
+    Full fine-tunes write a full copy of the model plus checkpoints with optimizer state; a merge
+    writes another copy. Unknown model size: SkyPilot's default disk (256 GB), which is generous.
+    """
+    if recipe.compute.disk_gb:
+        return recipe.compute.disk_gb
+    if model_bytes is None:
+        return None
+    model_gib = model_bytes / 2**30
+    copies = 1.0  # the download
+    if recipe.method == "full":
+        copies += 1.0 + 2 * 3.0  # saved model, two checkpoints of bf16 weights + fp32 Adam moments
+    if recipe.outputs.merge:
+        copies += 1.0
+    dataset = recipe.dataset_file()
+    data_gib = 3 * dataset.stat().st_size / 2**30 if dataset is not None else 10.0  # file + tokenized cache
+    total = BASE_DISK_GIB + model_gib * copies + data_gib
+    return max(MIN_DISK_GIB, int(math.ceil(total / 10.0) * 10))
+
+
+def alternatives(candidates: list[Estimate], region: str | None) -> list[dict[str, Any]]:
+    """One SkyPilot resources entry per fitting offer, in the plan's order (cheapest run first)."""
+    entries: list[dict[str, Any]] = []
+    for estimate in candidates[:MAX_ALTERNATIVES]:
+        offer = estimate.offer
+        entry = {"infra": f"{offer.cloud}/{region}" if region else offer.cloud,
+                 "accelerators": {offer.sky_accelerator: offer.gpu_count}}
+        if offer.instance_type:
+            entry["instance_type"] = offer.instance_type
+        if entry not in entries:
+            entries.append(entry)
+    return entries
+
+
+def resources_config(candidates: list[Estimate], compute: ComputeSpec, disk_gib: int | None, *,
+                     managed: bool) -> dict[str, Any]:
+    if not candidates:
+        raise CloudtuneError("no GPU offer in the plan fits this fine-tune.",
+                             "See `cloudtune cost RECIPE` for why; try another --gpu, a smaller micro_batch_size "
+                             "or method qlora.")
+    config: dict[str, Any] = {"image_id": check_image(compute.image)}
+    if disk_gib:
+        config["disk_size"] = disk_gib
+    if compute.spot:
+        config["use_spot"] = True
+    if managed:
+        config["job_recovery"] = dict(RECOVERY)
+    else:
+        config["autostop"] = {"idle_minutes": compute.autostop_minutes, "down": True}
+    config["ordered"] = alternatives(launch_order(candidates, compute), compute.region)
+    return config
+
+
+def launch_order(candidates: list[Estimate], compute: ComputeSpec) -> list[Estimate]:
+    """The offers SkyPilot will try, in order: the plan's fitting ones, spot-capable ones for a spot run."""
+    if compute.spot:
+        candidates = [e for e in candidates if e.offer.spot_price_per_hour is not None]
+        if not candidates:
+            raise CloudtuneError("compute.spot: none of the fitting offers comes as spot.",
+                                 "Drop spot, or widen the plan to clouds that sell spot (aws, gcp, azure, nebius).")
+    return candidates[:MAX_ALTERNATIVES]
+
+
+def setup_script(wheel_name: str) -> str:
+    return SETUP_SCRIPT.format(remote=REMOTE_DIR, upload=UPLOAD, checksums=CHECKSUMS, wheel=shlex.quote(wheel_name),
+                               requirements=REQUIREMENTS)
+
+
+def run_script() -> str:
+    return RUN_SCRIPT.format(remote=REMOTE_DIR)
+
+
+def image_envs(image: str) -> dict[str, str]:
+    envs = {"CLOUDTUNE_IMAGE": image, "PYTHONUNBUFFERED": "1"}
+    ref = parse_image(image)
+    if ref.digest:
+        envs["CLOUDTUNE_IMAGE_DIGEST"] = ref.pinned(ref.digest)
+    return envs
+
+
+def task_config(name: str, resources: dict[str, Any], *, upload_dir: Path | None = None, wheel_name: str | None = None,
+                run: bool = False, envs: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
+                outputs_bucket: str | None = None) -> dict[str, Any]:
+    """A SkyPilot task YAML (as a dict). Secret values go in only for the task handed to SkyPilot."""
+    config: dict[str, Any] = {"name": name, "num_nodes": 1, "resources": resources}
+    mounts: dict[str, Any] = {}
+    if upload_dir is not None:
+        mounts[f"~/{REMOTE_DIR}/{UPLOAD}"] = str(upload_dir)
+    if outputs_bucket:
+        # Checkpoints and outputs outlive a preempted machine on the bucket; MOUNT_CACHED allows the
+        # renames a checkpoint save does.
+        mounts[f"~/{REMOTE_DIR}/out"] = {"name": outputs_bucket, "mode": "MOUNT_CACHED"}
+    if mounts:
+        config["file_mounts"] = mounts
+    if wheel_name:
+        config["setup"] = setup_script(wheel_name)
+    if run:
+        config["run"] = run_script()
+    if envs:
+        config["envs"] = dict(envs)
+    if secrets:
+        config["secrets"] = dict(secrets)
+    return config
+
+
+def redacted(config: dict[str, Any]) -> dict[str, Any]:
+    shown = json.loads(json.dumps(config))
+    if "secrets" in shown:
+        shown["secrets"] = {name: REDACTED for name in shown["secrets"]}
+    return shown
+
+
+class _TaskDumper(yaml.SafeDumper):
+    """Shell scripts as literal blocks, so the printed task reads like a hand-written one."""
+
+
+_TaskDumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def to_yaml(config: dict[str, Any]) -> str:
+    """The task as YAML for people to read: always with secret values redacted."""
+    return yaml.dump(redacted(config), Dumper=_TaskDumper, sort_keys=False, width=120)
+
+
+def to_task(config: dict[str, Any]):
+    """A sky.Task, validated by SkyPilot's own task schema and resource checks."""
+    import sky
+    from sky.utils import common_utils, schemas
+
+    try:
+        # The schema checks the top-level keys, from_yaml_config everything inside them.
+        common_utils.validate_schema(config, schemas.get_task_schema(), "Invalid task YAML: ")
+        return sky.Task.from_yaml_config(copy.deepcopy(config))  # it consumes the dict it is given
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CloudtuneError(f"SkyPilot {SKYPILOT_VERSION} rejects the generated task: {_redact_config(config, exc)}",
+                             "This is a cloudtune bug unless compute.* in the recipe names a region or image "
+                             "SkyPilot does not know; `cloudtune run --dry-run` shows the task.") from None
+
+
+def _redact_config(config: dict[str, Any], exc: Exception) -> str:
+    return Redactor(list((config.get("secrets") or {}).values()))(str(exc))
+
+
+def prepare_upload(work_dir: Path, bundle: Bundle) -> tuple[Path, str]:
+    """The one directory that goes up: the bundle (the cloudtune wheel is inside it), the wheel's
+    requirements and their checksums."""
+    wheels = [name for name in bundle.files if name.endswith(".whl")]
+    if len(wheels) != 1:
+        raise CloudtuneError("the bundle carries no cloudtune wheel for the machine to install.")
+    upload = work_dir / UPLOAD
+    shutil.rmtree(upload, ignore_errors=True)
+    upload.mkdir(parents=True)
+    shutil.copy2(bundle.path, upload / "bundle.tar.gz")
+    (upload / REQUIREMENTS).write_text("\n".join(train_requirements(build_wheel())) + "\n")
+    sums = [f"{_sha256(upload / name)}  {name}" for name in ("bundle.tar.gz", REQUIREMENTS)]
+    (upload / CHECKSUMS).write_text("\n".join(sums) + "\n")
+    return upload, wheels[0].removeprefix("bundle/")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bucket_name(cluster: str) -> str:
+    # Bucket names: lower case, digits, dashes; 3-63 characters on every store.
+    return re.sub(r"[^a-z0-9-]", "-", cluster.lower())[:63]
+
+
+# ----------------------------------------------------------------------------------------------
+# The seam: every call that reaches SkyPilot's API server (and through it, a cloud)
+
+
+class SkyClient:
+    """SkyPilot's SDK, reduced to what cloudtune needs; the tests stand in a fake for this class only."""
+
+    def __init__(self, progress=None):
+        # SkyPilot's provisioning log goes to stderr, so `--json` output on stdout stays clean.
+        self.progress = progress or sys.stderr
+
+    def enabled_clouds(self) -> list[str]:
+        import sky
+        from sky.client import sdk
+
+        return [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())]
+
+    def launch(self, task, cluster: str, *, autostop_minutes: int) -> dict[str, Any]:
+        import sky
+        from sky import exceptions
+
+        try:
+            request = sky.launch(task, cluster_name=cluster, idle_minutes_to_autostop=autostop_minutes, down=True)
+            _, handle = sky.stream_and_get(request, output_stream=self.progress)
+        except exceptions.NoCloudAccessError:
+            raise CloudtuneError("SkyPilot has no cloud credentials set up.",
+                                 "Run `sky check` to see which clouds are enabled and what is missing.") from None
+        except exceptions.ResourcesUnavailableError as exc:
+            raise CloudtuneError(f"no offer in the plan could be provisioned: {str(exc)[:1500]}",
+                                 "Capacity comes and goes: retry later, or widen the plan (no --gpu, more clouds).") \
+                from None
+        return launched(handle.launched_resources)
+
+    def exec(self, task, cluster: str) -> int:
+        import sky
+
+        job_id, _ = sky.stream_and_get(sky.exec(task, cluster_name=cluster), output_stream=self.progress)
+        return job_id
+
+    def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
+        import sky
+
+        for line in sky.tail_logs(cluster, job_id, follow=follow, preload_content=False):
+            if line is not None:
+                yield line
+
+    def job_status(self, cluster: str, job_id: int | None) -> str | None:
+        import sky
+
+        statuses = sky.get(sky.job_status(cluster, [job_id] if job_id is not None else None))
+        status = next(iter(statuses.values()), None)
+        return status.value if status is not None else None
+
+    def cancel(self, cluster: str, job_id: int | None) -> None:
+        import sky
+
+        sky.get(sky.cancel(cluster, job_ids=[job_id] if job_id is not None else None, all=job_id is None))
+
+    def down(self, cluster: str) -> None:
+        import sky
+        from sky import exceptions
+
+        try:
+            sky.stream_and_get(sky.down(cluster), output_stream=self.progress)
+        except exceptions.ClusterDoesNotExist:
+            pass
+
+    def status(self, clusters: list[str] | None = None) -> dict[str, str]:
+        """name -> SkyPilot status (INIT, UP, STOPPED), refreshed from the cloud; gone clusters are absent."""
+        import sky
+        from sky.utils import common
+
+        records = sky.get(sky.status(clusters, refresh=common.StatusRefreshMode.AUTO))
+        return {record["name"]: str(getattr(record["status"], "value", record["status"])) for record in records}
+
+    def rsync_remote(self, cluster: str, path: str) -> str:
+        # SkyPilot writes an SSH config entry named after each cluster (~/.sky/generated/ssh/).
+        return f"{cluster}:{path}"
+
+    # managed jobs, for spot ----------------------------------------------------------------------
+
+    def jobs_launch(self, task, name: str) -> int:
+        import sky
+
+        job_ids, _ = sky.stream_and_get(sky.jobs.launch(task, name=name), output_stream=self.progress)
+        return job_ids[0]
+
+    def jobs_tail_logs(self, job_id: int, follow: bool) -> Iterator[str]:
+        import sky
+
+        for line in sky.jobs.tail_logs(job_id=job_id, follow=follow, preload_content=False):
+            if line is not None:
+                yield line
+
+    def jobs_status(self, job_id: int) -> str | None:
+        import sky
+
+        records = sky.get(sky.jobs.queue_v2(refresh=False, job_ids=[job_id]))[0]
+        return str(records[0].status.value) if records else None
+
+    def jobs_cancel(self, job_id: int) -> None:
+        import sky
+
+        sky.get(sky.jobs.cancel(job_ids=[job_id]))
+
+    def bucket_sync_command(self, bucket: str, destination: Path) -> str:
+        import sky
+        from sky import cloud_stores
+        from sky.data import storage
+
+        record = next((r for r in sky.get(sky.storage_ls()) if r.name == bucket), None)
+        if record is None or not record.store:
+            raise CloudtuneError(f"the outputs bucket {bucket} does not exist (any more).")
+        store = storage.StoreType(record.store[0])
+        if store == storage.StoreType.AZURE:
+            raise CloudtuneError(f"the outputs are in Azure container {bucket}, which cloudtune cannot fetch.",
+                                 "Fetch them with `az storage blob download-batch`.")
+        url = f"{store.store_prefix()}{bucket}"
+        return cloud_stores.get_storage_from_path(url).make_sync_dir_command(url, str(destination))
+
+    def storage_delete(self, bucket: str) -> None:
+        import sky
+
+        sky.get(sky.storage_delete(bucket))
+
+
+def launched(resources) -> dict[str, Any]:
+    """What the ledger keeps about the machine SkyPilot chose (plain data, for reattaching)."""
+    accelerators = resources.accelerators or {}
+    return {"cloud": str(resources.cloud).lower(), "region": resources.region, "zone": resources.zone,
+            "instance_type": resources.instance_type, "accelerators": {k: int(v) for k, v in accelerators.items()},
+            "spot": bool(resources.use_spot), "price_per_hour": round(resources.get_cost(3600), 4)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend
+
+
+class SkyPilotBackend(Backend):
+    name = "skypilot"
+
+    def __init__(self, plan: Plan | None = None, *, client: SkyClient | None = None, model_bytes: float | None = None):
+        self.plan = plan
+        self.client = client or SkyClient()
+        self.model_bytes = model_bytes
+        self._secrets: dict[str, dict[str, str]] = {}  # run id -> values; in memory only, never on disk
+        # Runs this process provisioned, and those for which it asked SkyPilot for a machine: a run in the
+        # first set but not the second never had one. (A backend rebuilt from the ledger knows neither,
+        # and always asks SkyPilot.)
+        self._provisioning: set[str] = set()
+        self._requested: set[str] = set()
+
+    # what the task is made of ---------------------------------------------------------------------
+
+    def full_task(self, ctx: RunContext, *, upload_dir: Path | None = None, wheel_name: str = WHEEL_NAME,
+                  secrets: dict[str, str] | None = None, candidates: list[Estimate] | None = None) -> dict[str, Any]:
+        """The whole task: what a spot run launches as a managed job and what `--dry-run` prints."""
+        recipe = self._recipe(ctx)
+        spot = recipe.compute.spot
+        resources = resources_config(self._candidates() if candidates is None else candidates, recipe.compute,
+                                     disk_size_gib(recipe, self.model_bytes), managed=spot)
+        return task_config(ctx.machine, resources, upload_dir=upload_dir or ctx.work_dir / UPLOAD,
+                           wheel_name=wheel_name, run=True, envs=image_envs(recipe.compute.image),
+                           secrets=secrets if secrets is not None else {name: REDACTED for name in recipe.secrets},
+                           outputs_bucket=bucket_name(ctx.machine) if spot else None)
+
+    def _recipe(self, ctx: RunContext) -> Recipe:
+        if ctx.recipe is None:
+            raise CloudtuneError(f"run {ctx.run_id}: launching needs its recipe.")
+        return ctx.recipe
+
+    def _candidates(self) -> list[Estimate]:
+        if self.plan is None:
+            raise CloudtuneError("the SkyPilot backend launches from a plan; none was given.",
+                                 "Use `cloudtune run`, which plans first.")
+        return self.plan.candidates(MAX_ALTERNATIVES)
+
+    def _managed(self, ctx: RunContext) -> bool:
+        return bool(ctx.meta.get("managed_job")) or (ctx.recipe is not None and ctx.recipe.compute.spot)
+
+    def usable_candidates(self) -> list[Estimate]:
+        """The plan's offers on clouds SkyPilot can use; a clear error naming `sky check` when none."""
+        candidates = self._candidates()
+        try:  # the first call that needs SkyPilot's API server (it starts a local one on demand)
+            enabled = set(self.client.enabled_clouds())
+        except (RuntimeError, OSError) as exc:  # how SkyPilot reports a server it cannot reach or start
+            raise CloudtuneError(f"cannot reach SkyPilot's API server: {str(exc)[:500]}",
+                                 "`sky api status` shows the server; `sky check` which clouds it can use.") from None
+        wanted = sorted({e.offer.cloud for e in candidates})
+        if not enabled:
+            raise CloudtuneError("SkyPilot has no cloud enabled: no credentials were found for any cloud.",
+                                 f"Run `sky check` to see what each cloud needs; the plan's offers are on "
+                                 f"{', '.join(wanted)}.")
+        usable = [e for e in candidates if e.offer.cloud.lower() in enabled]
+        if not usable:
+            raise CloudtuneError(f"the plan's offers are on {', '.join(wanted)}, but SkyPilot has only "
+                                 f"{', '.join(sorted(enabled))} enabled.",
+                                 f"Set up credentials for one of {', '.join(wanted)} and run `sky check`, or pass "
+                                 f"--cloud {sorted(enabled)[0]} to plan on an enabled cloud.")
+        return usable
+
+    # lifecycle -----------------------------------------------------------------------------------
+
+    def bundle_files(self, ctx: RunContext) -> dict[str, Path]:
+        wheel = build_wheel()  # the machine trains with exactly the code that planned the run
+        return {wheel.name: wheel}
+
+    def provision(self, ctx: RunContext) -> None:
+        recipe = self._recipe(ctx)
+        self._provisioning.add(ctx.run_id)
+        candidates = self.usable_candidates()
+        ctx.meta["offers"] = [f"{e.offer.cloud}:{e.offer.instance_type}" for e in candidates]
+        if recipe.compute.spot:
+            # SkyPilot's jobs controller provisions a managed job when it is launched, in start().
+            ctx.meta.update(managed_job=True, bucket=bucket_name(ctx.machine))
+            return
+        resources = resources_config(candidates, recipe.compute, disk_size_gib(recipe, self.model_bytes), managed=False)
+        ctx.meta["launched"] = self._launch(ctx, task_config(ctx.machine, resources), "provisioning")
+
+    def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> dict[str, Any]:
+        recipe = self._recipe(ctx)
+        task = to_task(config)
+        self._requested.add(ctx.run_id)
+        try:
+            return self.client.launch(task, ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
+        except (CloudtuneError, AttributeError, NameError, TypeError):  # ours, or a bug: not SkyPilot's verdict
+            raise
+        except Exception as exc:  # noqa: BLE001 - SkyPilot raises many kinds; the runner tears down either way
+            raise CloudtuneError(f"{step} {ctx.machine} failed: {type(exc).__name__}: {str(exc)[-1500:]}",
+                                 "SkyPilot's output above shows the step that failed; the machine is torn down.") \
+                from None
+
+    def _pinned_resources(self, ctx: RunContext) -> dict[str, Any]:
+        """The machine SkyPilot chose, so later launches and execs land on that very cluster."""
+        recipe = self._recipe(ctx)
+        chosen = ctx.meta["launched"]
+        resources = {"infra": "/".join(p for p in (chosen["cloud"], chosen["region"]) if p),
+                     "accelerators": chosen["accelerators"], "image_id": check_image(recipe.compute.image),
+                     "autostop": {"idle_minutes": recipe.compute.autostop_minutes, "down": True}}
+        if chosen.get("instance_type"):
+            resources["instance_type"] = chosen["instance_type"]
+        disk = disk_size_gib(recipe, self.model_bytes)
+        if disk:
+            resources["disk_size"] = disk
+        return resources
+
+    def sync(self, ctx: RunContext, bundle: Bundle, secrets: dict[str, str]) -> None:
+        upload, wheel_name = prepare_upload(ctx.work_dir, bundle)
+        ctx.meta.update(wheel=wheel_name, bundle_sha256=bundle.sha256)
+        self._secrets[ctx.run_id] = dict(secrets)
+        if self._managed(ctx):
+            return  # the managed job carries the upload itself
+        config = task_config(ctx.machine, self._pinned_resources(ctx), upload_dir=upload, wheel_name=wheel_name)
+        self._launch(ctx, config, "setting up")
+
+    def start(self, ctx: RunContext, resume: bool = False) -> None:
+        # `resume` needs no flag here: the run script resumes whenever out/ holds a checkpoint, which is
+        # also what a managed job's recovery on a new machine relies on.
+        recipe = self._recipe(ctx)
+        secrets = self._secrets.get(ctx.run_id, {})
+        if self._managed(ctx):
+            config = self.full_task(ctx, wheel_name=ctx.meta["wheel"], secrets=secrets,
+                                    candidates=self.usable_candidates())
+            task = to_task(config)
+            self._requested.add(ctx.run_id)
+            ctx.meta["job_id"] = self.client.jobs_launch(task, ctx.machine)
+            return
+        # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
+        resources = {"accelerators": ctx.meta["launched"]["accelerators"]}
+        config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute.image), secrets=secrets)
+        ctx.meta["job_id"] = self.client.exec(to_task(config), ctx.machine)
+
+    def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
+        """The job's log from SkyPilot; a redacted copy is kept locally for after the machine is gone."""
+        local = ctx.work_dir / LOG_FILE
+        job_id = ctx.meta.get("job_id")
+        if self._managed(ctx):
+            lines = self.client.jobs_tail_logs(job_id, follow)
+        elif ctx.machine in self.client.status([ctx.machine]):
+            lines = self.client.tail_logs(ctx.machine, job_id, follow)
+        else:
+            lines = iter(local.read_text().splitlines() if local.is_file() else [])
+            yield from lines
+            return
+        secrets = self._secrets.get(ctx.run_id)
+        copy = None
+        if secrets is not None:  # only the process that launched knows the values to redact
+            local.parent.mkdir(parents=True, exist_ok=True)
+            copy = local.open("w")
+            redact = Redactor(secrets)
+        try:
+            for line in lines:
+                for part in line.rstrip("\n").split("\n"):
+                    if copy is not None:
+                        copy.write(redact(part) + "\n")
+                        copy.flush()
+                    yield part
+        finally:
+            if copy is not None:
+                copy.close()
+
+    def exit_code(self, ctx: RunContext) -> int | None:
+        job_id = ctx.meta.get("job_id")
+        status = self.client.jobs_status(job_id) if self._managed(ctx) else self.client.job_status(ctx.machine, job_id)
+        return JOB_EXIT.get(status or "")
+
+    def pull(self, ctx: RunContext, staging: Path) -> None:
+        staging.mkdir(parents=True, exist_ok=True)
+        if self._managed(ctx):
+            command = self.client.bucket_sync_command(ctx.meta["bucket"], staging)
+            done = subprocess.run(command, shell=True, capture_output=True, text=True)
+            for name in NOT_PULLED:
+                shutil.rmtree(staging / name, ignore_errors=True)
+        else:
+            source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/")
+            excludes = [f"--exclude=/{name}" for name in NOT_PULLED]
+            done = subprocess.run(["rsync", "-a", "--partial", *excludes, source, f"{staging}/"],
+                                  capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CloudtuneError(f"copying the outputs from {ctx.machine} failed (exit {done.returncode}): "
+                                 f"{done.stderr.strip()[-1000:]}")
+
+    def stop(self, ctx: RunContext) -> None:
+        job_id = ctx.meta.get("job_id")
+        if self._managed(ctx):
+            if job_id is not None:
+                self.client.jobs_cancel(job_id)
+        elif ctx.machine in self.client.status([ctx.machine]):
+            self.client.cancel(ctx.machine, job_id)
+
+    def teardown(self, ctx: RunContext) -> bool:
+        self._secrets.pop(ctx.run_id, None)
+        if ctx.run_id in self._provisioning and ctx.run_id not in self._requested:
+            return True  # stopped before SkyPilot was asked for anything
+        if not self._managed(ctx):
+            self.client.down(ctx.machine)
+            return ctx.machine not in self.client.status([ctx.machine])
+        job_id = ctx.meta.get("job_id")
+        if job_id is not None and self.client.jobs_status(job_id) not in JOB_EXIT:
+            self.client.jobs_cancel(job_id)
+        if ctx.meta.get("bucket"):
+            with contextlib.suppress(Exception):  # a job that never started made no bucket
+                self.client.storage_delete(ctx.meta["bucket"])
+        # A managed job's machines are gone once the job reaches a final state; cancelling takes a while.
+        deadline = time.time() + CANCEL_WAIT_SECONDS
+        while job_id is not None and self.client.jobs_status(job_id) not in JOB_EXIT:
+            if time.time() > deadline:
+                return False
+            time.sleep(5)
+        return True
+
+    # for `cloudtune down` --------------------------------------------------------------------------
+
+    def clusters(self) -> dict[str, str]:
+        """Every SkyPilot cluster cloudtune named (ct-...), with its status."""
+        return {name: status for name, status in self.client.status().items() if name.startswith(CLUSTER_PREFIX)}
+
+
+def dry_run(recipe: Recipe, plan: Plan, *, model_bytes: float | None = None) -> dict[str, Any]:
+    """What `cloudtune run --dry-run` shows: the chosen offer, the fallbacks, and the task, secrets redacted.
+
+    Nothing is uploaded or launched, and SkyPilot's API server is not contacted; the task is still
+    validated by SkyPilot's own loader.
+    """
+    from ..ledger import machine_name
+
+    ctx = RunContext(run_id="RUN-ID", machine=machine_name("RUN-ID"), work_dir=Path("RUN-DIR"), recipe=recipe)
+    config = SkyPilotBackend(plan, model_bytes=model_bytes).full_task(ctx)
+    to_task(config)
+    notes = []
+    if recipe.compute.spot and not recipe.training.checkpoint_steps:
+        notes.append("spot without training.checkpoint_steps: a preempted run restarts from step 0.")
+    candidates = launch_order(plan.candidates(MAX_ALTERNATIVES), recipe.compute)
+    return {"chosen": candidates[0].as_dict() if candidates else None,
+            "fallbacks": [e.as_dict() for e in candidates[1:]], "task": redacted(config), "yaml": to_yaml(config),
+            "managed_job": recipe.compute.spot, "notes": notes}
+
+
+
+if __name__ == "__main__":
+    # `python -m cloudtune.backends.skypilot requirements > requirements-train.txt` (the Dockerfile's list)
+    if sys.argv[1:] != ["requirements"]:
+        sys.exit("usage: python -m cloudtune.backends.skypilot requirements")
+    print("\n".join(train_requirements(build_wheel())))

@@ -1,0 +1,327 @@
+"""A fake cloud behind SkyPilot's SDK: stands in for `SkyClient` only, the calls that would reach a cloud.
+
+Each "cluster" is a directory (its home) under a root shared through the disk, so a second process
+(`cloudtune down` after the CLI was killed) sees the clusters the first one launched. The tasks it
+gets are real `sky.Task` objects built by the backend; their file mounts are copied, and their setup
+and run scripts run for real with bash: the checksums are checked, the wheel is installed into a
+fresh virtualenv (the "image"), and `python -m cloudtune.train` trains from that wheel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from cloudtune.backends.skypilot import launched
+from cloudtune.plan import Estimate, Offer, Plan
+
+POLL_SECONDS = 0.1
+
+
+def make_image(root: Path) -> Path:
+    """A virtualenv whose `python3` sees this interpreter's packages, the way an image has torch & co."""
+    venv = root / "image"
+    if not (venv / "bin" / "python3").exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site = next((venv / "lib").glob("python3*/site-packages"))
+        parent = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "torch").is_dir())
+        (site / "host-packages.pth").write_text(parent + "\n")
+    return venv
+
+
+class FakeCloud:
+    """Duck-types `cloudtune.backends.skypilot.SkyClient`."""
+
+    def __init__(self, root: Path, image: Path, *, enabled: tuple[str, ...] = ("aws", "lambda", "runpod", "gcp"),
+                 corrupt_on_pull: bool = False, interrupt_after_lines: int | None = None,
+                 fail_after_lines: int | None = None, preempt_on: str | None = None):
+        self.root = root
+        self.image = image
+        self.enabled = list(enabled)
+        self.corrupt_on_pull = corrupt_on_pull
+        self.interrupt_after_lines = interrupt_after_lines
+        self.fail_after_lines = fail_after_lines
+        self.preempt_on = preempt_on  # a log line with this text: the spot machine is taken away
+        self._job_tasks: dict[str, object] = {}  # managed jobs live in this process only
+        self._job_cluster: dict[int, str] = {}
+        self._recoveries: dict[str, int] = {}
+        self._job_final: dict[int, str] = {}
+        (root / "clusters").mkdir(parents=True, exist_ok=True)
+
+    # bookkeeping ---------------------------------------------------------------------------------
+
+    def cluster_dir(self, cluster: str) -> Path:
+        return self.root / "clusters" / cluster
+
+    def home(self, cluster: str) -> Path:
+        return self.cluster_dir(cluster) / "home"
+
+    def _state(self, cluster: str) -> dict:
+        return json.loads((self.cluster_dir(cluster) / "state.json").read_text())
+
+    def _save(self, cluster: str, state: dict) -> None:
+        (self.cluster_dir(cluster) / "state.json").write_text(json.dumps(state))
+
+    def record(self, call: str, **details) -> None:
+        with (self.root / "calls.jsonl").open("a") as handle:
+            handle.write(json.dumps({"call": call, **details}) + "\n")
+
+    def calls(self) -> list[dict]:
+        path = self.root / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def _env(self, cluster: str, task) -> dict[str, str]:
+        from sky.task import get_plaintext_envs_and_secrets
+
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        env.update(get_plaintext_envs_and_secrets(task.envs_and_secrets))
+        # The "machine" has no internet: pip must find everything installed, as on a baked image.
+        env.update(HOME=str(self.home(cluster)), PATH=f"{self.image / 'bin'}:{env['PATH']}", PIP_NO_INDEX="1",
+                   PIP_DISABLE_PIP_VERSION_CHECK="1")
+        return env
+
+    # SkyClient -----------------------------------------------------------------------------------
+
+    def enabled_clouds(self) -> list[str]:
+        return list(self.enabled)
+
+    def launch(self, task, cluster: str, *, autostop_minutes: int) -> dict:
+        first = list(task.resources)[0]  # SkyPilot tries `ordered` alternatives in order; the first has capacity
+        self.record("launch", cluster=cluster, autostop_minutes=autostop_minutes,
+                    resources=[str(r) for r in task.resources], file_mounts=sorted(task.file_mounts or {}),
+                    has_setup=bool(task.setup), has_run=bool(task.run), secrets=sorted(task.secrets))
+        if not self.cluster_dir(cluster).exists():
+            self.home(cluster).mkdir(parents=True)
+            self._save(cluster, {"status": "UP", "launched": launched(first), "jobs": {}})
+        for remote, local in (task.file_mounts or {}).items():
+            target = self.home(cluster) / remote.removeprefix("~/")
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if Path(local).is_dir() else shutil.copy2)(local, target)
+        for remote, storage in (task.storage_mounts or {}).items():  # a bucket outlives every machine
+            bucket = self.bucket(storage.name)
+            bucket.mkdir(parents=True, exist_ok=True)
+            target = self.home(cluster) / remote.removeprefix("~/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.is_symlink():
+                target.symlink_to(bucket, target_is_directory=True)
+        if task.setup:
+            done = subprocess.run(["bash", "-c", task.setup], cwd=self.home(cluster), env=self._env(cluster, task),
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"setup failed on {cluster}: {done.stdout}{done.stderr}")
+        return self._state(cluster)["launched"]
+
+    def exec(self, task, cluster: str) -> int:
+        state = self._state(cluster)
+        job_id = len(state["jobs"]) + 1
+        self.record("exec", cluster=cluster, job_id=job_id, resources=[str(r) for r in task.resources],
+                    secrets=sorted(task.secrets), envs=sorted(task.envs))
+        home = self.home(cluster)
+        log = home / f".job-{job_id}.log"
+        # As SkyPilot does: the run script's output is the job log, its exit status the job status.
+        wrapper = f"( {task.run}\n) > {log} 2>&1; echo $? > {home}/.job-{job_id}.exit"
+        process = subprocess.Popen(["bash", "-c", wrapper], cwd=home, env=self._env(cluster, task),
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        state["jobs"][str(job_id)] = {"pid": process.pid}
+        self._save(cluster, state)
+        return job_id
+
+    def _exit(self, cluster: str, job_id: int) -> int | None:
+        path = self.home(cluster) / f".job-{job_id}.exit"
+        return int(path.read_text()) if path.exists() and path.read_text().strip() else None
+
+    def job_status(self, cluster: str, job_id: int | None) -> str | None:
+        job = self._state(cluster)["jobs"].get(str(job_id))
+        if job is None:
+            return None
+        if job.get("cancelled"):
+            return "CANCELLED"
+        code = self._exit(cluster, job_id)
+        if code is None:
+            return "RUNNING"
+        return "SUCCEEDED" if code == 0 else "FAILED"
+
+    def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
+        log = self.home(cluster) / f".job-{job_id}.log"
+        count = 0
+        while not log.exists():
+            time.sleep(POLL_SECONDS)
+        with log.open() as handle:
+            while True:
+                line = handle.readline()
+                if line.endswith("\n"):
+                    count += 1
+                    if self.interrupt_after_lines is not None and count > self.interrupt_after_lines:
+                        raise KeyboardInterrupt
+                    if self.fail_after_lines is not None and count > self.fail_after_lines:
+                        raise ConnectionError("lost the API server while streaming logs")
+                    yield line
+                    continue
+                if not follow or self.job_status(cluster, job_id) != "RUNNING":
+                    rest = line + handle.read()
+                    yield from (part + "\n" for part in rest.splitlines())
+                    return
+                time.sleep(POLL_SECONDS)
+
+    def cancel(self, cluster: str, job_id: int | None) -> None:
+        self.record("cancel", cluster=cluster, job_id=job_id)
+        state = self._state(cluster)
+        for key, job in state["jobs"].items():
+            if job_id is None or key == str(job_id):
+                _kill(job["pid"])
+                job["cancelled"] = self._exit(cluster, int(key)) is None
+        self._save(cluster, state)
+
+    def down(self, cluster: str) -> None:
+        self.record("down", cluster=cluster)
+        if not self.cluster_dir(cluster).exists():
+            return
+        for job in self._state(cluster)["jobs"].values():
+            _kill(job["pid"])
+        shutil.rmtree(self.cluster_dir(cluster))
+
+    def status(self, clusters: list[str] | None = None) -> dict[str, str]:
+        found = {path.name: self._state(path.name)["status"] for path in (self.root / "clusters").iterdir()
+                 if (path / "state.json").exists()}
+        return {name: status for name, status in found.items() if clusters is None or name in clusters}
+
+    # managed jobs: a controller that provisions, runs and, after a preemption, recovers ---------------
+
+    def bucket(self, name: str) -> Path:
+        return self.root / "buckets" / name
+
+    def jobs_launch(self, task, name: str) -> int:
+        self.record("jobs_launch", name=name, resources=[str(r) for r in task.resources],
+                    spot=[r.use_spot for r in task.resources], secrets=sorted(task.secrets),
+                    storage=sorted(task.storage_mounts or {}))
+        self._job_tasks[name] = task
+        self._recoveries[name] = 0
+        self._start_job(name)
+        return 1
+
+    def _start_job(self, name: str) -> None:
+        cluster = f"{name}-{self._recoveries[name]}"
+        task = self._job_tasks[name]
+        self.launch(task, cluster, autostop_minutes=0)
+        self.exec(task, cluster)
+        self._job_cluster[1] = cluster
+
+    def jobs_tail_logs(self, job_id: int, follow: bool) -> Iterator[str]:
+        name = next(iter(self._job_tasks))
+        while True:
+            cluster = self._job_cluster[job_id]
+            for line in self.tail_logs(cluster, 1, follow):
+                yield line
+                if self.preempt_on and self.preempt_on in line and self._recoveries[name] == 0:
+                    break
+            else:
+                return
+            self.down(cluster)
+            self._recoveries[name] += 1
+            yield f"(the controller) {cluster} was preempted; recovering on a new machine\n"
+            self._start_job(name)
+
+    def jobs_status(self, job_id: int) -> str | None:
+        cluster = self._job_cluster.get(job_id)
+        if cluster is None:
+            return None
+        if not self.cluster_dir(cluster).exists():
+            return self._job_final.get(job_id, "CANCELLED")
+        status = self.job_status(cluster, 1)
+        if status in ("SUCCEEDED", "FAILED"):  # the controller takes a finished job's machine down itself
+            self._job_final[job_id] = status
+            self.down(cluster)
+        return status
+
+    def jobs_cancel(self, job_id: int) -> None:
+        self.record("jobs_cancel", job_id=job_id)
+        self.down(self._job_cluster[job_id])
+
+    def bucket_sync_command(self, bucket: str, destination: Path) -> str:
+        return f"rsync -a {self.bucket(bucket)}/ {destination}/"
+
+    def storage_delete(self, bucket: str) -> None:
+        self.record("storage_delete", bucket=bucket)
+        shutil.rmtree(self.bucket(bucket), ignore_errors=True)
+
+    def rsync_remote(self, cluster: str, path: str) -> str:
+        source = self.home(cluster) / path
+        if self.corrupt_on_pull and source.is_dir():
+            # The bytes arrive changed (the machine keeps good ones): the manifest must catch it.
+            damaged = self.root / "in-transit" / cluster
+            shutil.rmtree(damaged, ignore_errors=True)
+            shutil.copytree(source, damaged)
+            with (damaged / "run.json").open("a") as handle:
+                handle.write(" ")
+            return str(damaged) + "/"
+        return str(source) + "/"
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any live (not zombie) process left in the job's process group."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _kill(pgid: int) -> None:
+    if not _group_alive(pgid):
+        return
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.time() + 10
+    while _group_alive(pgid):
+        if time.time() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
+            return
+        time.sleep(POLL_SECONDS)
+
+
+def offer_estimate(cloud: str, region: str, instance_type: str, gpu: str, count: int, memory: float, price: float,
+                   cost: float, spot_price: float | None = None, *, spot: bool = False, fits: bool = True) -> Estimate:
+    """An Estimate as the cost model makes them (plain data), for plans built by hand in tests."""
+    offer = Offer(cloud=cloud, region=region, instance_type=instance_type, gpu=gpu, gpu_count=count,
+                  gpu_memory_gib=memory, price_per_hour=price, spot_price_per_hour=spot_price)
+    hours = cost / (spot_price if spot and spot_price else price)
+    return Estimate(offer=offer, spot=spot, fits=fits, peak_gib=memory * 0.6, micro_batch_size=4,
+                    gradient_checkpointing=False, tokens=10**6, tokens_per_s_low=1000, tokens_per_s_high=2000,
+                    hours_low=hours * 0.8, hours_high=hours, cost_low=cost * 0.8, cost_high=cost,
+                    why="built by hand for a test")
+
+
+def a10_plan(spot: bool = False) -> Plan:
+    """Three fitting 24 GB offers from the bundled snapshot, ordered by $/run, plus one that does not fit.
+
+    Lambda's A10 is dearer per hour than AWS's A10G but cheaper per run (faster card): the order
+    SkyPilot must keep. Prices are the snapshot's.
+    """
+    estimates = [
+        offer_estimate("lambda", "us-east-1", "gpu_1x_a10", "A10", 1, 24, 1.29, 2.10, None, spot=spot),
+        offer_estimate("aws", "us-east-1", "g5.xlarge", "A10G", 1, 24, 1.006, 2.30, 0.377, spot=spot),
+        offer_estimate("aws", "us-east-1", "g6.xlarge", "L4", 1, 24, 0.8048, 2.90, 0.0913, spot=spot),
+        offer_estimate("aws", "us-east-1", "g4dn.xlarge", "T4", 1, 16, 0.526, 1.00, 0.0631, spot=spot, fits=False),
+    ]
+    return Plan(tokens=10**6, tokens_exact=True, snapshot_date="2026-11-23", estimates=estimates)
+
+
+if __name__ == "__main__":
+    # python -m tests.fake_sky RECIPE ROOT IMAGE: `cloudtune run` on the fake cloud, in its own process,
+    # so a test can kill it mid-run like a user closing the terminal.
+    from cloudtune.backends.skypilot import SkyPilotBackend
+    from cloudtune.recipe import load_recipe
+    from cloudtune.runner import execute
+
+    recipe_path, root, image = sys.argv[1:4]
+    cloud = FakeCloud(Path(root), Path(image))
+    execute(load_recipe(recipe_path), SkyPilotBackend(a10_plan(), client=cloud))

@@ -1,0 +1,649 @@
+"""The SkyPilot backend, offline: SkyPilot's own loader, schema, catalog and optimizer judge the tasks,
+and a fake cloud (tests/fake_sky.py) stands in for the SDK calls that would reach a cloud.
+
+SkyPilot reads ~/.sky when imported, so this module points HOME at a directory of its own, seeded
+with the bundled price snapshot, before anything imports sky.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cloudtune.backends.local import pid_alive
+from cloudtune.backends.skypilot import (
+    SkyPilotBackend,
+    check_image,
+    disk_size_gib,
+    dry_run,
+    task_config,
+    to_task,
+    to_yaml,
+)
+from cloudtune.errors import CloudtuneError
+from cloudtune.ledger import Ledger
+from cloudtune.recipe import DEFAULT_IMAGE, load_recipe
+from cloudtune.runner import Events, PullFailed, RunFailed, context_for, execute, pull_again
+from cloudtune.teardown import find_machines, tear_down
+
+from .conftest import REPO, demo_recipe_text, write_recipe
+from .fake_sky import FakeCloud, a10_plan, make_image
+
+SNAPSHOT = REPO / "cloudtune" / "data" / "catalog" / "v8"
+SECRET = "hf_" + "Sk7pilotSecretValue" * 2
+DISK_GIB = {"llama2-7b-qlora-guanaco": 70, "llama2-7b-lora-r8": 80, "llama2-7b-full": 160}
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sky_home(tmp_path_factory):
+    """A HOME for SkyPilot with the price snapshot where SkyPilot 0.14 reads its catalog."""
+    home = tmp_path_factory.mktemp("sky-home")
+    shutil.copytree(SNAPSHOT, home / ".sky" / "catalogs" / "v8")
+    saved = {key: os.environ.get(key) for key in ("HOME", "SKY_RUNTIME_DIR")}
+    os.environ["HOME"] = str(home)
+    os.environ.pop("SKY_RUNTIME_DIR", None)
+    from sky.catalog import common
+
+    real_home = pwd.getpwuid(os.getuid()).pw_dir
+    assert not common._ABSOLUTE_VERSIONED_CATALOG_DIR.startswith(real_home + "/"), \
+        "sky was imported under the real HOME before this module; its state must stay out of ~/.sky"
+    if not Path(common._ABSOLUTE_VERSIONED_CATALOG_DIR).is_relative_to(home):
+        shutil.copytree(SNAPSHOT, common._ABSOLUTE_VERSIONED_CATALOG_DIR, dirs_exist_ok=True)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    return make_image(tmp_path_factory.mktemp("fake-image"))
+
+
+@pytest.fixture
+def cloud(tmp_path, image) -> FakeCloud:
+    return FakeCloud(tmp_path / "fake-cloud", image)
+
+
+class Recorder(Events):
+    def __init__(self):
+        self.phases, self.lines, self.warnings = [], [], []
+
+    def phase(self, name, detail=""):
+        self.phases.append(name)
+
+    def log(self, line):
+        self.lines.append(line)
+
+    def warn(self, message):
+        self.warnings.append(message)
+
+
+class Registry(BaseHTTPRequestHandler):
+    """An image registry on 127.0.0.1 speaking the part of the v2 API a digest lookup uses, token auth included."""
+
+    digest = "sha256:" + hashlib.sha256(b"cloudtune test image").hexdigest()
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path.startswith("/token?") and "scope=repository%3Acloudtune%2Ftrain%3Apull" in self.path:
+            self._reply(200, {"Content-Type": "application/json"}, json.dumps({"token": "t0k"}).encode())
+        else:
+            self._reply(404)
+
+    def do_HEAD(self):  # noqa: N802
+        if self.path != "/v2/cloudtune/train/manifests/1.0":
+            self._reply(404)
+        elif self.headers.get("Authorization") != "Bearer t0k":
+            realm = f"http://127.0.0.1:{self.server.server_port}/token"
+            self._reply(401, {"WWW-Authenticate":
+                              f'Bearer realm="{realm}",service="test",scope="repository:cloudtune/train:pull"'})
+        elif "application/vnd.oci.image.index.v1+json" not in self.headers.get("Accept", ""):
+            self._reply(406)
+        else:
+            self._reply(200, {"Docker-Content-Digest": self.digest})
+
+    def _reply(self, code, headers=None, body=b""):
+        self.send_response(code)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def registry():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def tiny_recipe(tmp_path: Path, *, steps: int = 8, image: str | None = None, extra: str = ""):
+    text = demo_recipe_text(max_steps=steps)
+    if image:
+        text += f"compute:\n  image: {image}\n  autostop_minutes: 20\n"
+    return load_recipe(write_recipe(tmp_path, text + extra))
+
+
+def no_secret_anywhere(*roots: Path) -> None:
+    for root in roots:
+        for path in [root] if root.is_file() else root.rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), f"secret value found in {path}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The generated task, as SkyPilot itself reads it
+
+
+SEEDS = ("llama2-7b-qlora-guanaco", "llama2-7b-lora-r8", "llama2-7b-full")
+
+
+@pytest.fixture(scope="module")
+def seed_plans(sky_home, tmp_path_factory) -> dict:
+    """cloudtune's own plans (cost model, bundled prices) for the seed recipes, with and without --gpu."""
+    from cloudtune.cost import make_plan
+    from cloudtune.datasets import inspect_dataset
+
+    plans = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLOUDTUNE_HOME", str(tmp_path_factory.mktemp("plans-home")))
+        for seed in SEEDS:
+            recipe = load_recipe(REPO / "tasks" / f"{seed}.yaml")
+            report = inspect_dataset(recipe)
+            for gpu in (None, "H100"):
+                for spot in (False, True):
+                    plans[seed, gpu, spot] = make_plan(recipe, report, gpu=gpu, spot=spot)
+    return plans
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("spot", [False, True])
+@pytest.mark.parametrize("gpu", [None, "H100"])
+def test_task_loads_in_skypilot(seed, spot, gpu, seed_plans):
+    recipe = load_recipe(REPO / "tasks" / f"{seed}.yaml")
+    recipe.compute.spot = spot
+    plan = seed_plans[seed, gpu, spot]
+    shown = dry_run(recipe, plan, model_bytes=13.5e9)
+    config = copy.deepcopy(shown["task"])
+    config["secrets"] = {"HF_TOKEN": SECRET}
+
+    # Both of SkyPilot's checks: the schema (top-level keys) and the loader (everything inside).
+    from sky.utils import common_utils, schemas
+
+    common_utils.validate_schema(config, schemas.get_task_schema(), "Invalid task YAML: ")
+    task = to_task(config)
+    resources = list(task.resources)
+    assert [(str(r.cloud).lower(), r.instance_type) for r in resources] == \
+           [(e.offer.cloud, e.offer.instance_type) for e in plan.candidates()]
+    if gpu:
+        assert all(next(iter(r.accelerators)).startswith("H100") for r in resources)
+    assert all(r.use_spot == spot for r in resources)
+    assert all(str(r.image_id[None]) == f"docker:{DEFAULT_IMAGE}" for r in resources)
+    assert task.num_nodes == 1 and "python3 -u -m cloudtune.train bundle/recipe.yaml --out out" in task.run
+    assert task.secrets["HF_TOKEN"].get_secret_value() == SECRET and "HF_TOKEN" not in task.envs
+    if spot:
+        assert all(r.job_recovery["max_restarts_on_errors"] == 0 for r in resources)
+        assert task.storage_mounts["~/cloudtune/out"].mode.value == "MOUNT_CACHED"
+        assert shown["managed_job"] and shown["notes"]  # no checkpoint_steps in the seeds: a preemption restarts
+    else:
+        assert all(r.autostop_config.enabled and r.autostop_config.down for r in resources)
+        assert {r.autostop_config.idle_minutes for r in resources} == {recipe.compute.autostop_minutes}
+    # 13.5 GB of weights on 40 GiB of image and packages: +1 copy for a merge, +7 for a full fine-tune's outputs.
+    assert {r.disk_size for r in resources} == {DISK_GIB[seed]}
+    assert SECRET not in shown["yaml"] and "HF_TOKEN: <redacted>" in shown["yaml"]
+    assert yaml.safe_load(shown["yaml"])["resources"] == config["resources"]
+
+
+def test_skypilot_names_the_typo_in_a_task():
+    config = task_config("ct-x", {"ordered": [{"infra": "aws", "acelerators": {"A10G": 1}}]})
+    with pytest.raises(CloudtuneError, match="did you mean 'accelerators'"):
+        to_task(config)
+
+
+def test_optimizer_picks_the_plans_cheapest_offer_offline(tmp_path):
+    """SkyPilot's optimizer, on the snapshot's prices, lands on the offer the plan put first.
+
+    The plan ranks by dollars per run: Lambda's A10 first although AWS's A10G and L4 cost less per
+    hour, so SkyPilot must honour the order rather than rank by $/h itself.
+    """
+    import sky
+    import sky.catalog
+    from sky import check, global_user_state, optimizer
+    from sky.clouds import cloud as cloud_lib
+    from sky.utils import common
+
+    offers = {}
+    for name, clouds in (("A10", "lambda"), ("A10G", "aws"), ("L4", "aws")):
+        for info in sky.catalog.list_accelerators(gpus_only=True, name_filter=f"^{name}$", clouds=clouds)[name]:
+            if info.accelerator_count == 1:
+                offers[name] = info
+    plan = a10_plan()
+    for estimate in plan.candidates():  # the plan's prices are SkyPilot's catalog prices
+        info = offers[estimate.offer.gpu]
+        assert (info.instance_type, info.region, info.price) == \
+               (estimate.offer.instance_type, estimate.offer.region, estimate.offer.price_per_hour)
+
+    workspace = "default"
+    global_user_state.set_allowed_clouds(check._get_workspace_allowed_clouds(workspace), workspace)
+    global_user_state.set_enabled_clouds(["AWS", "Lambda"], cloud_lib.CloudCapability.COMPUTE, workspace)
+    backend = SkyPilotBackend(plan, client=FakeCloud(tmp_path, tmp_path))
+    recipe = tiny_recipe(tmp_path)
+    from cloudtune.backends.skypilot import resources_config
+
+    for candidates in (plan.candidates(), plan.candidates()[1:]):
+        resources = resources_config(candidates, recipe.compute, 64, managed=False)
+        task = to_task(task_config("ct-optimize", resources))
+        with sky.Dag() as dag:
+            dag.add(task)
+        optimizer.Optimizer.optimize(dag, minimize=common.OptimizeTarget.COST, quiet=True)
+        best, first = task.best_resources, candidates[0].offer
+        assert (str(best.cloud).lower(), best.instance_type, best.region) == \
+               (first.cloud, first.instance_type, first.region)
+        assert best.get_cost(3600) == pytest.approx(first.price_per_hour)
+    assert backend.usable_candidates() == plan.candidates()
+
+
+# ----------------------------------------------------------------------------------------------
+# The lifecycle on the fake cloud
+
+
+def test_run_provisions_syncs_trains_pulls_and_tears_down(tmp_path, cloud, registry, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    recipe = tiny_recipe(tmp_path, steps=12, image=f"{registry}/cloudtune/train:1.0", extra="secrets: [HF_TOKEN]\n")
+    events = Recorder()
+    result = execute(recipe, SkyPilotBackend(a10_plan(), client=cloud, model_bytes=2e6), events)
+
+    assert result.status == "succeeded"
+    assert events.phases == ["data", "run", "provision", "sync", "train", "pull", "teardown"]
+    assert any("step 12/12" in line for line in events.lines)
+    out = Path(result.receipt["output_dir"])
+    for name in ("adapter/adapter_model.safetensors", "metrics.jsonl", "run.json", "manifest.json", "receipt.json"):
+        assert (out / name).is_file(), name
+    run_json = json.loads((out / "run.json").read_text())
+    # Recorded by the machine itself, from the registry, after the image was "pulled".
+    assert run_json["image_digest"] == f"{registry}/cloudtune/train@{Registry.digest}"
+
+    calls = cloud.calls()
+    assert [c["call"] for c in calls] == ["launch", "launch", "exec", "down"]
+    provision, sync, start, _ = calls
+    assert provision["resources"][0].startswith("Lambda(gpu_1x_a10") and len(provision["resources"]) == 3
+    assert provision["autostop_minutes"] == 20 and not provision["file_mounts"] and not provision["has_run"]
+    assert sync["file_mounts"] == ["~/cloudtune/upload"] and sync["has_setup"] and not sync["secrets"]
+    assert start["secrets"] == ["HF_TOKEN"] and "HF_TOKEN" not in start["envs"]
+    assert cloud.status() == {}, "cluster left behind"
+
+    ledger = Ledger()
+    run = ledger.get_run(result.run_id)
+    machine = ledger.machine_for_run(result.run_id)
+    assert run["status"] == "succeeded" and machine["status"] == "terminated"
+    assert machine["meta"]["launched"]["instance_type"] == "gpu_1x_a10"
+    assert run["meta"]["job_id"] == 1
+    no_secret_anywhere(Path(os.environ["CLOUDTUNE_HOME"]), out, cloud.root / "calls.jsonl")
+    # The machine trained from the wheel, not from this checkout.
+    installed = list((cloud.image / "lib").glob("python3*/site-packages/cloudtune/backends/skypilot.py"))
+    assert installed and installed[0].read_text() == (REPO / "cloudtune/backends/skypilot.py").read_text()
+    local_log = Path(os.environ["CLOUDTUNE_HOME"]) / "runs" / result.run_id / "train.log"
+    assert "step 12/12" in local_log.read_text()  # `cloudtune logs` works after the machine is gone
+
+
+def test_failed_training_is_torn_down_and_the_secret_stays_redacted(tmp_path, cloud, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    # The token in the model path makes the training print it: it reached the machine, and must go nowhere else.
+    text = demo_recipe_text(max_steps=2).replace("init: tiny-llama", f"name: /nonexistent/{SECRET}")
+    recipe = load_recipe(write_recipe(tmp_path, text + "secrets: [HF_TOKEN]\n"))
+    with pytest.raises(RunFailed) as failed:
+        execute(recipe, SkyPilotBackend(a10_plan(), client=cloud), Recorder())
+    assert "exited with status 1" in failed.value.message and "<redacted>" in failed.value.message
+    assert SECRET not in str(failed.value)
+    assert [c["call"] for c in cloud.calls()][-1] == "down" and cloud.status() == {}
+    run = Ledger().runs(1)[0]
+    assert run["status"] == "failed" and Ledger().machine_for_run(run["id"])["status"] == "terminated"
+    no_secret_anywhere(Path(os.environ["CLOUDTUNE_HOME"]), cloud.root / "calls.jsonl")
+
+
+@pytest.mark.parametrize("trouble", ["interrupt", "connection"])
+def test_interrupt_or_lost_connection_while_training_tears_down(tmp_path, image, trouble, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, **{f"{trouble.replace('connection', 'fail')}_after_lines": 3})
+    recipe = tiny_recipe(tmp_path, steps=100000)
+    expected = KeyboardInterrupt if trouble == "interrupt" else ConnectionError
+    with pytest.raises(expected):
+        execute(recipe, SkyPilotBackend(a10_plan(), client=cloud), Recorder())
+    run = Ledger().runs(1)[0]
+    assert run["status"] == ("cancelled" if trouble == "interrupt" else "failed")
+    assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+    calls = [c["call"] for c in cloud.calls()]
+    assert calls[-1] == "down" and ("cancel" in calls) == (trouble == "interrupt")
+    assert cloud.status() == {}
+    assert not any(pid_alive(p) for p in _training_pids(cloud)), "training outlived its cluster"
+
+
+def _training_pids(cloud: FakeCloud) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                environ = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"HOME={cloud.root}".encode() in environ:
+                found.append(int(proc.name))
+    return found
+
+
+def test_failed_pull_leaves_the_machine_up_and_pull_retries(tmp_path, image, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, corrupt_on_pull=True)
+    events = Recorder()
+    with pytest.raises(PullFailed) as failed:
+        execute(tiny_recipe(tmp_path, steps=4), SkyPilotBackend(a10_plan(), client=cloud), events)
+    run = Ledger().runs(1)[0]
+    assert "checksum mismatch" in failed.value.message and f"cloudtune pull {run['id']}" in failed.value.hint
+    assert any(f"cloudtune pull {run['id']}" in w and f"cloudtune down {run['id']}" in w for w in events.warnings)
+    assert "down" not in [c["call"] for c in cloud.calls()] and f"ct-{run['id']}" in cloud.status()
+    machine = Ledger().machine_for_run(run["id"])
+    assert machine["status"] == "up" and machine["meta"]["pull_failed"] is True
+    assert run["status"] == "failed" and "did not come back" in run["error"]
+    assert not Path(run["output_dir"]).exists()
+
+    cloud.corrupt_on_pull = False
+    result = pull_again(Ledger().get_run(run["id"]), SkyPilotBackend(client=cloud), Recorder())
+    assert (Path(run["output_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
+    assert result.receipt["steps"] == 4
+    assert Ledger().get_run(run["id"])["status"] == "succeeded"
+    assert Ledger().machine_for_run(run["id"])["status"] == "terminated" and cloud.status() == {}
+
+
+def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
+    cloud = FakeCloud(tmp_path / "fake-cloud", image)
+    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=100000))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(sky_home)}
+    cli = subprocess.Popen([sys.executable, "-m", "tests.fake_sky", str(recipe), str(cloud.root), str(image)],
+                           cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (Ledger().runs(1) and Ledger().runs(1)[0]["status"] == "running"):
+        assert cli.poll() is None, cli.stderr.read().decode()
+        time.sleep(0.2)
+    run = Ledger().runs(1)[0]
+    cli.send_signal(signal.SIGKILL)  # no finally, no teardown: only the ledger and the cloud remember
+    cli.wait()
+    assert _training_pids(cloud), "the training should still be running on its machine"
+
+    # `cloudtune logs RUN` from another terminal: the job's log, from the ledger's record of the run.
+    reattached = SkyPilotBackend(client=cloud)
+    deadline = time.time() + 60
+    while not any("step 1/" in line for line in reattached.logs(context_for(Ledger().get_run(run["id"])), False)):
+        assert time.time() < deadline, "no training log through a reattached backend"
+        time.sleep(0.5)
+
+    # A second cluster the ledger never saw (a ledger from another machine, say): SkyPilot's list finds it.
+    orphan = "ct-20260101-000000-beef"
+    cloud.launch(to_task(task_config(orphan, {"infra": "aws", "instance_type": "g5.xlarge"})), orphan,
+                 autostop_minutes=5)
+    backends = {"skypilot": SkyPilotBackend(client=cloud)}
+    machines = find_machines(None, backend_for=backends.__getitem__)
+    assert {m["name"] for m in machines} == {f"ct-{run['id']}", orphan}
+    results = dict(tear_down(machines, backend_for=backends.__getitem__))
+    assert results == {f"ct-{run['id']}": True, orphan: True}
+    assert cloud.status() == {} and not _training_pids(cloud)
+    assert Ledger().get_run(run["id"])["status"] == "cancelled"
+    assert find_machines(None, backend_for=backends.__getitem__) == []
+
+
+def test_missing_credentials_name_sky_check_and_the_enabled_clouds(tmp_path, image):
+    recipe = tiny_recipe(tmp_path)
+    for enabled, expected in (((), "no cloud enabled"), (("azure",), "only azure enabled")):
+        cloud = FakeCloud(tmp_path / f"cloud-{len(enabled)}", image, enabled=enabled)
+        with pytest.raises(CloudtuneError) as failed:
+            execute(recipe, SkyPilotBackend(a10_plan(), client=cloud), Recorder())
+        assert expected in failed.value.message and "sky check" in failed.value.hint
+        assert cloud.calls() == []  # nothing asked for, so nothing to tear down
+        assert Ledger().machine_for_run(Ledger().runs(1)[0]["id"])["status"] == "terminated"
+
+
+# ----------------------------------------------------------------------------------------------
+# Image, requirements, disk
+
+
+def test_image_must_be_pinned():
+    assert check_image(DEFAULT_IMAGE) == f"docker:{DEFAULT_IMAGE}"
+    assert check_image("ghcr.io/x/y@sha256:" + "0" * 64).startswith("docker:ghcr.io/")
+    for image in ("ubuntu", "pytorch/pytorch:latest", "Not An Image!"):
+        with pytest.raises(CloudtuneError, match="compute.image"):
+            check_image(image)
+
+
+def test_dockerfile_bakes_what_the_machine_installs(tmp_path):
+    from cloudtune.wheel import build_wheel, train_requirements
+
+    wanted = train_requirements(build_wheel(tmp_path))
+    assert (REPO / "requirements-train.txt").read_text().splitlines() == wanted, \
+        "regenerate: python -m cloudtune.backends.skypilot requirements > requirements-train.txt"
+    names = [re.split(r"[<>=;]", line)[0] for line in wanted]
+    assert {"torch", "transformers", "peft", "bitsandbytes", "pydantic", "pyyaml"} <= set(names)
+    assert "skypilot" not in names and "paramiko" not in names and "pytest" not in names
+    bnb = next(line for line in wanted if line.startswith("bitsandbytes"))
+    assert 'platform_system == "Linux" and platform_machine == "x86_64"' in bnb and "extra" not in bnb
+    assert f"FROM {DEFAULT_IMAGE}\n" in (REPO / "Dockerfile").read_text()
+
+
+def test_disk_grows_with_the_model_and_full_fine_tunes(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    assert disk_size_gib(recipe, None) is None  # unknown size: SkyPilot's default
+    assert disk_size_gib(recipe, 1e9) == 64
+    lora_70b = disk_size_gib(recipe, 140e9)
+    recipe.method, recipe.outputs.merge = "full", True
+    assert disk_size_gib(recipe, 140e9) > 6 * lora_70b / 2
+    recipe.compute.disk_gb = 500
+    assert disk_size_gib(recipe, 140e9) == 500
+
+
+def test_registry_digest_with_token_auth(registry):
+    from cloudtune.registry import main, resolve_digest
+
+    assert resolve_digest(f"{registry}/cloudtune/train:1.0") == Registry.digest
+    pinned = "pytorch/pytorch@sha256:" + "1" * 64
+    assert resolve_digest(pinned) == "sha256:" + "1" * 64  # no network needed
+    assert main([f"{registry}/cloudtune/train:nope"]) == 1
+
+
+def test_dry_run_yaml_never_shows_secret_values():
+    config = task_config("ct-x", {"accelerators": {"A10G": 1}}, secrets={"HF_TOKEN": SECRET, "WANDB_API_KEY": SECRET})
+    text = to_yaml(config)
+    assert SECRET not in text and text.count("<redacted>") == 2
+    assert config["secrets"]["HF_TOKEN"] == SECRET  # the dict for SkyPilot itself keeps the value
+
+
+def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, preempt_on="step 5/8")
+    recipe = tiny_recipe(tmp_path, steps=8, extra="")
+    recipe.compute.spot = True
+    recipe.training.checkpoint_steps = 2
+    events = Recorder()
+    result = execute(recipe, SkyPilotBackend(a10_plan(spot=True), client=cloud), events)
+
+    launch = next(c for c in cloud.calls() if c["call"] == "jobs_launch")
+    assert launch["name"] == f"ct-{result.run_id}" and all(launch["spot"])
+    assert launch["resources"][0].startswith("AWS(g5.xlarge")  # Lambda sells no spot
+    assert launch["storage"] == ["~/cloudtune/out"]
+    log = "\n".join(events.lines)
+    assert "preempted" in log and "cloudtune: resuming from the newest checkpoint" in log
+    assert re.search(r"resumed from step [2468]", log)
+    assert result.receipt["steps"] == 8
+    metrics = (Path(result.receipt["output_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == list(range(1, 9))
+    assert [c["call"] for c in cloud.calls()][-1] == "storage_delete"
+    assert not cloud.bucket(f"ct-{result.run_id}").exists() and cloud.status() == {}
+    assert Ledger().machine_for_run(result.run_id)["status"] == "terminated"
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI
+
+
+def _json_out(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def test_dry_run_is_the_default_backend_and_matches_cloudtune_cost(monkeypatch):
+    """`cloudtune run --dry-run` launches from the plan `cloudtune cost` shows, and SkyPilot's optimizer,
+    given the generated task and the bundled prices, lands on that plan's cheapest offer."""
+    import sky
+    from click.testing import CliRunner
+    from sky import check, global_user_state, optimizer
+    from sky.clouds import cloud as cloud_lib
+
+    from cloudtune.cli import cli
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.delenv("CLOUDTUNE_BACKEND")  # no --backend: SkyPilot
+    recipe = str(REPO / "tasks" / "llama2-7b-qlora-guanaco.yaml")
+    runner = CliRunner()
+    text = runner.invoke(cli, ["run", "--dry-run", "--gpu", "A10", recipe])
+    assert text.exit_code == 0, text.output
+    assert "launch order" in text.output and "HF_TOKEN: <redacted>" in text.output and SECRET not in text.output
+
+    cost = _json_out(runner.invoke(cli, ["cost", "--gpu", "A10", "--json", recipe]))
+    shown = _json_out(runner.invoke(cli, ["run", "--dry-run", "--gpu", "A10", "--json", recipe]))
+    assert shown["chosen"]["offer"] == cost["chosen"]["offer"]
+    assert shown["task"]["secrets"] == {"HF_TOKEN": "<redacted>"} and SECRET not in json.dumps(shown)
+    assert Ledger().runs() == []  # nothing was rented, nothing recorded
+
+    workspace = "default"
+    clouds = sorted({entry["infra"] for entry in shown["task"]["resources"]["ordered"]})
+    global_user_state.set_allowed_clouds(check._get_workspace_allowed_clouds(workspace), workspace)
+    global_user_state.set_enabled_clouds(clouds, cloud_lib.CloudCapability.COMPUTE, workspace)
+    task = to_task({**shown["task"], "secrets": {"HF_TOKEN": SECRET}})
+    with sky.Dag() as dag:
+        dag.add(task)
+    optimizer.Optimizer.optimize(dag, quiet=True)
+    best, cheapest = task.best_resources, cost["chosen"]["offer"]
+    assert (str(best.cloud).lower(), best.instance_type, best.region) == \
+           (cheapest["cloud"], cheapest["instance_type"], cheapest["region"])
+    assert best.get_cost(3600) == pytest.approx(cheapest["price_per_hour"])
+
+    spot = _json_out(runner.invoke(cli, ["run", "--dry-run", "--spot", "--json", recipe]))
+    assert spot["managed_job"] and spot["task"]["resources"]["use_spot"] is True
+    assert spot["task"]["file_mounts"]["~/cloudtune/out"]["mode"] == "MOUNT_CACHED"
+
+
+def test_cli_user_errors_for_dry_run_pull_and_down(monkeypatch):
+    from click.testing import CliRunner
+
+    from cloudtune.cli import cli
+
+    runner = CliRunner()
+    result = runner.invoke(cli, ["run", "--backend", "local", "--dry-run", str(REPO / "tasks" / "demo-tiny.yaml")])
+    assert result.exit_code == 2 and "rents nothing" in result.output
+
+    ledger = Ledger()
+    ledger.add_run("20260101-000000-0001", name="gone", backend="skypilot", output_dir="/tmp/nowhere")
+    ledger.add_machine("ct-20260101-000000-0001", "20260101-000000-0001", "skypilot")
+    ledger.set_machine("ct-20260101-000000-0001", "terminated")
+    result = runner.invoke(cli, ["pull", "20260101-000000-0001"])
+    assert result.exit_code == 2 and "machine is gone" in result.output
+
+    # A machine the ledger still lists; SkyPilot's API server is off limits here, which `down` must survive.
+    ledger.add_run("20260101-000000-0002", name="up", backend="skypilot")
+    ledger.add_machine("ct-20260101-000000-0002", "20260101-000000-0002", "skypilot")
+    result = runner.invoke(cli, ["down", "--all", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "ct-20260101-000000-0002" in result.output and "could not list SkyPilot's clusters" in result.output
+    assert ledger.machine_for_run("20260101-000000-0002")["status"] == "requested"  # dry run: nothing changed
+
+
+# ----------------------------------------------------------------------------------------------
+# The real SDK against a real local API server (no cloud behind it)
+
+
+def test_real_client_against_a_local_skypilot_api_server(tmp_path, monkeypatch):
+    """SkyPilot's own client and a local API server it starts, for the calls that need no cloud: no
+    credentials here, so SkyPilot's check enables nothing, and cloudtune says so naming `sky check`."""
+    from sky import global_user_state
+    from sky.client import sdk
+    from sky.clouds import cloud as cloud_lib
+
+    from cloudtune.backends.skypilot import SkyClient
+
+    config = tmp_path / "sky-config.yaml"
+    config.write_text("allowed_clouds: [aws, lambda]\n")  # SkyPilot's check then looks at these two only
+    monkeypatch.setenv("SKYPILOT_CONFIG", str(config))
+    global_user_state.set_enabled_clouds([], cloud_lib.CloudCapability.COMPUTE, "default")  # nothing cached
+    monkeypatch.delenv("SKYPILOT_DISABLE_LOCAL_API_SERVER")
+    client = SkyClient(progress=open(os.devnull, "w"))  # noqa: SIM115
+    try:
+        with pytest.raises(CloudtuneError) as failed:
+            SkyPilotBackend(a10_plan(), client=client).usable_candidates()
+        assert "no cloud enabled" in failed.value.message and "sky check" in failed.value.hint
+        assert client.status() == {} and SkyPilotBackend(client=client).clusters() == {}
+        client.down("ct-never-launched")  # SkyPilot's ClusterDoesNotExist means: already gone
+    finally:
+        sdk.api_stop()
+
+
+def test_every_sdk_call_matches_skypilot_0_14_1():
+    """The SkyClient calls the fake stands in for, bound against the pinned SDK's real signatures."""
+    import inspect
+
+    import sky
+    from sky import cloud_stores, exceptions
+    from sky.client import sdk
+    from sky.data import storage
+    from sky.utils import common
+
+    task, stream = object(), object()
+    calls = [
+        (sky.get, (object(),), {}),
+        (sdk.enabled_clouds, (), {}),
+        (sky.launch, (task,), {"cluster_name": "ct-x", "idle_minutes_to_autostop": 30, "down": True}),
+        (sky.stream_and_get, (object(),), {"output_stream": stream}),
+        (sky.exec, (task,), {"cluster_name": "ct-x"}),
+        (sky.tail_logs, ("ct-x", 1), {"follow": True, "preload_content": False}),
+        (sky.job_status, ("ct-x", [1]), {}),
+        (sky.cancel, ("ct-x",), {"job_ids": [1], "all": False}),
+        (sky.down, ("ct-x",), {}),
+        (sky.status, (["ct-x"],), {"refresh": common.StatusRefreshMode.AUTO}),
+        (sky.storage_ls, (), {}),
+        (sky.storage_delete, ("ct-x",), {}),
+        (sky.jobs.launch, (task,), {"name": "ct-x"}),
+        (sky.jobs.tail_logs, (), {"job_id": 1, "follow": True, "preload_content": False}),
+        (sky.jobs.queue_v2, (), {"refresh": False, "job_ids": [1]}),
+        (sky.jobs.cancel, (), {"job_ids": [1]}),
+        (cloud_stores.get_storage_from_path, ("s3://ct-x",), {}),
+    ]
+    for function, args, kwargs in calls:
+        inspect.signature(function).bind(*args, **kwargs)
+    assert storage.StoreType.S3.store_prefix() == "s3://"
+    caught = (exceptions.ClusterDoesNotExist, exceptions.NoCloudAccessError, exceptions.ResourcesUnavailableError)
+    assert all(issubclass(kind, Exception) for kind in caught)
