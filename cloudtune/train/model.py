@@ -58,8 +58,11 @@ def tiny_llama_dir() -> Path:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**TINY_LLAMA, vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    # Seeded for identical weights everywhere, in a forked RNG so the caller's seeded stream
+    # (dropout, data order) is the same whether or not this run had to write the model first.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
     scratch = Path(tempfile.mkdtemp(dir=target.parent))
     model.save_pretrained(scratch)
     build_byte_tokenizer().save_pretrained(scratch)
