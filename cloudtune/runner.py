@@ -68,7 +68,7 @@ def context_for(run: dict, recipe: Recipe | None = None) -> RunContext:
 
 
 def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, ledger: Ledger | None = None,
-            estimate: dict[str, Any] | None = None, extra_bundle_files: dict[str, Path] | None = None) -> RunResult:
+            estimate: dict[str, Any] | None = None) -> RunResult:
     events = events or Events()
     backend.events = events
     ledger = ledger or Ledger()
@@ -95,8 +95,7 @@ def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, l
         ledger.set_machine(ctx.machine, "up", **ctx.meta)
 
         ledger.update_run(run_id, status="syncing")
-        bundle = build_bundle(recipe, ctx.work_dir / "bundle.tar.gz",
-                              {**backend.bundle_files(ctx), **(extra_bundle_files or {})})
+        bundle = build_bundle(recipe, ctx.work_dir / "bundle.tar.gz", backend.bundle_files(ctx))
         events.phase("sync", f"bundle {bundle.path.stat().st_size / 1024:.0f} KiB, sha256 {bundle.sha256[:12]}")
         backend.sync(ctx, bundle, secrets)
 
