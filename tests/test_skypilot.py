@@ -144,10 +144,13 @@ def registry():
     server.shutdown()
 
 
-def tiny_recipe(tmp_path: Path, *, steps: int = 8, image: str | None = None, extra: str = ""):
+# Pinned by digest, so the machine's digest lookup needs no registry (tests never reach a network).
+PINNED_IMAGE = "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime@sha256:" + "ab" * 32
+
+
+def tiny_recipe(tmp_path: Path, *, steps: int = 8, image: str = PINNED_IMAGE, extra: str = ""):
     text = demo_recipe_text(max_steps=steps)
-    if image:
-        text += f"compute:\n  image: {image}\n  autostop_minutes: 20\n"
+    text += f"compute:\n  image: {image}\n  autostop_minutes: 20\n"
     return load_recipe(write_recipe(tmp_path, text + extra))
 
 
@@ -498,7 +501,8 @@ def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image
     assert launch["storage"] == ["~/cloudtune/out"]
     log = "\n".join(events.lines)
     assert "preempted" in log and "cloudtune: resuming from the newest checkpoint" in log
-    assert re.search(r"resumed from step [2468]", log)
+    # a checkpoint every 2 steps, or one written on the preemption's SIGTERM: any step before the end
+    assert re.search(r"resumed from step [1-7]\b", log)
     assert result.receipt["steps"] == 8
     metrics = (Path(result.receipt["output_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == list(range(1, 9))
