@@ -322,7 +322,8 @@ def test_failed_training_is_torn_down_and_the_secret_stays_redacted(tmp_path, cl
     monkeypatch.setenv("HF_TOKEN", SECRET)
     # The token in the model path makes the training print it: it reached the machine, and must go nowhere else.
     text = demo_recipe_text(max_steps=2).replace("init: tiny-llama", f"name: /nonexistent/{SECRET}")
-    recipe = load_recipe(write_recipe(tmp_path, text + "secrets: [HF_TOKEN]\n"))
+    text += f"secrets: [HF_TOKEN]\ncompute:\n  image: {PINNED_IMAGE}\n"
+    recipe = load_recipe(write_recipe(tmp_path, text))
     with pytest.raises(RunFailed) as failed:
         execute(recipe, SkyPilotBackend(a10_plan(), client=cloud), Recorder())
     assert "exited with status 1" in failed.value.message and "<redacted>" in failed.value.message
@@ -388,7 +389,7 @@ def test_failed_pull_leaves_the_machine_up_and_pull_retries(tmp_path, image, mon
 
 def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
     cloud = FakeCloud(tmp_path / "fake-cloud", image)
-    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=100000))
+    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=100000) + f"compute:\n  image: {PINNED_IMAGE}\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(sky_home)}
     cli = subprocess.Popen([sys.executable, "-m", "tests.fake_sky", str(recipe), str(cloud.root), str(image)],
                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
