@@ -211,7 +211,10 @@ def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...
                              "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
     options = _ssh_backend_options(backend, host, key, trust_new_host, keep_remote)
     out = err_console if as_json else console
-    plan, estimate = _plan_run(recipe, backend, out)
+    from .datasets import inspect_dataset
+
+    report = inspect_dataset(recipe)  # read and count once: the plan prices it, the runner reports it
+    plan, estimate = _plan_run(recipe, backend, out, report)
     if backend == "skypilot":
         from .shapes import resolve_model
 
@@ -220,7 +223,7 @@ def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...
             _show_dry_run(recipe, plan, model_bytes, as_json)
             return
         options = {"plan": plan, "model_bytes": model_bytes}
-    result = execute(recipe, get_backend(backend, **options), RichEvents(out), estimate=estimate)
+    result = execute(recipe, get_backend(backend, **options), RichEvents(out), estimate=estimate, report=report)
     if as_json:
         _print_json(result.receipt)
     else:
@@ -295,10 +298,9 @@ def down(run_ref: str | None, all_runs: bool, dry_run: bool, yes: bool) -> None:
 # cost / gpus: dollars per run before renting
 
 
-def _plan_run(recipe, backend: str, out: Console):
+def _plan_run(recipe, backend: str, out: Console, report):
     """Plan before anything starts: print the chosen offer and its estimate, refuse one over budget."""
     from .cost import apply_estimate, check_budget, local_estimate, make_plan
-    from .datasets import inspect_dataset
 
     if backend == "local":
         out.print("[bold cyan]▸ plan[/] this machine (local backend): nothing rented, $0")
@@ -306,7 +308,7 @@ def _plan_run(recipe, backend: str, out: Console):
     if backend == "ssh":
         out.print("[bold cyan]▸ plan[/] a machine you provide over SSH: cloudtune rents nothing, so it has no price")
         return None, None
-    plan = make_plan(recipe, inspect_dataset(recipe))
+    plan = make_plan(recipe, report)
     chosen = plan.chosen
     if chosen is None:
         raise CloudtuneError("no GPU offer fits this fine-tune: " + plan.estimates[0].why + ".",

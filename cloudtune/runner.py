@@ -15,7 +15,7 @@ from typing import Any
 
 from . import manifest
 from .backends.base import Backend, RunContext, build_bundle
-from .datasets import inspect_dataset
+from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError
 from .ledger import Ledger, machine_name, new_run_id
 from .paths import runs_dir
@@ -68,11 +68,11 @@ def context_for(run: dict, recipe: Recipe | None = None) -> RunContext:
 
 
 def execute(recipe: Recipe, backend: Backend, events: Events | None = None, *, ledger: Ledger | None = None,
-            estimate: dict[str, Any] | None = None) -> RunResult:
+            estimate: dict[str, Any] | None = None, report: DatasetReport | None = None) -> RunResult:
     events = events or Events()
     backend.events = events
     ledger = ledger or Ledger()
-    report = inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
+    report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
     events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens ({report.format})")
     secrets = collect(recipe.secrets)
     redact = Redactor(secrets)
