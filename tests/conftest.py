@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,16 @@ os.environ.setdefault("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
 def shared_home(tmp_path_factory) -> Path:
     """One CLOUDTUNE_HOME for the session's model cache, so the tiny model is written once."""
     return tmp_path_factory.mktemp("cloudtune-models")
+
+
+@contextmanager
+def module_home(shared_home: Path, tmp_path_factory):
+    """A CLOUDTUNE_HOME for module-scoped fixtures, which run before the per-test one exists."""
+    home = tmp_path_factory.mktemp("module-home")
+    (home / "models").symlink_to(shared_home, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLOUDTUNE_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(autouse=True)

@@ -9,15 +9,14 @@ from cloudtune.recipe import Recipe
 from cloudtune.train import model as model_lib
 from cloudtune.train.data import IGNORE, Batcher, Encoded
 
+from .conftest import module_home
+
 LENGTHS = [(37, 12, 50), (23, 61)]  # documents per packed row; the second row is padded to the first's width
 
 
 @pytest.fixture(scope="module")
 def tiny_model(shared_home, tmp_path_factory):
-    home = tmp_path_factory.mktemp("packing-home")
-    (home / "models").symlink_to(shared_home, target_is_directory=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CLOUDTUNE_HOME", str(home))
+    with module_home(shared_home, tmp_path_factory):
         recipe = Recipe.model_validate({"model": {"init": "tiny-llama"}, "dataset": {"hub": "unused"}})
         return model_lib.load_base(recipe, torch.device("cpu")).eval()
 

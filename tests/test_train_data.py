@@ -22,7 +22,7 @@ from cloudtune.recipe import load_recipe
 from cloudtune.train.__main__ import main as train_main
 from cloudtune.train.data import IGNORE, Batcher, encode, load_rows, pack
 
-from .conftest import write_recipe
+from .conftest import module_home, write_recipe
 
 ALPACA = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"},
           {"instruction": "Translate.", "input": "chat", "output": "cat"}]
@@ -72,10 +72,7 @@ def tokenizer(shared_home, tmp_path_factory):
     from cloudtune.recipe import Recipe
     from cloudtune.train.model import load_tokenizer
 
-    home = tmp_path_factory.mktemp("tokenizer-home")
-    (home / "models").symlink_to(shared_home, target_is_directory=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CLOUDTUNE_HOME", str(home))
+    with module_home(shared_home, tmp_path_factory):
         return load_tokenizer(Recipe.model_validate({"model": {"init": "tiny-llama"}, "dataset": {"hub": "x"}}))
 
 
