@@ -16,6 +16,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
+# MKL picks its sgemm path by the memory alignment of each array, so the same CPU run can differ in the
+# last bits between two processes; its reproducible mode keeps resume tests comparing like with like.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 @pytest.fixture(scope="session")

@@ -212,12 +212,14 @@ def assert_same_run(out: Path, reference: Path) -> None:
     adapter = weights(out / "adapter" / "adapter_model.safetensors")
     expected = weights(reference / "adapter" / "adapter_model.safetensors")
     assert adapter.keys() == expected.keys()
+    # Float summation order may still differ in the last bits between processes (~4e-6 seen); a resume
+    # that loses the RNG, optimiser or scheduler state is off by ~1e-1, so 2e-5 tells the two apart.
     for name, tensor in expected.items():
-        torch.testing.assert_close(adapter[name], tensor, atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(adapter[name], tensor, atol=2e-5, rtol=1e-4)
     mine, theirs = metrics(out), metrics(reference)
     assert [row["step"] for row in mine] == list(range(1, 61))
     for key in ("loss", "lr", "tokens", "step_tokens", "trained_tokens"):
-        assert [row[key] for row in mine] == pytest.approx([row[key] for row in theirs], rel=1e-6), key
+        assert [row[key] for row in mine] == pytest.approx([row[key] for row in theirs], rel=1e-5), key
     assert json.loads((out / "run.json").read_text())["tokens"] == json.loads((reference / "run.json").read_text())[
         "tokens"]
 
