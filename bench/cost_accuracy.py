@@ -95,7 +95,7 @@ def batches_trained(recipe, steps: int) -> dict:
     return dict(processed=processed, real=real, peak_tokens=peak, width=sum(widths) / len(widths))
 
 
-def predict(recipe, gpu: str, memory_gib: float, checkpointing: bool | None = None,
+def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None = None,
             fused_kernels: bool | None = None) -> dict:
     """What `cloudtune cost` says for this recipe on one such GPU (training only, no overheads)."""
     from cloudtune.catalog import usable_gib
@@ -110,11 +110,12 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointing: bool | None = No
     setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels)
     offer = Offer("this machine", "-", gpu, gpu, 1, memory_gib, 0.0)
     work = plan_work(recipe, report)
-    mb, planned_gc, memory, fits = choose_batch(recipe, shape, setup, work.row_tokens, usable_gib(offer) * GIB)
-    gc = planned_gc if checkpointing is None else checkpointing
-    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, gc, work.width, mb * work.width,
-                                      setup.impl.fused_loss)
-    return dict(planned_gradient_checkpointing=planned_gc, planned_micro_batch=mb, fits=fits,
+    mb, planned, memory, fits = choose_batch(recipe, shape, setup, work.row_tokens, usable_gib(offer) * GIB)
+    recomputed = planned if checkpointed_layers is None else checkpointed_layers
+    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, recomputed / shape.layers, work.width,
+                                      mb * work.width, setup.impl.fused_loss)
+    return dict(planned_gradient_checkpointing=planned > 0, planned_checkpointed_layers=planned,
+                planned_micro_batch=mb, fits=fits,
                 planned_peak_gib=round(memory.gib, 2), processed_tokens=work.processed, tokens=work.tokens,
                 train_seconds_low=round(work.processed / high, 1), train_seconds_high=round(work.processed / low, 1),
                 processed_tokens_per_s=(round(low), round(high)), width=work.width)
@@ -153,8 +154,9 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     # the prediction for what actually ran: the tokens actually computed, the trainer's checkpointing
     # and kernels
     shape = resolve_model(recipe).shape
+    layers = run.get("checkpointed_layers", shape.layers if gc else 0)
     setup = TrainSetup.from_recipe(recipe, fused_kernels=fused)
-    actual = predict(recipe, gpu, memory_gib, checkpointing=gc, fused_kernels=fused)
+    actual = predict(recipe, gpu, memory_gib, checkpointed_layers=layers, fused_kernels=fused)
     low, high = actual["processed_tokens_per_s"]
     predicted_low, predicted_high = replay["processed"] / high, replay["processed"] / low
     predicted_mid = (predicted_low + predicted_high) / 2
@@ -162,7 +164,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     steady_seconds = steady[-1]["seconds"] - steps[WARMUP_STEPS - 1]["seconds"]
     steady_share = sum(s["step_tokens"] for s in steady) / max(1, sum(s["step_tokens"] for s in steps))
     processed_per_s = replay["processed"] * steady_share / steady_seconds
-    peak_predicted = estimate(shape, setup, replay["peak_tokens"], gc).gib
+    peak_predicted = estimate(shape, setup, replay["peak_tokens"], gc, layers).gib
     measured_peak = run["peak_gpu_gib"]
     return dict(
         name=name, ok=True, device=run["device"], gpu=gpu, method=recipe.method,
@@ -172,7 +174,9 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
         max_seq_len=recipe.training.max_seq_len, packing=recipe.training.packing, steps=run["steps"],
         tokens=run["tokens"], processed_tokens=replay["processed"], peak_tokens=replay["peak_tokens"],
         planned_processed_tokens=round(before["processed_tokens"]),  # the padding model, before the run
-        gradient_checkpointing=gc, planned_gradient_checkpointing=before["planned_gradient_checkpointing"],
+        gradient_checkpointing=gc, checkpointed_layers=layers,
+        planned_gradient_checkpointing=before["planned_gradient_checkpointing"],
+        planned_checkpointed_layers=before["planned_checkpointed_layers"],
         fused_kernels=fused,
         peak_gib=measured_peak, predicted_peak_gib=round(peak_predicted, 2),
         peak_error=round(peak_predicted / measured_peak - 1, 3) if measured_peak else None,
@@ -185,7 +189,8 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
         calibration=dict(source=f"bench/results/cost_accuracy.jsonl: {name} ({run['steps']} steps, "
                                 f"steady state after {WARMUP_STEPS})",
                          stack="cloudtune", gpu=gpu, model="Llama-2-7B" if shape == _llama2_7b() else "custom",
-                         shape=shape.__dict__, method=recipe.method, gradient_checkpointing=gc, fused_kernels=fused,
+                         shape=shape.__dict__, method=recipe.method, gradient_checkpointing=gc,
+                         checkpointed_layers=layers, fused_kernels=fused,
                          width=round(replay["width"], 1), tokens_per_s=round(processed_per_s, 1)))
 
 

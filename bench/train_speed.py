@@ -25,17 +25,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 # cloudtune profiles: recipe overrides on top of the base below.
 CLOUDTUNE_PROFILES = {
+    # what a user gets from the defaults: attention, checkpointing and kernels on auto
     "cloudtune-qlora": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096)),
-    "cloudtune-qlora-nogc": dict(method="qlora", training=dict(micro_batch_size=1, max_seq_len=4096,
-                                                                 gradient_checkpointing="off")),
-    "cloudtune-qlora-nofuse": dict(method="qlora", training=dict(micro_batch_size=1, max_seq_len=4096,
-                                                                   gradient_checkpointing="off", fused_kernels="off")),
-    "cloudtune-lora-nogc": dict(method="lora", training=dict(micro_batch_size=1, max_seq_len=4096,
-                                                               gradient_checkpointing="off")),
     "cloudtune-lora": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096)),
-    # For 24 GB cards: smaller rows and checkpointing so the peak stays under 22 GiB.
-    "cloudtune-qlora-24g": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
-                                                                gradient_checkpointing="on")),
+    # For 24 GB cards (A10, L4, 4090): the allocator is capped at 22 GiB on the big GPU and auto
+    # checkpointing recomputes only as many layers as that cap needs.
+    "cloudtune-qlora-24g": dict(method="qlora", training=dict(micro_batch_size=1, max_seq_len=4096,
+                                                                memory_limit_gib=22)),
+    "cloudtune-qlora-24g-mb2": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                    memory_limit_gib=22)),
+    # ablations: the dense packed mask instead of per-document attention; every layer checkpointed
+    "cloudtune-qlora-sdpa": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                 attention="sdpa")),
+    "cloudtune-qlora-gc": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                               gradient_checkpointing="on")),
+    "cloudtune-qlora-nofuse": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                   fused_kernels="off")),
 }
 ANCHOR_PROFILES = {"seed-qlora": "seed_baseline.py", "seed-lora": "seed_baseline.py",
                    "unsloth-nogc": "unsloth_bench.py", "unsloth-gc": "unsloth_bench.py",
@@ -69,7 +74,8 @@ def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int
     run = json.loads((out / "run.json").read_text())
     return dict(profile=profile, steps_measured=len(measured), seconds=round(seconds, 3), real_tokens=tokens,
                 real_tok_per_s=round(tokens / seconds, 1), peak_mem_gib=run["peak_gpu_gib"],
-                gradient_checkpointing=run["gradient_checkpointing"], fused_kernels=run.get("fused_kernels"),
+                gradient_checkpointing=run["gradient_checkpointing"], checkpointed_layers=run["checkpointed_layers"],
+                attention=run["attention"], fused_kernels=run.get("fused_kernels"),
                 trainable_params=run["trainable_params"],
                 device=run["device"])
 

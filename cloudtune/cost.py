@@ -28,7 +28,17 @@ from pathlib import Path
 from .catalog import SPECS, load_offers, match_gpus, usable_gib
 from .datasets import DatasetReport, percentiles
 from .errors import CloudtuneError
-from .memory import GIB, MemoryEstimate, ModelShape, TrainSetup, estimate, lora_params, required_bytes
+from .memory import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    MemoryEstimate,
+    ModelShape,
+    TrainSetup,
+    checkpointing_note,
+    estimate,
+    lora_params,
+    required_bytes,
+)
 from .plan import Estimate, Offer, Plan
 from .recipe import Recipe
 from .shapes import KNOWN_MODELS, ModelInfo, resolve_model
@@ -134,10 +144,12 @@ def expected_batch_width(report: DatasetReport, micro_batch_size: int) -> float:
 # Throughput
 
 
-def flops_per_token(shape: ModelShape, method: str, checkpointing: bool, width: float) -> float:
-    passes = (3 if method == "full" else 2) + (1 if checkpointing else 0)
+def flops_per_token(shape: ModelShape, method: str, recomputed_share: float, width: float) -> float:
+    """`recomputed_share`: the fraction of layers checkpointed (a bool reads as all or none), whose
+    forward pass runs twice."""
+    passes = (3 if method == "full" else 2) + recomputed_share
     # causal attention: each token attends to about half the row; its backward costs twice the forward
-    attention = 4 * shape.layers * (width / 2) * shape.attention_width * (3 + (1 if checkpointing else 0))
+    attention = 4 * shape.layers * (width / 2) * shape.attention_width * (3 + recomputed_share)
     return 2.0 * shape.matmul_params * passes + attention
 
 
@@ -156,7 +168,9 @@ def calibration_rows() -> tuple[dict, ...]:
         row = json.loads(line)
         shape = KNOWN_MODELS[row["model"]][1] if row["model"] in KNOWN_MODELS else ModelShape(**row["shape"])
         peak = SPECS[row["gpu"]].tflops * 1e12
-        used = row["tokens_per_s"] * flops_per_token(shape, row["method"], row["gradient_checkpointing"], row["width"])
+        share = row["checkpointed_layers"] / shape.layers if "checkpointed_layers" in row \
+            else float(row["gradient_checkpointing"])
+        used = row["tokens_per_s"] * flops_per_token(shape, row["method"], share, row["width"])
         rows.append({**row, "efficiency": used / peak, "quant": _quant_class(row["method"])})
     return tuple(rows)
 
@@ -190,17 +204,17 @@ def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = Fals
     return low * factor[0], high * factor[1], f"{len(chosen)} {basis}"
 
 
-def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, checkpointing: bool,
+def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, recomputed_share: float,
                           width: float, micro_batch_tokens: float | None = None,
                           fused_kernels: bool = False) -> tuple[float, float]:
     """Processed tokens per second (low, high) on `gpu_count` GPUs of one kind."""
     spec = SPECS[offer_gpu]
-    flops = flops_per_token(shape, method, checkpointing, width)
-    low, high, _ = efficiency_band(method, checkpointing, fused_kernels)
+    flops = flops_per_token(shape, method, recomputed_share, width)
+    low, high, _ = efficiency_band(method, recomputed_share > 0, fused_kernels)
     scale = gpu_count * MULTI_GPU_SCALING ** math.log2(gpu_count) if gpu_count > 1 else 1.0
     rates = [spec.tflops * 1e12 * e / flops for e in (low, high)]
     if micro_batch_tokens:
-        passes = (3 if method == "full" else 2) + (1 if checkpointing else 0)
+        passes = (3 if method == "full" else 2) + recomputed_share
         floor = STEP_FLOOR_SECONDS + shape.layers * passes * LAYER_PASS_SECONDS
         rates = [min(rate, micro_batch_tokens / floor) for rate in rates]
     return rates[0] * scale, rates[1] * scale
@@ -240,31 +254,35 @@ def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: s
 
 
 def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_tokens: int,
-                 usable_bytes: float) -> tuple[int, bool, MemoryEstimate, bool]:
-    """(micro-batch, checkpointing, memory, fits): the recipe's micro-batch without checkpointing if
-    that fits and the recipe allows it, else with it, else a smaller micro-batch (the run keeps the
-    effective batch by accumulating more)."""
-    choice = recipe.training.gradient_checkpointing
-    options = {"auto": (False, True), "on": (True,), "off": (False,)}[choice]
+                 usable_bytes: float) -> tuple[int, int, MemoryEstimate, bool]:
+    """(micro-batch, checkpointed layers, memory, fits): the recipe's micro-batch with as few layers
+    checkpointed as fit (the trainer's auto does the same on the machine), else a smaller micro-batch
+    (the run keeps the effective batch by accumulating more)."""
+    layers = shape.layers
+    options = {"auto": range(layers + 1), "on": (layers,), "off": (0,)}[recipe.training.gradient_checkpointing]
     wanted = recipe.training.micro_batch_size
     # divisors only, so that accumulating more micro-batches keeps the effective batch exactly
     for mb in (d for d in range(wanted, 0, -1) if wanted % d == 0):
-        for checkpointing in options:
-            memory = estimate(shape, setup, mb * row_tokens, checkpointing)
+        for recomputed in options:
+            memory = estimate(shape, setup, mb * row_tokens, recomputed > 0, recomputed)
             if required_bytes(memory) <= usable_bytes:
-                return mb, checkpointing, memory, True
-    mb, checkpointing = wanted, options[-1]
-    return mb, checkpointing, estimate(shape, setup, mb * row_tokens, checkpointing), False
+                return mb, recomputed, memory, True
+    mb, recomputed = wanted, options[-1]
+    return mb, recomputed, estimate(shape, setup, mb * row_tokens, recomputed > 0, recomputed), False
 
 
 def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, setup: TrainSetup, offer: Offer,
                    spot: bool) -> Estimate:
     usable = usable_gib(offer) * GIB
+    if recipe.training.memory_limit_gib:  # the trainer caps its allocator there; the CUDA context comes on top
+        usable = min(usable, recipe.training.memory_limit_gib * GIB + CUDA_CONTEXT_BYTES)
     base = plan_work(recipe, report)
-    mb, checkpointing, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
+    mb, recomputed, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
     work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
-    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, model.shape, recipe.method, checkpointing,
-                                              work.width, mb * work.width, setup.impl.fused_loss)
+    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, model.shape, recipe.method,
+                                              recomputed / model.shape.layers, work.width, mb * work.width,
+                                              setup.impl.fused_loss)
+    checkpointing = checkpointing_note(recomputed, model.shape.layers)
     processed = (work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)) \
         if not work.exact else (work.processed, work.processed)
     train_low, train_high = processed[0] / tps_high / 3600, processed[1] / tps_low / 3600
@@ -273,14 +291,15 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, setu
     price = offer.spot_price_per_hour if spot and offer.spot_price_per_hour is not None else offer.price_per_hour
     real = work.tokens / work.processed if work.processed else 1.0  # trained share of processed tokens
     why = (f"{_si(work.tokens)} tokens at {_si(tps_low * real)}–{_si(tps_high * real)} tok/s "
-           f"({recipe.method}, micro-batch {mb}, checkpointing {'on' if checkpointing else 'off'}) "
+           f"({recipe.method}, micro-batch {mb}, checkpointing {checkpointing}) "
            f"+ {over_low * 60:.0f}–{over_high * 60:.0f} min {over_what}")
     if not fits:
-        smallest = estimate(model.shape, setup, base.row_tokens, checkpointing)
+        smallest = estimate(model.shape, setup, base.row_tokens, recomputed > 0, recomputed)
         why = (f"needs {required_bytes(smallest) / GIB:.1f} GiB even at micro-batch 1 with checkpointing "
-               f"{'on' if checkpointing else 'off'}; {offer.gpu} has {usable / GIB:.1f} GiB usable")
+               f"{checkpointing}; {offer.gpu} has {usable / GIB:.1f} GiB usable")
     return Estimate(offer=offer, spot=spot and offer.spot_price_per_hour is not None, fits=fits,
-                    peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=checkpointing,
+                    peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=recomputed > 0,
+                    checkpointed_layers=recomputed,
                     tokens=work.tokens, tokens_per_s_low=round(tps_low * real, 1),
                     tokens_per_s_high=round(tps_high * real, 1), hours_low=round(hours_low, 3),
                     hours_high=round(hours_high, 3), cost_low=round(hours_low * price, 2),

@@ -295,21 +295,27 @@ def _lora_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     return total + sum(stack.act_bytes * width for names, width in groups if any(m in targeted for m in names))
 
 
-def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, checkpointing: bool) -> MemoryEstimate:
-    """Peak allocated bytes for a micro-batch of `tokens` tokens (rows × padded width)."""
+def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, checkpointing: bool,
+             checkpointed_layers: int | None = None) -> MemoryEstimate:
+    """Peak allocated bytes for a micro-batch of `tokens` tokens (rows × padded width).
+
+    With checkpointing, `checkpointed_layers` of the decoder layers (all when None) keep only their
+    input and are recomputed in backward; the others keep everything, as without checkpointing.
+    """
     stack = setup.impl
     per_layer = layer_activation_bytes(shape, setup)
     if stack.fused_loss:
         loss = tokens * shape.hidden * 4.0  # chunked: only the fp32 gradient of the last hidden states
     else:
         loss = tokens * shape.vocab * 12.0  # log-softmax output, its gradient and the incoming one, fp32
-    if checkpointing:
-        activations = 0.0 if stack.offload_checkpoints else tokens * shape.layers * stack.act_bytes * shape.hidden
-        activations += tokens * shape.layers * int8_kept_bytes(shape, setup)
+    recomputed = (shape.layers if checkpointed_layers is None else checkpointed_layers) if checkpointing else 0
+    if recomputed:
+        kept_input = 0.0 if stack.offload_checkpoints else stack.act_bytes * shape.hidden
+        activations = tokens * recomputed * (kept_input + int8_kept_bytes(shape, setup))
+        activations += tokens * (shape.layers - recomputed) * per_layer
         # During backward one layer is recomputed in full and its gradients pass through; that
         # happens after the loss's peak, so the larger of the two counts.
-        recompute = tokens * (per_layer + 4 * stack.act_bytes * shape.hidden)
-        transient = max(loss, recompute)
+        transient = max(loss, tokens * (per_layer + 4 * stack.act_bytes * shape.hidden))
     else:
         activations, transient = tokens * shape.layers * per_layer, loss
     return MemoryEstimate(weights=weight_bytes(shape, setup), trainable=trainable_bytes(shape, setup),
@@ -322,16 +328,23 @@ def required_bytes(peak: MemoryEstimate | float) -> float:
     return total * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES
 
 
-def needs_checkpointing(shape: ModelShape, tokens_per_micro_batch: int, free_bytes: float,
-                        setup: TrainSetup | None = None) -> bool:
-    """True when a micro-batch would not fit without checkpointing, on a GPU whose weights are loaded.
+def checkpointing_note(recomputed: int, layers: int) -> str:
+    return "off" if not recomputed else "on" if recomputed >= layers else f"on for {recomputed} of {layers} layers"
 
-    `free_bytes` is what the device reports after loading the base model, so the weights and the
-    CUDA context are already taken out of it.
+
+def layers_to_checkpoint(shape: ModelShape, tokens_per_micro_batch: int, free_bytes: float,
+                         setup: TrainSetup | None = None) -> int:
+    """The fewest decoder layers to recompute so that a micro-batch fits, on a GPU whose weights are loaded.
+
+    Every layer left out of checkpointing saves a forward pass of that layer in backward, so a GPU
+    with some room to spare trains faster than with all layers checkpointed. `free_bytes` is what
+    the device reports after loading the base model: weights and CUDA context are already out of it.
     """
     setup = setup or TrainSetup()
-    peak = estimate(shape, setup, tokens_per_micro_batch, checkpointing=False)
     # loaded in bf16; peft's k-bit preparation upcasts the unquantised weights only afterwards
     as_loaded = weight_bytes(shape, replace(setup, stack=replace(setup.impl, upcast_embeddings=False)))
-    needed = (peak.total - as_loaded) * (1 + FRAGMENTATION)
-    return needed > 0.95 * free_bytes
+    for layers in range(shape.layers + 1):
+        peak = estimate(shape, setup, tokens_per_micro_batch, checkpointing=layers > 0, checkpointed_layers=layers)
+        if (peak.total - as_loaded) * (1 + FRAGMENTATION) <= 0.95 * free_bytes:
+            return layers
+    return shape.layers

@@ -45,6 +45,7 @@ class Estimate:
     cost_low: float
     cost_high: float
     why: str = ""  # one line: what the estimate is made of
+    checkpointed_layers: int = 0  # decoder layers recomputed in backward (gradient_checkpointing: any)
 
     @property
     def price_per_hour(self) -> float:

@@ -107,9 +107,13 @@ class TrainingSpec(Strict):
     max_seq_len: int = Field(1024, ge=16, le=131072, description="tokens per row; longer documents are truncated")
     packing: bool = Field(True, description="several documents per row, no attention across them")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
-        "auto", description="auto: only when the batch would not fit in GPU memory")
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
-        "auto", description="attention kernel; auto picks the fastest that respects packing")
+        "auto", description="auto: only as many layers as the batch needs to fit in GPU memory")
+    memory_limit_gib: float | None = Field(
+        None, gt=0, description="train within this much GPU memory (a shared GPU, or rehearsing a 24 GB card "
+                                "on a bigger one); auto checkpointing fits under it")
+    attention: Literal["auto", "documents", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="documents: flash attention within each packed document (PyTorch varlen); "
+                            "auto picks it on NVIDIA GPUs, else sdpa")
     fused_kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Liger Triton kernels (norm, SwiGLU, RoPE, head+loss without logits) on GPUs")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(

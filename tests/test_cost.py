@@ -76,7 +76,7 @@ def test_offers_that_do_not_fit_are_never_chosen(tmp_path):
     shape, setup = resolve_model(recipe).shape, TrainSetup.from_recipe(recipe)
     for e in plan.estimates:
         rows = e.micro_batch_size * 2048
-        needed = required_bytes(estimate(shape, setup, rows, e.gradient_checkpointing))
+        needed = required_bytes(estimate(shape, setup, rows, e.gradient_checkpointing, e.checkpointed_layers))
         assert (needed <= usable_gib(e.offer) * GIB) == e.fits
         assert e.gradient_checkpointing or e.fits  # a misfit was tried with checkpointing too
     costs = [e.cost_high for e in plan.estimates if e.fits]
@@ -88,6 +88,8 @@ def test_checkpointing_and_micro_batch_are_chosen_to_fit(tmp_path):
     by_gpu = {e.offer.gpu: e for e in plan.estimates if e.offer.gpu_count == 1}
     assert not by_gpu["H100"].gradient_checkpointing  # 80 GB hold 2 × 2048 tokens' activations
     assert by_gpu["A10G"].gradient_checkpointing and by_gpu["A10G"].fits
+    # only as many layers as the 24 GB need: fewer recomputed layers, faster than checkpointing all 32
+    assert 0 < by_gpu["A10G"].checkpointed_layers < 32 and "checkpointing on for" in by_gpu["A10G"].why
     assert by_gpu["H100"].peak_gib > by_gpu["A10G"].peak_gib
 
     # 16 rows of 2048 tokens in bf16 LoRA do not fit 24 GB even with checkpointing: halve the rows
@@ -97,6 +99,19 @@ def test_checkpointing_and_micro_batch_are_chosen_to_fit(tmp_path):
     assert chosen.fits and chosen.gradient_checkpointing and chosen.micro_batch_size < 16
     changes = apply_estimate(recipe, chosen)
     assert changes and recipe.training.micro_batch_size * recipe.training.gradient_accumulation == 32
+
+
+def test_a_memory_limit_plans_as_the_smaller_card_would(tmp_path):
+    """memory_limit_gib rehearses a 24 GB card on an H100: the plan checkpoints as it would on the A10G."""
+    for name in ("free", "capped", "tiny"):
+        (tmp_path / name).mkdir()
+    _, free = plan_for(recipe_file(tmp_path / "free", method="qlora", training={"micro_batch_size": 2}), gpu="H100")
+    _, capped = plan_for(recipe_file(tmp_path / "capped", method="qlora",
+                                     training={"micro_batch_size": 2, "memory_limit_gib": 22}), gpu="H100")
+    assert not free.chosen.gradient_checkpointing
+    assert capped.chosen.gradient_checkpointing and capped.chosen.fits and capped.chosen.peak_gib < 22
+    _, tiny = plan_for(recipe_file(tmp_path / "tiny", method="qlora", training={"memory_limit_gib": 2}), gpu="H100")
+    assert tiny.chosen is None and all(not e.fits and "needs" in e.why for e in tiny.estimates)
 
 
 def test_the_estimate_adds_up(tmp_path):
@@ -181,7 +196,7 @@ def test_cost_cli_json_schema_and_cache(tmp_path, ct_home):
     assert len(data["estimates"]) == 5 < data["offers_total"]
     estimate_keys = {"offer", "spot", "fits", "peak_gib", "micro_batch_size", "gradient_checkpointing", "tokens",
                      "tokens_per_s_low", "tokens_per_s_high", "hours_low", "hours_high", "cost_low", "cost_high",
-                     "why", "price_per_hour"}
+                     "why", "price_per_hour", "checkpointed_layers"}
     offer_keys = {"cloud", "region", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "price_per_hour",
                   "spot_price_per_hour", "accelerator"}
     for e in [data["chosen"], *data["estimates"]]:

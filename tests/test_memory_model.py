@@ -25,8 +25,8 @@ from cloudtune.memory import (
     cloudtune_stack,
     estimate,
     layer_activation_bytes,
+    layers_to_checkpoint,
     lora_params,
-    needs_checkpointing,
     trl_stack,
     unsloth_stack,
 )
@@ -149,7 +149,7 @@ def _saved_activation_bytes(recipe, config, batch: tuple[int, int]) -> int:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.config.use_cache = False
-    model = model_lib.prepare_for_training(recipe, model, gradient_checkpointing=False)
+    model = model_lib.prepare_for_training(recipe, model, checkpointed_layers=0)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
@@ -197,12 +197,22 @@ def test_activation_model_matches_what_autograd_keeps_in_cloudtunes_model(method
     assert layer_activation_bytes(shape, setup) == pytest.approx(measured_per_layer, rel=0.03)
 
 
-def test_checkpointing_is_needed_only_when_the_batch_does_not_fit():
+def test_checkpointing_covers_only_the_layers_the_batch_needs():
     setup = _cloudtune_setup("qlora")
-    # after loading a 7B in 4 bits: ~74 GiB free on an H100, ~18 GiB on an A10G
-    assert not needs_checkpointing(LLAMA2_7B, 2 * 2048, 74 * GIB, setup)
-    assert needs_checkpointing(LLAMA2_7B, 2 * 2048, 18 * GIB, setup)
-    assert needs_checkpointing(LLAMA2_7B, 8 * 4096, 60 * GIB, _cloudtune_setup("lora"))
+    # after loading a 7B in 4 bits: ~74 GiB free on an H100, ~18 GiB on an A10G, ~4 GiB on a T4
+    assert layers_to_checkpoint(LLAMA2_7B, 2 * 2048, 74 * GIB, setup) == 0
+    on_a10g = layers_to_checkpoint(LLAMA2_7B, 2 * 2048, 18 * GIB, setup)
+    assert 0 < on_a10g < LLAMA2_7B.layers, "a 24 GB card keeps some layers' activations instead of recomputing all"
+    assert layers_to_checkpoint(LLAMA2_7B, 2 * 2048, 4 * GIB, setup) == LLAMA2_7B.layers
+    assert layers_to_checkpoint(LLAMA2_7B, 8 * 4096, 60 * GIB, _cloudtune_setup("lora")) > 0
+    # the answer is the fewest: one layer fewer would not fit
+    as_loaded = estimate(LLAMA2_7B, setup, 4096, False).weights
+
+    def needed(layers: int) -> float:
+        return estimate(LLAMA2_7B, setup, 2 * 2048, True, checkpointed_layers=layers).total - as_loaded
+
+    assert needed(on_a10g) < needed(on_a10g - 1) and needed(on_a10g - 1) * 1.08 > 0.95 * 18 * GIB
+    assert estimate(LLAMA2_7B, setup, 4096, True).total == estimate(LLAMA2_7B, setup, 4096, True, 32).total
     # fused kernels keep less per layer and never build the logits: more fits without recomputation
     fused = _cloudtune_setup("lora", stack=cloudtune_stack("lora", fused_kernels=True))
     plain = _cloudtune_setup("lora")

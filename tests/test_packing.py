@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cloudtune.recipe import Recipe
+from cloudtune.train import attention as attention_lib
 from cloudtune.train import model as model_lib
 from cloudtune.train.data import IGNORE, Batcher, Encoded
 
@@ -26,9 +27,10 @@ def documents() -> list[list[int]]:
     return [[1] + torch.randint(3, 259, (n - 1,), generator=generator).tolist() for row in LENGTHS for n in row]
 
 
-def packed_batch(docs: list[list[int]]) -> dict[str, torch.Tensor]:
+def packed_batch(docs: list[list[int]], document_offsets: bool = False) -> dict:
     encoded = Encoded(examples=[(ids, [IGNORE] + ids[1:]) for ids in docs], format="completion")
-    batcher = Batcher(encoded, micro_batch_size=2, max_seq_len=128, packing=True, seed=0, pad_id=2)
+    batcher = Batcher(encoded, micro_batch_size=2, max_seq_len=128, packing=True, seed=0, pad_id=2,
+                      document_offsets=document_offsets)
     rows, at = [], 0
     for row in LENGTHS:
         rows.append(list(range(at, at + len(row))))
@@ -38,14 +40,24 @@ def packed_batch(docs: list[list[int]]) -> dict[str, torch.Tensor]:
     return batch
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def offsets_of(position_ids: torch.Tensor) -> dict:
+    offsets, longest = attention_lib.document_offsets(position_ids)
+    return dict(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "documents"])
 def test_packed_documents_do_not_see_each_other(tiny_model, attention):
-    tiny_model.set_attn_implementation(attention)
+    by_offsets = attention == attention_lib.DOCUMENT_ATTENTION
+    tiny_model.set_attn_implementation(attention_lib.implementation(attention, torch.device("cpu")))
     docs = documents()
-    batch = packed_batch(docs)
-    assert "attention_mask" not in batch  # the boundaries come from the position ids alone
+    batch = packed_batch(docs, document_offsets=by_offsets)
+    assert "attention_mask" not in batch  # the boundaries come from the position ids (or offsets) alone
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if by_offsets:
+        # 5 documents and the second row's padding; the longest is the 61-token document
+        assert batch["cu_seq_lens_q"].tolist() == [0, 37, 49, 99, 122, 183, 198] and batch["max_length_q"] == 61
     with torch.no_grad():
-        packed = tiny_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        packed = tiny_model(**inputs).logits
         at, d = 0, 0
         for r, row in enumerate(LENGTHS):
             at = 0
@@ -56,7 +68,8 @@ def test_packed_documents_do_not_see_each_other(tiny_model, attention):
 
         # The check can fail: without the position restarts, later documents see earlier ones.
         leaky_positions = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
-        leaky = tiny_model(input_ids=batch["input_ids"], position_ids=leaky_positions).logits
+        leaky_inputs = offsets_of(leaky_positions) if by_offsets else {}
+        leaky = tiny_model(input_ids=batch["input_ids"], position_ids=leaky_positions, **leaky_inputs).logits
         second = tiny_model(input_ids=torch.tensor([docs[1]])).logits[0]
         assert (leaky[0, 37:37 + 12] - second).abs().max() > 1e-2
     tiny_model.set_attn_implementation("sdpa")
@@ -72,3 +85,26 @@ def test_packed_loss_is_the_token_mean_over_documents(tiny_model):
         total = sum(tiny_model(input_ids=torch.tensor([doc]), labels=torch.tensor([doc])).loss * (len(doc) - 1)
                     for doc in docs)
     torch.testing.assert_close(packed_loss, total / n_items, atol=1e-5, rtol=1e-5)
+
+
+def test_partial_checkpointing_recomputes_the_first_layers_and_changes_no_gradient(shared_home, tmp_path_factory):
+    with module_home(shared_home, tmp_path_factory):
+        recipe = Recipe.model_validate({"model": {"init": "tiny-llama"}, "dataset": {"hub": "unused"},
+                                        "lora": {"dropout": 0.0}})
+        plain = model_lib.prepare_for_training(recipe, model_lib.load_base(recipe, torch.device("cpu")), 0)
+        partial = model_lib.prepare_for_training(recipe, model_lib.load_base(recipe, torch.device("cpu")), 1)
+    assert [layer.gradient_checkpointing for layer in model_lib.decoder_layers(partial)] == [True, False]
+    assert not any(layer.gradient_checkpointing for layer in model_lib.decoder_layers(plain))
+    batch = packed_batch(documents())
+    attention_calls = []
+    for index, layer in enumerate(model_lib.decoder_layers(partial)):
+        # the layer's own hook would not see the recomputation, which stops early once it has what backward needs
+        layer.self_attn.register_forward_hook(lambda *_, index=index: attention_calls.append(index))
+    for model in (plain, partial):
+        model.train()
+        model.load_state_dict(plain.state_dict())  # the same LoRA initialisation
+        model(**batch, num_items_in_batch=100).loss.backward()
+    assert attention_calls == [0, 1, 0], "only the checkpointed first layer runs again in backward"
+    for (name, mine), theirs in zip(partial.named_parameters(), plain.parameters(), strict=True):
+        if mine.requires_grad:
+            torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-6, rtol=1e-5, msg=name)

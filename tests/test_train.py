@@ -171,6 +171,48 @@ def test_gradient_checkpointing_changes_nothing_and_seeds_decide_everything(tmp_
     assert other != off and any(not torch.equal(other_weights[k], v) for k, v in off_weights.items())
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_document_attention_trains_as_masked_sdpa_does(tmp_path, packing):
+    """The GPU default cuts rows into documents by offsets; the CPU runs the same path document by document."""
+    def losses(attention: str) -> tuple[list[float], dict]:
+        recipe = make_recipe(tmp_path / attention, ALPACA, training={"max_steps": 6, "micro_batch_size": 4,
+                                                                     "packing": packing, "attention": attention})
+        summary = run(recipe, tmp_path / attention / "out")
+        return [row["loss"] for row in metrics(tmp_path / attention / "out")], summary
+
+    masked, masked_summary = losses("sdpa")
+    by_documents, summary = losses("documents")
+    assert (masked_summary["attention"], summary["attention"]) == ("sdpa", "documents")
+    assert by_documents == pytest.approx(masked, abs=1e-4)
+    assert max_logit_difference(tmp_path / "documents" / "out", str(tiny_llama_dir())) < 1e-4
+
+
+def test_out_of_memory_under_auto_checkpointing_recomputes_every_layer_and_goes_on(tmp_path, monkeypatch, capsys):
+    from cloudtune.train import loop
+
+    real_step, calls = loop.train_step, []
+
+    def step_that_runs_out_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # a CUDA OOM cannot happen on this machine: the GPU's answer, injected
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_that_runs_out_once)
+    recipe = make_recipe(tmp_path, ALPACA, training={"max_steps": 4})
+    summary = run(recipe, tmp_path / "out")
+    assert "note: out of GPU memory at step 3 with gradient checkpointing off; checkpointing all 2 layers" in \
+        capsys.readouterr().out
+    assert summary["steps"] == 4 and summary["checkpointed_layers"] == 2 and summary["gradient_checkpointing"]
+    assert [row["step"] for row in metrics(tmp_path / "out")] == [1, 2, 3, 4]
+
+    calls.clear()
+    recipe = make_recipe(tmp_path / "off", ALPACA, training={"max_steps": 4, "gradient_checkpointing": "off"})
+    with pytest.raises(CloudtuneError, match="out of GPU memory at step 3: 4 rows of up to 256 tokens with "
+                                             "gradient checkpointing off"):  # the user chose none: theirs to change
+        run(recipe, tmp_path / "off" / "out")
+
+
 def test_quantised_methods_need_an_nvidia_gpu(tmp_path, capsys):
     recipe = make_recipe(tmp_path / "q", ALPACA, method="qlora")
     result = subprocess.run([sys.executable, "-m", "cloudtune.train", str(recipe), "--out", str(tmp_path / "q-out")],

@@ -19,6 +19,7 @@ from .. import formats
 from ..datasets import iter_rows, render_rows
 from ..errors import CloudtuneError
 from ..recipe import Recipe
+from .attention import document_offsets
 
 IGNORE = -100
 
@@ -156,6 +157,7 @@ class Batcher:
     packing: bool
     seed: int
     pad_id: int
+    document_offsets: bool = False  # for attention.document_attention, in place of any padding mask
 
     def __post_init__(self) -> None:
         lengths = [len(ids) for ids, _ in self.encoded.examples]
@@ -164,7 +166,7 @@ class Batcher:
     def __len__(self) -> int:
         return -(-len(self.rows) // self.micro_batch_size)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[dict, int]]:
         """(batch, real tokens in it) for each micro-batch of `epoch`, from batch index `start` on."""
         order = list(range(len(self.rows)))
         random.Random(self.seed * 1000003 + epoch).shuffle(order)
@@ -172,7 +174,7 @@ class Batcher:
             picked = [self.rows[i] for i in order[b * self.micro_batch_size:(b + 1) * self.micro_batch_size]]
             yield self.collate(picked)
 
-    def collate(self, rows: list[list[int]]) -> tuple[dict[str, torch.Tensor], int]:
+    def collate(self, rows: list[list[int]]) -> tuple[dict, int]:
         examples = self.encoded.examples
         lengths = [sum(len(examples[i][0]) for i in row) for row in rows]
         width = max(lengths)
@@ -191,7 +193,10 @@ class Batcher:
             # padding restarts the positions, so it reads as one more (ignored) document
             position_ids[r, at:] = torch.arange(width - at)
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        if not self.packing:
+        if self.document_offsets:
+            offsets, longest = document_offsets(position_ids)
+            batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
+        elif not self.packing:
             # one document per row: a plain padding mask (the packed form needs no mask at all)
             batch["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
         return batch, sum(lengths)

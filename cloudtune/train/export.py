@@ -19,7 +19,7 @@ PROBE_TOKENS = 64
 
 
 def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Encoded, state, wall_seconds: float,
-           epochs: float, final_loss: float, gradient_checkpointing: bool, fused_kernels: bool, trainable: int,
+           epochs: float, final_loss: float, checkpointed_layers: int, fused_kernels: bool, trainable: int,
            base_samples: list[str]) -> dict:
     model.eval()
     weights_dir = out / ("adapter" if recipe.uses_lora else "model")
@@ -59,9 +59,10 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else 0.0,
         "final_loss": final_loss,
         "peak_gpu_gib": round(peak, 2) if peak is not None else None,
-        "gradient_checkpointing": gradient_checkpointing,
+        "gradient_checkpointing": checkpointed_layers > 0,
+        "checkpointed_layers": checkpointed_layers,
         "fused_kernels": fused_kernels,
-        "attention": recipe.training.attention,
+        "attention": model.config._attn_implementation,
         "trainable_params": trainable,
     }
     if recipe.outputs.push_to_hub:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CloudtuneError
-from ..memory import ModelShape, TrainSetup, needs_checkpointing
+from ..memory import GIB, ModelShape, TrainSetup, checkpointing_note, layers_to_checkpoint
 from ..recipe import Recipe
-from . import Stopped, checkpoint, export, tracking
+from . import Stopped, attention, checkpoint, export, tracking
 from . import model as model_lib
 from .data import IGNORE, Batcher, encode, load_rows
 
@@ -41,20 +41,51 @@ def preflight(recipe: Recipe, device: torch.device) -> None:
                              "Add HF_TOKEN to the recipe's secrets and set it where you run cloudtune.")
 
 
-def use_checkpointing(recipe: Recipe, config, device: torch.device, longest_row: int | None = None,
-                      fused_kernels: bool = False) -> bool:
+def limit_memory(recipe: Recipe, device: torch.device) -> None:
+    """Make `training.memory_limit_gib` binding: the allocator refuses to grow past it."""
+    limit = recipe.training.memory_limit_gib
+    if limit and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit * GIB / total), device)
+
+
+def checkpointed_layers(recipe: Recipe, config, device: torch.device, longest_row: int | None = None,
+                        fused_kernels: bool = False) -> int:
+    """How many decoder layers recompute their activations in backward: all (on), none (off), or for
+    auto the fewest that let the micro-batch fit in what the GPU has left after loading the model."""
+    shape = ModelShape.from_config(config)
     choice = recipe.training.gradient_checkpointing
     if choice != "auto":
-        return choice == "on"
+        return shape.layers if choice == "on" else 0
     if device.type != "cuda":
-        return False
+        return 0
     free, _total = torch.cuda.mem_get_info(device)
+    if recipe.training.memory_limit_gib:
+        free = min(free, recipe.training.memory_limit_gib * GIB - torch.cuda.memory_reserved(device))
     # unpacked batches pad to their longest row, as `cloudtune cost` assumes
     width = recipe.training.max_seq_len if recipe.training.packing else min(longest_row or 10**9,
                                                                               recipe.training.max_seq_len)
     tokens = recipe.training.micro_batch_size * width
     setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels)
-    return needs_checkpointing(ModelShape.from_config(config), tokens, free, setup)
+    return layers_to_checkpoint(shape, tokens, free, setup)
+
+
+def _checkpoint_all_after_oom(recipe: Recipe, model, optimizer, step: int, recomputed: int, layers: int) -> int:
+    """After an out-of-memory step under auto checkpointing: recompute every layer, so the step can be
+    redone (nothing was applied yet) instead of losing the run. Otherwise the settings are the user's."""
+    spec = recipe.training
+    if recomputed == layers or spec.gradient_checkpointing != "auto":
+        raise CloudtuneError(
+            f"out of GPU memory at step {step}: {spec.micro_batch_size} rows of up to {spec.max_seq_len} tokens "
+            f"with gradient checkpointing {checkpointing_note(recomputed, layers)}.",
+            "Set training.gradient_checkpointing to auto or on, or lower micro_batch_size or max_seq_len "
+            "(raise gradient_accumulation to keep the effective batch); --resume continues from the last checkpoint.")
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    say(f"note: out of GPU memory at step {step} with gradient checkpointing {checkpointing_note(recomputed, layers)}; "
+        f"checkpointing all {layers} layers from here on")
+    model_lib.set_checkpointed_layers(model, layers)
+    return layers
 
 
 def make_optimizer(recipe: Recipe, params: list[torch.nn.Parameter], device: torch.device):
@@ -85,6 +116,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     spec = recipe.training
     device = pick_device()
     preflight(recipe, device)
+    limit_memory(recipe, device)
     if not resume and checkpoint.complete(out):
         raise CloudtuneError(f"{out} holds checkpoints of an earlier run.",
                              "Pass --resume to continue it, or train into another --out directory.")
@@ -100,18 +132,21 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
 
     base = model_lib.load_base(recipe, device)
     fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
-    checkpointing = use_checkpointing(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples),
-                                      fused_kernels=fused)
-    model = model_lib.prepare_for_training(recipe, base, checkpointing)
+    recomputed = checkpointed_layers(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples),
+                                     fused_kernels=fused)
+    model = model_lib.prepare_for_training(recipe, base, recomputed)
+    layers = len(model_lib.decoder_layers(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     say(f"model: {model_lib.model_source(recipe)} method {recipe.method}, {n_trainable:,} trainable parameters, "
-        f"gradient checkpointing {'on' if checkpointing else 'off'}, fused kernels {'on' if fused else 'off'}")
+        f"gradient checkpointing {checkpointing_note(recomputed, layers)}, "
+        f"fused kernels {'on' if fused else 'off'}, attention {base.config._attn_implementation}")
     # Before any step, the model is the base (a fresh LoRA adds zero), so these are the "before" samples.
     base_samples = export.generate_samples(recipe, model, tokenizer, encoded.format, device)
 
     batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed,
-                      tokenizer.pad_token_id)
+                      tokenizer.pad_token_id,
+                      document_offsets=base.config._attn_implementation == attention.DOCUMENT_ATTENTION)
     steps = total_steps(recipe, len(batcher))
     optimizer = make_optimizer(recipe, trainable, device)
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=int(spec.warmup_ratio * steps),
@@ -138,8 +173,14 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
             while state.step < steps:
                 t0 = time.perf_counter()
                 group = [next(stream) for _ in range(spec.gradient_accumulation)]
-                last_loss, n_items, grad_norm = train_step(model, group, optimizer, scheduler, trainable,
-                                                           spec.max_grad_norm, device)
+                try:
+                    last_loss, n_items, grad_norm = train_step(model, group, optimizer, scheduler, trainable,
+                                                               spec.max_grad_norm, device)
+                except torch.cuda.OutOfMemoryError:
+                    recomputed = _checkpoint_all_after_oom(recipe, model, optimizer, state.step + 1, recomputed,
+                                                           layers)
+                    last_loss, n_items, grad_norm = train_step(model, group, optimizer, scheduler, trainable,
+                                                               spec.max_grad_norm, device)
                 dt = time.perf_counter() - t0
                 step_tokens = sum(tokens for _, tokens in group)
                 state.step += 1
@@ -167,7 +208,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     summary = export.finish(recipe, model, tokenizer, out, device=device, encoded=encoded, state=state,
                             wall_seconds=time.time() - started,
                             epochs=state.epoch + state.batch_in_epoch / len(batcher), final_loss=last_loss,
-                            gradient_checkpointing=checkpointing, fused_kernels=fused, trainable=n_trainable,
+                            checkpointed_layers=recomputed, fused_kernels=fused, trainable=n_trainable,
                             base_samples=base_samples)
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
@@ -184,7 +225,7 @@ def train_step(model, group: list, optimizer, scheduler, trainable: list, max_gr
     n_items = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch, _ in group)
     loss_sum = 0.0
     for batch, _tokens in group:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
         loss.backward()
         loss_sum += loss.detach().float().item()

@@ -17,6 +17,7 @@ from ..formats import FALLBACK_CHAT_TEMPLATE
 from ..paths import home
 from ..recipe import Recipe
 from ..tiny import SPECIAL_TOKENS, TINY_LLAMA, VOCAB_SIZE
+from . import attention
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -97,9 +98,8 @@ def load_base(recipe: Recipe, device: torch.device):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(device)
-    attention = recipe.training.attention
     kwargs: dict = dict(dtype=dtype, revision=recipe.model.revision,
-                        attn_implementation="sdpa" if attention == "auto" else attention,
+                        attn_implementation=attention.implementation(recipe.training.attention, device),
                         trust_remote_code=recipe.model.trust_remote_code)
     if recipe.method == "qlora":
         # The QLoRA recipe: nf4 with double quantisation, matmuls in bf16. The packed 4-bit weights keep
@@ -144,14 +144,32 @@ def apply_fused_kernels(recipe: Recipe, model, device: torch.device) -> bool:
     return True
 
 
-def prepare_for_training(recipe: Recipe, model, gradient_checkpointing: bool):
-    # Non-reentrant checkpointing handles frozen inputs itself, so no input-grad hooks are needed.
-    checkpoint_kwargs = {"use_reentrant": False}
+def decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model, count: int) -> None:
+    """Recompute the first `count` decoder layers in backward; their activations live longest.
+
+    Non-reentrant checkpointing handles frozen inputs itself, so no input-grad hooks are needed.
+    """
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = index < count
+        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+
+def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int):
+    """LoRA (or full) on the loaded base, with the first `checkpointed_layers` decoder layers recomputed in backward."""
     # Quantised bases stay in bf16 around the 4/8-bit weights, and get_peft_model freezes the base.
     # peft's prepare_model_for_kbit_training would upcast norms, embeddings and the 32k-wide head to
     # fp32: the head matmul then runs without tensor cores and the residual stream doubles in size.
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    set_checkpointed_layers(model, checkpointed_layers)
     if recipe.uses_lora:
         from peft import get_peft_model
 
