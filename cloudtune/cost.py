@@ -52,7 +52,6 @@ MAX_SPREAD = 1.35  # nor wider than ×/÷ 1.35 around the median: one odd row sh
 # fine-tuning adds an optimizer step over every weight.
 RELATIVE_TO_16BIT = {"4bit": (0.85, 1.0), "8bit": (0.35, 0.6), "full": (0.7, 0.9)}
 PACKING_FILL = 0.97  # first-fit-decreasing packing leaves about 3 % of each row empty
-MULTI_GPU_SCALING = 0.9  # data-parallel efficiency per doubling of GPUs
 TOKENS_UNCERTAINTY = 0.15  # token counts estimated from characters (no tokenizer offline)
 # A step cannot beat its kernel launches: tiny models are launch-bound, not FLOP-bound.
 STEP_FLOOR_SECONDS = 5e-3
@@ -207,17 +206,20 @@ def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = Fals
 def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, recomputed_share: float,
                           width: float, micro_batch_tokens: float | None = None,
                           fused_kernels: bool = False) -> tuple[float, float]:
-    """Processed tokens per second (low, high) on `gpu_count` GPUs of one kind."""
+    """Processed tokens per second (low, high) on a machine with `gpu_count` GPUs of one kind.
+
+    The trainer is single-process: it uses one GPU whatever the machine has, so more GPUs add cost
+    and no speed (make_plan says so).
+    """
     spec = SPECS[offer_gpu]
     flops = flops_per_token(shape, method, recomputed_share, width)
     low, high, _ = efficiency_band(method, recomputed_share > 0, fused_kernels)
-    scale = gpu_count * MULTI_GPU_SCALING ** math.log2(gpu_count) if gpu_count > 1 else 1.0
     rates = [spec.tflops * 1e12 * e / flops for e in (low, high)]
     if micro_batch_tokens:
         passes = (3 if method == "full" else 2) + recomputed_share
         floor = STEP_FLOOR_SECONDS + shape.layers * passes * LAYER_PASS_SECONDS
         rates = [min(rate, micro_batch_tokens / floor) for rate in rates]
-    return rates[0] * scale, rates[1] * scale
+    return rates[0], rates[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,6 +336,9 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
             notes.append(match.note)
     count = recipe.compute.gpu_count
     candidates = [o for o in candidates if o.gpu_count == count]
+    if count > 1:
+        notes.append(f"compute.gpu_count {count}: cloudtune trains on one GPU per machine so far, so the other "
+                     f"{count - 1} are paid for and idle; priced at one GPU's speed")
     if spot:
         candidates = [o for o in candidates if o.spot_price_per_hour is not None]
     if not candidates:

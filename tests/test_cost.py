@@ -144,6 +144,9 @@ def test_gpu_and_count_narrow_the_offers(tmp_path):
     recipe.compute.gpu_count = 2
     plan = make_plan(recipe, inspect_dataset(recipe), offers=OFFERS)
     assert [e.offer.instance_type for e in plan.estimates] == ["gpu_2x_h100_sxm5"]
+    assert any("the other 1 are paid for and idle" in note for note in plan.notes)
+    single = next(e for e in plan_for(path, gpu="H100")[1].estimates if e.offer.gpu_count == 1)
+    assert plan.estimates[0].tokens_per_s_high == single.tokens_per_s_high  # the second GPU buys no speed
     with pytest.raises(CloudtuneError, match="no offer"):
         plan_for(path, gpu="V100")
 

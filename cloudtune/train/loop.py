@@ -123,6 +123,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     set_seed(spec.seed)
     say(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        say(f"note: training uses 1 of this machine's {torch.cuda.device_count()} GPUs (single-process trainer)")
 
     tokenizer = model_lib.load_tokenizer(recipe)
     encoded = encode(recipe, tokenizer, load_rows(recipe))
