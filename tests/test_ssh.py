@@ -627,6 +627,17 @@ def test_logs_reattach_after_the_cli_dies_and_down_cleans_up(sshd, remote, tmp_p
 
 
 def test_down_stops_the_remote_training(sshd, remote, tmp_path, ct_home):
+    # Bundles of earlier runs, oldest first, and two unfinished uploads: one abandoned, one under way.
+    bundles = remote / "bundles"
+    bundles.mkdir()
+    now = time.time()
+    for age in range(5):
+        old = bundles / f"{age:064x}.tar.gz"
+        old.write_bytes(b"earlier bundle")
+        os.utime(old, (now - 3600 * (10 - age), now - 3600 * (10 - age)))
+    (bundles / "abandoned.tar.gz.part").write_bytes(b"half")
+    os.utime(bundles / "abandoned.tar.gz.part", (now - 2 * 86400, now - 2 * 86400))
+    (bundles / "uploading.tar.gz.part").write_bytes(b"half")
     recipe_path = ssh_recipe(tmp_path, max_steps=100000)
     process = start_cli(["run", "--backend", "ssh", "--host", sshd.address(), "--key", str(sshd.key),
                          str(recipe_path)], tmp_path / "cli.log")
@@ -646,3 +657,9 @@ def test_down_stops_the_remote_training(sshd, remote, tmp_path, ct_home):
     assert not group_alive(pgid)
     assert not remote_dir.exists()
     assert Ledger().get_run(run["id"])["status"] == "cancelled"
+    # This run's bundle and the two newest earlier ones stay for re-runs; the rest and the abandoned upload go.
+    left = {p.name for p in bundles.iterdir()}
+    earlier = {f"{age:064x}.tar.gz" for age in range(5)}
+    this_run = left - earlier - {"uploading.tar.gz.part"}
+    assert left & earlier == {f"{3:064x}.tar.gz", f"{4:064x}.tar.gz"} and "uploading.tar.gz.part" in left, left
+    assert len(this_run) == 1 and re.fullmatch(r"[0-9a-f]{64}\.tar\.gz", this_run.pop()), left

@@ -46,6 +46,9 @@ RECONNECT_SECONDS = 120  # a log stream keeps retrying this long; the training g
 POLL_SECONDS = 0.5
 LIVENESS_SECONDS = 5.0  # between process checks (the exit_code file, which is cheaper, is checked every poll)
 STOP_GRACE_SECONDS = 10
+# Bundles are unpacked into each run's directory, so only a re-run of the same bundle reads one again:
+# the newest few stay for that, older ones (and uploads abandoned over a day ago) go at teardown.
+KEEP_BUNDLES = 3
 MARK = "CLOUDTUNE:"  # prefixes the lines we parse, so a chatty login shell cannot confuse us
 
 # Finds the interpreter and makes the run directory in one round trip. Written for any Python, so an
@@ -553,8 +556,11 @@ class SSHBackend(Backend):
             # One round trip: stop what still runs, remove the run's files, report both.
             script = self._group_command(ctx, STOP_GRACE_SECONDS) + "\n" if ctx.meta.get("pid") else ""
             doomed = run + "/secrets.env" if ctx.meta.get("keep_remote") else run
+            bundles = shlex.quote(ctx.meta["remote_root"] + "/bundles")
             script += (f"rm -rf -- {shlex.quote(doomed)}\n"
-                       f"[ -e {shlex.quote(doomed)} ] && echo {MARK}left || echo {MARK}removed\n")
+                       f"[ -e {shlex.quote(doomed)} ] && echo {MARK}left || echo {MARK}removed\n"
+                       f"(cd {bundles} 2>/dev/null && ls -1t -- *.tar.gz 2>/dev/null | tail -n +{KEEP_BUNDLES + 1} "
+                       f"| xargs -r rm -f -- ; find . -maxdepth 1 -name '*.part' -mmin +1440 -delete) || true\n")
             _, output = self._run(ctx, script, check=False)
             marks = self._marks(output)
             return marks[-1:] == ["removed"] and "alive" not in marks
