@@ -10,6 +10,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,14 @@ SHAPES = {
                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
 }
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_cloudtune(recipe: Path, out: Path) -> subprocess.CompletedProcess:
+    """Run this checkout's trainer as a rented machine runs it: `python -m cloudtune.train`."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "cloudtune.train", str(recipe), "--out", str(out)], env=env,
+                          capture_output=True, text=True)
 
 
 def word_tokenizer(vocab_size: int):

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHAPES, record, write_dataset  # noqa: E402
+from common import REPO, SHAPES, record, train_cloudtune, write_dataset  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
 
 HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 WARMUP_STEPS = 3  # first steps pay for cuBLAS heuristics and allocator growth
@@ -140,10 +140,8 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
                                                "--budget-seconds left")
     out = work / f"out-{name}"
     subprocess.run(["rm", "-rf", str(out)], check=True)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "cloudtune.train", str(path), "--out", str(out)], env=env,
-                          capture_output=True, text=True)
+    proc = train_cloudtune(path, out)
     wall = time.time() - started
     if proc.returncode != 0:
         return dict(name=name, ok=False, error=(proc.stdout + proc.stderr)[-3000:])

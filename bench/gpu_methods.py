@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_model, record, write_dataset  # noqa: E402
+from common import REPO, make_model, record, train_cloudtune, write_dataset  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
@@ -63,14 +60,12 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.work / f"llama-{args.shape}", args.shape)
     data = write_dataset(args.work / "data.jsonl", n=600)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
     for method in args.methods.split(","):
         recipe_path = args.work / f"{method}.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe_for(method, model, data, args.steps)))
         out = args.work / f"out-{method}"
         started = time.time()
-        proc = subprocess.run([sys.executable, "-m", "cloudtune.train", str(recipe_path), "--out", str(out)],
-                              env=env, capture_output=True, text=True)
+        proc = train_cloudtune(recipe_path, out)
         if proc.returncode != 0:
             record("gpu_methods", dict(method=method, ok=False, error=(proc.stdout + proc.stderr)[-2500:]))
             continue

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import make_model, record, write_dataset  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from common import make_model, record, train_cloudtune, write_dataset  # noqa: E402
 
 # cloudtune profiles: recipe overrides on top of the base below.
 CLOUDTUNE_PROFILES = {
@@ -62,9 +59,7 @@ def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int
     recipe = work / f"{profile}.yaml"
     recipe.write_text(yaml.safe_dump(cloudtune_recipe(profile, model, data, steps + warmup)))
     out = work / profile
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-m", "cloudtune.train", str(recipe), "--out", str(out)], env=env,
-                          capture_output=True, text=True)
+    proc = train_cloudtune(recipe, out)
     if proc.returncode != 0:
         return dict(profile=profile, error=proc.stdout[-3000:] + proc.stderr[-3000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
