@@ -24,6 +24,8 @@ from cloudtune.train.loop import train
 from cloudtune.train.model import tiny_llama_dir
 from cloudtune.train.verify import max_logit_difference
 
+from .conftest import module_home
+
 PROBLEMS = [(a, b) for a in range(2, 10) for b in range(2, 10)]
 ALPACA = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a + b}"} for a, b in PROBLEMS]
 CHAT = [{"messages": [{"role": "user", "content": f"{a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}]}
@@ -236,6 +238,16 @@ RESUMABLE = dict(lora={"r": 8, "alpha": 16, "dropout": 0.1},  # dropout: the RNG
                            "lr_scheduler": "cosine", "micro_batch_size": 2})
 
 
+@pytest.fixture(scope="module")
+def resumable(shared_home, tmp_path_factory) -> tuple[Path, Path]:
+    """The resumable recipe and its uninterrupted run, trained once for every resume test."""
+    with module_home(shared_home, tmp_path_factory):
+        folder = tmp_path_factory.mktemp("resumable")
+        recipe = make_recipe(folder, ALPACA, **RESUMABLE)
+        run(recipe, folder / "reference")
+    return recipe, folder / "reference"
+
+
 def interrupted(recipe: Path, out: Path, sig: int, after_step: int) -> subprocess.CompletedProcess:
     """Start the real entrypoint, and send `sig` once it has logged `after_step`."""
     process = subprocess.Popen([sys.executable, "-m", "cloudtune.train", str(recipe), "--out", str(out)],
@@ -266,11 +278,8 @@ def assert_same_run(out: Path, reference: Path) -> None:
         "tokens"]
 
 
-def test_killed_run_resumes_to_the_same_adapter(tmp_path):
-    recipe = make_recipe(tmp_path, ALPACA, **RESUMABLE)
-    reference = tmp_path / "reference"
-    run(recipe, reference)
-
+def test_killed_run_resumes_to_the_same_adapter(tmp_path, resumable):
+    recipe, reference = resumable
     out = tmp_path / "killed"
     killed = interrupted(recipe, out, signal.SIGKILL, after_step=17)
     assert killed.returncode == -signal.SIGKILL, killed.stdout
@@ -291,11 +300,8 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path):
         run(changed, out, resume=True)
 
 
-def test_sigterm_checkpoints_at_once_and_resumes_to_the_same_adapter(tmp_path):
-    recipe = make_recipe(tmp_path, ALPACA, **RESUMABLE)
-    reference = tmp_path / "reference"
-    run(recipe, reference)
-
+def test_sigterm_checkpoints_at_once_and_resumes_to_the_same_adapter(tmp_path, resumable):
+    recipe, reference = resumable
     out = tmp_path / "stopped"
     stopped = interrupted(recipe, out, signal.SIGTERM, after_step=12)
     assert stopped.returncode == 143, stopped.stdout

@@ -77,13 +77,13 @@ def document_offsets(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def document_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                       cu_seq_lens_q=None, max_length_q=None, **_kwargs):
+                       cu_seq_lens_q=None, max_length_q=None, **kwargs):
     """transformers attention interface: query (B, H, S, D) -> output (B, S, H, D), no weights."""
     if cu_seq_lens_q is None:  # generation: whole rows with their padding mask, as plain SDPA does it
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **_kwargs)
+                                      **kwargs)
     if dropout:
         raise RuntimeError(f"{DOCUMENT_ATTENTION} attention has no dropout; set the model's attention_dropout to 0")
     rows, heads, width, dim = query.shape
