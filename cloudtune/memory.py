@@ -118,16 +118,19 @@ class Stack:
     optimizer_state_bytes: float = 8.0  # per trainable parameter (AdamW: two fp32 moments)
 
 
-def cloudtune_stack(method: str, fused_kernels: bool = False) -> Stack:
+def cloudtune_stack(method: str, fused_kernels: bool = False, autocast: bool = True) -> Stack:
     """cloudtune's trainer (train/model.py + train/loop.py): a bf16 model (quantised bases too: nothing is
-    upcast to fp32), no autocast, peft's adapters in fp32, so every LoRA module keeps an fp32 copy of its
+    upcast to fp32) and peft's adapters in fp32. On GPUs with bf16 the forward runs under bf16
+    autocast and LoRA reads each layer's own input; without (`autocast=False`: fp16-only GPUs, and
+    every H100 row measured before autocast came in) each LoRA module keeps an fp32 copy of its
     input. With Liger's fused kernels (training.fused_kernels, on a GPU with liger-kernel installed)
     each norm keeps only its input, SwiGLU recomputes the silu, and head + loss never build the logits.
     """
     del method  # every method shares the layout since quantised bases stay in bf16
+    copy = 0 if autocast else 4
     if fused_kernels:
-        return Stack("cloudtune+liger", norm_bytes=2, mlp_saved=2, fused_loss=True)
-    return Stack("cloudtune")
+        return Stack("cloudtune+liger", norm_bytes=2, mlp_saved=2, fused_loss=True, lora_copy_bytes=copy)
+    return Stack("cloudtune", lora_copy_bytes=copy)
 
 
 def cloudtune_kbit_fp32_stack() -> Stack:
@@ -189,15 +192,16 @@ class TrainSetup:
         return self.stack or cloudtune_stack(self.method)
 
     @classmethod
-    def from_recipe(cls, recipe, fused_kernels: bool | None = None) -> TrainSetup:
+    def from_recipe(cls, recipe, fused_kernels: bool | None = None, autocast: bool = True) -> TrainSetup:
         """The recipe on cloudtune's trainer; `fused_kernels` is known on the training machine, and
-        otherwise follows the recipe (auto: whatever the training image installs)."""
+        otherwise follows the recipe (auto: whatever the training image installs). `autocast`: the GPU
+        has bf16 (see train/model.autocast_dtype)."""
         lora = recipe.lora
         targets = ALL_LINEAR if lora.target_modules == "all-linear" else tuple(lora.target_modules)
         if fused_kernels is None:
             choice = getattr(recipe.training, "fused_kernels", "auto")
             fused_kernels = choice == "on" or (choice == "auto" and fused_kernels_by_default())
-        stack = _with_optimizer(cloudtune_stack(recipe.method, fused_kernels), recipe.training.optimizer)
+        stack = _with_optimizer(cloudtune_stack(recipe.method, fused_kernels, autocast), recipe.training.optimizer)
         return cls(method=recipe.method, lora_r=lora.r, lora_targets=targets, lora_dropout=lora.dropout, stack=stack)
 
 

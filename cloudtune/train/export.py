@@ -62,6 +62,7 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "gradient_checkpointing": checkpointed_layers > 0,
         "checkpointed_layers": checkpointed_layers,
         "fused_kernels": fused_kernels,
+        "autocast": str(model_lib.autocast_dtype(device) or "off").removeprefix("torch."),
         "attention": model.config._attn_implementation,
         "trainable_params": trainable,
     }
@@ -85,7 +86,7 @@ def save_probe(model, encoded: Encoded, out: Path, device) -> None:
     from safetensors.torch import save_file
 
     ids = torch.tensor([encoded.examples[0][0][:PROBE_TOKENS]], device=device)
-    with torch.no_grad():
+    with torch.no_grad(), model_lib.mixed_precision(device):
         logits = model(input_ids=ids).logits.float().cpu()
     save_file({"input_ids": ids.cpu(), "logits": logits.contiguous()}, str(out / "probe.safetensors"))
 
@@ -108,7 +109,7 @@ def _generate(model, tokenizer, prompt: str, recipe: Recipe, device) -> str:
     if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id] + ids
     inputs = torch.tensor([ids], device=device)
-    with torch.no_grad():
+    with torch.no_grad(), model_lib.mixed_precision(device):
         generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
                                    max_new_tokens=recipe.outputs.sample_max_new_tokens, use_cache=True,
                                    pad_token_id=tokenizer.pad_token_id)

@@ -66,7 +66,8 @@ def checkpointed_layers(recipe: Recipe, config, device: torch.device, longest_ro
     width = recipe.training.max_seq_len if recipe.training.packing else min(longest_row or 10**9,
                                                                               recipe.training.max_seq_len)
     tokens = recipe.training.micro_batch_size * width
-    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels)
+    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels,
+                                   autocast=model_lib.autocast_dtype(device) is not None)
     return layers_to_checkpoint(shape, tokens, free, setup)
 
 
@@ -136,7 +137,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
     recomputed = checkpointed_layers(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples),
                                      fused_kernels=fused)
-    model = model_lib.prepare_for_training(recipe, base, recomputed)
+    model = model_lib.prepare_for_training(recipe, base, recomputed,
+                                           autocast=model_lib.autocast_dtype(device) is not None)
     layers = len(model_lib.decoder_layers(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
@@ -228,7 +230,8 @@ def train_step(model, group: list, optimizer, scheduler, trainable: list, max_gr
     loss_sum = 0.0
     for batch, _tokens in group:
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
+        with model_lib.mixed_precision(device):
+            loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
         loss.backward()
         loss_sum += loss.detach().float().item()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)) if max_grad_norm else None

@@ -44,10 +44,12 @@ def logit_differences(out: Path, base_source: str) -> tuple[float, float, float 
     """(max |reloaded - probe|, max |probe|, max |base without adapter - probe| or None)."""
     from safetensors.torch import load_file
 
+    from .model import mixed_precision
+
     probe = load_file(str(out / "probe.safetensors"))
     model = reload(out, base_source).eval()
     ids = probe["input_ids"].to(model.device)
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(model.device):
         logits = model(input_ids=ids).logits.float().cpu()
         base_diff = None
         if hasattr(model, "disable_adapter"):
