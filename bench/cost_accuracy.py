@@ -112,13 +112,14 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None
     work = plan_work(recipe, report)
     mb, planned, memory, fits = choose_batch(recipe, shape, setup, work.row_tokens, usable_gib(offer) * GIB)
     recomputed = planned if checkpointed_layers is None else checkpointed_layers
-    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, recomputed / shape.layers, work.width,
+    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, recomputed / shape.layers, work.span,
                                       mb * work.width, setup.impl.fused_loss)
     return dict(planned_gradient_checkpointing=planned > 0, planned_checkpointed_layers=planned,
                 planned_micro_batch=mb, fits=fits,
                 planned_peak_gib=round(memory.gib, 2), processed_tokens=work.processed, tokens=work.tokens,
                 train_seconds_low=round(work.processed / high, 1), train_seconds_high=round(work.processed / low, 1),
-                processed_tokens_per_s=(round(low), round(high)), width=work.width)
+                processed_tokens_per_s=(round(low), round(high)), width=work.width,
+                attention_span=round(work.span, 1))
 
 
 def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib: float, steps_scale: float,
@@ -153,9 +154,10 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     # and kernels
     shape = resolve_model(recipe).shape
     layers = run.get("checkpointed_layers", shape.layers if gc else 0)
-    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused)
+    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused, autocast=run.get("autocast", "off") != "off")
     actual = predict(recipe, gpu, memory_gib, checkpointed_layers=layers, fused_kernels=fused)
     low, high = actual["processed_tokens_per_s"]
+    span = actual["attention_span"] if run.get("attention") == "documents" else round(replay["width"] / 2, 1)
     predicted_low, predicted_high = replay["processed"] / high, replay["processed"] / low
     predicted_mid = (predicted_low + predicted_high) / 2
     steady = steps[WARMUP_STEPS:]
@@ -175,7 +177,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
         gradient_checkpointing=gc, checkpointed_layers=layers,
         planned_gradient_checkpointing=before["planned_gradient_checkpointing"],
         planned_checkpointed_layers=before["planned_checkpointed_layers"],
-        fused_kernels=fused,
+        fused_kernels=fused, autocast=run.get("autocast", "off"),
         peak_gib=measured_peak, predicted_peak_gib=round(peak_predicted, 2),
         peak_error=round(peak_predicted / measured_peak - 1, 3) if measured_peak else None,
         train_seconds=run["train_seconds"], predicted_train_seconds=[round(predicted_low, 1), round(predicted_high, 1)],
@@ -188,8 +190,10 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
                                 f"steady state after {WARMUP_STEPS})",
                          stack="cloudtune", gpu=gpu, model="Llama-2-7B" if shape == _llama2_7b() else "custom",
                          shape=shape.__dict__, method=recipe.method, gradient_checkpointing=gc,
-                         checkpointed_layers=layers, fused_kernels=fused,
-                         width=round(replay["width"], 1), tokens_per_s=round(processed_per_s, 1)))
+                         checkpointed_layers=layers, fused_kernels=fused, autocast=run.get("autocast", "off"),
+                         width=round(replay["width"], 1), attention_span=span,
+                         micro_batch_tokens=round(recipe.training.micro_batch_size * replay["width"], 1),
+                         tokens_per_s=round(processed_per_s, 1)))
 
 
 def _llama2_7b():

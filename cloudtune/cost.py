@@ -3,10 +3,13 @@
 Time = tokens the GPU processes / throughput + fixed overheads. Throughput comes from FLOPs: about
 2·N per token forward, 2·N more for the backward of a frozen base (LoRA, QLoRA, 8-bit) or 4·N for
 full fine-tuning, 2·N more when checkpointing recomputes the forward, plus attention. The GPU's
-datasheet bf16 peak times an efficiency turns FLOPs into seconds. Efficiencies are calibrated on
-measured runs, listed in cloudtune/data/calibration.jsonl (one JSON object a line: stack, gpu,
-model, method, gradient_checkpointing, width = padded row width, tokens_per_s = processed tokens
-incl. padding). Rows measured with cloudtune's own trainer (stack "cloudtune", written by
+datasheet bf16 peak times an efficiency turns FLOPs into seconds, and every micro-batch costs a
+fixed number of tokens' worth of time on top (dequantising, kernels too small to fill the GPU), so
+small micro-batches run slower. Both are calibrated on measured runs, listed in
+cloudtune/data/calibration.jsonl (one JSON object a line: stack, gpu, model, method,
+gradient_checkpointing, width = padded row width, attention_span = keys a token attends to on
+average (width / 2 when absent), micro_batch_tokens, tokens_per_s = processed tokens incl.
+padding). Rows measured with cloudtune's own trainer (stack "cloudtune", written by
 bench/cost_accuracy.py) take precedence over rows of other stacks for the same method and
 checkpointing. 4-bit and 8-bit have their own factors: quantised weights are dequantised on every
 pass.
@@ -83,9 +86,30 @@ class Work:
     tokens: int  # trained tokens (what receipts count)
     processed: float  # tokens the GPU computes on, padding included
     row_tokens: int  # widest row a micro-batch can hold: the peak memory's sequence length
-    width: float  # average padded row width (for attention FLOPs)
+    width: float  # average padded row width
     exact: bool
     note: str = ""
+    attention_span: float = 0.0  # keys a token attends to on average, for attention FLOPs (0: width / 2)
+
+    @property
+    def span(self) -> float:
+        return self.attention_span or self.width / 2
+
+
+def document_attention_span(report: DatasetReport, cap: int) -> float:
+    """Keys a token attends to when attention stays inside each packed document: a token of a
+    document of L tokens sees L/2 on average, and longer documents hold more of the tokens, so the
+    mean is E[L²] / (2·E[L]) over the documents (from the length percentiles)."""
+    lengths = [min(cap, max(1, length)) for length in getattr(report, "length_percentiles", None) or []]
+    if len(lengths) < 2:
+        return min(cap, report.tokens / max(report.rows, 1)) / 2
+    mids = [(a + b) / 2 for a, b in zip(lengths[:-1], lengths[1:], strict=True)]
+    return sum(m * m for m in mids) / (2 * sum(mids))
+
+
+def attends_per_document(recipe: Recipe) -> bool:
+    """Packed rows on a GPU run per-document attention unless the recipe names another kernel."""
+    return recipe.training.packing and recipe.training.attention in ("auto", "documents")
 
 
 def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | None = None) -> Work:
@@ -101,6 +125,7 @@ def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | Non
         tokens = spec.max_steps * rows_per_step * per_row
         return Work(int(tokens), tokens, cap, per_row, False,
                     f"hub dataset: assumed {per_row:.0f} tokens per row over {spec.max_steps} steps")
+    span = document_attention_span(report, cap) if attends_per_document(recipe) else 0.0
     if spec.packing:
         rows = max(1, math.ceil(report.tokens / (cap * PACKING_FILL)))
         width = min(cap, report.tokens / rows / PACKING_FILL)
@@ -120,7 +145,7 @@ def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | Non
         steps = math.ceil(epochs * math.ceil(micro_batches / spec.gradient_accumulation))
         epochs = steps * spec.gradient_accumulation / micro_batches
     return Work(tokens=int(report.tokens * epochs), processed=processed_per_epoch * epochs, row_tokens=row_tokens,
-                width=width, exact=report.tokens_exact)
+                width=width, exact=report.tokens_exact, attention_span=span)
 
 
 def expected_batch_width(report: DatasetReport, micro_batch_size: int) -> float:
@@ -143,12 +168,12 @@ def expected_batch_width(report: DatasetReport, micro_batch_size: int) -> float:
 # Throughput
 
 
-def flops_per_token(shape: ModelShape, method: str, recomputed_share: float, width: float) -> float:
+def flops_per_token(shape: ModelShape, method: str, recomputed_share: float, attention_span: float) -> float:
     """`recomputed_share`: the fraction of layers checkpointed (a bool reads as all or none), whose
-    forward pass runs twice."""
+    forward pass runs twice. `attention_span`: keys a token attends to on average (causal: half its
+    row, or half its document with per-document attention); attention's backward costs twice its forward."""
     passes = (3 if method == "full" else 2) + recomputed_share
-    # causal attention: each token attends to about half the row; its backward costs twice the forward
-    attention = 4 * shape.layers * (width / 2) * shape.attention_width * (3 + recomputed_share)
+    attention = 4 * shape.layers * attention_span * shape.attention_width * (3 + recomputed_share)
     return 2.0 * shape.matmul_params * passes + attention
 
 
@@ -158,23 +183,63 @@ def _quant_class(method: str) -> str:
     return {"qlora": "4bit", "8bit": "8bit", "full": "full"}.get(method, "16bit")
 
 
+def _raw_efficiency(row: dict) -> float:
+    """Fraction of the datasheet peak a calibration row's tokens/s stands for, before per-micro-batch costs."""
+    shape = KNOWN_MODELS[row["model"]][1] if row["model"] in KNOWN_MODELS else ModelShape(**row["shape"])
+    share = row["checkpointed_layers"] / shape.layers if "checkpointed_layers" in row \
+        else float(row["gradient_checkpointing"])
+    span = row.get("attention_span") or row["width"] / 2
+    return row["tokens_per_s"] * flops_per_token(shape, row["method"], share, span) / (SPECS[row["gpu"]].tflops * 1e12)
+
+
+def fit_micro_batch_cost(rows: list[dict]) -> float:
+    """Each micro-batch costs about as much as this many more tokens would (dequantising every weight,
+    kernels too small to fill the GPU, the optimizer step), fitted on cloudtune's own rows that
+    record `micro_batch_tokens`: the value under which their efficiencies agree best within each method."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["stack"] == "cloudtune" and row.get("micro_batch_tokens"):
+            groups.setdefault(row["quant"], []).append(row)
+    groups = {k: v for k, v in groups.items() if len({r["micro_batch_tokens"] for r in v}) > 1}
+    if not groups:
+        return 0.0
+
+    def spread(extra: float) -> float:
+        total = 0.0
+        for members in groups.values():
+            logs = [math.log(r["raw_efficiency"] * (1 + extra / r["micro_batch_tokens"])) for r in members]
+            mean = sum(logs) / len(logs)
+            total += sum((x - mean) ** 2 for x in logs)
+        return total
+
+    return float(min(range(0, 8001, 25), key=spread))
+
+
+def load_calibration_rows(path: Path = CALIBRATION_FILE) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def calibrate(lines: list[dict]) -> tuple[tuple[dict, ...], float]:
+    """(calibration rows with their efficiency, the per-micro-batch cost in tokens)."""
+    rows = [{**row, "raw_efficiency": _raw_efficiency(row), "quant": _quant_class(row["method"])} for row in lines]
+    extra = fit_micro_batch_cost(rows)
+    for row in rows:
+        tokens = row.get("micro_batch_tokens")
+        row["efficiency"] = row["raw_efficiency"] * (1 + extra / tokens if tokens else 1)
+    return tuple(rows), extra
+
+
 @lru_cache(maxsize=1)
+def calibration() -> tuple[tuple[dict, ...], float]:
+    return calibrate(load_calibration_rows())
+
+
 def calibration_rows() -> tuple[dict, ...]:
-    rows = []
-    for line in CALIBRATION_FILE.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        shape = KNOWN_MODELS[row["model"]][1] if row["model"] in KNOWN_MODELS else ModelShape(**row["shape"])
-        peak = SPECS[row["gpu"]].tflops * 1e12
-        share = row["checkpointed_layers"] / shape.layers if "checkpointed_layers" in row \
-            else float(row["gradient_checkpointing"])
-        used = row["tokens_per_s"] * flops_per_token(shape, row["method"], share, row["width"])
-        rows.append({**row, "efficiency": used / peak, "quant": _quant_class(row["method"])})
-    return tuple(rows)
+    return calibration()[0]
 
 
-def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = False) -> tuple[float, float, str]:
+def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = False,
+                    rows: tuple[dict, ...] | None = None) -> tuple[float, float, str]:
     """(low, high) fraction of the datasheet peak, and which rows it rests on.
 
     cloudtune's own runs describe the trainer that will run (checkpointing's recomputation is in the
@@ -182,7 +247,7 @@ def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = Fals
     scaled from its bf16 LoRA runs; other stacks' runs, with the same checkpointing, come last.
     """
     quant = _quant_class(method)
-    rows = calibration_rows()
+    rows = calibration_rows() if rows is None else rows
 
     def own(kind: str) -> list[dict]:
         mine = [r for r in rows if r["stack"] == "cloudtune" and r["quant"] == kind]
@@ -204,7 +269,7 @@ def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = Fals
 
 
 def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, recomputed_share: float,
-                          width: float, micro_batch_tokens: float | None = None,
+                          attention_span: float, micro_batch_tokens: float | None = None,
                           fused_kernels: bool = False) -> tuple[float, float]:
     """Processed tokens per second (low, high) on a machine with `gpu_count` GPUs of one kind.
 
@@ -212,7 +277,9 @@ def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, met
     and no speed (make_plan says so).
     """
     spec = SPECS[offer_gpu]
-    flops = flops_per_token(shape, method, recomputed_share, width)
+    flops = flops_per_token(shape, method, recomputed_share, attention_span)
+    if micro_batch_tokens:
+        flops *= 1 + calibration()[1] / micro_batch_tokens
     low, high, _ = efficiency_band(method, recomputed_share > 0, fused_kernels)
     rates = [spec.tflops * 1e12 * e / flops for e in (low, high)]
     if micro_batch_tokens:
@@ -273,8 +340,8 @@ def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_token
     return mb, recomputed, estimate(shape, setup, mb * row_tokens, recomputed > 0, recomputed), False
 
 
-def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, setup: TrainSetup, offer: Offer,
-                   spot: bool) -> Estimate:
+def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offer: Offer, spot: bool) -> Estimate:
+    setup = TrainSetup.from_recipe(recipe, autocast=SPECS[offer.gpu].bf16)
     usable = usable_gib(offer) * GIB
     if recipe.training.memory_limit_gib:  # the trainer caps its allocator there; the CUDA context comes on top
         usable = min(usable, recipe.training.memory_limit_gib * GIB + CUDA_CONTEXT_BYTES)
@@ -282,7 +349,7 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, setu
     mb, recomputed, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
     work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
     tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, model.shape, recipe.method,
-                                              recomputed / model.shape.layers, work.width, mb * work.width,
+                                              recomputed / model.shape.layers, work.span, mb * work.width,
                                               setup.impl.fused_loss)
     checkpointing = checkpointing_note(recomputed, model.shape.layers)
     processed = (work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)) \
@@ -312,7 +379,6 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
               spot: bool | None = None, offers: list[Offer] | None = None) -> Plan:
     """Every offer that matches the recipe's compute wishes, with fit and cost; fitting ones first, cheapest first."""
     model = resolve_model(recipe)
-    setup = TrainSetup.from_recipe(recipe)
     gpu = gpu or recipe.compute.gpu
     clouds = clouds or recipe.compute.cloud or None
     spot = recipe.compute.spot if spot is None else spot
@@ -358,7 +424,7 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
         notes.append(work.note)
     if not model.exact:
         notes.append(f"model shape {model.source}")
-    estimates = [estimate_offer(recipe, report, model, setup, offer, spot) for offer in candidates]
+    estimates = [estimate_offer(recipe, report, model, offer, spot) for offer in candidates]
     estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.offer.cloud, e.offer.instance_type))
     return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
                 notes=notes, model_source=model.source, catalog=catalog_info)

@@ -239,3 +239,57 @@ def test_plan_dataclasses_keep_their_contract():
     """The SkyPilot backend reads Offer/Estimate; cost only adds defaulted fields."""
     offer = replace(OFFERS[3], accelerator="A100-80GB-SXM")
     assert offer.sky_accelerator == "A100-80GB-SXM" and OFFERS[0].sky_accelerator == "T4"
+
+
+# ----------------------------------------------------------------------------------------------
+# The throughput model against cloudtune's measured runs
+
+
+def test_per_document_attention_spans_half_the_token_weighted_document():
+    from cloudtune.cost import document_attention_span
+    from cloudtune.datasets import DatasetReport
+
+    same = DatasetReport("d", "completion", 100, 40_000, True, 0, 400, "t", length_percentiles=[400] * 101)
+    assert document_attention_span(same, cap=4096) == pytest.approx(200)
+    # long documents hold most tokens, so a token's document is longer than the mean document
+    mixed = DatasetReport("d", "completion", 100, 40_000, True, 0, 1000,
+                          "t", length_percentiles=[100] * 50 + [1000] * 51)
+    assert 275 < document_attention_span(mixed, cap=4096) <= 500
+    assert document_attention_span(mixed, cap=256) <= 128
+
+
+def test_the_per_micro_batch_cost_is_recovered_from_rows_that_obey_it():
+    from cloudtune.cost import calibrate
+
+    base = dict(stack="cloudtune", gpu="H100", model="Llama-2-7B", method="lora", gradient_checkpointing=False,
+                width=4096, attention_span=300)
+    rows = [dict(base, micro_batch_tokens=tokens, tokens_per_s=20_000 * tokens / (tokens + 3000))
+            for tokens in (1024, 4096, 16384)]
+    calibrated, extra = calibrate(rows)
+    assert extra == pytest.approx(3000, abs=30)
+    assert max(r["efficiency"] for r in calibrated) == pytest.approx(min(r["efficiency"] for r in calibrated),
+                                                                     rel=0.01)
+
+
+def test_each_measured_run_is_predicted_from_the_others():
+    """Leave-one-out over cloudtune's own H100 rows: the time predicted from the other runs of the same
+    method (middle of its range) is within 20 % of the measured one."""
+    from cloudtune.cost import calibrate, efficiency_band, load_calibration_rows
+
+    lines = load_calibration_rows()
+    checked = 0
+    for index, row in enumerate(lines):
+        if row["stack"] != "cloudtune" or not row.get("micro_batch_tokens"):
+            continue
+        others = lines[:index] + lines[index + 1:]
+        if sum(o["stack"] == "cloudtune" and o["method"] == row["method"] for o in others) < 2:
+            continue  # too few others of its method to predict from
+        calibrated, extra = calibrate(others)
+        low, high, basis = efficiency_band(row["method"], row["gradient_checkpointing"], True, rows=calibrated)
+        assert "cloudtune" in basis
+        measured = calibrate([row])[0][0]["raw_efficiency"]
+        predicted = (low + high) / 2 / (1 + extra / row["micro_batch_tokens"])
+        time_error = measured / predicted - 1  # predicted seconds / measured seconds - 1
+        assert time_error == pytest.approx(0, abs=0.20), row["source"]
+        checked += 1
+    assert checked >= 6

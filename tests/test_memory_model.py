@@ -139,7 +139,8 @@ def test_rows_written_by_the_cost_accuracy_benchmark():
         if row.get("peak_gib") is None or "predicted_peak_gib" not in row:
             continue
         shape = ModelShape(**row["shape"])
-        stack = cloudtune_stack(row["method"], row.get("fused_kernels", False), autocast=row.get("autocast", "off") != "off")
+        stack = cloudtune_stack(row["method"], row.get("fused_kernels", False),
+                                autocast=row.get("autocast", "off") != "off")
         setup = TrainSetup(row["method"], row["lora_r"], tuple(row["lora_targets"]), row["lora_dropout"],
                            stack=_with_optimizer(stack, row["optimizer"]))
         predicted = estimate(shape, setup, row["peak_tokens"], row["gradient_checkpointing"]).gib

@@ -91,8 +91,9 @@ def test_partial_checkpointing_recomputes_the_first_layers_and_changes_no_gradie
     with module_home(shared_home, tmp_path_factory):
         recipe = Recipe.model_validate({"model": {"init": "tiny-llama"}, "dataset": {"hub": "unused"},
                                         "lora": {"dropout": 0.0}})
-        plain = model_lib.prepare_for_training(recipe, model_lib.load_base(recipe, torch.device("cpu")), 0, autocast=False)
-        partial = model_lib.prepare_for_training(recipe, model_lib.load_base(recipe, torch.device("cpu")), 1, autocast=False)
+        cpu = torch.device("cpu")
+        plain = model_lib.prepare_for_training(recipe, model_lib.load_base(recipe, cpu), 0, autocast=False)
+        partial = model_lib.prepare_for_training(recipe, model_lib.load_base(recipe, cpu), 1, autocast=False)
     assert [layer.gradient_checkpointing for layer in model_lib.decoder_layers(partial)] == [True, False]
     assert not any(layer.gradient_checkpointing for layer in model_lib.decoder_layers(plain))
     batch = packed_batch(documents())
