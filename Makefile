@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# sshd for the SSH backend's tests, rsync for SkyPilot's local dry runs.
+# sshd for the SSH backend's tests, a Docker engine for its Docker mode, rsync for SkyPilot's local dry runs.
 system-packages:
-	@if ! command -v sshd >/dev/null 2>&1 && ! test -x /usr/sbin/sshd || ! command -v rsync >/dev/null 2>&1; then \
-		echo "installing openssh-server and rsync with apt"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client rsync >/dev/null; \
+	@if ! command -v sshd >/dev/null 2>&1 && ! test -x /usr/sbin/sshd || ! command -v rsync >/dev/null 2>&1 \
+			|| ! command -v docker >/dev/null 2>&1 || ! command -v dockerd >/dev/null 2>&1; then \
+		echo "installing openssh-server, rsync and docker.io with apt"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client \
+			rsync docker.io >/dev/null; \
 	fi
 
 demo: setup

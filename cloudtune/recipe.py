@@ -154,6 +154,9 @@ class ComputeSpec(Strict):
     spot: bool = Field(False, description="spot/preemptible machines; training resumes from checkpoints")
     max_cost: float | None = Field(None, gt=0, description="refuse a plan whose high estimate exceeds this (USD)")
     image: str = Field(DEFAULT_IMAGE, description="Docker image, pinned by tag or @sha256 digest")
+    remote_env: Literal["python", "docker"] = Field(
+        "python", description="ssh backend: the machine's Python (packages in a cached venv) or Docker with "
+                              "compute.image")
     disk_gb: int | None = Field(None, gt=0, description="disk size; default from model + data + outputs")
     autostop_minutes: int = Field(30, gt=0, description="idle minutes before the machine tears itself down")
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,138 +23,17 @@ from click.testing import CliRunner
 
 from cloudtune.backends import get_backend
 from cloudtune.backends.base import RunContext, build_bundle
-from cloudtune.backends.ssh import KNOWN_HOSTS_ENV, REMOTE_PYTHON_ENV, REMOTE_ROOT_ENV, parse_host
+from cloudtune.backends.ssh import KNOWN_HOSTS_ENV, REMOTE_PYTHON_ENV, parse_host
 from cloudtune.cli import cli
 from cloudtune.errors import CloudtuneError
 from cloudtune.ledger import Ledger, machine_name, new_run_id
 from cloudtune.recipe import load_recipe
 from cloudtune.runner import Events, _pull, context_for
 
-from .conftest import REPO, demo_recipe_text, write_recipe
+from .conftest import REPO, Sshd, demo_recipe_text, free_port, keygen, write_recipe
 
-SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SECRET_NAME = "CT_SSH_TEST_TOKEN"
 SECRET_VALUE = "ct-secret-7f3a9c2e4b1d8a60"
-
-
-# ------------------------------------------------------------------------------------------------
-# A real sshd
-
-
-@dataclass
-class Sshd:
-    port: int
-    no_python_port: int
-    user: str
-    key: Path
-    host_public: str  # "ssh-ed25519 AAAA..."
-    folder: Path
-    process: subprocess.Popen
-
-    def address(self, port: int | None = None) -> str:
-        return f"{self.user}@127.0.0.1:{port or self.port}"
-
-    def known_hosts_lines(self) -> str:
-        return "".join(f"[127.0.0.1]:{port} {self.host_public}\n" for port in (self.port, self.no_python_port))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _keygen(path: Path) -> None:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cloudtune-test", "-f", str(path)],
-                   check=True)
-
-
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory) -> Sshd:
-    if not Path(SSHD).exists():
-        pytest.fail("OpenSSH sshd is not installed: run `make system-packages` (apt-get install -y openssh-server).")
-    folder = tmp_path_factory.mktemp("sshd")
-    _keygen(folder / "host_key")
-    _keygen(folder / "user_key")
-    (folder / "authorized_keys").write_text((folder / "user_key.pub").read_text())
-    no_python = folder / "no-python.sh"
-    no_python.write_text('#!/bin/sh\nPATH=/nonexistent exec /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n')
-    no_python.chmod(0o755)
-    port, no_python_port = _free_port(), _free_port()
-    config = folder / "sshd_config"
-    config.write_text(f"""
-Port {port}
-Port {no_python_port}
-ListenAddress 127.0.0.1
-HostKey {folder}/host_key
-PidFile {folder}/sshd.pid
-AuthorizedKeysFile {folder}/authorized_keys
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PubkeyAuthentication yes
-Subsystem sftp internal-sftp
-LogLevel ERROR
-Match LocalPort {no_python_port}
-    ForceCommand {no_python}
-""")
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(exist_ok=True)  # Debian's sshd insists on its privilege-separation directory
-    log = (folder / "sshd.log").open("w")
-    process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 15
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                if conn.recv(64).startswith(b"SSH-2.0"):
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            process.kill()
-            pytest.fail(f"sshd did not start:\n{(folder / 'sshd.log').read_text()}")
-        time.sleep(0.1)
-    host_public = " ".join((folder / "host_key.pub").read_text().split()[:2])
-    server = Sshd(port, no_python_port, os.environ.get("USER") or _current_user(), folder / "user_key", host_public,
-                  folder, process)
-    yield server
-    process.terminate()
-    process.wait(timeout=10)
-    log.close()
-
-
-def _current_user() -> str:
-    import getpass
-
-    return getpass.getuser()
-
-
-@pytest.fixture(scope="session")
-def remote_models(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("remote-models")
-
-
-@pytest.fixture(scope="session")
-def wheel_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("wheels")
-
-
-@pytest.fixture
-def remote(sshd, tmp_path, ct_home, monkeypatch, remote_models, wheel_cache) -> Path:
-    """Known hosts, remote root and remote Python for one test; returns the remote root."""
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(sshd.known_hosts_lines())
-    root = tmp_path / "remote-root"
-    root.mkdir()
-    (root / "models").symlink_to(remote_models, target_is_directory=True)  # the tiny model is written once
-    (ct_home / "wheels").symlink_to(wheel_cache, target_is_directory=True)  # and the wheel built once
-    monkeypatch.setenv(KNOWN_HOSTS_ENV, str(known_hosts))
-    monkeypatch.setenv(REMOTE_ROOT_ENV, str(root))
-    monkeypatch.setenv(REMOTE_PYTHON_ENV, sys.executable)
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # only the keys a test names may log in
-    return root
 
 
 def ssh_recipe(folder: Path, max_steps: int, secrets: tuple[str, ...] = ()) -> Path:
@@ -310,7 +187,7 @@ def test_unknown_host_is_refused_then_trusted_and_recorded(sshd, remote, tmp_pat
 
 
 def test_changed_host_key_is_always_refused(sshd, remote, tmp_path):
-    _keygen(tmp_path / "impostor")
+    keygen(tmp_path / "impostor")
     impostor = " ".join((tmp_path / "impostor.pub").read_text().split()[:2])
     known_hosts = Path(os.environ[KNOWN_HOSTS_ENV])
     known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {impostor}\n")
@@ -323,7 +200,7 @@ def test_changed_host_key_is_always_refused(sshd, remote, tmp_path):
 
 def test_bad_keys_are_refused(sshd, remote, tmp_path):
     recipe = ssh_recipe(tmp_path, max_steps=1)
-    _keygen(tmp_path / "stranger")
+    keygen(tmp_path / "stranger")
     _expect_refusal(sshd, recipe, ["--host", sshd.address(), "--key", str(tmp_path / "stranger")],
                     "refused the login with the key", "authorized_keys")
     garbage = tmp_path / "garbage"
@@ -335,7 +212,7 @@ def test_bad_keys_are_refused(sshd, remote, tmp_path):
 
 def test_unreachable_host_is_a_clear_error(sshd, remote, tmp_path):
     recipe = ssh_recipe(tmp_path, max_steps=1)
-    closed = _free_port()
+    closed = free_port()
     _expect_refusal(sshd, recipe, ["--host", f"{sshd.user}@127.0.0.1:{closed}", "--key", str(sshd.key)],
                     f"cannot reach 127.0.0.1:{closed} (Connection refused)", "firewall")
 

@@ -11,6 +11,13 @@ On the machine, under the remote root (default ~/.cloudtune/remote):
   runs/<run id>/            bundle/ unpacked, site/ (this run's cloudtune), secrets.env (0600),
                             train.log, exit_code, pid, out/
   models/                   the training's CLOUDTUNE_HOME cache (the tiny demo model)
+  home/                     HOME inside Docker containers (caches of the hub and pip)
+
+With `compute.remote_env: docker` the training runs in a container of `compute.image` instead of the
+machine's Python: the remote root is mounted at the same path, so every path above reads the same
+inside and out, and the container runs as the login user, so everything it writes stays removable.
+Packages the image lacks go into envs/docker-<hash>/, built once with the image's own pip. The
+machine's Python still runs the small control scripts (probe, liveness).
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ RECONNECT_SECONDS = 120  # a log stream keeps retrying this long; the training g
 POLL_SECONDS = 0.5
 LIVENESS_SECONDS = 5.0  # between process checks (the exit_code file, which is cheaper, is checked every poll)
 STOP_GRACE_SECONDS = 10
+CONTAINER_PREFIX = "cloudtune-"
 # Bundles are unpacked into each run's directory, so only a re-run of the same bundle reads one again:
 # the newest few stay for that, older ones (and uploads abandoned over a day ago) go at teardown.
 KEEP_BUNDLES = 3
@@ -417,6 +425,8 @@ class SSHBackend(Backend):
                                  f"Install a newer Python there, or name one with {REMOTE_PYTHON_ENV}=/path.")
         ctx.meta.update(base_python=probe["python"], remote_root=probe["root"], remote_dir=probe["run"])
         self._events.phase("connected", f"{self._where(ctx)}, Python {probe['version']} ({probe['python']})")
+        if ctx.recipe is not None and ctx.recipe.compute.remote_env == "docker":
+            self._check_docker(ctx, ctx.recipe.compute.image)
 
     def bundle_files(self, ctx: RunContext) -> dict[str, Path]:
         self._wheel = build_wheel()
@@ -432,18 +442,24 @@ class SSHBackend(Backend):
         if secrets:
             self._write_private(ctx, f"{run}/secrets.env", secrets_env(secrets))
         self._run(ctx, f"tar -xzf {shlex.quote(archive)} -C {shlex.quote(run)}")
-        python = self.ensure_python(ctx, train_requirements(self._wheel or build_wheel()))
+        requirements = train_requirements(self._wheel or build_wheel())
+        docker = bool(ctx.meta.get("container"))
+        python = self.ensure_image(ctx, requirements) if docker else self.ensure_python(ctx, requirements)
         # cloudtune goes into the run's own directory, not the shared venv, so runs of different
         # cloudtune versions can train side by side on one machine.
-        self._run(ctx, f"{shlex.quote(python)} -m pip install --no-deps --no-index --quiet "
-                       f"--disable-pip-version-check --target {shlex.quote(run + '/site')} "
-                       f"{shlex.quote(run + '/' + wheels[0])}")
+        install = (f"{shlex.quote(python)} -m pip install --no-deps --no-index --quiet "
+                   f"--disable-pip-version-check --target {shlex.quote(run + '/site')} "
+                   f"{shlex.quote(run + '/' + wheels[0])}")
+        self._run(ctx, f"docker run --rm {self._docker_args(ctx)} {install}" if docker else install)
         ctx.meta["remote_python"] = python
 
     def start(self, ctx: RunContext, resume: bool = False) -> None:
         run = ctx.meta["remote_dir"]
         env = {"CLOUDTUNE_PYTHON": ctx.meta["remote_python"], "CLOUDTUNE_HOME": ctx.meta["remote_root"],
                "PYTHONPATH": f"{run}/site", "PYTHONUNBUFFERED": "1"}
+        if ctx.meta.get("container"):
+            self._start_container(ctx, env, resume)
+            return
         assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
         script = (f"cd {shlex.quote(run)} || exit 1\n"
                   f"rm -f {EXIT_FILE}\n"
@@ -537,8 +553,7 @@ class SSHBackend(Backend):
                                               f"{self._where(ctx)} in {out} for you to inspect.") from None
 
     def stop(self, ctx: RunContext) -> None:
-        pid = ctx.meta.get("pid")
-        if not pid or "ssh_host" not in ctx.meta:
+        if not self._started(ctx) or "ssh_host" not in ctx.meta:
             return
         try:
             self._stop_group(ctx)
@@ -554,7 +569,7 @@ class SSHBackend(Backend):
         try:
             self._save_log(ctx)
             # One round trip: stop what still runs, remove the run's files, report both.
-            script = self._group_command(ctx, STOP_GRACE_SECONDS) + "\n" if ctx.meta.get("pid") else ""
+            script = self._stop_script(ctx, STOP_GRACE_SECONDS) + "\n" if self._started(ctx) else ""
             doomed = run + "/secrets.env" if ctx.meta.get("keep_remote") else run
             bundles = shlex.quote(ctx.meta["remote_root"] + "/bundles")
             script += (f"rm -rf -- {shlex.quote(doomed)}\n"
@@ -670,20 +685,112 @@ class SSHBackend(Backend):
             pass
         if not check_process:
             return False
-        return not ctx.meta.get("pid") or not self._alive(ctx)
+        return not self._started(ctx) or not self._alive(ctx)
 
-    def _group_command(self, ctx: RunContext, grace: float | str) -> str:
-        return (f"{shlex.quote(ctx.meta['base_python'])} -c {shlex.quote(GROUP_CODE)} {shlex.quote(MARK)} "
-                f"{int(ctx.meta['pid'])} {grace}")
+    @staticmethod
+    def _started(ctx: RunContext) -> bool:
+        """Whether there may be a training to look at or stop: a process group, or a container."""
+        return bool(ctx.meta.get("pid") or ctx.meta.get("container"))
+
+    def _stop_script(self, ctx: RunContext, grace: float | str) -> str:
+        """Prints MARK alive/gone. With a grace, first TERMs the training (process group or container)
+        and KILLs what remains once it has passed; with "check", only looks."""
+        if not ctx.meta.get("container"):
+            return (f"{shlex.quote(ctx.meta['base_python'])} -c {shlex.quote(GROUP_CODE)} {shlex.quote(MARK)} "
+                    f"{int(ctx.meta['pid'])} {grace}")
+        name = shlex.quote(ctx.meta["container"])
+        # docker stop TERMs the container's init, which passes it to the whole training process group
+        stopping = "" if grace == "check" else (f"docker stop -t {int(grace)} {name} >/dev/null 2>&1; "
+                                                f"docker rm -f {name} >/dev/null 2>&1\n")
+        return (f"{stopping}if [ \"$(docker inspect --format '{{{{.State.Running}}}}' {name} 2>/dev/null)\" = true ]; "
+                f"then echo {MARK}alive; else echo {MARK}gone; fi")
 
     def _alive(self, ctx: RunContext) -> bool:
-        _, output = self._run(ctx, self._group_command(ctx, "check"))
+        _, output = self._run(ctx, self._stop_script(ctx, "check"))
         return self._marked(output) == "alive"
 
     def _stop_group(self, ctx: RunContext) -> bool:
-        """TERM the training's process group, KILL what remains after a grace period; True once it is gone."""
-        _, output = self._run(ctx, self._group_command(ctx, STOP_GRACE_SECONDS))
+        """TERM the training, KILL what remains after a grace period; True once it is gone."""
+        _, output = self._run(ctx, self._stop_script(ctx, STOP_GRACE_SECONDS))
         return self._marked(output) == "gone"
+
+    # -- Docker (compute.remote_env: docker) -------------------------------------------------------
+
+    def _check_docker(self, ctx: RunContext, image: str) -> None:
+        script = ("if out=$(docker version --format '{{.Server.Version}}' 2>&1); then "
+                  f"echo \"{MARK}docker $out\"; else echo \"$out\"; fi\n"
+                  f"echo \"{MARK}user $(id -u):$(id -g)\"\n"
+                  f"command -v nvidia-smi >/dev/null 2>&1 && echo {MARK}gpus\n")
+        _, output = self._run(ctx, script, check=False)
+        marks = dict(mark.partition(" ")[::2] for mark in self._marks(output))
+        if "docker" not in marks:
+            said = "\n".join(line for line in output.splitlines() if not line.startswith(MARK))[-1500:]
+            raise CloudtuneError(f"{ctx.meta['ssh_host']}: compute.remote_env is docker, but Docker does not answer "
+                                 f"there for {ctx.meta['ssh_user']}:\n{said}",
+                                 "Install Docker there (and the NVIDIA container toolkit for GPUs) and let the SSH "
+                                 "user run it (the docker group), or set compute.remote_env: python.")
+        ctx.meta.update(docker_image=image, docker_user=marks.get("user", "0:0"), docker_gpus="gpus" in marks,
+                        container=f"{CONTAINER_PREFIX}{ctx.run_id}")
+        self._events.phase("connected", f"Docker {marks['docker']}; training in {image}"
+                                        f"{' with the GPUs' if 'gpus' in marks else ''}")
+
+    def _docker_args(self, ctx: RunContext, env: dict[str, str] | None = None) -> str:
+        """`docker run` options and image: the login user's ids, the remote root at its own path."""
+        meta = ctx.meta
+        root = meta["remote_root"]
+        env = {"HOME": f"{root}/home", "USER": meta["ssh_user"], **(env or {})}
+        options = ["--user", meta["docker_user"], "--network", "host", "--ipc", "host", "-v", f"{root}:{root}",
+                   "-w", meta["remote_dir"]] + (["--gpus", "all"] if meta.get("docker_gpus") else [])
+        for name, value in env.items():  # never a secret: those reach the training through secrets.env
+            options += ["-e", f"{name}={value}"]
+        return " ".join(shlex.quote(option) for option in options + [meta["docker_image"]])
+
+    def ensure_image(self, ctx: RunContext, requirements: list[str]) -> str:
+        """Pull the image once; returns the Python to train with in it: its own, or a venv over it for
+        what it lacks, built once per (image, requirements) under the remote root."""
+        image, root = ctx.meta["docker_image"], ctx.meta["remote_root"]
+        self._run(ctx, f"mkdir -p {shlex.quote(root + '/home')}")
+        quoted = shlex.quote(image)
+        code, output = self._run(ctx, f"docker image inspect {quoted} >/dev/null 2>&1 || docker pull {quoted}",
+                                 check=False, on_line=self._events.log)
+        if code != 0:
+            raise CloudtuneError(f"could not get the image {image} on {self._where(ctx)}:\n{output[-1500:]}",
+                                 "Check compute.image (a pinned tag or digest) and that the machine can reach its "
+                                 "registry (`docker login` there for a private one).")
+        run = f"docker run --rm {self._docker_args(ctx)} python3 -c"
+        code, output = self._run(ctx, f"{run} {shlex.quote(MISSING_CODE)} {shlex.quote(MARK)} "
+                                      f"{shlex.quote(json.dumps(requirements))}", check=False)
+        missing = json.loads(self._marked(output) or "null")
+        if missing is None:
+            raise CloudtuneError(f"the image {image} could not run python3 on {self._where(ctx)}:\n{output[-1500:]}",
+                                 f"The image needs Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]} as python3 on its PATH; "
+                                 "the repository's Dockerfile builds one with every training package.")
+        if not missing:
+            self._events.phase("env", f"{image} already has the training packages")
+            return "python3"
+        key = hashlib.sha256(json.dumps([image, sorted(requirements)]).encode()).hexdigest()[:16]
+        venv = f"{root}/envs/docker-{key}"
+        self._events.phase("env", f"{venv}: a venv over {image} for {', '.join(missing)} (built once, reused)")
+        _, output = self._run(ctx, f"{run} {shlex.quote(VENV_CODE)} {shlex.quote(MARK)} {shlex.quote(venv)} "
+                                   f"{shlex.quote(json.dumps(requirements))}", on_line=self._events.log)
+        return self._marked(output) or f"{venv}/bin/python"
+
+    def _start_container(self, ctx: RunContext, env: dict[str, str], resume: bool) -> None:
+        name = shlex.quote(ctx.meta["container"])
+        # --init puts tini first; told to, it passes `docker stop`'s TERM to the whole process group,
+        # so the trainer checkpoints as it does outside a container.
+        options = self._docker_args(ctx, {**env, "TINI_KILL_PROCESS_GROUP": "1"})
+        script = (f"cd {shlex.quote(ctx.meta['remote_dir'])} || exit 1\n"
+                  f"rm -f {EXIT_FILE}\n"
+                  f"docker rm -f {name} >/dev/null 2>&1\n"
+                  f"id=$(docker run -d --rm --init --name {name} {options} sh bundle/run.sh"
+                  f"{' --resume' if resume else ''}) && echo {MARK}$id\n")
+        _, output = self._run(ctx, script, check=False)
+        if not self._marked(output):
+            hint = ("The machine's Docker cannot reach its GPUs: install the NVIDIA container toolkit there."
+                    if "gpu" in output.lower() else None)
+            raise CloudtuneError(f"could not start the training container on {self._where(ctx)}:\n{output[-1500:]}",
+                                 hint)
 
     def _walk(self, ctx: RunContext, folder: str, top: bool = False) -> list[tuple[str, int]]:
         found = []
