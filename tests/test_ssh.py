@@ -381,10 +381,14 @@ class Watcher:
     training_seen: bool = False
     secret_in_training_env: bool = False
     dropped: int = 0
+    containers: set[str] | None = None  # when a set: the names of the Docker containers seen running
     stop: threading.Event = field(default_factory=threading.Event)
 
     def watch(self) -> None:
         while not self.stop.is_set():
+            if self.containers is not None:
+                names = subprocess.run(["docker", "ps", "--format", "{{.Names}}"], capture_output=True, text=True)
+                self.containers.update(names.stdout.split())
             listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
             self.samples += 1
             if SECRET_VALUE in listing:
@@ -404,6 +408,12 @@ class Watcher:
                 if logs and self.drop_at in logs[0].read_text(errors="replace"):
                     self.dropped = kill_ssh_sessions(self.sshd.process.pid)
             time.sleep(0.25)
+
+
+def assert_secret_in_no_file(*folders: Path) -> None:
+    for path in (path for folder in folders for path in folder.rglob("*")):
+        if path.is_file() and "models" not in path.parts:
+            assert SECRET_VALUE.encode() not in path.read_bytes(), path
 
 
 def test_train_over_ssh_end_to_end(sshd, remote, tmp_path, ct_home, monkeypatch):
@@ -443,9 +453,7 @@ def test_train_over_ssh_end_to_end(sshd, remote, tmp_path, ct_home, monkeypatch)
     assert watcher.secret_in_training_env
     assert not watcher.leaks, "the secret showed in `ps`"
     assert SECRET_VALUE not in result.stdout + result.stderr
-    for path in [*ct_home.rglob("*"), *remote.rglob("*"), *out.rglob("*")]:
-        if path.is_file() and "models" not in path.parts:
-            assert SECRET_VALUE.encode() not in path.read_bytes(), path
+    assert_secret_in_no_file(ct_home, remote, out)
     run = Ledger().get_run(receipt["run_id"])
     remote_dir = Path(run["meta"]["remote_dir"])
     assert remote_dir.parent == remote / "runs"

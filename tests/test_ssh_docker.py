@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from cloudtune.cli import cli
 from cloudtune.ledger import Ledger
 
-from .test_ssh import SECRET_NAME, SECRET_VALUE, ssh_recipe, start_cli, wait_for_log
+from .test_ssh import SECRET_NAME, SECRET_VALUE, Watcher, assert_secret_in_no_file, ssh_recipe, start_cli, wait_for_log
 
 # Packages the CPU training never imports (the GPU compiler stack), left out to keep the image small.
 LEFT_OUT = ("triton", "nvidia")
@@ -144,32 +144,6 @@ def _running_containers() -> list[str]:
     return _docker("ps", "--format", "{{.Names}}", check=False).stdout.split()
 
 
-class ContainerWatcher:
-    """Samples `docker ps` and `ps` while a run trains: the container, and whether the secret leaks."""
-
-    def __init__(self):
-        self.containers: set[str] = set()
-        self.leaks: list[str] = []
-        self.secret_in_training_env = False
-        self.stop = threading.Event()
-
-    def watch(self) -> None:
-        while not self.stop.is_set():
-            self.containers.update(_running_containers())
-            listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-            if SECRET_VALUE in listing:
-                self.leaks.append(listing)
-            for line in listing.splitlines():
-                pid, _, args = line.strip().partition(" ")
-                if "-m cloudtune.train" in args:
-                    try:
-                        environ = Path(f"/proc/{pid}/environ").read_bytes()
-                    except OSError:
-                        continue
-                    self.secret_in_training_env |= f"{SECRET_NAME}={SECRET_VALUE}".encode() in environ
-            time.sleep(0.25)
-
-
 def test_train_in_a_docker_image_over_ssh(sshd, docker_remote, train_image, tmp_path, ct_home, monkeypatch):
     from cloudtune.recipe import load_recipe
     from cloudtune.train.model import model_source
@@ -178,7 +152,7 @@ def test_train_in_a_docker_image_over_ssh(sshd, docker_remote, train_image, tmp_
     monkeypatch.setenv(SECRET_NAME, SECRET_VALUE)
     steps = 12
     recipe_path = docker_recipe(tmp_path, train_image, max_steps=steps, secrets=(SECRET_NAME,))
-    watcher = ContainerWatcher()
+    watcher = Watcher(docker_remote, sshd, containers=set())
     thread = threading.Thread(target=watcher.watch, daemon=True)
     thread.start()
     try:
@@ -205,9 +179,7 @@ def test_train_in_a_docker_image_over_ssh(sshd, docker_remote, train_image, tmp_
     assert watcher.secret_in_training_env
     assert not watcher.leaks, "the secret showed in `ps` (a `docker run -e` would)"
     assert SECRET_VALUE not in result.stdout + result.stderr
-    for path in [*ct_home.rglob("*"), *docker_remote.rglob("*"), *out.rglob("*")]:
-        if path.is_file() and "models" not in path.parts:
-            assert SECRET_VALUE.encode() not in path.read_bytes(), path
+    assert_secret_in_no_file(ct_home, docker_remote, out)
     # Everything the container wrote belongs to the login user, so teardown could remove the run.
     assert not Path(run["meta"]["remote_dir"]).exists()
 
