@@ -50,7 +50,7 @@ def limit_memory(recipe: Recipe, device: torch.device) -> None:
 
 
 def checkpointed_layers(recipe: Recipe, config, device: torch.device, longest_row: int | None = None,
-                        fused_kernels: bool = False) -> int:
+                        fused_kernels: bool = False, autocast: bool = True) -> int:
     """How many decoder layers recompute their activations in backward: all (on), none (off), or for
     auto the fewest that let the micro-batch fit in what the GPU has left after loading the model."""
     shape = ModelShape.from_config(config)
@@ -66,8 +66,7 @@ def checkpointed_layers(recipe: Recipe, config, device: torch.device, longest_ro
     width = recipe.training.max_seq_len if recipe.training.packing else min(longest_row or 10**9,
                                                                               recipe.training.max_seq_len)
     tokens = recipe.training.micro_batch_size * width
-    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels,
-                                   autocast=model_lib.autocast_dtype(device) is not None)
+    setup = TrainSetup.from_recipe(recipe, fused_kernels=fused_kernels, autocast=autocast)
     return layers_to_checkpoint(shape, tokens, free, setup)
 
 
@@ -135,10 +134,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
 
     base = model_lib.load_base(recipe, device)
     fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
+    autocast = model_lib.autocast_dtype(device) is not None
     recomputed = checkpointed_layers(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples),
-                                     fused_kernels=fused)
-    model = model_lib.prepare_for_training(recipe, base, recomputed,
-                                           autocast=model_lib.autocast_dtype(device) is not None)
+                                     fused_kernels=fused, autocast=autocast)
+    model = model_lib.prepare_for_training(recipe, base, recomputed, autocast=autocast)
     layers = len(model_lib.decoder_layers(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
