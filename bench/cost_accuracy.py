@@ -164,7 +164,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     steady_seconds = steady[-1]["seconds"] - steps[WARMUP_STEPS - 1]["seconds"]
     steady_share = sum(s["step_tokens"] for s in steady) / max(1, sum(s["step_tokens"] for s in steps))
     processed_per_s = replay["processed"] * steady_share / steady_seconds
-    peak_predicted = estimate(shape, setup, replay["peak_tokens"], gc, layers).gib
+    peak_predicted = estimate(shape, setup, replay["peak_tokens"], layers).gib
     measured_peak = run["peak_gpu_gib"]
     return dict(
         name=name, ok=True, device=run["device"], gpu=gpu, method=recipe.method,

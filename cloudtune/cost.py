@@ -333,11 +333,11 @@ def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_token
     # divisors only, so that accumulating more micro-batches keeps the effective batch exactly
     for mb in (d for d in range(wanted, 0, -1) if wanted % d == 0):
         for recomputed in options:
-            memory = estimate(shape, setup, mb * row_tokens, recomputed > 0, recomputed)
+            memory = estimate(shape, setup, mb * row_tokens, recomputed)
             if required_bytes(memory) <= usable_bytes:
                 return mb, recomputed, memory, True
     mb, recomputed = wanted, options[-1]
-    return mb, recomputed, estimate(shape, setup, mb * row_tokens, recomputed > 0, recomputed), False
+    return mb, recomputed, estimate(shape, setup, mb * row_tokens, recomputed), False
 
 
 def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offer: Offer, spot: bool) -> Estimate:
@@ -363,7 +363,7 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
            f"({recipe.method}, micro-batch {mb}, checkpointing {checkpointing}) "
            f"+ {over_low * 60:.0f}–{over_high * 60:.0f} min {over_what}")
     if not fits:
-        smallest = estimate(model.shape, setup, base.row_tokens, recomputed > 0, recomputed)
+        smallest = estimate(model.shape, setup, base.row_tokens, recomputed)
         why = (f"needs {required_bytes(smallest) / GIB:.1f} GiB even at micro-batch 1 with checkpointing "
                f"{checkpointing}; {offer.gpu} has {usable / GIB:.1f} GiB usable")
     return Estimate(offer=offer, spot=spot and offer.spot_price_per_hour is not None, fits=fits,

@@ -299,12 +299,11 @@ def _lora_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     return total + sum(stack.act_bytes * width for names, width in groups if any(m in targeted for m in names))
 
 
-def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, checkpointing: bool,
-             checkpointed_layers: int | None = None) -> MemoryEstimate:
+def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: int) -> MemoryEstimate:
     """Peak allocated bytes for a micro-batch of `tokens` tokens (rows × padded width).
 
-    With checkpointing, `checkpointed_layers` of the decoder layers (all when None) keep only their
-    input and are recomputed in backward; the others keep everything, as without checkpointing.
+    `recomputed` decoder layers (0: no gradient checkpointing, shape.layers: all of them) keep only
+    their input and are recomputed in backward; the others keep everything.
     """
     stack = setup.impl
     per_layer = layer_activation_bytes(shape, setup)
@@ -312,7 +311,7 @@ def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, checkpointing: b
         loss = tokens * shape.hidden * 4.0  # chunked: only the fp32 gradient of the last hidden states
     else:
         loss = tokens * shape.vocab * 12.0  # log-softmax output, its gradient and the incoming one, fp32
-    recomputed = (shape.layers if checkpointed_layers is None else checkpointed_layers) if checkpointing else 0
+    recomputed = min(recomputed, shape.layers)
     if recomputed:
         kept_input = 0.0 if stack.offload_checkpoints else stack.act_bytes * shape.hidden
         activations = tokens * recomputed * (kept_input + int8_kept_bytes(shape, setup))
@@ -348,7 +347,7 @@ def layers_to_checkpoint(shape: ModelShape, tokens_per_micro_batch: int, free_by
     # loaded in bf16; peft's k-bit preparation upcasts the unquantised weights only afterwards
     as_loaded = weight_bytes(shape, replace(setup, stack=replace(setup.impl, upcast_embeddings=False)))
     for layers in range(shape.layers + 1):
-        peak = estimate(shape, setup, tokens_per_micro_batch, checkpointing=layers > 0, checkpointed_layers=layers)
+        peak = estimate(shape, setup, tokens_per_micro_batch, layers)
         if (peak.total - as_loaded) * (1 + FRAGMENTATION) <= 0.95 * free_bytes:
             return layers
     return shape.layers

@@ -76,7 +76,7 @@ def test_offers_that_do_not_fit_are_never_chosen(tmp_path):
     shape, setup = resolve_model(recipe).shape, TrainSetup.from_recipe(recipe)
     for e in plan.estimates:
         rows = e.micro_batch_size * 2048
-        needed = required_bytes(estimate(shape, setup, rows, e.gradient_checkpointing, e.checkpointed_layers))
+        needed = required_bytes(estimate(shape, setup, rows, e.checkpointed_layers))
         assert (needed <= usable_gib(e.offer) * GIB) == e.fits
         assert e.gradient_checkpointing or e.fits  # a misfit was tried with checkpointing too
     costs = [e.cost_high for e in plan.estimates if e.fits]

@@ -83,7 +83,7 @@ def test_every_h100_anchor_peak_is_predicted_within_20_percent(row):
     setup, tokens, checkpointing = PROFILES[row["profile"]]
     if row.get("trainable_params"):
         assert lora_params(LLAMA2_7B, setup) == row["trainable_params"]  # the setup is the one that ran
-    predicted = estimate(LLAMA2_7B, setup, int(tokens), checkpointing).gib
+    predicted = estimate(LLAMA2_7B, setup, int(tokens), LLAMA2_7B.layers if checkpointing else 0).gib
     assert predicted == pytest.approx(row["peak_mem_gib"], rel=TOLERANCE), (row["profile"], predicted)
 
 
@@ -126,9 +126,8 @@ CLOUDTUNE_ROWS = [
 @pytest.mark.parametrize("method,optimizer,tokens,checkpointing,stack,measured", CLOUDTUNE_ROWS)
 def test_cloudtune_trainer_peaks_on_h100(method, optimizer, tokens, checkpointing, stack, measured):
     """`checkpointing`: False, True (every layer) or how many layers were recomputed."""
-    layers = checkpointing if not isinstance(checkpointing, bool) else None
-    predicted = estimate(LLAMA2_7B, _cloudtune_setup(method, optimizer, stack), tokens, bool(checkpointing),
-                         layers).gib
+    layers = LLAMA2_7B.layers * checkpointing if isinstance(checkpointing, bool) else checkpointing
+    predicted = estimate(LLAMA2_7B, _cloudtune_setup(method, optimizer, stack), tokens, layers).gib
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
 
 
@@ -143,7 +142,8 @@ def test_rows_written_by_the_cost_accuracy_benchmark():
                                 autocast=row.get("autocast", "off") != "off")
         setup = TrainSetup(row["method"], row["lora_r"], tuple(row["lora_targets"]), row["lora_dropout"],
                            stack=_with_optimizer(stack, row["optimizer"]))
-        predicted = estimate(shape, setup, row["peak_tokens"], row["gradient_checkpointing"]).gib
+        layers = row.get("checkpointed_layers", shape.layers if row["gradient_checkpointing"] else 0)
+        predicted = estimate(shape, setup, row["peak_tokens"], layers).gib
         assert predicted == pytest.approx(row["peak_gib"], rel=TOLERANCE), row["name"]
 
 
@@ -217,17 +217,17 @@ def test_checkpointing_covers_only_the_layers_the_batch_needs():
     assert layers_to_checkpoint(LLAMA2_7B, 2 * 2048, 4 * GIB, setup) == LLAMA2_7B.layers
     assert layers_to_checkpoint(LLAMA2_7B, 8 * 4096, 60 * GIB, _cloudtune_setup("lora")) > 0
     # the answer is the fewest: one layer fewer would not fit
-    as_loaded = estimate(LLAMA2_7B, setup, 4096, False).weights
+    as_loaded = estimate(LLAMA2_7B, setup, 4096, 0).weights
 
     def needed(layers: int) -> float:
-        return estimate(LLAMA2_7B, setup, 2 * 2048, True, checkpointed_layers=layers).total - as_loaded
+        return estimate(LLAMA2_7B, setup, 2 * 2048, layers).total - as_loaded
 
     assert needed(on_a10g) < needed(on_a10g - 1) and needed(on_a10g - 1) * 1.08 > 0.95 * 18 * GIB
-    assert estimate(LLAMA2_7B, setup, 4096, True).total == estimate(LLAMA2_7B, setup, 4096, True, 32).total
+    assert estimate(LLAMA2_7B, setup, 4096, 32).total == estimate(LLAMA2_7B, setup, 4096, 99).total
     # fused kernels keep less per layer and never build the logits: more fits without recomputation
     fused = _cloudtune_setup("lora", stack=cloudtune_stack("lora", fused_kernels=True))
     plain = _cloudtune_setup("lora")
-    with_fused, without = estimate(LLAMA2_7B, fused, 4096, False), estimate(LLAMA2_7B, plain, 4096, False)
+    with_fused, without = estimate(LLAMA2_7B, fused, 4096, 0), estimate(LLAMA2_7B, plain, 4096, 0)
     assert with_fused.activations < 0.9 * without.activations and with_fused.logits < 0.1 * without.logits
 
 
