@@ -90,7 +90,8 @@ def run_anchor(profile: str, anchors: Path, model: Path, steps: int, warmup: int
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--anchors", type=Path, required=True, help="folder with seed_baseline.py, unsloth_bench.py")
-    parser.add_argument("--profiles", default="seed-qlora,unsloth-nogc,cloudtune-qlora,cloudtune-lora")
+    parser.add_argument("--profiles", default="seed-qlora,unsloth-nogc,cloudtune-qlora,cloudtune-lora,"
+                                                "cloudtune-qlora-24g-mb2")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--shape", default="7b", help="model shape: 7b (the benchmark), 1b, mini (smoke test)")
