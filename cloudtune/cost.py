@@ -183,12 +183,17 @@ def _quant_class(method: str) -> str:
     return {"qlora": "4bit", "8bit": "8bit", "full": "full"}.get(method, "16bit")
 
 
-def _raw_efficiency(row: dict) -> float:
-    """Fraction of the datasheet peak a calibration row's tokens/s stands for, before per-micro-batch costs."""
+def row_conditions(row: dict) -> tuple[ModelShape, float, float]:
+    """What a calibration row ran: (model shape, share of layers recomputed, attention span)."""
     shape = KNOWN_MODELS[row["model"]][1] if row["model"] in KNOWN_MODELS else ModelShape(**row["shape"])
     share = row["checkpointed_layers"] / shape.layers if "checkpointed_layers" in row \
         else float(row["gradient_checkpointing"])
-    span = row.get("attention_span") or row["width"] / 2
+    return shape, share, row.get("attention_span") or row["width"] / 2
+
+
+def _raw_efficiency(row: dict) -> float:
+    """Fraction of the datasheet peak a calibration row's tokens/s stands for, before per-micro-batch costs."""
+    shape, share, span = row_conditions(row)
     return row["tokens_per_s"] * flops_per_token(shape, row["method"], share, span) / (SPECS[row["gpu"]].tflops * 1e12)
 
 
@@ -270,17 +275,20 @@ def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = Fals
 
 def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, recomputed_share: float,
                           attention_span: float, micro_batch_tokens: float | None = None,
-                          fused_kernels: bool = False) -> tuple[float, float]:
+                          fused_kernels: bool = False,
+                          calibrated: tuple[tuple[dict, ...], float] | None = None) -> tuple[float, float]:
     """Processed tokens per second (low, high) on a machine with `gpu_count` GPUs of one kind.
 
     The trainer is single-process: it uses one GPU whatever the machine has, so more GPUs add cost
-    and no speed (make_plan says so).
+    and no speed (make_plan says so). `calibrated`: other calibration rows than the bundled ones,
+    as `calibrate` returns them.
     """
     spec = SPECS[offer_gpu]
+    rows, extra = calibrated or calibration()
     flops = flops_per_token(shape, method, recomputed_share, attention_span)
     if micro_batch_tokens:
-        flops *= 1 + calibration()[1] / micro_batch_tokens
-    low, high, _ = efficiency_band(method, recomputed_share > 0, fused_kernels)
+        flops *= 1 + extra / micro_batch_tokens
+    low, high, _ = efficiency_band(method, recomputed_share > 0, fused_kernels, rows=rows)
     rates = [spec.tflops * 1e12 * e / flops for e in (low, high)]
     if micro_batch_tokens:
         passes = (3 if method == "full" else 2) + recomputed_share

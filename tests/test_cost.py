@@ -274,7 +274,7 @@ def test_the_per_micro_batch_cost_is_recovered_from_rows_that_obey_it():
 def test_each_measured_run_is_predicted_from_the_others():
     """Leave-one-out over cloudtune's own H100 rows: the time predicted from the other runs of the same
     method (middle of its range) is within 20 % of the measured one."""
-    from cloudtune.cost import calibrate, efficiency_band, load_calibration_rows
+    from cloudtune.cost import calibrate, gpu_tokens_per_second, load_calibration_rows, row_conditions
 
     lines = load_calibration_rows()
     checked = 0
@@ -284,12 +284,10 @@ def test_each_measured_run_is_predicted_from_the_others():
         others = lines[:index] + lines[index + 1:]
         if sum(o["stack"] == "cloudtune" and o["method"] == row["method"] for o in others) < 2:
             continue  # too few others of its method to predict from
-        calibrated, extra = calibrate(others)
-        low, high, basis = efficiency_band(row["method"], row["gradient_checkpointing"], True, rows=calibrated)
-        assert "cloudtune" in basis
-        measured = calibrate([row])[0][0]["raw_efficiency"]
-        predicted = (low + high) / 2 / (1 + extra / row["micro_batch_tokens"])
-        time_error = measured / predicted - 1  # predicted seconds / measured seconds - 1
+        shape, share, span = row_conditions(row)
+        low, high = gpu_tokens_per_second(row["gpu"], 1, shape, row["method"], share, span,
+                                          row["micro_batch_tokens"], True, calibrated=calibrate(others))
+        time_error = row["tokens_per_s"] / ((low + high) / 2) - 1  # predicted seconds / measured seconds - 1
         assert time_error == pytest.approx(0, abs=0.20), row["source"]
         checked += 1
     assert checked >= 6
