@@ -37,26 +37,35 @@ HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 WARMUP_STEPS = 3  # first steps pay for cuBLAS heuristics and allocator growth
 RUN_OVERHEAD_SECONDS = 45  # per run: Python and CUDA start, loading and quantising 13 GB, saving
 
-# name -> (method, steps, training overrides). Gradient checkpointing is left to `auto`, so the
-# trainer's own decision is compared with the planner's.
+# name -> (method, steps, training overrides, LoRA overrides). Gradient checkpointing is left to
+# `auto` unless set, so the trainer's own decision is compared with the planner's. The first four are
+# in cloudtune/data/calibration.jsonl; the `oos-` ones are not, and check the model out of sample:
+# other LoRA targets and ranks, micro-batch sizes and row widths, 8-bit without checkpointing.
+ALL_LINEAR = dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
 RECIPES = {
-    "lora-packed": ("lora", 150, dict(micro_batch_size=2, max_seq_len=2048, packing=True)),
-    "qlora-unpacked": ("qlora", 120, dict(micro_batch_size=4, max_seq_len=1024, packing=False)),
-    "lora-unpacked": ("lora", 120, dict(micro_batch_size=4, max_seq_len=1024, packing=False)),
+    "lora-packed": ("lora", 150, dict(micro_batch_size=2, max_seq_len=2048, packing=True), ALL_LINEAR),
+    "qlora-unpacked": ("qlora", 120, dict(micro_batch_size=4, max_seq_len=1024, packing=False), ALL_LINEAR),
+    "lora-unpacked": ("lora", 120, dict(micro_batch_size=4, max_seq_len=1024, packing=False), ALL_LINEAR),
     "full": ("full", 50, dict(micro_batch_size=1, max_seq_len=2048, packing=True, gradient_checkpointing="on",
-                              optimizer="adamw_8bit" if HAVE_BNB else "adamw")),
+                              optimizer="adamw_8bit" if HAVE_BNB else "adamw"), None),
+    "oos-qlora-qv-4096": ("qlora", 60, dict(micro_batch_size=1, max_seq_len=4096, packing=True),
+                          dict(r=64, alpha=16, dropout=0.1, target_modules=["q_proj", "v_proj"])),
+    "oos-lora-gc-mb8": ("lora", 50, dict(micro_batch_size=8, max_seq_len=1024, packing=True,
+                                         gradient_checkpointing="on"), ALL_LINEAR),
+    "oos-8bit-unpacked": ("8bit", 50, dict(micro_batch_size=4, max_seq_len=1024, packing=False), ALL_LINEAR),
+    "oos-qlora-mb16-512": ("qlora", 60, dict(micro_batch_size=16, max_seq_len=512, packing=False), ALL_LINEAR),
 }
 DEFAULT = "lora-packed,qlora-unpacked,full" if HAVE_BNB else "lora-packed,lora-unpacked,full"
 
 
 def recipe_data(name: str, model: Path, data: Path, steps_scale: float) -> dict:
-    method, steps, training = RECIPES[name]
+    method, steps, training, lora = RECIPES[name]
     recipe = dict(name=f"accuracy-{name}", model=dict(name=str(model)), method=method,
                   dataset=dict(path=str(data), format="completion"),
                   training=dict(max_steps=max(WARMUP_STEPS + 2, round(steps * steps_scale)), learning_rate=1e-4,
                                 lr_scheduler="constant", warmup_ratio=0.0, **training))
-    if method != "full":
-        recipe["lora"] = dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
+    if lora:
+        recipe["lora"] = lora
     return recipe
 
 
@@ -99,7 +108,7 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None
             fused_kernels: bool | None = None) -> dict:
     """What `cloudtune cost` says for this recipe on one such GPU (training only, no overheads)."""
     from cloudtune.catalog import usable_gib
-    from cloudtune.cost import choose_batch, gpu_tokens_per_second, plan_work
+    from cloudtune.cost import StepConditions, choose_batch, gpu_tokens_per_second, plan_work
     from cloudtune.datasets import inspect_dataset
     from cloudtune.memory import GIB, TrainSetup
     from cloudtune.plan import Offer
@@ -112,8 +121,9 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None
     work = plan_work(recipe, report)
     mb, planned, memory, fits = choose_batch(recipe, shape, setup, work.row_tokens, usable_gib(offer) * GIB)
     recomputed = planned if checkpointed_layers is None else checkpointed_layers
-    low, high = gpu_tokens_per_second(gpu, 1, shape, recipe.method, recomputed / shape.layers, work.span,
-                                      mb * work.width, setup.impl.fused_loss)
+    step = StepConditions(shape, recipe.method, recomputed / shape.layers, work.span, mb * work.width,
+                          setup.lora_targets if recipe.uses_lora else ())
+    low, high = gpu_tokens_per_second(gpu, 1, step, setup.impl.fused_loss)
     return dict(planned_gradient_checkpointing=planned > 0, planned_checkpointed_layers=planned,
                 planned_micro_batch=mb, fits=fits,
                 planned_peak_gib=round(memory.gib, 2), processed_tokens=work.processed, tokens=work.tokens,
@@ -166,6 +176,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     processed_per_s = replay["processed"] * steady_share / steady_seconds
     peak_predicted = estimate(shape, setup, replay["peak_tokens"], layers).gib
     measured_peak = run["peak_gpu_gib"]
+    known = "Llama-2-7B" if _same_shape(shape, _llama2_7b()) else "custom"
     return dict(
         name=name, ok=True, device=run["device"], gpu=gpu, method=recipe.method,
         shape=ModelShape.from_config(json.loads((model / "config.json").read_text())).__dict__,
@@ -188,12 +199,20 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
         wall_seconds=round(wall, 1), versions=run["versions"],
         calibration=dict(source=f"bench/results/cost_accuracy.jsonl: {name} ({run['steps']} steps, "
                                 f"steady state after {WARMUP_STEPS})",
-                         stack="cloudtune", gpu=gpu, model="Llama-2-7B" if shape == _llama2_7b() else "custom",
+                         stack="cloudtune", gpu=gpu, model=known,
                          shape=shape.__dict__, method=recipe.method, gradient_checkpointing=gc,
                          checkpointed_layers=layers, fused_kernels=fused, autocast=run.get("autocast", "off"),
                          width=round(replay["width"], 1), attention_span=span,
                          micro_batch_tokens=round(recipe.training.micro_batch_size * replay["width"], 1),
+                         lora_targets=list(setup.lora_targets) if recipe.uses_lora else [],
                          tokens_per_s=round(processed_per_s, 1)))
+
+
+def _same_shape(a, b) -> bool:
+    """Equal shapes, whether or not a config spells out the default head_dim."""
+    from dataclasses import replace
+
+    return replace(a, head_dim=a.head_size) == replace(b, head_dim=b.head_size)
 
 
 def _llama2_7b():

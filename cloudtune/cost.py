@@ -3,13 +3,14 @@
 Time = tokens the GPU processes / throughput + fixed overheads. Throughput comes from FLOPs: about
 2·N per token forward, 2·N more for the backward of a frozen base (LoRA, QLoRA, 8-bit) or 4·N for
 full fine-tuning, 2·N more when checkpointing recomputes the forward, plus attention. The GPU's
-datasheet bf16 peak times an efficiency turns FLOPs into seconds, and every micro-batch costs a
-fixed number of tokens' worth of time on top (dequantising, kernels too small to fill the GPU), so
-small micro-batches run slower. Both are calibrated on measured runs, listed in
-cloudtune/data/calibration.jsonl (one JSON object a line: stack, gpu, model, method,
-gradient_checkpointing, width = padded row width, attention_span = keys a token attends to on
-average (width / 2 when absent), micro_batch_tokens, tokens_per_s = processed tokens incl.
-padding). Rows measured with cloudtune's own trainer (stack "cloudtune", written by
+datasheet bf16 peak times an efficiency turns FLOPs into seconds; LoRA's small kernels around each
+adapted layer add bytes over the GPU's memory bandwidth; and every micro-batch costs a fixed number
+of tokens' worth of time on top, growing with the kernels it launches (adapted layers add theirs),
+so small micro-batches run slower. Efficiency and the per-micro-batch cost are calibrated on
+measured runs, listed in cloudtune/data/calibration.jsonl (one JSON object a line: stack, gpu,
+model, method, gradient_checkpointing, width = padded row width, attention_span = keys a token
+attends to on average (width / 2 when absent), micro_batch_tokens, lora_targets, tokens_per_s =
+processed tokens incl. padding). Rows measured with cloudtune's own trainer (stack "cloudtune", written by
 bench/cost_accuracy.py) take precedence over rows of other stacks for the same method and
 checkpointing. 4-bit and 8-bit have their own factors: quantised weights are dequantised on every
 pass.
@@ -32,6 +33,7 @@ from .catalog import SPECS, load_offers, match_gpus, usable_gib
 from .datasets import DatasetReport, percentiles
 from .errors import CloudtuneError
 from .memory import (
+    ALL_LINEAR,
     CUDA_CONTEXT_BYTES,
     GIB,
     MemoryEstimate,
@@ -59,6 +61,15 @@ TOKENS_UNCERTAINTY = 0.15  # token counts estimated from characters (no tokenize
 # A step cannot beat its kernel launches: tiny models are launch-bound, not FLOP-bound.
 STEP_FLOOR_SECONDS = 5e-3
 LAYER_PASS_SECONDS = 0.25e-3  # about 25 kernels of ~10 µs per layer and pass
+# peft runs LoRA's extra work per adapted layer as small memory-bound kernels (dropout over the input,
+# B·A·x scaled and added to the output, the same backward). Per token they move about this many bytes
+# per input and output feature of each adapted layer: 13 reproduces the share of GPU time the profiler
+# put in them for all-linear QLoRA on the H100, 16 % (bench/results/profile_step.jsonl).
+LORA_BYTES_PER_FEATURE = 13.0
+# The fixed cost of a micro-batch grows with the kernels it launches: a decoder layer's own attention,
+# norms and MLP launch about as many as three adapted layers (leave-one-out over the calibration rows
+# put it between 1 and 7; 3 predicted best).
+LAYER_KERNELS_IN_ADAPTED_LAYERS = 3
 # Hub datasets the shipped recipes train on, so `cloudtune cost` can price them before the training
 # machine downloads them: the published number of training rows, with guanaco's lengths (lognormal,
 # median 350 tokens, sigma 0.8: the distribution the benchmarks in bench/common.py use).
@@ -168,13 +179,47 @@ def expected_batch_width(report: DatasetReport, micro_batch_size: int) -> float:
 # Throughput
 
 
-def flops_per_token(shape: ModelShape, method: str, recomputed_share: float, attention_span: float) -> float:
-    """`recomputed_share`: the fraction of layers checkpointed (a bool reads as all or none), whose
-    forward pass runs twice. `attention_span`: keys a token attends to on average (causal: half its
-    row, or half its document with per-document attention); attention's backward costs twice its forward."""
-    passes = (3 if method == "full" else 2) + recomputed_share
-    attention = 4 * shape.layers * attention_span * shape.attention_width * (3 + recomputed_share)
-    return 2.0 * shape.matmul_params * passes + attention
+@dataclass(frozen=True)
+class StepConditions:
+    """What a training step's speed depends on, for a plan or for a calibration row."""
+    shape: ModelShape
+    method: str
+    recomputed_share: float  # fraction of layers checkpointed, whose forward pass runs twice
+    attention_span: float  # keys a token attends to on average (half its row, or half its document)
+    micro_batch_tokens: float = 0.0  # padded tokens per micro-batch (0: not recorded)
+    lora_targets: tuple[str, ...] = ()  # adapted module names (none for full fine-tuning)
+
+    @property
+    def passes(self) -> float:
+        """Forward-pass equivalents: the forward, the backward (twice that when weights get gradients),
+        and the recomputed forward of checkpointed layers."""
+        return (3 if self.method == "full" else 2) + self.recomputed_share
+
+    @property
+    def adapted_per_layer(self) -> list[str]:
+        return [m for m in self.lora_targets if m in self.shape.module_shapes()]
+
+
+def flops_per_token(step: StepConditions) -> float:
+    """Matmul FLOPs a token costs; attention's backward costs twice its forward."""
+    shape = step.shape
+    attention = 4 * shape.layers * step.attention_span * shape.attention_width * (3 + step.recomputed_share)
+    return 2.0 * shape.matmul_params * step.passes + attention
+
+
+def lora_seconds_per_token(step: StepConditions, gpu: str) -> float:
+    """Time peft's LoRA spends outside the matmuls: per adapted layer it runs dropout over the input and
+    scales and adds B·A·x into the output as separate memory-bound kernels, and again backward."""
+    features = sum(sum(step.shape.module_shapes()[m]) for m in step.adapted_per_layer) * step.shape.layers
+    forward_share = (1 + step.recomputed_share) / 3  # one of three passes is the forward; recomputing repeats it
+    return features * LORA_BYTES_PER_FEATURE * (2 / 3 + forward_share) / (SPECS[gpu].bandwidth_gbs * 1e9)
+
+
+def launch_weight(step: StepConditions) -> float:
+    """A micro-batch's fixed cost relative to all-linear LoRA's: kernels launched per layer, where a
+    decoder layer's own count as LAYER_KERNELS_IN_ADAPTED_LAYERS adapted layers."""
+    own = LAYER_KERNELS_IN_ADAPTED_LAYERS
+    return (own + len(step.adapted_per_layer)) / (own + len(ALL_LINEAR))
 
 
 def _quant_class(method: str) -> str:
@@ -183,18 +228,21 @@ def _quant_class(method: str) -> str:
     return {"qlora": "4bit", "8bit": "8bit", "full": "full"}.get(method, "16bit")
 
 
-def row_conditions(row: dict) -> tuple[ModelShape, float, float]:
-    """What a calibration row ran: (model shape, share of layers recomputed, attention span)."""
+def row_conditions(row: dict) -> StepConditions:
+    """What a calibration row ran. Only cloudtune's own rows list `lora_targets`: other trainers'
+    LoRA overheads stay inside their efficiency."""
     shape = KNOWN_MODELS[row["model"]][1] if row["model"] in KNOWN_MODELS else ModelShape(**row["shape"])
     share = row["checkpointed_layers"] / shape.layers if "checkpointed_layers" in row \
         else float(row["gradient_checkpointing"])
-    return shape, share, row.get("attention_span") or row["width"] / 2
+    return StepConditions(shape, row["method"], share, row.get("attention_span") or row["width"] / 2,
+                          row.get("micro_batch_tokens") or 0.0, tuple(row.get("lora_targets", ())))
 
 
 def _raw_efficiency(row: dict) -> float:
-    """Fraction of the datasheet peak a calibration row's tokens/s stands for, before per-micro-batch costs."""
-    shape, share, span = row_conditions(row)
-    return row["tokens_per_s"] * flops_per_token(shape, row["method"], share, span) / (SPECS[row["gpu"]].tflops * 1e12)
+    """Fraction of the datasheet peak a calibration row's matmuls ran at, before per-micro-batch costs."""
+    step = row_conditions(row)
+    matmul_seconds = 1 / row["tokens_per_s"] - lora_seconds_per_token(step, row["gpu"])
+    return flops_per_token(step) / matmul_seconds / (SPECS[row["gpu"]].tflops * 1e12)
 
 
 def fit_micro_batch_cost(rows: list[dict]) -> float:
@@ -212,12 +260,13 @@ def fit_micro_batch_cost(rows: list[dict]) -> float:
     def spread(extra: float) -> float:
         total = 0.0
         for members in groups.values():
-            logs = [math.log(r["raw_efficiency"] * (1 + extra / r["micro_batch_tokens"])) for r in members]
+            logs = [math.log(r["raw_efficiency"] * (1 + extra * r["launch_weight"] / r["micro_batch_tokens"]))
+                    for r in members]
             mean = sum(logs) / len(logs)
             total += sum((x - mean) ** 2 for x in logs)
         return total
 
-    return float(min(range(0, 8001, 25), key=spread))
+    return float(min(range(0, 20001, 25), key=spread))
 
 
 def load_calibration_rows(path: Path = CALIBRATION_FILE) -> list[dict]:
@@ -226,11 +275,12 @@ def load_calibration_rows(path: Path = CALIBRATION_FILE) -> list[dict]:
 
 def calibrate(lines: list[dict]) -> tuple[tuple[dict, ...], float]:
     """(calibration rows with their efficiency, the per-micro-batch cost in tokens)."""
-    rows = [{**row, "raw_efficiency": _raw_efficiency(row), "quant": _quant_class(row["method"])} for row in lines]
+    rows = [{**row, "raw_efficiency": _raw_efficiency(row), "quant": _quant_class(row["method"]),
+             "launch_weight": launch_weight(row_conditions(row))} for row in lines]
     extra = fit_micro_batch_cost(rows)
     for row in rows:
         tokens = row.get("micro_batch_tokens")
-        row["efficiency"] = row["raw_efficiency"] * (1 + extra / tokens if tokens else 1)
+        row["efficiency"] = row["raw_efficiency"] * (1 + extra * row["launch_weight"] / tokens if tokens else 1)
     return tuple(rows), extra
 
 
@@ -273,9 +323,7 @@ def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = Fals
     return low * factor[0], high * factor[1], f"{len(chosen)} {basis}"
 
 
-def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, method: str, recomputed_share: float,
-                          attention_span: float, micro_batch_tokens: float | None = None,
-                          fused_kernels: bool = False,
+def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, step: StepConditions, fused_kernels: bool = False,
                           calibrated: tuple[tuple[dict, ...], float] | None = None) -> tuple[float, float]:
     """Processed tokens per second (low, high) on a machine with `gpu_count` GPUs of one kind.
 
@@ -285,15 +333,15 @@ def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, shape: ModelShape, met
     """
     spec = SPECS[offer_gpu]
     rows, extra = calibrated or calibration()
-    flops = flops_per_token(shape, method, recomputed_share, attention_span)
-    if micro_batch_tokens:
-        flops *= 1 + extra / micro_batch_tokens
-    low, high, _ = efficiency_band(method, recomputed_share > 0, fused_kernels, rows=rows)
-    rates = [spec.tflops * 1e12 * e / flops for e in (low, high)]
-    if micro_batch_tokens:
-        passes = (3 if method == "full" else 2) + recomputed_share
-        floor = STEP_FLOOR_SECONDS + shape.layers * passes * LAYER_PASS_SECONDS
-        rates = [min(rate, micro_batch_tokens / floor) for rate in rates]
+    flops = flops_per_token(step)
+    if step.micro_batch_tokens:
+        flops *= 1 + extra * launch_weight(step) / step.micro_batch_tokens
+    low, high, _ = efficiency_band(step.method, step.recomputed_share > 0, fused_kernels, rows=rows)
+    lora_seconds = lora_seconds_per_token(step, offer_gpu)
+    rates = [1 / (flops / (spec.tflops * 1e12 * e) + lora_seconds) for e in (low, high)]
+    if step.micro_batch_tokens:
+        floor = STEP_FLOOR_SECONDS + step.shape.layers * step.passes * LAYER_PASS_SECONDS
+        rates = [min(rate, step.micro_batch_tokens / floor) for rate in rates]
     return rates[0], rates[1]
 
 
@@ -356,9 +404,9 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
     base = plan_work(recipe, report)
     mb, recomputed, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
     work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
-    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, model.shape, recipe.method,
-                                              recomputed / model.shape.layers, work.span, mb * work.width,
-                                              setup.impl.fused_loss)
+    step = StepConditions(model.shape, recipe.method, recomputed / model.shape.layers, work.span, mb * work.width,
+                          setup.lora_targets if recipe.uses_lora else ())
+    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, step, setup.impl.fused_loss)
     checkpointing = checkpointing_note(recomputed, model.shape.layers)
     processed = (work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)) \
         if not work.exact else (work.processed, work.processed)
