@@ -54,6 +54,16 @@ RECIPES = {
                                          gradient_checkpointing="on"), ALL_LINEAR),
     "oos-8bit-unpacked": ("8bit", 50, dict(micro_batch_size=4, max_seq_len=1024, packing=False), ALL_LINEAR),
     "oos-qlora-mb16-512": ("qlora", 60, dict(micro_batch_size=16, max_seq_len=512, packing=False), ALL_LINEAR),
+    # a second out-of-sample set, run after LoRA targets entered the model
+    "oos2-lora-attn-r8": ("lora", 80, dict(micro_batch_size=2, max_seq_len=2048, packing=True),
+                          dict(r=8, alpha=16, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    "oos2-qlora-r64-gc": ("qlora", 40, dict(micro_batch_size=4, max_seq_len=2048, packing=True,
+                                            gradient_checkpointing="on"),
+                          dict(r=64, alpha=128, dropout=0.05, target_modules="all-linear")),
+    "oos2-lora-mlp-unpacked": ("lora", 50, dict(micro_batch_size=8, max_seq_len=1024, packing=False),
+                               dict(r=16, alpha=32, dropout=0.0, target_modules=["gate_proj", "up_proj", "down_proj"])),
+    "oos2-full-mb2": ("full", 40, dict(micro_batch_size=2, max_seq_len=1024, packing=True, gradient_checkpointing="on",
+                                       optimizer="adamw_8bit" if HAVE_BNB else "adamw"), None),
 }
 DEFAULT = "lora-packed,qlora-unpacked,full" if HAVE_BNB else "lora-packed,lora-unpacked,full"
 
