@@ -118,7 +118,7 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None
             fused_kernels: bool | None = None) -> dict:
     """What `cloudtune cost` says for this recipe on one such GPU (training only, no overheads)."""
     from cloudtune.catalog import usable_gib
-    from cloudtune.cost import StepConditions, choose_batch, gpu_tokens_per_second, plan_work
+    from cloudtune.cost import StepConditions, choose_batch, gpu_tokens_per_second, plan_work, train_seconds
     from cloudtune.datasets import inspect_dataset
     from cloudtune.memory import GIB, TrainSetup
     from cloudtune.plan import Offer
@@ -134,10 +134,11 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None
     step = StepConditions(shape, recipe.method, recomputed / shape.layers, work.span, mb * work.width,
                           setup.lora_targets if recipe.uses_lora else ())
     low, high = gpu_tokens_per_second(gpu, 1, step, setup.impl.fused_loss)
+    seconds = train_seconds((work.processed, work.processed), (low, high))
     return dict(planned_gradient_checkpointing=planned > 0, planned_checkpointed_layers=planned,
                 planned_micro_batch=mb, fits=fits,
                 planned_peak_gib=round(memory.gib, 2), processed_tokens=work.processed, tokens=work.tokens,
-                train_seconds_low=round(work.processed / high, 1), train_seconds_high=round(work.processed / low, 1),
+                train_seconds_low=round(seconds[0], 1), train_seconds_high=round(seconds[1], 1),
                 processed_tokens_per_s=(round(low), round(high)), width=work.width,
                 attention_span=round(work.span, 1))
 
@@ -146,6 +147,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
             seconds_left: float) -> dict:
     import yaml
 
+    from cloudtune.cost import train_seconds
     from cloudtune.memory import ModelShape, TrainSetup, estimate
     from cloudtune.recipe import load_recipe
     from cloudtune.shapes import resolve_model
@@ -178,7 +180,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     actual = predict(recipe, gpu, memory_gib, checkpointed_layers=layers, fused_kernels=fused)
     low, high = actual["processed_tokens_per_s"]
     span = actual["attention_span"] if run.get("attention") == "documents" else round(replay["width"] / 2, 1)
-    predicted_low, predicted_high = replay["processed"] / high, replay["processed"] / low
+    predicted_low, predicted_high = train_seconds((replay["processed"],) * 2, (low, high))
     predicted_mid = (predicted_low + predicted_high) / 2
     steady = steps[WARMUP_STEPS:]
     steady_seconds = steady[-1]["seconds"] - steps[WARMUP_STEPS - 1]["seconds"]
