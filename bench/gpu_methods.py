@@ -1,11 +1,12 @@
 """Every method on a GPU: qlora, 8bit, lora, full train a few steps of a Llama-2-7B-shaped model.
 
-  python bench/gpu_methods.py [--methods qlora,8bit,lora,full] [--steps 8]
+  python bench/gpu_methods.py [--methods qlora,8bit,lora,full,qlora-fp16] [--steps 8]
 
 For each: loss finite, weights saved, and reloaded the way a user would (cloudtune.train.verify: base
 loaded again with the same quantisation, then the adapter) giving the logits recorded at the end of
-training within bf16 rounding; the base without the adapter is reported beside it for scale. Appends
-JSON lines to bench/results/gpu_methods.jsonl.
+training within bf16 rounding; the base without the adapter is reported beside it for scale. A
+`-fp16` suffix trains with `training.precision: fp16`, the path of GPUs without bf16 (T4, V100),
+rehearsed on this one. Appends JSON lines to bench/results/gpu_methods.jsonl.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from common import REPO, make_model, record, train_cloudtune, write_dataset  # n
 sys.path.insert(0, str(REPO))
 
 
-def recipe_for(method: str, model: Path, data: Path, steps: int) -> dict:
+def recipe_for(name: str, model: Path, data: Path, steps: int) -> dict:
+    method, _, precision = name.partition("-")
     training = dict(max_steps=steps, learning_rate=1e-3, warmup_ratio=0.0, micro_batch_size=2, max_seq_len=2048,
-                    gradient_checkpointing="on")
-    recipe = dict(name=f"gpu-{method}", model=dict(name=str(model)), method=method,
+                    gradient_checkpointing="on", precision=precision or "auto")
+    recipe = dict(name=f"gpu-{name}", model=dict(name=str(model)), method=method,
                   dataset=dict(path=str(data), format="completion"), training=training)
     if method == "full":
         training.update(optimizer="adamw_8bit", gradient_checkpointing="on", micro_batch_size=1)
@@ -45,7 +47,7 @@ def reload_check(out: Path, model: Path) -> dict:
     torch.cuda.empty_cache()  # the next method's training process needs the whole GPU
     return dict(reload_max_logit_diff=round(difference, 4), logit_scale=round(scale, 2),
                 base_max_logit_diff=None if base_difference is None else round(base_difference, 4),
-                reload_ok=difference <= tolerance(scale))
+                reload_ok=difference <= tolerance(scale, out))
 
 
 def main() -> int:
@@ -78,6 +80,7 @@ def main() -> int:
                                    peak_gpu_gib=run["peak_gpu_gib"], tokens_per_s=run["tokens_per_s"],
                                    gradient_checkpointing=run["gradient_checkpointing"],
                                    trainable_params=run["trainable_params"], device=run["device"],
+                                   autocast=run.get("autocast"),
                                    wall_seconds=round(time.time() - started, 1), versions=run["versions"]))
     return 0
 

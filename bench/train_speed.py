@@ -31,6 +31,9 @@ CLOUDTUNE_PROFILES = {
                                                                 memory_limit_gib=22)),
     "cloudtune-qlora-24g-mb2": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
                                                                     memory_limit_gib=22)),
+    # the path of GPUs without bf16 (T4, V100): fp16 autocast with loss scaling, rehearsed on this GPU
+    "cloudtune-qlora-fp16": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                 precision="fp16")),
     # ablations: the dense packed mask instead of per-document attention; every layer checkpointed
     "cloudtune-qlora-sdpa": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
                                                                  attention="sdpa")),
@@ -70,7 +73,7 @@ def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int
     return dict(profile=profile, steps_measured=len(measured), seconds=round(seconds, 3), real_tokens=tokens,
                 real_tok_per_s=round(tokens / seconds, 1), peak_mem_gib=run["peak_gpu_gib"],
                 gradient_checkpointing=run["gradient_checkpointing"], checkpointed_layers=run["checkpointed_layers"],
-                attention=run["attention"], fused_kernels=run.get("fused_kernels"),
+                attention=run["attention"], fused_kernels=run.get("fused_kernels"), autocast=run.get("autocast"),
                 trainable_params=run["trainable_params"],
                 device=run["device"])
 

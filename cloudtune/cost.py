@@ -406,8 +406,19 @@ def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_token
     return mb, recomputed, estimate(shape, setup, mb * row_tokens, recomputed), False
 
 
+def precision_problem(recipe: Recipe, gpu: str) -> str | None:
+    """Why the trainer would refuse this GPU (train/model.choose_precision), or None."""
+    if SPECS[gpu].bf16:
+        return None
+    if recipe.training.precision == "bf16":
+        return f"training.precision bf16, and {gpu} has no bf16"
+    if not recipe.uses_lora:
+        return f"full fine-tuning needs bf16, and {gpu} has only fp16"
+    return None
+
+
 def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offer: Offer, spot: bool) -> Estimate:
-    setup = TrainSetup.from_recipe(recipe, autocast=SPECS[offer.gpu].bf16)
+    setup = TrainSetup.from_recipe(recipe)
     usable = usable_gib(offer) * GIB
     if recipe.training.memory_limit_gib:  # the trainer caps its allocator there; the CUDA context comes on top
         usable = min(usable, recipe.training.memory_limit_gib * GIB + CUDA_CONTEXT_BYTES)
@@ -432,6 +443,9 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
         smallest = estimate(model.shape, setup, base.row_tokens, recomputed)
         why = (f"needs {required_bytes(smallest) / GIB:.1f} GiB even at micro-batch 1 with checkpointing "
                f"{checkpointing}; {offer.gpu} has {usable / GIB:.1f} GiB usable")
+    refused = precision_problem(recipe, offer.gpu)
+    if refused:
+        fits, why = False, refused
     return Estimate(offer=offer, spot=spot and offer.spot_price_per_hour is not None, fits=fits,
                     peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=recomputed > 0,
                     checkpointed_layers=recomputed,

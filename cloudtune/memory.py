@@ -194,8 +194,8 @@ class TrainSetup:
     @classmethod
     def from_recipe(cls, recipe, fused_kernels: bool | None = None, autocast: bool = True) -> TrainSetup:
         """The recipe on cloudtune's trainer; `fused_kernels` is known on the training machine, and
-        otherwise follows the recipe (auto: whatever the training image installs). `autocast`: the GPU
-        has bf16 (see train/model.autocast_dtype)."""
+        otherwise follows the recipe (auto: whatever the training image installs). `autocast`: forward
+        passes run under 16-bit autocast, as on every GPU (see train/model.choose_precision)."""
         lora = recipe.lora
         targets = ALL_LINEAR if lora.target_modules == "all-linear" else tuple(lora.target_modules)
         if fused_kernels is None:

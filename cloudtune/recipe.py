@@ -116,6 +116,9 @@ class TrainingSpec(Strict):
                             "auto picks it on NVIDIA GPUs, else sdpa")
     fused_kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Liger Triton kernels (norm, SwiGLU, RoPE, head+loss without logits) on GPUs")
+    precision: Literal["auto", "bf16", "fp16"] = Field(
+        "auto", description="16-bit matmuls on the GPU: auto = bf16 where the GPU has it, else fp16 with loss "
+                            "scaling (T4, V100; LoRA methods only)")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="8-bit variants (bitsandbytes) save optimizer memory")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -355,6 +358,11 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     if recipe.method == "full" and "lora" in fields_set:
         problems.append((("lora",), "method 'full' trains every weight, so LoRA settings do not apply. "
                                     "Remove the lora section, or choose method lora, qlora or 8bit."))
+    if recipe.method == "full" and recipe.training.precision == "fp16":
+        problems.append((("training", "precision"), "full fine-tuning trains its weights in the compute dtype, and "
+                                                    "fp16 weights round small updates away (cloudtune keeps no fp32 "
+                                                    "master copy). Use bf16 or auto on a GPU with bf16, or a LoRA "
+                                                    "method."))
     if recipe.training.epochs is not None and recipe.training.max_steps is not None:
         problems.append((("training", "max_steps"), "set either epochs or max_steps, not both."))
     dataset = recipe.dataset

@@ -101,6 +101,19 @@ def test_checkpointing_and_micro_batch_are_chosen_to_fit(tmp_path):
     assert changes and recipe.training.micro_batch_size * recipe.training.gradient_accumulation == 32
 
 
+def test_gpus_without_bf16_take_lora_in_fp16_and_refuse_full_or_a_bf16_demand(tmp_path):
+    small = {"model": "Qwen/Qwen2.5-0.5B"}
+    _, lora = plan_for(recipe_file(tmp_path, **small), gpu="T4")
+    assert lora.chosen is not None and lora.chosen.offer.gpu == "T4"  # fp16 with loss scaling
+    _, full = plan_for(recipe_file(tmp_path, method="full", training={"micro_batch_size": 1}, **small))
+    t4, = [e for e in full.estimates if e.offer.gpu == "T4"]
+    assert not t4.fits and t4.why == "full fine-tuning needs bf16, and T4 has only fp16"
+    assert t4.peak_gib < 13, "memory alone would have fitted: the refusal is the precision's"
+    assert full.chosen.offer.gpu == "A10"  # the cheapest GPU with bf16
+    _, bf16 = plan_for(recipe_file(tmp_path, training={"precision": "bf16"}, **small), gpu="T4")
+    assert bf16.chosen is None and bf16.estimates[0].why == "training.precision bf16, and T4 has no bf16"
+
+
 def test_a_memory_limit_plans_as_the_smaller_card_would(tmp_path):
     """memory_limit_gib rehearses a 24 GB card on an H100: the plan checkpoints as it would on the A10G."""
     for name in ("free", "capped", "tiny"):

@@ -26,6 +26,8 @@ BAD_RECIPES = [
     ("wrong type", GOOD_HEAD + "training:\n  epochs: many\n", ["training.epochs", "valid number", ":5"]),
     ("negative lr", GOOD_HEAD + "training:\n  learning_rate: -0.001\n", ["training.learning_rate", "greater than 0"]),
     ("unknown method", GOOD_HEAD + "method: qlora+full\n", ["method", "'lora', 'qlora', '8bit' or 'full'", ":4"]),
+    ("fp16 full fine-tuning", GOOD_HEAD + "method: full\ntraining:\n  precision: fp16\n",
+     ["training.precision", "fp32", ":6"]),
     ("lora settings with full", GOOD_HEAD + "method: full\nlora:\n  r: 8\n", ["lora", "method 'full'", ":5"]),
     ("missing dataset", "model: meta-llama/Llama-2-7b-hf\n", ["dataset", "required"]),
     ("dataset file not found", "model: x/y\ndataset:\n  path: nowhere.jsonl\n", ["dataset.path", "not found", ":3"]),

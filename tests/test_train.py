@@ -7,6 +7,7 @@ start with torch costs ~4 s); the exit codes and the kill/resume cases use the r
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -117,6 +118,61 @@ def test_full_fine_tune_saves_a_model_that_reloads(tmp_path):
     assert max_logit_difference(out, str(tiny_llama_dir())) < 1e-4
     sample, = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert isinstance(sample["base"], str) and isinstance(sample["tuned"], str)
+
+
+def test_fp16_trains_lora_with_loss_scaling_and_resumes_with_its_scale(tmp_path):
+    """The path of GPUs without bf16 (T4, V100), on the CPU: forwards autocast to fp16, the loss is
+    scaled so small gradients survive, and a resumed run goes on as the uninterrupted one did."""
+    import shutil
+
+    from cloudtune.train.verify import logit_differences, tolerance
+
+    recipe = make_recipe(tmp_path, ALPACA, training={"precision": "fp16", "checkpoint_steps": 10})
+    out = tmp_path / "out"
+    summary = run(recipe, out)
+    assert summary["autocast"] == "float16"
+    rows = metrics(out)
+    scales = [row["loss_scale"] for row in rows]
+    assert scales[0] == 2.0 ** 16 and all(math.isfinite(row["loss"]) for row in rows)
+    assert_learned(out)
+    difference, scale, _ = logit_differences(out, str(tiny_llama_dir()))
+    assert difference <= tolerance(scale, out)
+
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-00000020", resumed / "checkpoints" / "step-00000020")
+    shutil.copy(out / "metrics.jsonl", resumed / "metrics.jsonl")
+    run(recipe, resumed, resume=True)
+    again = metrics(resumed)
+    assert [row["loss_scale"] for row in again] == scales
+    assert [row["loss"] for row in again] == pytest.approx([row["loss"] for row in rows], rel=1e-4)
+
+
+def test_an_overflowing_fp16_step_is_skipped_and_the_lowered_scale_is_checkpointed(tmp_path):
+    from cloudtune.train import checkpoint
+    from cloudtune.train import model as model_lib
+    from cloudtune.train.loop import StepContext, make_optimizer, train_step
+
+    recipe = load_recipe(make_recipe(tmp_path, ALPACA, training={"precision": "fp16"}))
+    cpu = torch.device("cpu")
+    model = model_lib.prepare_for_training(recipe, model_lib.load_base(recipe, cpu), 0, autocast=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(recipe, trainable, cpu)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)  # past fp16's 65504: the gradients overflow
+    context = StepContext(optimizer, scheduler, scaler, trainable, 1.0, model_lib.choose_precision(recipe, cpu), cpu)
+    ids = torch.arange(3, 35).unsqueeze(0)
+    before = [p.detach().clone() for p in trainable]
+    loss, _, grad_norm = train_step(model, [({"input_ids": ids, "labels": ids}, 32)], context)
+    assert math.isfinite(loss) and grad_norm is None
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable, strict=True)), "an overflowed step was applied"
+    assert scaler.get_scale() == 2.0 ** 39
+
+    (tmp_path / "out").mkdir()
+    saved = checkpoint.save(tmp_path / "out", recipe, model, optimizer, scheduler, checkpoint.State(step=1), scaler)
+    fresh = torch.amp.GradScaler("cpu")
+    checkpoint.restore_latest(tmp_path / "out", recipe, model, optimizer, scheduler, fresh)
+    assert saved.name == "step-00000001" and fresh.get_scale() == 2.0 ** 39
 
 
 def test_dora_rslora_merge_and_offline_wandb(tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State) -> Path:
+def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State, scaler=None) -> Path:
     root = out / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"step-{state.step:08d}"
@@ -49,7 +49,7 @@ def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State) -
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
     torch.save({"weights": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                partial / "state.pt")
@@ -67,7 +67,7 @@ def complete(out: Path) -> list[Path]:
     return sorted(root.glob("step-*")) if root.is_dir() else []
 
 
-def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler) -> State | None:
+def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler, scaler=None) -> State | None:
     found = complete(out)
     if not found:
         return None
@@ -85,6 +85,8 @@ def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler) -> St
             params[name].copy_(tensor.to(params[name].device))
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved.get("scaler"):  # fp16's loss scale, so resuming does not re-learn it
+        scaler.load_state_dict(saved["scaler"])
     torch.set_rng_state(saved["rng"]["torch"])
     random.setstate(saved["rng"]["python"])
     if saved["rng"]["cuda"] is not None and torch.cuda.is_available():

@@ -25,7 +25,8 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
     weights_dir = out / ("adapter" if recipe.uses_lora else "model")
     model.save_pretrained(weights_dir)
     tokenizer.save_pretrained(weights_dir)
-    save_probe(model, encoded, out, device)
+    precision = model_lib.choose_precision(recipe, device)
+    save_probe(model, encoded, out, device, precision)
     if recipe.outputs.samples:
         tuned = generate_samples(recipe, model, tokenizer, encoded.format, device)
         with (out / "samples.jsonl").open("w") as handle:
@@ -62,7 +63,7 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "gradient_checkpointing": checkpointed_layers > 0,
         "checkpointed_layers": checkpointed_layers,
         "fused_kernels": fused_kernels,
-        "autocast": str(model_lib.autocast_dtype(device) or "off").removeprefix("torch."),
+        "autocast": precision.name,
         "attention": model.config._attn_implementation,
         "trainable_params": trainable,
     }
@@ -81,12 +82,12 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def save_probe(model, encoded: Encoded, out: Path, device) -> None:
+def save_probe(model, encoded: Encoded, out: Path, device, precision: model_lib.Precision) -> None:
     """Logits on a fixed input, so anyone can check that the saved weights reproduce the trained model."""
     from safetensors.torch import save_file
 
     ids = torch.tensor([encoded.examples[0][0][:PROBE_TOKENS]], device=device)
-    with torch.no_grad(), model_lib.mixed_precision(device):
+    with torch.no_grad(), model_lib.mixed_precision(precision, device):
         logits = model(input_ids=ids).logits.float().cpu()
     save_file({"input_ids": ids.cpu(), "logits": logits.contiguous()}, str(out / "probe.safetensors"))
 
@@ -109,7 +110,7 @@ def _generate(model, tokenizer, prompt: str, recipe: Recipe, device) -> str:
     if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id] + ids
     inputs = torch.tensor([ids], device=device)
-    with torch.no_grad(), model_lib.mixed_precision(device):
+    with torch.no_grad(), model_lib.mixed_precision(model_lib.choose_precision(recipe, device), device):
         generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
                                    max_new_tokens=recipe.outputs.sample_max_new_tokens, use_cache=True,
                                    pad_token_id=tokenizer.pad_token_id)

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ def preflight(recipe: Recipe, device: torch.device) -> None:
     if recipe.method in ("qlora", "8bit") and device.type != "cuda":
         raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
                              "Run it on a GPU backend, or use method lora/full on this machine.")
+    model_lib.choose_precision(recipe, device)  # a GPU without the precision asked for fails before loading
     if recipe.outputs.push_to_hub and not os.environ.get("HF_TOKEN"):
         raise CloudtuneError(f"outputs.push_to_hub '{recipe.outputs.push_to_hub}' needs HF_TOKEN in the environment.",
                              "Add HF_TOKEN to the recipe's secrets and set it where you run cloudtune.")
@@ -134,7 +136,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
 
     base = model_lib.load_base(recipe, device)
     fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
-    autocast = model_lib.autocast_dtype(device) is not None
+    precision = model_lib.choose_precision(recipe, device)
+    autocast = precision.autocast is not None
     recomputed = checkpointed_layers(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples),
                                      fused_kernels=fused, autocast=autocast)
     model = model_lib.prepare_for_training(recipe, base, recomputed, autocast=autocast)
@@ -154,9 +157,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     optimizer = make_optimizer(recipe, trainable, device)
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=int(spec.warmup_ratio * steps),
                               num_training_steps=steps)
+    scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
     state = checkpoint.State()
     if resume:
-        restored = checkpoint.restore_latest(out, recipe, model, optimizer, scheduler)
+        restored = checkpoint.restore_latest(out, recipe, model, optimizer, scheduler, scaler)
         state = restored or state
         say(f"resumed from step {state.step}" if restored else "resume: no checkpoint yet, starting from step 0")
     metrics_path = out / "metrics.jsonl"
@@ -169,6 +173,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
         f"(≤{spec.max_seq_len} tokens each), {len(batcher)} micro-batches per epoch")
     model.train()
     stream = _micro_batches(batcher, state)
+    step_context = StepContext(optimizer, scheduler, scaler, trainable, spec.max_grad_norm, precision, device)
     print_every = max(1, steps // 50)  # every step stays in metrics.jsonl; the terminal gets ~50 lines
     last_loss = float("nan")  # a resumed run that is already complete trains no step
     with metrics_path.open("a") as metrics_file, _sigterm_flag() as stop_requested:
@@ -177,13 +182,11 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                 t0 = time.perf_counter()
                 group = [next(stream) for _ in range(spec.gradient_accumulation)]
                 try:
-                    last_loss, n_items, grad_norm = train_step(model, group, optimizer, scheduler, trainable,
-                                                               spec.max_grad_norm, device)
+                    last_loss, n_items, grad_norm = train_step(model, group, step_context)
                 except torch.cuda.OutOfMemoryError:
                     recomputed = _checkpoint_all_after_oom(recipe, model, optimizer, state.step + 1, recomputed,
                                                            layers)
-                    last_loss, n_items, grad_norm = train_step(model, group, optimizer, scheduler, trainable,
-                                                               spec.max_grad_norm, device)
+                    last_loss, n_items, grad_norm = train_step(model, group, step_context)
                 dt = time.perf_counter() - t0
                 step_tokens = sum(tokens for _, tokens in group)
                 state.step += 1
@@ -194,6 +197,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                            tokens=state.tokens, step_tokens=step_tokens, trained_tokens=n_items,
                            tokens_per_s=round(step_tokens / dt, 1), grad_norm=grad_norm,
                            seconds=round(state.train_seconds, 3))
+                if scaler is not None:  # steps whose gradients overflowed were skipped and show grad_norm null
+                    row["loss_scale"] = scaler.get_scale()
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 tracker.log(row)
@@ -202,7 +207,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                         f"tok/s {row['tokens_per_s']:.0f}")
                 due = bool(spec.checkpoint_steps) and state.step % spec.checkpoint_steps == 0
                 if state.step < steps and (due or stop_requested()):
-                    saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state)
+                    saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state, scaler)
                     if stop_requested():
                         raise Stopped(state.step, saved)
         finally:
@@ -218,28 +223,49 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     return summary
 
 
-def train_step(model, group: list, optimizer, scheduler, trainable: list, max_grad_norm: float | None,
-               device: torch.device) -> tuple[float, int, float | None]:
+@dataclass(frozen=True)
+class StepContext:
+    """What an optimizer step needs besides the model and its micro-batches."""
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler | None  # fp16 only: scales the loss so small gradients survive
+    trainable: list
+    max_grad_norm: float | None
+    precision: model_lib.Precision
+    device: torch.device
+
+
+def train_step(model, group: list, step: StepContext) -> tuple[float, int, float | None]:
     """One optimizer step over a group of micro-batches; returns (loss, trained tokens, grad norm).
 
     The loss is the mean over every trained token of the step, however they fall into micro-batches:
-    each micro-batch's summed token loss is divided by the whole step's token count.
+    each micro-batch's summed token loss is divided by the whole step's token count. Under fp16 loss
+    scaling a step whose gradients overflowed is skipped (the scaler lowers its scale) and its grad
+    norm is None.
     """
+    device, scaler, optimizer = step.device, step.scaler, step.optimizer
     n_items = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch, _ in group)
     loss_sum = 0.0
     for batch, _tokens in group:
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with model_lib.mixed_precision(device):
+        with model_lib.mixed_precision(step.precision, device):
             loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.detach().float().item()
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)) if max_grad_norm else None
-    optimizer.step()
-    scheduler.step()
+    if scaler:
+        scaler.unscale_(optimizer)  # clipping and the reported norm see the true gradients
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(step.trainable, step.max_grad_norm)) if step.max_grad_norm \
+        else None
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    step.scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # so the step's time is the GPU's, not just the launch queue's
-    return loss_sum, n_items, grad_norm
+    return loss_sum, n_items, grad_norm if grad_norm is None or math.isfinite(grad_norm) else None
 
 
 @contextmanager

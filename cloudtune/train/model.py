@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -78,31 +79,55 @@ def model_source(recipe: Recipe) -> str:
     return str(tiny_llama_dir()) if recipe.model.init == "tiny-llama" else recipe.model.name
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32  # CPU bf16 matmuls are slow and lossy; the CPU path is for tests and the demo
+@dataclass(frozen=True)
+class Precision:
+    weights: torch.dtype  # what the frozen base (or, for full fine-tuning, every weight) is stored in
+    autocast: torch.dtype | None  # what matmuls run in; None: each in its weights' dtype
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 gradients underflow without it; the fp32 LoRA weights take the unscaled update."""
+        return self.autocast == torch.float16
+
+    @property
+    def name(self) -> str:
+        return str(self.autocast or "off").removeprefix("torch.")
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype adapter matmuls run in: bf16 on GPUs that have it, else None (no autocast).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-    peft keeps LoRA weights in fp32 for the optimizer's sake; without autocast every LoRA matmul
-    casts its bf16 input to fp32, keeps that copy for backward and runs off the tensor cores
-    (on an H100, 7B QLoRA: 9,947 → 14,425 tok/s and 62 → 37 GiB, bench/results/train_speed.jsonl).
-    fp16 GPUs are left out: their gradients would need loss scaling.
+
+def choose_precision(recipe: Recipe, device: torch.device) -> Precision:
+    """bf16 on GPUs that have it, else fp16 with loss scaling; `training.precision` can insist on either.
+
+    peft keeps LoRA weights in fp32 for the optimizer's sake; every forward runs under autocast so
+    that LoRA's matmuls read the layer's 16-bit input on the tensor cores instead of keeping an fp32
+    copy of it for backward (on an H100, 7B QLoRA: 9,947 → 14,425 tok/s and 62 → 37 GiB,
+    bench/results/train_speed.jsonl). On a CPU the weights stay fp32 (bf16 matmuls there are slow
+    and lossy); naming a precision still autocasts to it, which is how the tests run the GPU paths.
     """
-    if device.type == "cuda" and compute_dtype(device) == torch.bfloat16:
-        return torch.bfloat16
-    return None
+    wanted = recipe.training.precision
+    if device.type != "cuda":
+        return Precision(torch.float32, DTYPES.get(wanted))
+    has_bf16 = torch.cuda.is_bf16_supported()
+    gpu = torch.cuda.get_device_name(device)
+    if wanted == "bf16" and not has_bf16:
+        raise CloudtuneError(f"training.precision bf16: the {gpu} has no bf16.",
+                             "Set precision to auto or fp16, or run on a GPU with bf16 (A10, L4, A100, H100, ...).")
+    if wanted == "bf16" or (wanted == "auto" and has_bf16):
+        return Precision(torch.bfloat16, torch.bfloat16)
+    if not recipe.uses_lora:
+        raise CloudtuneError(f"method full on the {gpu}: without bf16 its weights would train in fp16, "
+                             "where small updates round away; cloudtune keeps no fp32 master copy.",
+                             "Use a GPU with bf16 (A10, L4, A100, H100, ...) or a LoRA method.")
+    return Precision(torch.float16, torch.float16)
 
 
-def mixed_precision(device: torch.device):
+def mixed_precision(precision: Precision, device: torch.device):
     """The context every forward pass of the trained model runs in (training steps and samples alike)."""
     from contextlib import nullcontext
 
-    dtype = autocast_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    return torch.autocast(device.type, dtype=precision.autocast) if precision.autocast else nullcontext()
 
 
 def load_tokenizer(recipe: Recipe):
@@ -118,12 +143,12 @@ def load_tokenizer(recipe: Recipe):
 def load_base(recipe: Recipe, device: torch.device):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = compute_dtype(device)
+    dtype = choose_precision(recipe, device).weights
     kwargs: dict = dict(dtype=dtype, revision=recipe.model.revision,
                         attn_implementation=attention.implementation(recipe.training.attention, device),
                         trust_remote_code=recipe.model.trust_remote_code)
     if recipe.method == "qlora":
-        # The QLoRA recipe: nf4 with double quantisation, matmuls in bf16. The packed 4-bit weights keep
+        # The QLoRA recipe: nf4 with double quantisation, matmuls in 16 bits. The packed 4-bit weights keep
         # the default uint8 storage; a float storage dtype only matters for FSDP sharding.
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -188,11 +213,11 @@ def set_checkpointed_layers(model, count: int) -> None:
 def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int, autocast: bool):
     """LoRA (or full) on the loaded base, with the first `checkpointed_layers` decoder layers recomputed in backward.
 
-    With `autocast` (forward passes under `mixed_precision`), each LoRA module reads the layer's bf16
+    With `autocast` (forward passes under `mixed_precision`), each LoRA module reads the layer's 16-bit
     input as it is: peft's cast to the fp32 adapter dtype would keep a second, fp32 copy of every
-    module's input for backward, only for autocast to cast it back to bf16.
+    module's input for backward, only for autocast to cast it back to 16 bits.
     """
-    # Quantised bases stay in bf16 around the 4/8-bit weights, and get_peft_model freezes the base.
+    # Quantised bases stay in 16 bits around the 4/8-bit weights, and get_peft_model freezes the base.
     # peft's prepare_model_for_kbit_training would upcast norms, embeddings and the 32k-wide head to
     # fp32: the head matmul then runs without tensor cores and the residual stream doubles in size.
     set_checkpointed_layers(model, checkpointed_layers)

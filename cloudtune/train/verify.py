@@ -17,22 +17,35 @@ TOLERANCE = 1e-4  # fp32 on one machine reproduces to rounding
 LOW_PRECISION_RELATIVE = 1e-2
 
 
+# run.json's autocast dtype -> the training.precision that reproduces it
+PRECISION_OF_AUTOCAST = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def run_recipe(out: Path, base_source: str):
+    """The settings a finished run trained with, as far as they change its logits: the same kernels
+    (Liger's norms and RoPE round differently from the eager ones) and the same precision."""
+    from ..recipe import Recipe
+
+    run = json.loads((out / "run.json").read_text())
+    training = {"attention": run.get("attention", "auto"), "fused_kernels": "on" if run.get("fused_kernels") else "off",
+                "precision": PRECISION_OF_AUTOCAST.get(run.get("autocast"), "auto")}
+    recipe = Recipe.model_validate({"model": {"name": base_source}, "method": run["method"], "training": training,
+                                    "dataset": {"hub": "unused"}})
+    return recipe, run["weights_dir"]
+
+
 def reload(out: Path, base_source: str, device: torch.device | None = None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ..recipe import Recipe
     from .loop import pick_device
-    from .model import apply_fused_kernels, compute_dtype, load_base
+    from .model import apply_fused_kernels, choose_precision, load_base
 
     device = device or pick_device()
-    run = json.loads((out / "run.json").read_text())
-    # The same kernels as in training: Liger's norms and RoPE round differently from the eager ones.
-    training = {"attention": run.get("attention", "auto"), "fused_kernels": "on" if run.get("fused_kernels") else "off"}
-    recipe = Recipe.model_validate({"model": {"name": base_source}, "method": run["method"], "training": training,
-                                    "dataset": {"hub": "unused"}})
-    if run["weights_dir"] == "model":
-        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=compute_dtype(device)).to(device)
+    recipe, weights_dir = run_recipe(out, base_source)
+    if weights_dir == "model":
+        dtype = choose_precision(recipe, device).weights
+        model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=dtype).to(device)
         apply_fused_kernels(recipe, model, device)
         return model
     base = load_base(recipe, device)
@@ -44,12 +57,13 @@ def logit_differences(out: Path, base_source: str) -> tuple[float, float, float 
     """(max |reloaded - probe|, max |probe|, max |base without adapter - probe| or None)."""
     from safetensors.torch import load_file
 
-    from .model import mixed_precision
+    from .model import choose_precision, mixed_precision
 
     probe = load_file(str(out / "probe.safetensors"))
     model = reload(out, base_source).eval()
     ids = probe["input_ids"].to(model.device)
-    with torch.no_grad(), mixed_precision(model.device):
+    precision = choose_precision(run_recipe(out, base_source)[0], model.device)
+    with torch.no_grad(), mixed_precision(precision, model.device):
         logits = model(input_ids=ids).logits.float().cpu()
         base_diff = None
         if hasattr(model, "disable_adapter"):
@@ -62,8 +76,11 @@ def max_logit_difference(out: Path, base_source: str) -> float:
     return logit_differences(out, base_source)[0]
 
 
-def tolerance(scale: float) -> float:
-    low_precision = torch.cuda.is_available()  # the trainer computes in bf16/fp16 on a GPU, fp32 on a CPU
+def tolerance(scale: float, out: Path) -> float:
+    """How far reloaded logits may stray from the probe: rounding, in the precision the run computed in
+    (16-bit weights on a GPU, or autocast to 16 bits anywhere; fp32 on a CPU otherwise)."""
+    recipe, _ = run_recipe(out, "unused")
+    low_precision = torch.cuda.is_available() or recipe.training.precision != "auto"
     return max(TOLERANCE, LOW_PRECISION_RELATIVE * scale) if low_precision else TOLERANCE
 
 
@@ -79,7 +96,7 @@ def main(argv: list[str]) -> int:
     spec = {"init": model.split(":", 1)[1]} if model.startswith("init:") else {"name": model}
     recipe = Recipe.model_validate({"model": spec, "dataset": {"hub": "unused"}})
     diff, scale, base_diff = logit_differences(out, model_source(recipe))
-    ok = diff <= tolerance(scale)
+    ok = diff <= tolerance(scale, out)
     against_base = f"; the base without the adapter differs by {base_diff:.2e}" if base_diff is not None else ""
     print(f"reloaded {out / run['weights_dir']}: max |logit difference| = {diff:.2e} of logits up to {scale:.1f} "
           f"({'matches' if ok else 'MISMATCH'} the end of training){against_base}")
