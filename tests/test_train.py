@@ -168,6 +168,19 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_lowered_scale_is_checkpoint
     assert all(torch.equal(a, b) for a, b in zip(before, trainable, strict=True)), "an overflowed step was applied"
     assert scaler.get_scale() == 2.0 ** 39
 
+    # a step that ran out of memory after unscaling is redone with a scaler that has not seen it
+    batch = {"input_ids": ids, "labels": ids}
+    with model_lib.mixed_precision(context.precision, cpu):
+        scaler.scale(model(**batch).loss).backward()
+    scaler.unscale_(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        train_step(model, [(batch, 32)], context)
+    optimizer.zero_grad(set_to_none=True)
+    redo = context.for_a_redone_step()
+    assert redo.scaler.get_scale() == 2.0 ** 39
+    train_step(model, [(batch, 32)], redo)
+
     (tmp_path / "out").mkdir()
     saved = checkpoint.save(tmp_path / "out", recipe, model, optimizer, scheduler, checkpoint.State(step=1), scaler)
     fresh = torch.amp.GradScaler("cpu")

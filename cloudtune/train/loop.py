@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -186,6 +186,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                 except torch.cuda.OutOfMemoryError:
                     recomputed = _checkpoint_all_after_oom(recipe, model, optimizer, state.step + 1, recomputed,
                                                            layers)
+                    step_context = step_context.for_a_redone_step()
                     last_loss, n_items, grad_norm = train_step(model, group, step_context)
                 dt = time.perf_counter() - t0
                 step_tokens = sum(tokens for _, tokens in group)
@@ -197,8 +198,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                            tokens=state.tokens, step_tokens=step_tokens, trained_tokens=n_items,
                            tokens_per_s=round(step_tokens / dt, 1), grad_norm=grad_norm,
                            seconds=round(state.train_seconds, 3))
-                if scaler is not None:  # steps whose gradients overflowed were skipped and show grad_norm null
-                    row["loss_scale"] = scaler.get_scale()
+                if step_context.scaler is not None:  # overflowed steps were skipped and show grad_norm null
+                    row["loss_scale"] = step_context.scaler.get_scale()
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 tracker.log(row)
@@ -207,7 +208,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                         f"tok/s {row['tokens_per_s']:.0f}")
                 due = bool(spec.checkpoint_steps) and state.step % spec.checkpoint_steps == 0
                 if state.step < steps and (due or stop_requested()):
-                    saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state, scaler)
+                    saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state, step_context.scaler)
                     if stop_requested():
                         raise Stopped(state.step, saved)
         finally:
@@ -233,6 +234,15 @@ class StepContext:
     max_grad_norm: float | None
     precision: model_lib.Precision
     device: torch.device
+
+    def for_a_redone_step(self) -> StepContext:
+        """A step that failed part-way may have unscaled its gradients already; the scaler refuses to
+        do that twice before an update, so the redo gets a copy that has not seen this step."""
+        if self.scaler is None:
+            return self
+        fresh = torch.amp.GradScaler(self.device.type)
+        fresh.load_state_dict(self.scaler.state_dict())
+        return replace(self, scaler=fresh)
 
 
 def train_step(model, group: list, step: StepContext) -> tuple[float, int, float | None]:
