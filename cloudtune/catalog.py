@@ -152,6 +152,8 @@ def canonical_gpu(name: str, instance_type: str = "") -> str | None:
             return "H100-PCIE"
         if re.search(r"NVL(?!INK)", instance):
             return "H100-NVL"
+        if re.fullmatch(r"\d+X_H100_SECURE", instance):  # RunPod's plain H100 is the PCIe card (its SXM is H100-SXM)
+            return "H100-PCIE"
     return found
 
 
@@ -223,10 +225,11 @@ def _sha256(path: Path) -> str:
 
 
 def seed_sky_catalog() -> Path:
-    """Copy each bundled catalog file SkyPilot does not have yet into its catalog directory.
+    """Copy each bundled catalog file SkyPilot does not have yet into its catalog directory, and
+    replace an earlier seeded copy, untouched since, when this cloudtune bundles a newer snapshot.
 
-    Files already there (SkyPilot's own downloads, or a user's edits) are left alone. A seeded file
-    has no `.md5` in `.meta/`, which SkyPilot reads as "modified locally": it never tries to
+    Other files already there (SkyPilot's own downloads, a user's edits) are left alone. A seeded
+    file has no `.md5` in `.meta/`, which SkyPilot reads as "modified locally": it never tries to
     download that file again, so nothing here waits on the network.
     """
     target = sky_catalog_dir()
@@ -237,12 +240,15 @@ def seed_sky_catalog() -> Path:
         relative = source.relative_to(SNAPSHOT_DIR).as_posix()
         dest = target / relative
         if dest.exists():
-            continue
+            seeded = record.get(relative)
+            bundled = _sha256(source)
+            if not seeded or seeded["sha256"] == bundled or _sha256(dest) != seeded["sha256"]:
+                continue
         dest.parent.mkdir(parents=True, exist_ok=True)
         scratch = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
         shutil.copyfile(source, scratch)
         os.replace(scratch, dest)  # atomic: a concurrent reader sees all of it or nothing
-        record[relative] = {"sha256": _sha256(source), "snapshot_date": snapshot_date()}
+        record[relative] = {"sha256": _sha256(dest), "snapshot_date": snapshot_date()}
         changed = True
     if changed:
         _write_json(record_path, record)

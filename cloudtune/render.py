@@ -161,6 +161,7 @@ def gpus_table(catalog, title: str, specs: dict) -> Table:
                       f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"),
                       f"{offer.cloud} {escape(offer.region)} [dim]{escape(offer.instance_type)}[/]",
                       f"{offer.price_per_hour:.2f}", spot)
+    return table
 
 
 def launch_order_table(shown: dict, snapshot_date: str) -> Table:

@@ -5,6 +5,7 @@ its catalog directory when it is imported, and no test may touch the real ~/.sky
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudtune.catalog import SNAPSHOT_DIR, bundled_clouds, canonical_gpu, match_gpus, snapshot_date
+from cloudtune.catalog import SEED_RECORD, SNAPSHOT_DIR, bundled_clouds, canonical_gpu, match_gpus, snapshot_date
 from cloudtune.errors import CloudtuneError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,8 @@ def test_the_instance_type_tells_h100_variants_apart():
     assert canonical_gpu("H100", "gpu_1x_h100_pcie") == "H100-PCIE"  # Lambda
     assert canonical_gpu("H100", "1x-H100_NVL-32-65536") == "H100-NVL"  # Vast
     assert canonical_gpu("H100-NVLINK", "H100_NVLINK_80GB::8") == "H100"  # Fluidstack's SXM boards
+    assert canonical_gpu("H100", "1x_H100_SECURE") == "H100-PCIE"  # RunPod (its SXM card is H100-SXM)
+    assert canonical_gpu("H100-SXM", "8x_H100-SXM_SECURE") == "H100"
 
 
 def test_a_family_name_matches_every_variant_and_says_so():
@@ -124,6 +127,31 @@ def test_a_catalog_skypilot_already_has_is_used_not_overwritten(tmp_path, ct_hom
     assert [o["price_per_hour"] for o in data["offers"] if o["instance_type"] == "gpu_1x_a10"] == [0.55]
     assert data["sources"]["lambda"]["origin"] == "SkyPilot catalog"
     assert "0.55" in (catalogs / "lambda" / "vms.csv").read_text()
+
+
+def test_a_newer_bundled_snapshot_replaces_an_untouched_older_seed_and_the_table_lists_it(tmp_path, ct_home):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = sky_env(home, ct_home)
+    assert cli(env, "gpus", "--json", "--cloud", "lambda").returncode == 0
+    catalogs = home / ".sky" / "catalogs" / "v8"
+    record_path = catalogs / SEED_RECORD
+    # as an older cloudtune would have left them: an older seeded file, and one SkyPilot downloaded
+    older = (SNAPSHOT_DIR / "lambda" / "vms.csv").read_text().replace("gpu_1x_a10,A10,1.0,30.0,200.0,1.29",
+                                                                      "gpu_1x_a10,A10,1.0,30.0,200.0,0.99")
+    (catalogs / "lambda" / "vms.csv").write_text(older)
+    record = json.loads(record_path.read_text())
+    record["lambda/vms.csv"]["sha256"] = hashlib.sha256(older.encode()).hexdigest()
+    record_path.write_text(json.dumps(record))
+    (catalogs / "vast").mkdir(exist_ok=True)
+    downloaded = (SNAPSHOT_DIR / "vast" / "vms.csv").read_text() + "\n"
+    (catalogs / "vast" / "vms.csv").write_text(downloaded)
+
+    table = cli({**env, "COLUMNS": "200"}, "gpus", "--gpu", "A10", "--cloud", "lambda", "--cloud", "vast")
+    assert table.returncode == 0, table.stderr
+    assert "gpu_1x_a10" in table.stdout and "1.29" in table.stdout and "0.99" not in table.stdout
+    assert (catalogs / "lambda" / "vms.csv").read_bytes() == (SNAPSHOT_DIR / "lambda" / "vms.csv").read_bytes()
+    assert (catalogs / "vast" / "vms.csv").read_text() == downloaded, "SkyPilot's own download stays"
 
 
 def test_refresh_without_network_changes_nothing(tmp_path, ct_home):
