@@ -58,6 +58,9 @@ class GpuSpec:
 
 # Dense (no 2:4 sparsity) tensor throughput with fp32 accumulation; datasheets quote the sparse
 # figure first, so it is halved here. "≈" marks figures derived rather than printed by the vendor.
+# Professional (non-GeForce) cards run fp16/bf16 with fp32 accumulation at the full fp16 rate, so an
+# Ada datasheet's "AI TFLOPS" (FP8, sparse) is divided by 4 (RTX 6000 Ada: 1,457 -> 364, as the Ada
+# whitepaper prints) and a Blackwell RTX PRO "AI TOPS" (FP4, sparse) by 8.
 _SPECS = [
     GpuSpec("T4", "T4", 16, 65, 320, False, ECC_GDDR, "NVIDIA T4 datasheet: 65 TFLOPS FP16 mixed precision; no bf16"),
     GpuSpec("V100", "V100", 16, 125, 900, False, HBM, "NVIDIA V100 datasheet (SXM2): 125 TFLOPS FP16 tensor; no bf16"),
@@ -89,6 +92,14 @@ _SPECS = [
     GpuSpec("RTX5090", "RTX5090", 32, 209.5, 1792, True, GEFORCE, "NVIDIA Blackwell GeForce whitepaper (≈)"),
     GpuSpec("RTXA2000", "RTXA2000", 12, 32, 288, True, ECC_GDDR,
             "NVIDIA RTX A2000 datasheet: 63.9 TFLOPS tensor, sparse"),
+    GpuSpec("RTXA4000", "RTXA4000", 16, 76.7, 448, True, ECC_GDDR,
+            "NVIDIA RTX A4000 datasheet: 153.4 TFLOPS tensor, sparse; 16 GB, 448 GB/s"),
+    GpuSpec("RTXA5000", "RTXA5000", 24, 111.1, 768, True, ECC_GDDR,
+            "NVIDIA RTX A5000 datasheet: 222.2 TFLOPS tensor, sparse; 24 GB, 768 GB/s"),
+    GpuSpec("RTX2000-Ada", "RTX2000-Ada", 16, 48, 224, True, ECC_GDDR,
+            "NVIDIA RTX 2000 Ada datasheet: 191.9 TFLOPS tensor (FP8, sparse) / 4 (≈, derived); 16 GB, 224 GB/s"),
+    GpuSpec("RTXPRO5000", "RTXPRO5000", 48, 258, 1344, True, ECC_GDDR,
+            "NVIDIA RTX PRO 5000 Blackwell: ≈ 2,064 AI TOPS (FP4 sparse) / 8 (derived); 48 GB, 1,344 GB/s"),
     GpuSpec("A100", "A100", 40, 312, 1555, True, HBM, "NVIDIA A100 datasheet: 312 TFLOPS BF16 (40GB, 1,555 GB/s)"),
     GpuSpec("A100-80GB", "A100", 80, 312, 2039, True, HBM,
             "NVIDIA A100 datasheet: 312 TFLOPS BF16 (80GB SXM, 2,039 GB/s)"),
@@ -122,7 +133,10 @@ _ALIASES = {
     "RTXA6000": "A6000", "6000ADA": "RTX6000-Ada", "RTX6000ADAGENERATION": "RTX6000-Ada",
     "RTXPRO6000S": "RTXPRO6000", "RTXPRO6000BLACKWELL": "RTXPRO6000", "RTXPRO6000SE": "RTXPRO6000",
     "V10016GB": "V100", "V100SXM2": "V100", "V100SXM216GB": "V100", "V100SXM232GB": "V100-32GB",
-    "A2000": "RTXA2000",
+    "A2000": "RTXA2000", "A4000": "RTXA4000", "A5000": "RTXA5000",
+    "2000ADA": "RTX2000-Ada", "RTX2000ADAGENERATION": "RTX2000-Ada", "RTXPRO5000BLACKWELL": "RTXPRO5000",
+    # The Workstation Edition: the same GB202 (188 SMs), 96 GB and 1,792 GB/s as the Server Edition, 4,000 AI TOPS.
+    "RTXPRO6000WK": "RTXPRO6000", "RTXPRO6000WS": "RTXPRO6000", "RTXPRO6000BLACKWELLWORKSTATIONEDITION": "RTXPRO6000",
 }
 _FAMILY_NOTES = {
     "A10": "A10 also matches A10G, AWS's variant of it (same 24 GB, lower tensor throughput); "

@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
     ("4090", "RTX4090"), ("NVIDIA GeForce RTX 3090", "RTX3090"), ("RTXA6000", "A6000"), ("A6000", "A6000"),
     ("RTX 6000 Ada", "RTX6000-Ada"), ("RTX6000", "RTX6000"), ("V100-32GB", "V100-32GB"), ("Tesla T4", "T4"),
     ("L40S", "L40S"), ("L40", "L40"), ("L4", "L4"), ("RTXPRO6000S", "RTXPRO6000"), ("MI300X", "MI300X"),
+    ("RTXA5000", "RTXA5000"), ("NVIDIA RTX A4000", "RTXA4000"), ("RTX2000-Ada", "RTX2000-Ada"),
+    ("RTXPRO5000", "RTXPRO5000"), ("RTXPRO6000-WK", "RTXPRO6000"),
 ])
 def test_gpu_spellings_normalise(spelling, canonical):
     assert canonical_gpu(spelling) == canonical
