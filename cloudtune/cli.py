@@ -95,7 +95,19 @@ def init(path: Path, template: str, list_only: bool, force: bool) -> None:
     copied = _copy_template_data(text, path.parent)
     console.print(f"wrote [bold]{path}[/] from template {template}" + (f" (+ {', '.join(copied)})" if copied else ""))
     console.print(f"next: [bold]cloudtune validate {path}[/], then [bold]cloudtune cost {path}[/] "
-                  f"or [bold]cloudtune run {path}[/]")
+                  f"or [bold]{escape(_run_command(text, template, path))}[/]")
+
+
+def _run_command(template_text: str, template: str, path: Path) -> str:
+    """The run command the template's header suggests (the demo runs locally, the others name a GPU),
+    pointed at the user's copy."""
+    for line in template_text.splitlines():
+        if not line.startswith("#"):
+            break
+        command = line.lstrip("# ").split("  #")[0].strip()
+        if command.startswith("cloudtune run "):
+            return command.replace(f"tasks/{template}.yaml", str(path))
+    return f"cloudtune run {path}"
 
 
 def _copy_template_data(text: str, dest: Path) -> list[str]:

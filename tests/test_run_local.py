@@ -19,10 +19,16 @@ from cloudtune.ledger import Ledger
 from .conftest import demo_recipe_text, write_recipe
 
 
-def test_demo_run_trains_and_the_adapter_reloads(tmp_path, monkeypatch):
+def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=60))
-    result = CliRunner().invoke(cli, ["run", "--backend", "local", "--json", str(recipe)])
+    recipe = tmp_path / "demo.yaml"
+    init = CliRunner().invoke(cli, ["init", str(recipe)])
+    assert init.exit_code == 0, init.output
+    assert (tmp_path / "data" / "demo-chat.jsonl").is_file()
+    command = " ".join(init.output.split()).split(" or ")[-1].split()  # rich may wrap the line
+    assert command == ["cloudtune", "run", "--backend", "local", str(recipe)]
+    recipe.write_text(recipe.read_text().replace("max_steps: 300", "max_steps: 60"))
+    result = CliRunner().invoke(cli, [*command[1:-1], "--json", command[-1]])
     assert result.exit_code == 0, result.output
     receipt = json.loads(result.stdout[result.stdout.index("{"):])
     out = Path(receipt["output_dir"])
