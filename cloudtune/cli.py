@@ -279,17 +279,14 @@ def logs(run_ref: str, follow: bool) -> None:
 
 @cli.command()
 @click.argument("run_ref", metavar="RUN", required=False)
-@click.option("--all", "all_runs", is_flag=True, help="Every machine cloudtune started that is not terminated.")
 @click.option("--dry-run", is_flag=True, help="List what would be torn down; change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def down(run_ref: str | None, all_runs: bool, dry_run: bool, yes: bool) -> None:
-    """Stop and remove machines cloudtune started (one run's, or --all)."""
+def down(run_ref: str | None, dry_run: bool, yes: bool) -> None:
+    """Find and remove every machine cloudtune started that is still up (or only RUN's)."""
     from .teardown import find_machines, tear_down
 
-    if not run_ref and not all_runs:
-        raise CloudtuneError("say which machines: a RUN id, or --all.", "`cloudtune status` lists runs.")
     problems: list[str] = []
-    machines = find_machines(None if all_runs else run_ref, problems=problems)
+    machines = find_machines(run_ref, problems=problems)
     for problem in problems:
         err_console.print(f"[yellow]warning:[/] {escape(problem)}")
     if not machines:
