@@ -320,9 +320,11 @@ def _plan_run(recipe, backend: str, out: Console, report):
     plan = make_plan(recipe, report)
     chosen = plan.chosen
     if chosen is None:
-        raise CloudtuneError("no GPU offer fits this fine-tune: " + plan.estimates[0].why + ".",
-                             "See `cloudtune cost` for every offer; try method qlora, a shorter max_seq_len, "
-                             "or a bigger GPU with --gpu.")
+        why = plan.estimates[0].why
+        hint = ("a GPU with bf16 (A10, L4, A100, H100, ...) with --gpu, or a LoRA method" if "bf16" in why
+                else "method qlora, a shorter max_seq_len, or a bigger GPU with --gpu")
+        raise CloudtuneError(f"no GPU offer fits this fine-tune: {why}.",
+                             f"See `cloudtune cost` for every offer; try {hint}.")
     check_budget(plan, recipe.compute.max_cost)
     offer = chosen.offer
     out.print(f"[bold cyan]▸ plan[/] {offer.gpu}×{offer.gpu_count} on {offer.cloud} {escape(offer.region)} "
