@@ -110,6 +110,11 @@ def test_gpus_without_bf16_take_lora_in_fp16_and_refuse_full_or_a_bf16_demand(tm
     assert not t4.fits and t4.why == "full fine-tuning needs bf16, and T4 has only fp16"
     assert t4.peak_gib < 13, "memory alone would have fitted: the refusal is the precision's"
     assert full.chosen.offer.gpu == "A10"  # the cheapest GPU with bf16
+    refused = CliRunner().invoke(cli, ["run", "--backend", "skypilot", "--dry-run", "--gpu", "T4",
+                                       str(tmp_path / "recipe.yaml")])
+    message = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and "full fine-tuning needs bf16, and T4 has only fp16" in message
+    assert "try a GPU with bf16" in message and "Traceback" not in message
     _, bf16 = plan_for(recipe_file(tmp_path, training={"precision": "bf16"}, **small), gpu="T4")
     assert bf16.chosen is None and bf16.estimates[0].why == "training.precision bf16, and T4 has no bf16"
 
