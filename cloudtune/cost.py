@@ -438,7 +438,8 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
     price = offer.spot_price_per_hour if spot and offer.spot_price_per_hour is not None else offer.price_per_hour
     real = work.tokens / work.processed if work.processed else 1.0  # trained share of processed tokens
     why = (f"{_si(work.tokens)} tokens at {_si(tps_low * real)}–{_si(tps_high * real)} tok/s "
-           f"({recipe.method}, micro-batch {mb}, checkpointing {checkpointing}) "
+           f"({recipe.method}{'' if SPECS[offer.gpu].bf16 else ' in fp16 with loss scaling'}, micro-batch {mb}, "
+           f"checkpointing {checkpointing}) "
            f"+ {over_low * 60:.0f}–{over_high * 60:.0f} min {over_what}")
     if not fits:
         smallest = estimate(model.shape, setup, base.row_tokens, recomputed)

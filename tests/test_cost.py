@@ -104,7 +104,7 @@ def test_checkpointing_and_micro_batch_are_chosen_to_fit(tmp_path):
 def test_gpus_without_bf16_take_lora_in_fp16_and_refuse_full_or_a_bf16_demand(tmp_path):
     small = {"model": "Qwen/Qwen2.5-0.5B"}
     _, lora = plan_for(recipe_file(tmp_path, **small), gpu="T4")
-    assert lora.chosen is not None and lora.chosen.offer.gpu == "T4"  # fp16 with loss scaling
+    assert lora.chosen is not None and lora.chosen.offer.gpu == "T4" and "in fp16 with loss scaling" in lora.chosen.why
     _, full = plan_for(recipe_file(tmp_path, method="full", training={"micro_batch_size": 1}, **small))
     t4, = [e for e in full.estimates if e.offer.gpu == "T4"]
     assert not t4.fits and t4.why == "full fine-tuning needs bf16, and T4 has only fp16"
