@@ -27,6 +27,19 @@ os.environ.setdefault("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
+def sky_env(home: Path, ct_home: Path) -> dict:
+    """The environment of a CLI process whose SkyPilot state lives under `home`, never in the real ~/.sky
+    (tests/test_skypilot.py needs sky imported first under its own HOME)."""
+    env = {k: v for k, v in os.environ.items() if k != "SKY_RUNTIME_DIR"}
+    return {**env, "HOME": str(home), "CLOUDTUNE_HOME": str(ct_home), "PYTHONPATH": str(REPO),
+            "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1"}
+
+
+def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cloudtune.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
 @pytest.fixture(scope="session")
 def shared_home(tmp_path_factory) -> Path:
     """One CLOUDTUNE_HOME for the session's model cache, so the tiny model is written once."""

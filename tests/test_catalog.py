@@ -10,14 +10,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cloudtune.catalog import SEED_RECORD, SNAPSHOT_DIR, bundled_clouds, canonical_gpu, match_gpus, snapshot_date
 from cloudtune.errors import CloudtuneError
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import cli, sky_env
 
 
 @pytest.mark.parametrize("spelling,canonical", [
@@ -62,17 +61,6 @@ def test_unknown_and_unsupported_gpus_are_clear_errors():
     with pytest.raises(CloudtuneError) as old:
         match_gpus("K80")
     assert "tensor cores" in old.value.message
-
-
-def sky_env(home: Path, ct_home: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "SKY_RUNTIME_DIR"}
-    return {**env, "HOME": str(home), "CLOUDTUNE_HOME": str(ct_home), "PYTHONPATH": str(REPO),
-            "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1"}
-
-
-def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cloudtune.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_offers_are_read_through_skypilot_offline_then_from_the_cache(tmp_path, ct_home):

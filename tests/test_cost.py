@@ -27,8 +27,8 @@ from cloudtune.plan import Offer
 from cloudtune.recipe import load_recipe
 from cloudtune.shapes import resolve_model
 
-from .conftest import demo_recipe_text, write_recipe
-from .test_catalog import sky_env
+from .conftest import cli as cli_process
+from .conftest import demo_recipe_text, sky_env, write_recipe
 
 OFFERS = [
     Offer("vast", "Texas, US", "1x-T4", "T4", 1, 16, 0.15),
@@ -101,7 +101,7 @@ def test_checkpointing_and_micro_batch_are_chosen_to_fit(tmp_path):
     assert changes and recipe.training.micro_batch_size * recipe.training.gradient_accumulation == 32
 
 
-def test_gpus_without_bf16_take_lora_in_fp16_and_refuse_full_or_a_bf16_demand(tmp_path):
+def test_gpus_without_bf16_take_lora_in_fp16_and_refuse_full_or_a_bf16_demand(tmp_path, ct_home):
     small = {"model": "Qwen/Qwen2.5-0.5B"}
     _, lora = plan_for(recipe_file(tmp_path, **small), gpu="T4")
     assert lora.chosen is not None and lora.chosen.offer.gpu == "T4" and "in fp16 with loss scaling" in lora.chosen.why
@@ -110,10 +110,12 @@ def test_gpus_without_bf16_take_lora_in_fp16_and_refuse_full_or_a_bf16_demand(tm
     assert not t4.fits and t4.why == "full fine-tuning needs bf16, and T4 has only fp16"
     assert t4.peak_gib < 13, "memory alone would have fitted: the refusal is the precision's"
     assert full.chosen.offer.gpu == "A10"  # the cheapest GPU with bf16
-    refused = CliRunner().invoke(cli, ["run", "--backend", "skypilot", "--dry-run", "--gpu", "T4",
-                                       str(tmp_path / "recipe.yaml")])
-    message = " ".join(refused.output.split())
-    assert refused.exit_code == 2 and "full fine-tuning needs bf16, and T4 has only fp16" in message
+    # in a process of its own: the plan reads the catalog through SkyPilot, which must not be imported here
+    (tmp_path / "home").mkdir()
+    refused = cli_process(sky_env(tmp_path / "home", ct_home), "run", "--backend", "skypilot", "--dry-run",
+                          "--gpu", "T4", str(tmp_path / "recipe.yaml"))
+    message = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "full fine-tuning needs bf16, and T4 has only fp16" in message
     assert "try a GPU with bf16" in message and "Traceback" not in message
     _, bf16 = plan_for(recipe_file(tmp_path, training={"precision": "bf16"}, **small), gpu="T4")
     assert bf16.chosen is None and bf16.estimates[0].why == "training.precision bf16, and T4 has no bf16"
