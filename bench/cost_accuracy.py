@@ -133,7 +133,7 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None
     recomputed = planned if checkpointed_layers is None else checkpointed_layers
     step = StepConditions(shape, recipe.method, recomputed / shape.layers, work.span, mb * work.width,
                           setup.lora_targets if recipe.uses_lora else ())
-    low, high = gpu_tokens_per_second(gpu, 1, step, setup.impl.fused_loss)
+    low, high = gpu_tokens_per_second(gpu, step, setup.impl.fused_loss)
     seconds = train_seconds((work.processed, work.processed), (low, high))
     return dict(planned_gradient_checkpointing=planned > 0, planned_checkpointed_layers=planned,
                 planned_micro_batch=mb, fits=fits,

@@ -328,9 +328,9 @@ def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = Fals
     return low * factor[0], high * factor[1], f"{len(chosen)} {basis}"
 
 
-def gpu_tokens_per_second(offer_gpu: str, gpu_count: int, step: StepConditions, fused_kernels: bool = False,
+def gpu_tokens_per_second(offer_gpu: str, step: StepConditions, fused_kernels: bool = False,
                           calibrated: tuple[tuple[dict, ...], float] | None = None) -> tuple[float, float]:
-    """Processed tokens per second (low, high) on a machine with `gpu_count` GPUs of one kind.
+    """Processed tokens per second (low, high) on one GPU of this kind.
 
     The trainer is single-process: it uses one GPU whatever the machine has, so more GPUs add cost
     and no speed (make_plan says so). `calibrated`: other calibration rows than the bundled ones,
@@ -428,7 +428,7 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
     work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
     step = StepConditions(model.shape, recipe.method, recomputed / model.shape.layers, work.span, mb * work.width,
                           setup.lora_targets if recipe.uses_lora else ())
-    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, offer.gpu_count, step, setup.impl.fused_loss)
+    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, step, setup.impl.fused_loss)
     checkpointing = checkpointing_note(recomputed, model.shape.layers)
     processed = (work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)) \
         if not work.exact else (work.processed, work.processed)

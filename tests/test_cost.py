@@ -304,7 +304,7 @@ def test_each_measured_run_is_predicted_from_the_others():
         others = lines[:index] + lines[index + 1:]
         if sum(o["stack"] == "cloudtune" and o["method"] == row["method"] for o in others) < 2:
             continue  # too few others of its method to predict from
-        low, high = gpu_tokens_per_second(row["gpu"], 1, row_conditions(row), True, calibrated=calibrate(others))
+        low, high = gpu_tokens_per_second(row["gpu"], row_conditions(row), True, calibrated=calibrate(others))
         time_error = row["tokens_per_s"] / ((low + high) / 2) - 1  # predicted seconds / measured seconds - 1
         assert time_error == pytest.approx(0, abs=0.20), row["source"]
         checked += 1
