@@ -408,13 +408,11 @@ def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_token
 
 
 def precision_problem(recipe: Recipe, gpu: str) -> str | None:
-    """Why the trainer would refuse this GPU (train/model.choose_precision), or None."""
-    if SPECS[gpu].bf16:
-        return None
-    if recipe.training.precision == "bf16":
-        return f"training.precision bf16, and {gpu} has no bf16"
-    if not recipe.uses_lora:
-        return f"full fine-tuning needs bf16, and {gpu} has only fp16"
+    """Why the trainer would refuse this GPU, or None."""
+    try:
+        recipe.gpu_precision(gpu, SPECS[gpu].bf16)
+    except CloudtuneError as refused:
+        return refused.message
     return None
 
 

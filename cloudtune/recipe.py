@@ -209,6 +209,21 @@ class Recipe(Strict):
     def uses_lora(self) -> bool:
         return self.method != "full"
 
+    def gpu_precision(self, gpu: str, has_bf16: bool) -> str:
+        """"bf16" or "fp16": what the trainer computes in on this GPU (auto: bf16 where the GPU has it,
+        else fp16 with loss scaling). Raises CloudtuneError when it cannot train this recipe there; the
+        planner marks such offers as not fitting with the same message."""
+        wanted = self.training.precision
+        if wanted == "bf16" and not has_bf16:
+            raise CloudtuneError(f"training.precision bf16, and {gpu} has no bf16",
+                                 "Set precision to auto or fp16, or use a GPU with bf16 (A10, L4, A100, H100, ...).")
+        if wanted == "bf16" or (wanted == "auto" and has_bf16):
+            return "bf16"
+        if not self.uses_lora:  # fp16 weights round small updates away; there is no fp32 master copy
+            raise CloudtuneError(f"full fine-tuning needs bf16, and {gpu} has only fp16",
+                                 "Use a GPU with bf16 (A10, L4, A100, H100, ...) or a LoRA method.")
+        return "fp16"
+
     def dataset_file(self) -> Path | None:
         """The local dataset as an absolute path, or None for a hub dataset."""
         if self.dataset.path is None:

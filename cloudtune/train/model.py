@@ -106,21 +106,10 @@ def choose_precision(recipe: Recipe, device: torch.device) -> Precision:
     bench/results/train_speed.jsonl). On a CPU the weights stay fp32 (bf16 matmuls there are slow
     and lossy); naming a precision still autocasts to it, which is how the tests run the GPU paths.
     """
-    wanted = recipe.training.precision
     if device.type != "cuda":
-        return Precision(torch.float32, DTYPES.get(wanted))
-    has_bf16 = torch.cuda.is_bf16_supported()
-    gpu = torch.cuda.get_device_name(device)
-    if wanted == "bf16" and not has_bf16:
-        raise CloudtuneError(f"training.precision bf16: the {gpu} has no bf16.",
-                             "Set precision to auto or fp16, or run on a GPU with bf16 (A10, L4, A100, H100, ...).")
-    if wanted == "bf16" or (wanted == "auto" and has_bf16):
-        return Precision(torch.bfloat16, torch.bfloat16)
-    if not recipe.uses_lora:
-        raise CloudtuneError(f"method full on the {gpu}: without bf16 its weights would train in fp16, "
-                             "where small updates round away; cloudtune keeps no fp32 master copy.",
-                             "Use a GPU with bf16 (A10, L4, A100, H100, ...) or a LoRA method.")
-    return Precision(torch.float16, torch.float16)
+        return Precision(torch.float32, DTYPES.get(recipe.training.precision))
+    dtype = DTYPES[recipe.gpu_precision(torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported())]
+    return Precision(dtype, dtype)
 
 
 def mixed_precision(precision: Precision, device: torch.device):
