@@ -3,7 +3,7 @@
 paramiko is imported here and nowhere else. Host keys are checked against known_hosts and a changed
 key is never accepted. The training runs detached in its own session (setsid), writing its log and
 exit status to files, so losing the connection loses nothing: the log is re-read from the last byte
-seen, and `cloudtune logs RUN -f` / `cloudtune down RUN` rebuild everything from ctx.meta (the ledger).
+seen, and `cloudtune logs RUN -f` / `cloudtune down RUN` rebuild everything from _meta(ctx) (the ledger).
 
 On the machine, under the remote root (default ~/.cloudtune/remote):
   bundles/<sha256>.tar.gz   uploaded once per distinct bundle (`.part` while an upload is unfinished)
@@ -37,9 +37,11 @@ import paramiko
 
 from .. import manifest
 from ..errors import CloudtuneError
+from ..events import Events
 from ..secrets import Redactor
 from ..wheel import build_wheel, train_requirements
-from .base import EXIT_FILE, LOG_FILE, Backend, Bundle, RunContext, secrets_env
+from .base import EXIT_FILE, LOG_FILE, Backend, Bundle, MachineState, RunContext, secrets_env
+from .ssh_options import SSHOptions
 
 DEFAULT_REMOTE_ROOT = "~/.cloudtune/remote"
 KNOWN_HOSTS_ENV = "CLOUDTUNE_KNOWN_HOSTS"
@@ -282,17 +284,44 @@ def _connect_error(exc: BaseException, where: str, host: str, port: int, key: st
     return CloudtuneError(f"SSH to {where} failed: {type(exc).__name__}: {exc}.")
 
 
+class SSHState(MachineState):
+    ssh_user: str | None = None
+    ssh_host: str | None = None
+    ssh_port: int | None = None
+    ssh_key: str | None = None
+    known_hosts: str | None = None
+    keep_remote: bool = False
+    base_python: str | None = None
+    remote_root: str | None = None
+    remote_dir: str | None = None
+    remote_python: str | None = None
+    pid: int | None = None
+    container: str | None = None
+    docker_image: str | None = None
+    docker_user: str | None = None
+    docker_gpus: bool = False
+
+
+def _meta(ctx: RunContext) -> dict:
+    # Transitional: the package split gives every field its own accessor.
+    return ctx.state.__dict__
+
+
 class SSHBackend(Backend):
     name = "ssh"
+    Options = SSHOptions
+    State = SSHState
 
-    def __init__(self, host: str | None = None, key: str | Path | None = None, trust_new_host: bool = False,
-                 keep_remote: bool = False, known_hosts: str | Path | None = None, remote_python: str | None = None,
+    def __init__(self, options: SSHOptions | None = None, events: Events | None = None, *,
+                 known_hosts: str | Path | None = None, remote_python: str | None = None,
                  remote_root: str | None = None):
-        # All of these go into ctx.meta at provision; a backend rebuilt by `logs`/`down` gets them from there.
-        self.address = parse_host(host) if host else None
-        self.key = str(Path(key).expanduser().resolve()) if key else None
-        self.trust_new_host = trust_new_host
-        self.keep_remote = keep_remote
+        super().__init__(options, events)
+        options = self.options
+        # All of these go into the state at provision; a backend rebuilt by `logs`/`down` gets them from there.
+        self.address = parse_host(options.host) if options.host else None
+        self.key = str(Path(options.key).expanduser().resolve()) if options.key else None
+        self.trust_new_host = options.trust_new_host
+        self.keep_remote = options.keep_remote
         self.known_hosts = known_hosts_path(known_hosts)
         self.remote_python = remote_python or os.environ.get(REMOTE_PYTHON_ENV) or ""
         self.remote_root = remote_root or os.environ.get(REMOTE_ROOT_ENV) or DEFAULT_REMOTE_ROOT
@@ -304,24 +333,22 @@ class SSHBackend(Backend):
     # -- connection ------------------------------------------------------------------------------
 
     @property
-    def _events(self):
-        from ..runner import Events
-
-        return self.events or Events()
+    def _events(self) -> Events:
+        return self.events
 
     @staticmethod
     def _where(ctx: RunContext) -> str:
-        return f"{ctx.meta['ssh_user']}@{ctx.meta['ssh_host']}:{ctx.meta['ssh_port']}"
+        return f"{_meta(ctx)['ssh_user']}@{_meta(ctx)['ssh_host']}:{_meta(ctx)['ssh_port']}"
 
     def _connection(self, ctx: RunContext) -> paramiko.SSHClient:
         if self._active():
             return self._client
         if self._client is not None:
-            self._events.warn(f"connection to {ctx.meta['ssh_host']} lost; reconnecting")
+            self._events.warn(f"connection to {_meta(ctx)['ssh_host']} lost; reconnecting")
         self._disconnect()
-        if "ssh_host" not in ctx.meta:
+        if ctx.state.ssh_host is None:
             raise CloudtuneError(f"run {ctx.run_id} has no SSH address in the ledger: it stopped before connecting.")
-        meta = ctx.meta
+        meta = _meta(ctx)
         self._client = connect(meta["ssh_user"], meta["ssh_host"], meta["ssh_port"], meta.get("ssh_key"),
                                Path(meta["known_hosts"]), self.trust_new_host, self._events.warn)
         return self._client
@@ -364,7 +391,7 @@ class SSHBackend(Backend):
                 if attempt == TRANSFER_ATTEMPTS:
                     raise CloudtuneError(f"lost the connection to {self._where(ctx)} while {what} ({exc or 'EOF'}).",
                                          "Run again: finished work is kept and transfers resume.") from None
-                self._events.warn(f"connection to {ctx.meta['ssh_host']} lost while {what}; reconnecting")
+                self._events.warn(f"connection to {_meta(ctx)['ssh_host']} lost while {what}; reconnecting")
                 time.sleep(attempt)
 
     def _run(self, ctx: RunContext, script: str, *, check: bool = True,
@@ -403,7 +430,7 @@ class SSHBackend(Backend):
         if self.address is None:
             raise CloudtuneError("the ssh backend needs a machine: --host user@ip[:port].")
         user, host, port = self.address
-        ctx.meta.update(ssh_user=user, ssh_host=host, ssh_port=port, ssh_key=self.key,
+        _meta(ctx).update(ssh_user=user, ssh_host=host, ssh_port=port, ssh_key=self.key,
                         known_hosts=str(self.known_hosts), keep_remote=self.keep_remote)
         code = PROBE_CODE.format(mark=MARK, major=MIN_PYTHON[0], minor=MIN_PYTHON[1])
         script = PROBE_SCRIPT.format(python=shlex.quote(self.remote_python), mark=MARK, code=shlex.quote(code),
@@ -423,7 +450,7 @@ class SSHBackend(Backend):
             raise CloudtuneError(f"{host}: {probe['python']} is Python {probe['version']}; the training needs "
                                  f">= {MIN_PYTHON[0]}.{MIN_PYTHON[1]}.",
                                  f"Install a newer Python there, or name one with {REMOTE_PYTHON_ENV}=/path.")
-        ctx.meta.update(base_python=probe["python"], remote_root=probe["root"], remote_dir=probe["run"])
+        _meta(ctx).update(base_python=probe["python"], remote_root=probe["root"], remote_dir=probe["run"])
         self._events.phase("connected", f"{self._where(ctx)}, Python {probe['version']} ({probe['python']})")
         if ctx.recipe is not None and ctx.recipe.compute.remote_env == "docker":
             self._check_docker(ctx, ctx.recipe.compute.image)
@@ -438,12 +465,12 @@ class SSHBackend(Backend):
         if not wheels:
             raise CloudtuneError("the bundle carries no cloudtune wheel for the machine to install.")
         archive = self._upload(ctx, bundle)
-        run = ctx.meta["remote_dir"]
+        run = _meta(ctx)["remote_dir"]
         if secrets:
             self._write_private(ctx, f"{run}/secrets.env", secrets_env(secrets))
         self._run(ctx, f"tar -xzf {shlex.quote(archive)} -C {shlex.quote(run)}")
         requirements = train_requirements(self._wheel or build_wheel())
-        docker = bool(ctx.meta.get("container"))
+        docker = bool(_meta(ctx).get("container"))
         python = self.ensure_image(ctx, requirements) if docker else self.ensure_python(ctx, requirements)
         # cloudtune goes into the run's own directory, not the shared venv, so runs of different
         # cloudtune versions can train side by side on one machine.
@@ -451,13 +478,13 @@ class SSHBackend(Backend):
                    f"--disable-pip-version-check --target {shlex.quote(run + '/site')} "
                    f"{shlex.quote(run + '/' + wheels[0])}")
         self._run(ctx, f"docker run --rm {self._docker_args(ctx)} {install}" if docker else install)
-        ctx.meta["remote_python"] = python
+        _meta(ctx)["remote_python"] = python
 
     def start(self, ctx: RunContext, resume: bool = False) -> None:
-        run = ctx.meta["remote_dir"]
-        env = {"CLOUDTUNE_PYTHON": ctx.meta["remote_python"], "CLOUDTUNE_HOME": ctx.meta["remote_root"],
+        run = _meta(ctx)["remote_dir"]
+        env = {"CLOUDTUNE_PYTHON": _meta(ctx)["remote_python"], "CLOUDTUNE_HOME": _meta(ctx)["remote_root"],
                "PYTHONPATH": f"{run}/site", "PYTHONUNBUFFERED": "1"}
-        if ctx.meta.get("container"):
+        if _meta(ctx).get("container"):
             self._start_container(ctx, env, resume)
             return
         assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in env.items())
@@ -473,12 +500,12 @@ class SSHBackend(Backend):
         if not pid or not pid.isdigit():
             raise CloudtuneError(f"could not start the training on {self._where(ctx)}:\n{output[-2000:]}")
         # Not being a group leader, the shell's child made its own session: its pid is the group id.
-        ctx.meta["pid"] = int(pid)
+        _meta(ctx)["pid"] = int(pid)
 
     def exit_code(self, ctx: RunContext) -> int | None:
         for _ in range(10):
             try:
-                text = self._read(ctx, f"{ctx.meta['remote_dir']}/{EXIT_FILE}").strip()
+                text = self._read(ctx, f"{_meta(ctx)['remote_dir']}/{EXIT_FILE}").strip()
             except FileNotFoundError:
                 return None
             if text:
@@ -487,9 +514,9 @@ class SSHBackend(Backend):
         return None
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
-        if "remote_dir" not in ctx.meta:
+        if ctx.state.remote_dir is None:
             return
-        path = f"{ctx.meta['remote_dir']}/{LOG_FILE}"
+        path = f"{_meta(ctx)['remote_dir']}/{LOG_FILE}"
         offset, pending, lost_since, checked_process = 0, b"", None, 0.0
         while True:
             try:
@@ -512,7 +539,7 @@ class SSHBackend(Backend):
                         f"{RECONNECT_SECONDS} s ({exc or 'EOF'}).",
                         f"Once the machine answers again, `cloudtune logs {ctx.run_id} -f` reattaches to the "
                         f"training and `cloudtune down {ctx.run_id}` stops it and cleans up.") from None
-                self._events.warn(f"connection to {ctx.meta['ssh_host']} lost ({exc or 'EOF'}); "
+                self._events.warn(f"connection to {_meta(ctx)['ssh_host']} lost ({exc or 'EOF'}); "
                                   "reconnecting to resume the log")
                 time.sleep(min(5.0, 1 + (time.time() - lost_since) / 4))
                 continue
@@ -530,7 +557,7 @@ class SSHBackend(Backend):
             time.sleep(POLL_SECONDS)
 
     def pull(self, ctx: RunContext, staging: Path) -> None:
-        out = f"{ctx.meta['remote_dir']}/out"
+        out = f"{_meta(ctx)['remote_dir']}/out"
         files = self._retrying(ctx, "listing the outputs", lambda: self._walk(ctx, out, top=True))
         total = sum(size for _, size in files)
         done = 0
@@ -548,30 +575,30 @@ class SSHBackend(Backend):
         try:
             manifest.verify(staging, manifest.read_manifest(staging / manifest.MANIFEST))
         except CloudtuneError as exc:
-            ctx.meta["keep_remote"] = True  # the machine holds the only copy now: teardown must not delete it
+            _meta(ctx)["keep_remote"] = True  # the machine holds the only copy now: teardown must not delete it
             raise CloudtuneError(exc.message, f"Nothing was moved into your output directory. The outputs stay on "
                                               f"{self._where(ctx)} in {out} for you to inspect.") from None
 
     def stop(self, ctx: RunContext) -> None:
-        if not self._started(ctx) or "ssh_host" not in ctx.meta:
+        if not self._started(ctx) or ctx.state.ssh_host is None:
             return
         try:
             self._stop_group(ctx)
         except Exception as exc:  # noqa: BLE001 - stopping is best effort; teardown verifies and reports
             if not isinstance(exc, CloudtuneError) and not self._lost(exc):
                 raise
-            self._events.warn(f"could not stop the training on {ctx.meta['ssh_host']}: {exc}")
+            self._events.warn(f"could not stop the training on {_meta(ctx)['ssh_host']}: {exc}")
 
     def teardown(self, ctx: RunContext) -> bool:
-        run = ctx.meta.get("remote_dir")
+        run = _meta(ctx).get("remote_dir")
         if not run:
             return True  # provisioning never got as far as creating anything on the machine
         try:
             self._save_log(ctx)
             # One round trip: stop what still runs, remove the run's files, report both.
             script = self._stop_script(ctx, STOP_GRACE_SECONDS) + "\n" if self._started(ctx) else ""
-            doomed = run + "/secrets.env" if ctx.meta.get("keep_remote") else run
-            bundles = shlex.quote(ctx.meta["remote_root"] + "/bundles")
+            doomed = run + "/secrets.env" if _meta(ctx).get("keep_remote") else run
+            bundles = shlex.quote(_meta(ctx)["remote_root"] + "/bundles")
             script += (f"rm -rf -- {shlex.quote(doomed)}\n"
                        f"[ -e {shlex.quote(doomed)} ] && echo {MARK}left || echo {MARK}removed\n"
                        f"(cd {bundles} 2>/dev/null && ls -1t -- *.tar.gz 2>/dev/null | tail -n +{KEEP_BUNDLES + 1} "
@@ -582,7 +609,7 @@ class SSHBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - reported as "not verified", and `cloudtune down` can retry
             if not isinstance(exc, CloudtuneError) and not self._lost(exc):
                 raise
-            self._events.warn(f"could not clean up on {ctx.meta.get('ssh_host')}: {exc}")
+            self._events.warn(f"could not clean up on {_meta(ctx).get('ssh_host')}: {exc}")
             return False
         finally:
             self._disconnect()
@@ -591,7 +618,7 @@ class SSHBackend(Backend):
 
     def _upload(self, ctx: RunContext, bundle: Bundle) -> str:
         """Put the bundle on the machine once per sha256; an interrupted upload resumes where it stopped."""
-        target = f"{ctx.meta['remote_root']}/bundles/{bundle.sha256}.tar.gz"
+        target = f"{_meta(ctx)['remote_root']}/bundles/{bundle.sha256}.tar.gz"
         if self._remote_sha256(ctx, target) == bundle.sha256:
             self._events.phase("upload", "skipped: the machine already has this bundle (sha256 matches)")
             return target
@@ -646,7 +673,7 @@ class SSHBackend(Backend):
 
     def ensure_python(self, ctx: RunContext, requirements: list[str]) -> str:
         """The machine's Python when it has the requirements already; otherwise a venv built once per set."""
-        base = ctx.meta["base_python"]
+        base = _meta(ctx)["base_python"]
         _, output = self._run(ctx, f"{shlex.quote(base)} -c {shlex.quote(MISSING_CODE)} {shlex.quote(MARK)} "
                                    f"{shlex.quote(json.dumps(requirements))}")
         missing = json.loads(self._marked(output) or "null")
@@ -656,7 +683,7 @@ class SSHBackend(Backend):
             self._events.phase("env", f"{base} already has the training packages")
             return base
         key = hashlib.sha256(json.dumps([base, sorted(requirements)]).encode()).hexdigest()[:16]
-        venv = f"{ctx.meta['remote_root']}/envs/{key}"
+        venv = f"{_meta(ctx)['remote_root']}/envs/{key}"
         self._events.phase("env", f"{venv}: a venv for {', '.join(missing)} (built once, reused by later runs)")
         _, output = self._run(ctx, f"{shlex.quote(base)} -c {shlex.quote(VENV_CODE)} {shlex.quote(MARK)} "
                                    f"{shlex.quote(venv)} {shlex.quote(json.dumps(requirements))}",
@@ -674,12 +701,12 @@ class SSHBackend(Backend):
                 handle.seek(offset)
                 return handle.read(1 << 20)
         except FileNotFoundError:
-            self._files(ctx).stat(ctx.meta["remote_dir"])  # raises FileNotFoundError when the run dir is gone
+            self._files(ctx).stat(_meta(ctx)["remote_dir"])  # raises FileNotFoundError when the run dir is gone
             return b""
 
     def _finished(self, ctx: RunContext, check_process: bool) -> bool:
         try:
-            self._files(ctx).stat(f"{ctx.meta['remote_dir']}/{EXIT_FILE}")
+            self._files(ctx).stat(f"{_meta(ctx)['remote_dir']}/{EXIT_FILE}")
             return True
         except FileNotFoundError:
             pass
@@ -690,15 +717,15 @@ class SSHBackend(Backend):
     @staticmethod
     def _started(ctx: RunContext) -> bool:
         """Whether there may be a training to look at or stop: a process group, or a container."""
-        return bool(ctx.meta.get("pid") or ctx.meta.get("container"))
+        return bool(_meta(ctx).get("pid") or _meta(ctx).get("container"))
 
     def _stop_script(self, ctx: RunContext, grace: float | str) -> str:
         """Prints MARK alive/gone. With a grace, first TERMs the training (process group or container)
         and KILLs what remains once it has passed; with "check", only looks."""
-        if not ctx.meta.get("container"):
-            return (f"{shlex.quote(ctx.meta['base_python'])} -c {shlex.quote(GROUP_CODE)} {shlex.quote(MARK)} "
-                    f"{int(ctx.meta['pid'])} {grace}")
-        name = shlex.quote(ctx.meta["container"])
+        if not _meta(ctx).get("container"):
+            return (f"{shlex.quote(_meta(ctx)['base_python'])} -c {shlex.quote(GROUP_CODE)} {shlex.quote(MARK)} "
+                    f"{int(_meta(ctx)['pid'])} {grace}")
+        name = shlex.quote(_meta(ctx)["container"])
         # docker stop TERMs the container's init, which passes it to the whole training process group
         stopping = "" if grace == "check" else (f"docker stop -t {int(grace)} {name} >/dev/null 2>&1; "
                                                 f"docker rm -f {name} >/dev/null 2>&1\n")
@@ -725,18 +752,18 @@ class SSHBackend(Backend):
         marks = dict(mark.partition(" ")[::2] for mark in self._marks(output))
         if "docker" not in marks:
             said = "\n".join(line for line in output.splitlines() if not line.startswith(MARK))[-1500:]
-            raise CloudtuneError(f"{ctx.meta['ssh_host']}: compute.remote_env is docker, but Docker does not answer "
-                                 f"there for {ctx.meta['ssh_user']}:\n{said}",
+            raise CloudtuneError(f"{_meta(ctx)['ssh_host']}: compute.remote_env is docker, but Docker does not answer "
+                                 f"there for {_meta(ctx)['ssh_user']}:\n{said}",
                                  "Install Docker there (and the NVIDIA container toolkit for GPUs) and let the SSH "
                                  "user run it (the docker group), or set compute.remote_env: python.")
-        ctx.meta.update(docker_image=image, docker_user=marks.get("user", "0:0"), docker_gpus="gpus" in marks,
+        _meta(ctx).update(docker_image=image, docker_user=marks.get("user", "0:0"), docker_gpus="gpus" in marks,
                         container=f"{CONTAINER_PREFIX}{ctx.run_id}")
         self._events.phase("connected", f"Docker {marks['docker']}; training in {image}"
                                         f"{' with the GPUs' if 'gpus' in marks else ''}")
 
     def _docker_args(self, ctx: RunContext, env: dict[str, str] | None = None) -> str:
         """`docker run` options and image: the login user's ids, the remote root at its own path."""
-        meta = ctx.meta
+        meta = _meta(ctx)
         root = meta["remote_root"]
         env = {"HOME": f"{root}/home", "USER": meta["ssh_user"], **(env or {})}
         options = ["--user", meta["docker_user"], "--network", "host", "--ipc", "host", "-v", f"{root}:{root}",
@@ -748,7 +775,7 @@ class SSHBackend(Backend):
     def ensure_image(self, ctx: RunContext, requirements: list[str]) -> str:
         """Pull the image once; returns the Python to train with in it: its own, or a venv over it for
         what it lacks, built once per (image, requirements) under the remote root."""
-        image, root = ctx.meta["docker_image"], ctx.meta["remote_root"]
+        image, root = _meta(ctx)["docker_image"], _meta(ctx)["remote_root"]
         self._run(ctx, f"mkdir -p {shlex.quote(root + '/home')}")
         quoted = shlex.quote(image)
         code, output = self._run(ctx, f"docker image inspect {quoted} >/dev/null 2>&1 || docker pull {quoted}",
@@ -776,11 +803,11 @@ class SSHBackend(Backend):
         return self._marked(output) or f"{venv}/bin/python"
 
     def _start_container(self, ctx: RunContext, env: dict[str, str], resume: bool) -> None:
-        name = shlex.quote(ctx.meta["container"])
+        name = shlex.quote(_meta(ctx)["container"])
         # --init puts tini first; told to, it passes `docker stop`'s TERM to the whole process group,
         # so the trainer checkpoints as it does outside a container.
         options = self._docker_args(ctx, {**env, "TINI_KILL_PROCESS_GROUP": "1"})
-        script = (f"cd {shlex.quote(ctx.meta['remote_dir'])} || exit 1\n"
+        script = (f"cd {shlex.quote(_meta(ctx)['remote_dir'])} || exit 1\n"
                   f"rm -f {EXIT_FILE}\n"
                   f"docker rm -f {name} >/dev/null 2>&1\n"
                   f"id=$(docker run -d --rm --init --name {name} {options} sh bundle/run.sh"
@@ -807,7 +834,7 @@ class SSHBackend(Backend):
     def _save_log(self, ctx: RunContext) -> None:
         """Keep a (redacted) copy of the training log here, for `cloudtune logs` once the machine forgets it."""
         try:
-            text = self._read(ctx, f"{ctx.meta['remote_dir']}/{LOG_FILE}")
+            text = self._read(ctx, f"{_meta(ctx)['remote_dir']}/{LOG_FILE}")
         except FileNotFoundError:
             return
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
