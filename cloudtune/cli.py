@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from importlib import resources
 from pathlib import Path
 
 import click
@@ -62,11 +61,6 @@ def _print_json(data) -> None:
 # init / validate
 
 
-def _templates() -> dict[str, resources.abc.Traversable]:
-    folder = resources.files("cloudtune.tasks")
-    return {entry.name[:-5]: entry for entry in folder.iterdir() if entry.name.endswith(".yaml")}
-
-
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path), default="recipe.yaml")
 @click.option("--template", "-t", default="demo-tiny", show_default=True,
@@ -75,48 +69,17 @@ def _templates() -> dict[str, resources.abc.Traversable]:
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
 def init(path: Path, template: str, list_only: bool, force: bool) -> None:
     """Write a commented recipe to PATH from a ready template."""
-    templates = _templates()
+    from . import templates
+
     if list_only:
-        for name, entry in sorted(templates.items()):
-            first = entry.read_text().splitlines()[0].lstrip("# ")
-            console.print(f"[bold]{name}[/]  {escape(first)}")
+        for name, summary in templates.summaries().items():
+            console.print(f"[bold]{name}[/]  {escape(summary)}")
         return
-    if template not in templates:
-        raise CloudtuneError(f"no template '{template}'.", f"Choose one of: {', '.join(sorted(templates))}.")
-    if path.exists() and not force:
-        raise CloudtuneError(f"{path} already exists.", "Pass --force to overwrite it, or choose another path.")
-    text = templates[template].read_text()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    copied = _copy_template_data(text, path.parent)
-    console.print(f"wrote [bold]{path}[/] from template {template}" + (f" (+ {', '.join(copied)})" if copied else ""))
+    written = templates.write(path, template, force)
+    copied = f" (+ {', '.join(written.copied)})" if written.copied else ""
+    console.print(f"wrote [bold]{path}[/] from template {template}{copied}")
     console.print(f"next: [bold]cloudtune validate {path}[/], then [bold]cloudtune cost {path}[/] "
-                  f"or [bold]{escape(_run_command(text, template, path))}[/]")
-
-
-def _run_command(template_text: str, template: str, path: Path) -> str:
-    """The run command the template's header suggests (the demo runs locally, the others name a GPU),
-    pointed at the user's copy."""
-    for line in template_text.splitlines():
-        if not line.startswith("#"):
-            break
-        command = line.lstrip("# ").split("  #")[0].strip()
-        if command.startswith("cloudtune run "):
-            return command.replace(f"tasks/{template}.yaml", str(path))
-    return f"cloudtune run {path}"
-
-
-def _copy_template_data(text: str, dest: Path) -> list[str]:
-    """Templates that point at bundled sample data get a copy of it beside the new recipe."""
-    copied = []
-    data = resources.files("cloudtune.tasks") / "data"
-    for entry in data.iterdir():
-        relative = f"data/{entry.name}"
-        if relative in text and not (dest / relative).exists():
-            (dest / "data").mkdir(exist_ok=True)
-            (dest / relative).write_bytes(entry.read_bytes())
-            copied.append(relative)
-    return copied
+                  f"or [bold]{escape(written.run_command)}[/]")
 
 
 @cli.command()

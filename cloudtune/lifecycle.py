@@ -354,15 +354,15 @@ def _listed_by_backends(ledger: Ledger, known: list[Machine], backend_for: Backe
     known_names = {machine.name for machine in known}
     found = []
     for name in sorted({row["backend"] for row in rows.values()}):
+        backend = backend_for(name)
+        if not isinstance(backend, ListsMachines):
+            continue
         try:
-            backend = backend_for(name)
-            if not isinstance(backend, ListsMachines):
-                continue
             listed = backend.list_machines()
         except Exception as exc:  # noqa: BLE001 - one backend's trouble must not block tearing down the rest
             if problems is not None:
                 problems.append(f"could not list the {name} backend's machines ({type(exc).__name__}: "
-                                f"{str(exc)[:300]}); check for ct-... machines there by hand")
+                                f"{str(exc)[:300]}); {backend.check_by_hand}")
             continue
         for machine, status in sorted(listed.items()):
             if machine in known_names:

@@ -6,7 +6,7 @@ mixins, SkyPilot's `CloudImplementationFeatures` are the models).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Quote
 
@@ -21,6 +21,9 @@ class DryRuns(ABC):
 
 class ListsMachines(ABC):
     """Knows machines by itself, beyond the ledger (a cloud's cluster list), so `down` can find lost ones."""
+
+    # What a user can do by hand when the list cannot be read.
+    check_by_hand: ClassVar[str] = "check for ct-... machines there by hand"
 
     @abstractmethod
     def list_machines(self) -> dict[str, str]:

@@ -669,6 +669,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
 
     # for `cloudtune down` --------------------------------------------------------------------------
 
+    check_by_hand = "run `sky status` to check for ct-... clusters"
+
     def list_machines(self) -> dict[str, str]:
         """Every SkyPilot cluster cloudtune named (ct-...), with its status."""
         return {name: status for name, status in self.client.status().items() if name.startswith(CLUSTER_PREFIX)}
