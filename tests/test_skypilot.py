@@ -588,8 +588,8 @@ def test_cli_user_errors_for_dry_run_pull_and_down(monkeypatch):
     ledger.add_machine("ct-20260101-000000-0002", "20260101-000000-0002", "skypilot")
     result = runner.invoke(cli, ["down", "--dry-run"])
     assert result.exit_code == 0, result.output
-    assert "ct-20260101-000000-0002" in result.output and "could not list the skypilot backend's machines" in result.output
-    assert "sky status" in result.output
+    assert "ct-20260101-000000-0002" in result.output and "sky status" in result.output
+    assert "could not list the skypilot backend's machines" in result.output
     assert ledger.machine_for_run("20260101-000000-0002")["status"] == "requested"  # dry run: nothing changed
 
 
