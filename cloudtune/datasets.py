@@ -120,16 +120,20 @@ def _csv_rows(path: Path, handle: BinaryIO) -> Iterator[tuple[str, dict]]:
     text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")
     # strict: a quote that is never closed is an error, not the rest of the file read as one field
     reader = csv.DictReader(text, strict=True)
-    start = 1
+    start = 1  # where the row being read began: an unclosed quote is reported where it opened
     try:
+        reader.fieldnames  # noqa: B018 - reads the header, so `start` moves past it
+        start = reader.line_num + 1
         for row in reader:
             if None in row:
                 raise CloudtuneError(f"{path}:{reader.line_num}: more fields than the header has columns.")
             yield f"{path}:{reader.line_num}", row
             start = reader.line_num + 1
     except csv.Error as exc:
-        raise CloudtuneError(f"{path}:{start}: not valid CSV ({exc}); a quoted field that starts here may "
-                             "never be closed.", "Quote fields with \"...\" and double quotes inside them.") from None
+        unclosed = "end of data" in str(exc)
+        raise CloudtuneError(f"{path}:{start}: not valid CSV ({exc})" +
+                             ("; a quoted field opens in this row and is never closed." if unclosed else "."),
+                             'Quote fields with "..." and double the quotes inside them.') from None
     except UnicodeDecodeError:
         raise CloudtuneError(f"{path}:{reader.line_num + 1}: not UTF-8 text.",
                              "Re-save the dataset as UTF-8.") from None

@@ -123,9 +123,9 @@ def writable_dir_problem(path: Path) -> str | None:
 
 
 MAX_CONFIG_BYTES = 16 * 2**20
-# The sizes the cost model multiplies and loops over (one pass per layer), with bounds well past any
-# published model: a config outside them is damaged or hostile, and would price nonsense or never end.
-CONFIG_SIZES = {"hidden_size": 2**20, "intermediate_size": 2**22, "num_hidden_layers": 4096,
+# The sizes the cost model multiplies and loops over (one pass per layer per offer), with bounds past
+# any published dense model: a config outside them is damaged or hostile, and prices nonsense or never ends.
+CONFIG_SIZES = {"hidden_size": 2**20, "intermediate_size": 2**22, "num_hidden_layers": 512,
                 "num_attention_heads": 2**14, "vocab_size": 2**24}
 OPTIONAL_SIZES = {"num_key_value_heads": 2**14, "head_dim": 2**16}
 

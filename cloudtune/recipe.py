@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -31,7 +32,9 @@ FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUN_NAME = re.compile(r"^\w[\w.+=@ -]{0,99}$")
-MIN_PARAMS, MAX_PARAMS = 1e6, 2e12
+# The planner walks a model layer by layer per offer (an assumed shape of 1e300 parameters never ends,
+# 2T takes a minute); 500B is past the largest dense model published.
+MIN_PARAMS, MAX_PARAMS = 1e6, 5e11
 MAX_RECIPE_BYTES = 2**20
 MAX_ECHO_CHARS = 80  # a value quoted back in an error; a 10 MB value must not be
 
@@ -66,6 +69,13 @@ class ModelSpec(Strict):
             raise ValueError("is empty; give a hub id (owner/name) or a local model directory")
         return _path_text(value)
 
+    @field_validator("params", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("is not a finite number; write it like 8B, 500M or 7e9")
+        return value
+
     @field_validator("params")
     @classmethod
     def _parameter_count(cls, value: Any) -> Any:
@@ -82,7 +92,7 @@ class ModelSpec(Strict):
             raise ValueError("is not a parameter count; write it like 8B, 500M or 7e9") from exc
         # The planner sizes a Llama-like model layer by layer: 1e300 parameters would never finish.
         if not MIN_PARAMS <= count <= MAX_PARAMS:
-            raise ValueError(f"{count:.3g} parameters is outside what can be priced (1M to 2T)")
+            raise ValueError(f"{count:.3g} parameters is outside what can be priced (1M to 500B)")
         return value
 
 
@@ -469,7 +479,10 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
 
 
 def _dataset_file_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
-    file = recipe.dataset_file()
+    try:
+        file = recipe.dataset_file()
+    except CloudtuneError as exc:
+        return [(("dataset", "path"), f"{exc.message.removeprefix('dataset.path ')} {exc.hint}")]
     problem = regular_file_problem(file)
     if problem == "no such file":
         return [(("dataset", "path"), f"file not found: {file}. Paths are relative to the recipe file.")]

@@ -90,8 +90,7 @@ class _BudgetLoader(yaml.SafeLoader):
             raise
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. `!!int abc`, `!!float x`, `!!timestamp 99`
             tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            raise _Refused(node.start_mark, f"the value tagged {tag} cannot be read as one "
-                                            f"({type(exc).__name__})") from None
+            raise _Refused(node.start_mark, f"this value cannot be read as {tag} ({type(exc).__name__})") from None
 
 
 def load(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
