@@ -95,7 +95,12 @@ class _BudgetLoader(yaml.SafeLoader):
 
 def load(text: str, path: Path) -> tuple[Any, dict[tuple, int]]:
     """The recipe's data and, for error messages, the line of each key path."""
-    loader = _BudgetLoader(text)
+    try:
+        loader = _BudgetLoader(text)  # the reader refuses NUL and other unprintable characters here
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise CloudtuneError(f"{path}:{line}: the recipe holds a character YAML does not allow "
+                             f"(U+{exc.character:04X}).", HINT) from None
     try:
         root = loader.get_single_node()
         if root is None:

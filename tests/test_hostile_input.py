@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,7 @@ YAML_CASES = {
     "5,000-digit integer": ("x:\n  max_steps: " + "9" * 5000 + "\n", ["recipe.yaml:2:", "5,000 characters"]),
     "python tag": ("x: !!python/object:os.system ls\n", ["recipe.yaml:1:", "not valid YAML"]),
     "list as a key": ("? [a, b]\n: 1\n", ["recipe.yaml:1:", "plain name"]),
+    "raw NUL byte": ("x: a\x00b\n", ["recipe.yaml:1:", "U+0000"]),
 }
 
 
@@ -266,3 +268,136 @@ def test_run_refuses_bad_input_before_starting_anything(tmp_path):
         refused(invoke("run", "--backend", "local", str(write(tmp_path, recipe)), seconds=20))
         assert not (tmp_path / "outputs").exists()
     assert not (tmp_path.parent / "escape").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The property: whatever the recipe and dataset, exit 0 or 2, no traceback, done in seconds
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402 - the fuzz section's own imports
+from hypothesis import strategies as st  # noqa: E402
+
+ANY_CHAR = st.characters(exclude_categories=())  # surrogates, controls and escapes included
+HOSTILE_STRINGS = ["", " ", "../../escape", "/etc/passwd", "/dev/zero", "~nosuchuser/x", "x" * 300, "a\x00b",
+                   "\ud800", "\x1b[31mred", "data", "fifo.jsonl", "loop.jsonl", "8B", "1e300", "nan", "on"]
+SCALARS = st.one_of(
+    st.sampled_from([float("inf"), float("-inf"), float("nan"), 0, -1, 1e300, 2**32, 2**64, True, None]),
+    st.integers(min_value=-(2**70), max_value=2**70), st.floats(), st.sampled_from(HOSTILE_STRINGS),
+    st.text(ANY_CHAR, max_size=12))
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(ANY_CHAR, max_size=6), SCALARS,
+                                                                            max_size=2))
+FIELDS = [("name",), ("model",), ("model", "name"), ("model", "params"), ("model", "init"), ("method",),
+          ("lora", "r"), ("lora", "alpha"), ("lora", "dropout"), ("lora", "target_modules"), ("dataset",),
+          ("dataset", "path"), ("dataset", "format"), ("dataset", "max_rows"), ("dataset", "columns"),
+          ("dataset", "columns", "text"), ("training", "epochs"), ("training", "max_steps"), ("training", "seed"),
+          ("training", "max_seq_len"), ("training", "micro_batch_size"), ("training", "gradient_accumulation"),
+          ("training", "memory_limit_gib"), ("training", "learning_rate"), ("outputs", "dir"),
+          ("outputs", "samples"), ("compute", "gpu"), ("compute", "gpu_count"), ("compute", "max_cost"),
+          ("secrets",), ("tracking",), ("unknown",), ("training", "unknown")]
+# Valid but extreme: these reach the planner, which must still answer in seconds.
+EDGES = [(("model",), {"name": "someone/model", "params": "1M"}), (("model",), {"name": "x/y", "params": "70B"}),
+         (("model",), "meta-llama/Llama-2-70b-hf"), (("method",), "full"), (("method",), "qlora"),
+         (("training", "memory_limit_gib"), 0.001), (("training", "gradient_accumulation"), 65536),
+         (("training", "max_steps"), 10**9), (("training", "max_seq_len"), 131072), (("compute", "gpu_count"), 16),
+         (("training", "micro_batch_size"), 1024), (("compute", "max_cost"), 0.0001), (("dataset", "max_rows"), 1)]
+YAML_SNIPPETS = [ALIAS_BOMB, "r: &r [*r]\n", "d: " + "[" * 200 + "]" * 200 + "\n", "t: !!int abc\n",
+                 "t: !!float x\n", "t: !!binary '%%'\n", "t: !!timestamp 2020-99-99\n", "name: a\nname: b\n",
+                 "n: " + "7" * 4400 + "\n", "? [a]\n: b\n", "t: !!python/name:os.system\n", "\t- x\n", "x: *nope\n",
+                 "--- \n--- \n", "x: 'unclosed\n", "\x00\n", "x: \"\\ud800\"\n"]
+GOOD_LINE = '{"text": "### Alice: hi\\n### Bob: hello"}\n'
+DATA_LINES = st.sampled_from([GOOD_LINE, "\n", "{bad\n", "[1, 2]\n", '{"text": 5}\n', '{"text": ""}\n', "null\n",
+                              "[" * 5000 + "\n", '{"messages": [{"role": "user"}]}\n', "\ufeff" + GOOD_LINE,
+                              '"### Alice: x\n', "text\n", '{"\\u001b[2Jtext": "x"}\n', "\xff\xfe\n"])
+DATASETS = st.one_of(
+    st.lists(DATA_LINES, max_size=6).map(lambda lines: GOOD_LINE + "".join(lines)),
+    st.binary(max_size=200), st.text(ANY_CHAR, max_size=200))
+
+
+GOOD_DATA = {"data.jsonl": GOOD_LINE * 3, "data.json": "[" + ", ".join([GOOD_LINE.strip()] * 3) + "]",
+             "data.csv": 'text\n"### Alice: hi\n### Bob: hello"\n'}
+
+
+def _put(recipe: dict, dotted: tuple, value) -> None:
+    *parents, last = dotted
+    section = recipe
+    for part in parents:
+        section = section.setdefault(part, {}) if isinstance(section.get(part, {}), dict) else {}
+    section[last] = value
+
+
+@st.composite
+def hostile_case(draw):
+    """(recipe bytes, dataset file name, dataset bytes): the demo recipe, made extreme but valid (half the
+    cases, so the planner is reached) or hostile (the other half: values, YAML, bytes and data)."""
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text())
+    hostile = draw(st.booleans())
+    dataset = draw(st.sampled_from(["data.jsonl", "data.json", "data.csv", "data.parquet", "fifo.jsonl", "loop.jsonl",
+                                    "folder.jsonl", "/dev/zero"] if hostile else list(GOOD_DATA)))
+    recipe["dataset"]["path"] = dataset
+    for dotted, value in draw(st.lists(st.sampled_from(EDGES), max_size=3)):
+        _put(recipe, dotted, value)
+    if not hostile:
+        return yaml.safe_dump(recipe).encode(), dataset, GOOD_DATA[dataset].encode()
+    for _ in range(draw(st.integers(1, 3))):
+        _put(recipe, draw(st.sampled_from(FIELDS)), draw(VALUES))
+    text = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=draw(st.booleans()))
+    if draw(st.booleans()):
+        text += draw(st.sampled_from(YAML_SNIPPETS))
+    raw = text.encode("utf-8", "surrogatepass")
+    if draw(st.integers(0, 4)) == 0:  # now and then a file cut short or with bytes spliced in
+        at = draw(st.integers(0, len(raw)))
+        raw = raw[:at] + draw(st.binary(max_size=8))
+    data = draw(DATASETS)
+    return raw, dataset, data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+
+
+@pytest.fixture
+def fuzz_folder(tmp_path) -> Path:
+    """Shared by every example of a test: the special files the generated paths point at."""
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.jsonl")
+    (folder / "loop.jsonl").symlink_to(folder / "loop.jsonl")
+    (folder / "folder.jsonl").mkdir()
+    return folder
+
+
+@pytest.fixture
+def warm_catalog():
+    """The first plan imports SkyPilot and reads its catalogs (seconds): paid once, before the clock runs."""
+    assert invoke("cost", str(DEMO_RECIPE), seconds=180).exit_code == 0
+
+
+def _check_one(folder: Path, case, command: str) -> None:
+    raw, dataset, data = case
+    if "/" not in dataset and dataset.startswith("data"):
+        (folder / dataset).write_bytes(data)
+    (folder / "recipe.yaml").write_bytes(raw)
+    result = invoke(command, str(folder / "recipe.yaml"), seconds=30)
+    event(f"{command} exit {result.exit_code}")  # shown by --hypothesis-show-statistics
+    assert result.exit_code in (0, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert result.elapsed < 10, f"{command} took {result.elapsed:.1f} s"
+    if result.exit_code == 2:
+        assert "error:" in result.output and "\x1b" not in result.output
+
+
+FUZZ = settings(deadline=timedelta(seconds=10), database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@settings(FUZZ, max_examples=250)
+@given(case=hostile_case())
+def test_fuzz_validate_exits_0_or_2_quickly(fuzz_folder, case):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _check_one(fuzz_folder, case, "validate")
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 512, f"validate grew the process by {grown_mib:.0f} MiB"
+
+
+@settings(FUZZ, max_examples=25)
+@given(case=hostile_case())
+def test_fuzz_cost_exits_0_or_2_quickly(warm_catalog, fuzz_folder, case):
+    _check_one(fuzz_folder, case, "cost")
