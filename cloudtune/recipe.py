@@ -442,6 +442,10 @@ def _allowed_keys(section: tuple) -> list[str]:
 
 def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Rules that span fields; each names the field to change."""
+    return _training_problems(recipe) + _source_problems(recipe) + _publishing_problems(recipe)
+
+
+def _training_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
     fields_set = recipe.model_fields_set
     if recipe.method == "full" and "lora" in fields_set:
@@ -454,6 +458,11 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
                                                     "method."))
     if recipe.training.epochs is not None and recipe.training.max_steps is not None:
         problems.append((("training", "max_steps"), "set either epochs or max_steps, not both."))
+    return problems
+
+
+def _source_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
     dataset = recipe.dataset
     if (dataset.path is None) == (dataset.hub is None):
         problems.append((("dataset",), "give exactly one of `path` (a local file) or `hub` (a hub dataset id)."))
@@ -466,13 +475,18 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("model",), "give `name` (hub id or local path) or `init: tiny-llama`."))
     if recipe.model.name is not None and recipe.model.init is not None:
         problems.append((("model", "init"), "give either `name` or `init`, not both."))
+    return problems
+
+
+def _publishing_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
     for i, name in enumerate(recipe.secrets):
-        if not ENV_NAME.match(name):
-            problems.append((("secrets", i), f"'{name}' is not an environment variable name."))
+        if not ENV_NAME.fullmatch(name):
+            problems.append((("secrets", i), f"'{_echo(name)}' is not an environment variable name."))
     push = recipe.outputs.push_to_hub
     if push is not None:
         if not HUB_REPO.fullmatch(push):
-            problems.append((("outputs", "push_to_hub"), f"'{push}' is not a hub repo id like owner/name."))
+            problems.append((("outputs", "push_to_hub"), f"'{_echo(push)}' is not a hub repo id like owner/name."))
         elif "HF_TOKEN" not in recipe.secrets:
             problems.append((("outputs", "push_to_hub"), "pushing needs a token: add HF_TOKEN to `secrets`."))
     return problems

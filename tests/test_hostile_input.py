@@ -382,11 +382,14 @@ def _check_one(folder: Path, case, command: str) -> None:
         assert "error:" in result.output and "\x1b" not in result.output
 
 
-FUZZ = settings(deadline=timedelta(seconds=10), database=None, derandomize=True,
+# The suite runs a fixed sample in about half a minute; CLOUDTUNE_FUZZ_EXAMPLES=5000 runs that many
+# fresh random cases per command instead (the "thousands").
+DEEP = int(os.environ.get("CLOUDTUNE_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(deadline=timedelta(seconds=10), database=None, derandomize=not DEEP,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@settings(FUZZ, max_examples=250)
+@settings(FUZZ, max_examples=DEEP or 250)
 @given(case=hostile_case())
 def test_fuzz_validate_exits_0_or_2_quickly(fuzz_folder, case):
     import resource
@@ -397,7 +400,7 @@ def test_fuzz_validate_exits_0_or_2_quickly(fuzz_folder, case):
     assert grown_mib < 512, f"validate grew the process by {grown_mib:.0f} MiB"
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=DEEP or 25)
 @given(case=hostile_case())
 def test_fuzz_cost_exits_0_or_2_quickly(warm_catalog, fuzz_folder, case):
     _check_one(fuzz_folder, case, "cost")
