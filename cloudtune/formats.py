@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .inputs import SURROGATE
 from .recipe import ColumnMap
 
 ALPACA_HEADER = ("Below is an instruction that describes a task{ctx}. "
@@ -176,6 +177,12 @@ def segments(row: Mapping[str, Any], fmt: str, columns: ColumnMap, chat: ChatRen
 
 def check_segments(pieces: list[Segment], fmt: str, completions_only: bool) -> None:
     """What training needs from a rendered row: some text to learn, and a prompt to mask if asked to."""
+    for text, _trained in pieces:
+        # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer (or UTF-8) can encode
+        found = SURROGATE.search(text)
+        if found:
+            raise RowError(f"the text holds a lone surrogate U+{ord(found.group()):04X} at character "
+                           f"{found.start() + 1} (a \\u escape that is not Unicode)")
     if not any(text.strip() for text, trained in pieces if trained):
         raise RowError("the row has no answer text to train on")
     if completions_only and all(trained for _text, trained in pieces):

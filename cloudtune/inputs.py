@@ -20,7 +20,7 @@ from .errors import CloudtuneError, printable
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
 MAX_NAME_BYTES = 255  # NAME_MAX of ext4, xfs, btrfs, tmpfs
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
+SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -38,7 +38,7 @@ def text_problem(text: str) -> str | None:
         char = found.group()
         what = "a NUL character" if char == "\x00" else f"the control character U+{ord(char):04X}"
         return f"contains {what} at character {found.start() + 1}"
-    found = _SURROGATE.search(text)
+    found = SURROGATE.search(text)
     if found:
         return f"contains a lone surrogate U+{ord(found.group()):04X} at character {found.start() + 1} (not Unicode)"
     return None

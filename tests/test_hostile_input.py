@@ -184,6 +184,11 @@ def test_a_bad_line_is_located_not_echoed(tmp_path):
     assert "SECRET" not in output
 
 
+def test_a_lone_surrogate_in_the_data_is_a_row_error(tmp_path):
+    data = ROWS + '{"text": "### Alice: \\ud800\\n### Bob: b"}\n'
+    refused(invoke("validate", str(write(tmp_path, demo(tmp_path, data)))), "data.jsonl:6", "surrogate U+D800")
+
+
 def test_max_rows_reads_the_same_rows_in_validate_and_the_trainer(tmp_path):
     from cloudtune.recipe import load_recipe
     from cloudtune.train.data import load_rows
@@ -305,7 +310,8 @@ YAML_SNIPPETS = [ALIAS_BOMB, "r: &r [*r]\n", "d: " + "[" * 200 + "]" * 200 + "\n
                  "--- \n--- \n", "x: 'unclosed\n", "\x00\n", "x: \"\\ud800\"\n"]
 GOOD_LINE = '{"text": "### Alice: hi\\n### Bob: hello"}\n'
 DATA_LINES = st.sampled_from([GOOD_LINE, "\n", "{bad\n", "[1, 2]\n", '{"text": 5}\n', '{"text": ""}\n', "null\n",
-                              "[" * 5000 + "\n", '{"messages": [{"role": "user"}]}\n', "\ufeff" + GOOD_LINE,
+                              "[" * 5000 + "\n", '{"text": "\\ud800"}\n', '{"messages": [{"role": "user"}]}\n',
+                              "\ufeff" + GOOD_LINE,
                               '"### Alice: x\n', "text\n", '{"\\u001b[2Jtext": "x"}\n', "\xff\xfe\n"])
 DATASETS = st.one_of(
     st.lists(DATA_LINES, max_size=6).map(lambda lines: GOOD_LINE + "".join(lines)),
