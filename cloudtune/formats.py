@@ -108,6 +108,9 @@ def check_messages(row: Mapping[str, Any], column: str) -> list[dict]:
         raise RowError(f"column '{column}' is missing", column)
     if not isinstance(messages, list) or not messages:
         raise RowError(f"column '{column}' should be a non-empty list of {{role, content}}", column)
+    if len(messages) > MAX_MESSAGES:
+        raise RowError(f"column '{column}' holds {len(messages):,} messages; split conversations longer than "
+                       f"{MAX_MESSAGES}", column)
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
@@ -118,6 +121,10 @@ def check_messages(row: Mapping[str, Any], column: str) -> list[dict]:
 
 
 ChatRenderer = Callable[[list[dict], bool], str]
+# Each answer is found by rendering the conversation up to it (see _chat_segments), so a row costs the
+# square of its length: 8,000 messages took 20 s, a hostile 20,000 minutes. Real conversations are far
+# shorter than this, and one this long would not fit max_seq_len anyway.
+MAX_MESSAGES = 512
 
 
 def _chat_segments(messages: list[dict], chat: ChatRenderer) -> list[Segment]:

@@ -189,6 +189,16 @@ def test_a_lone_surrogate_in_the_data_is_a_row_error(tmp_path):
     refused(invoke("validate", str(write(tmp_path, demo(tmp_path, data)))), "data.jsonl:6", "surrogate U+D800")
 
 
+def test_a_conversation_too_long_to_split_in_seconds_is_refused(tmp_path):
+    import json
+
+    messages = [{"role": ("user", "assistant")[i % 2], "content": "hi"} for i in range(20_000)]
+    path = write(tmp_path, demo(tmp_path, json.dumps({"messages": messages}) + "\n", dataset__format="auto"))
+    result = invoke("validate", str(path), seconds=20)
+    refused(result, "data.jsonl:1", "20,000 messages")
+    assert result.elapsed < 5
+
+
 def test_max_rows_reads_the_same_rows_in_validate_and_the_trainer(tmp_path):
     from cloudtune.recipe import load_recipe
     from cloudtune.train.data import load_rows
