@@ -143,8 +143,10 @@ def model_config_problem(path: Path) -> str | None:
         config = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # ValueError covers JSON and UTF-8 errors
         return f"{path}: not valid JSON ({type(exc).__name__})"
-    while isinstance(config, dict) and isinstance(config.get("text_config"), dict):
-        config = config["text_config"]  # multimodal checkpoints keep the language model one level down
+    for _level in range(4):  # multimodal checkpoints keep the language model a level or two down
+        if not (isinstance(config, dict) and isinstance(config.get("text_config"), dict)):
+            break
+        config = config["text_config"]
     if not isinstance(config, dict):
         return f"{path}: a model config is a JSON object, but this file holds {type(config).__name__}"
     for key, limit in {**CONFIG_SIZES, **OPTIONAL_SIZES}.items():
