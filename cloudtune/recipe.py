@@ -513,7 +513,6 @@ def _dataset_file_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
 def _local_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
     """What only holds on the machine that starts the run (see load_recipe's `here`)."""
     problems: list[tuple[tuple, str]] = []
-    name = recipe.model.name
     local = recipe.local_model_dir()
     if local is not None and (local / "config.json").exists():
         problem = model_config_problem(local / "config.json")
@@ -522,8 +521,6 @@ def _local_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
     elif local is not None:
         problems.append((("model", "name"), f"{local} is a directory without config.json, so not a model. "
                                             "Give a hub id (owner/name) or a directory saved by save_pretrained."))
-    elif name is not None and name.startswith(("/", "./", "../", "~")):
-        problems.append((("model", "name"), f"{name} is not a model directory (a hub id looks like owner/name)."))
     out = Path(recipe.outputs.dir).expanduser() if recipe.outputs.dir else Path("outputs") / recipe.run_name
     problem = writable_dir_problem(out.absolute())
     if problem:
