@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import formats
 from .errors import CloudtuneError
+from .inputs import open_regular
 from .recipe import DatasetSpec, Recipe
 
 # Llama-family tokenizers average about 3.6 characters per token on English prose.
 CHARS_PER_TOKEN_ESTIMATE = 3.6
+# One JSON line or CSV field: max_seq_len (at most 131,072 tokens) never needs more than a few MiB.
+MAX_LINE_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -43,50 +47,64 @@ class DatasetReport:
 def iter_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """Yield (where, row) with `where` naming the line or item a user would look at."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _jsonl_rows(path)
-    elif suffix == ".json":
-        yield from _json_rows(path)
-    elif suffix == ".csv":
-        yield from _csv_rows(path)
-    elif suffix == ".parquet":
-        yield from _parquet_rows(path)
-    else:
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+    if suffix not in readers:
         raise CloudtuneError(f"{path}: unsupported dataset file type '{suffix}'.",
                              "Use .jsonl, .json, .csv or .parquet.")
+    with open_regular(path, "dataset", "Point dataset.path at the data file itself.") as handle:
+        yield from readers[suffix](path, handle)
 
 
-def _decode(path: Path, raw: bytes, offset: int = 0) -> str:
+def dataset_rows(recipe: Recipe) -> Iterator[tuple[str, dict]]:
+    """The local dataset's rows as training will see them: the one place dataset.max_rows applies, so
+    `validate` reads exactly the rows the trainer reads, no fewer and no more."""
+    file = recipe.dataset_file()
+    rows = iter_rows(file) if file is not None else iter(())
+    return itertools.islice(rows, recipe.dataset.max_rows)
+
+
+def _decode(path: Path, raw: bytes, line: int = 1) -> str:
+    """UTF-8, with the byte-order mark Excel and Notepad write accepted at the start of the file."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig" if line == 1 else "utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1 + offset
+        line += raw[: exc.start].count(b"\n")
         raise CloudtuneError(f"{path}:{line}: not UTF-8 text (byte {exc.start} of that chunk).",
                              "Re-save the dataset as UTF-8.") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            line = _decode(path, raw, number - 1)
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CloudtuneError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno}).",
-                                     "Each line of a .jsonl file must be one JSON object.") from None
-            if not isinstance(row, dict):
-                raise CloudtuneError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
-            yield f"{path}:{number}", row
+def _jsonl_rows(path: Path, handle: BinaryIO) -> Iterator[tuple[str, dict]]:
+    for number in itertools.count(1):
+        raw = handle.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES:
+            raise CloudtuneError(f"{path}:{number}: a line over {MAX_LINE_BYTES // 2**20} MiB, longer than any "
+                                 "document max_seq_len can hold.", "Is this JSON Lines, one object per line?")
+        line = _decode(path, raw, number)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            # The message never quotes the line: a dataset may hold secrets, and lines can be huge.
+            raise CloudtuneError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno}).",
+                                 "Each line of a .jsonl file must be one JSON object.") from None
+        except RecursionError:
+            raise CloudtuneError(f"{path}:{number}: JSON nested too deeply to read.") from None
+        if not isinstance(row, dict):
+            raise CloudtuneError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
+        yield f"{path}:{number}", row
 
 
-def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    text = _decode(path, path.read_bytes())
+def _json_rows(path: Path, handle: BinaryIO) -> Iterator[tuple[str, dict]]:
+    text = _decode(path, handle.read())
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CloudtuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}).") from None
+        raise CloudtuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}).") from None
+    except RecursionError:
+        raise CloudtuneError(f"{path}: JSON nested too deeply to read.") from None
     if not isinstance(data, list):
         raise CloudtuneError(f"{path}: a .json dataset must be a list of objects.",
                              "Or use .jsonl with one object per line.")
@@ -96,21 +114,42 @@ def _json_rows(path: Path) -> Iterator[tuple[str, dict]]:
         yield f"{path} item {i}", row
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    text = _decode(path, path.read_bytes())
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    for row in reader:
-        if None in row:
-            raise CloudtuneError(f"{path}:{reader.line_num}: more fields than the header has columns.")
-        yield f"{path}:{reader.line_num}", row
+def _csv_rows(path: Path, handle: BinaryIO) -> Iterator[tuple[str, dict]]:
+    # Python's default field limit (128 KiB) is below one long document; the limit is process-wide.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
+    text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")
+    # strict: a quote that is never closed is an error, not the rest of the file read as one field
+    reader = csv.DictReader(text, strict=True)
+    start = 1  # where the row being read began: an unclosed quote is reported where it opened
+    try:
+        reader.fieldnames  # noqa: B018 - reads the header, so `start` moves past it
+        start = reader.line_num + 1
+        for row in reader:
+            if None in row:
+                raise CloudtuneError(f"{path}:{reader.line_num}: more fields than the header has columns.")
+            yield f"{path}:{reader.line_num}", row
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        unclosed = "end of data" in str(exc)
+        raise CloudtuneError(f"{path}:{start}: not valid CSV ({exc})" +
+                             ("; a quoted field opens in this row and is never closed." if unclosed else "."),
+                             'Quote fields with "..." and double the quotes inside them.') from None
+    except UnicodeDecodeError:
+        raise CloudtuneError(f"{path}:{reader.line_num + 1}: not UTF-8 text.",
+                             "Re-save the dataset as UTF-8.") from None
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def _parquet_rows(path: Path, handle: BinaryIO) -> Iterator[tuple[str, dict]]:
     try:
         import pyarrow.parquet as pq
+        from pyarrow import ArrowException
     except ImportError:
         raise CloudtuneError("reading .parquet needs pyarrow.", "pip install pyarrow") from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(handle)
+    except (ArrowException, OSError, ValueError) as exc:  # truncated, or another format renamed .parquet
+        raise CloudtuneError(f"{path}: not a readable Parquet file ({type(exc).__name__}).",
+                             "Re-export it, or use .jsonl.") from None
     for i, row in enumerate(table.to_pylist()):
         yield f"{path} row {i}", row
 
@@ -180,7 +219,7 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
     rows = tokens = truncated = longest = 0
     lengths = array("I")
     cap = recipe.training.max_seq_len
-    for detected, pieces in render_rows(iter_rows(file), recipe.dataset, formats.fallback_chat):
+    for detected, pieces in render_rows(dataset_rows(recipe), recipe.dataset, formats.fallback_chat):
         fmt = detected
         n = count("".join(text for text, _trained in pieces))
         longest = max(longest, n)
@@ -192,8 +231,6 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
         rows += 1
         if progress is not None:
             progress(rows)
-        if recipe.dataset.max_rows and rows >= recipe.dataset.max_rows:
-            break
     if rows == 0:
         raise CloudtuneError(f"{file}: the dataset has no rows.", "Add training examples to the file.")
     return DatasetReport(source=str(file), format=fmt, rows=rows, tokens=tokens, tokens_exact=exact,

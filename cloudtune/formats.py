@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .inputs import SURROGATE
 from .recipe import ColumnMap
 
 ALPACA_HEADER = ("Below is an instruction that describes a task{ctx}. "
@@ -107,6 +108,9 @@ def check_messages(row: Mapping[str, Any], column: str) -> list[dict]:
         raise RowError(f"column '{column}' is missing", column)
     if not isinstance(messages, list) or not messages:
         raise RowError(f"column '{column}' should be a non-empty list of {{role, content}}", column)
+    if len(messages) > MAX_MESSAGES:
+        raise RowError(f"column '{column}' holds {len(messages):,} messages; split conversations longer than "
+                       f"{MAX_MESSAGES}", column)
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
@@ -117,6 +121,10 @@ def check_messages(row: Mapping[str, Any], column: str) -> list[dict]:
 
 
 ChatRenderer = Callable[[list[dict], bool], str]
+# Each answer is found by rendering the conversation up to it (see _chat_segments), so a row costs the
+# square of its length: 8,000 messages took 20 s, a hostile 20,000 minutes. Real conversations are far
+# shorter than this, and one this long would not fit max_seq_len anyway.
+MAX_MESSAGES = 512
 
 
 def _chat_segments(messages: list[dict], chat: ChatRenderer) -> list[Segment]:
@@ -176,6 +184,12 @@ def segments(row: Mapping[str, Any], fmt: str, columns: ColumnMap, chat: ChatRen
 
 def check_segments(pieces: list[Segment], fmt: str, completions_only: bool) -> None:
     """What training needs from a rendered row: some text to learn, and a prompt to mask if asked to."""
+    for text, _trained in pieces:
+        # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer (or UTF-8) can encode
+        found = SURROGATE.search(text)
+        if found:
+            raise RowError(f"the text holds a lone surrogate U+{ord(found.group()):04X} at character "
+                           f"{found.start() + 1} (a \\u escape that is not Unicode)")
     if not any(text.strip() for text, trained in pieces if trained):
         raise RowError("the row has no answer text to train on")
     if completions_only and all(trained for _text, trained in pieces):

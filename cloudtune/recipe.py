@@ -8,6 +8,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +17,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from .errors import CloudtuneError
+from . import safe_yaml
+from .errors import CloudtuneError, printable
+from .inputs import model_config_problem, open_regular, path_problem, regular_file_problem, writable_dir_problem
 
 # torch 2.8 built for CUDA 12.8: the first builds with Blackwell kernels (B200, RTX 5090, RTX PRO 6000
 # are in the catalog), above the [train] extra's floors (transformers 5 needs torch >= 2.5,
@@ -27,12 +31,26 @@ METHODS = ("lora", "qlora", "8bit", "full")
 FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+RUN_NAME = re.compile(r"^\w[\w.+=@ -]{0,99}$")
+# The planner walks a model layer by layer per offer (an assumed shape of 1e300 parameters never ends,
+# 2T takes a minute); 500B is past the largest dense model published.
+MIN_PARAMS, MAX_PARAMS = 1e6, 5e11
+MAX_RECIPE_BYTES = 2**20
+MAX_ECHO_CHARS = 80  # a value quoted back in an error; a 10 MB value must not be
 
 
 class Strict(BaseModel):
-    """Every recipe section rejects unknown keys: a typo must never be silently ignored."""
+    """Every recipe section rejects unknown keys (a typo must never be silently ignored) and every
+    number must be finite: YAML's .inf and .nan pass `gt=0` and then hang or poison what uses them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _path_text(value: str | None) -> str | None:
+    problem = value is not None and path_problem(value)
+    if problem:
+        raise ValueError(f"this path {problem}")
+    return value
 
 
 class ModelSpec(Strict):
@@ -44,22 +62,43 @@ class ModelSpec(Strict):
     params: str | float | None = Field(
         None, description="parameter count (8B, 500M) to price a model whose config.json is not available offline")
 
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty; give a hub id (owner/name) or a local model directory")
+        return _path_text(value)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("is not a finite number; write it like 8B, 500M or 7e9")
+        return value
+
     @field_validator("params")
     @classmethod
     def _parameter_count(cls, value: Any) -> Any:
         from .shapes import parse_params
 
-        if value is not None:
-            try:
-                parse_params(value)
-            except CloudtuneError as exc:
-                raise ValueError(f"'{value}' is not a parameter count; write it like 8B, 500M or 7e9") from exc
+        if value is None:
+            return value
+        # parse_params' regex backtracks quadratically on a long string of digits
+        if len(str(value)) > 32:
+            raise ValueError("is too long to be a parameter count; write it like 8B, 500M or 7e9")
+        try:
+            count = parse_params(value)
+        except CloudtuneError as exc:
+            raise ValueError("is not a parameter count; write it like 8B, 500M or 7e9") from exc
+        # The planner sizes a Llama-like model layer by layer: 1e300 parameters would never finish.
+        if not MIN_PARAMS <= count <= MAX_PARAMS:
+            raise ValueError(f"{count:.3g} parameters is outside what can be priced (1M to 500B)")
         return value
 
 
 class LoraSpec(Strict):
     r: int = Field(16, gt=0, le=4096, description="LoRA rank: adapter size and capacity")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    alpha: float = Field(32, gt=0, le=1e6, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt (q_proj, v_proj, ...) or all-linear")
@@ -92,24 +131,29 @@ class DatasetSpec(Strict):
         "auto", description="how rows become text; auto detects from the columns")
     columns: ColumnMap = Field(ColumnMap(), description="dataset column names per format")
     completions_only: bool = Field(False, description="train only on answers: prompt tokens get no loss")
-    max_rows: int | None = Field(None, gt=0, description="use only the first N rows")
+    max_rows: int | None = Field(None, gt=0, le=10**12, description="use only the first N rows")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return _path_text(value)
 
 
 class TrainingSpec(Strict):
-    epochs: float | None = Field(None, gt=0, description="passes over the data (default 1 unless max_steps)")
-    max_steps: int | None = Field(None, gt=0, description="optimizer steps instead of epochs")
+    epochs: float | None = Field(None, gt=0, le=10_000, description="passes over the data (default 1 unless max_steps)")
+    max_steps: int | None = Field(None, gt=0, le=10**9, description="optimizer steps instead of epochs")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="peak learning rate")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="learning-rate schedule after warmup")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps spent warming up")
     micro_batch_size: int = Field(4, gt=0, le=1024, description="rows per forward pass (packed rows hold many docs)")
-    gradient_accumulation: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    gradient_accumulation: int = Field(1, gt=0, le=65536, description="micro-batches per optimizer step")
     max_seq_len: int = Field(1024, ge=16, le=131072, description="tokens per row; longer documents are truncated")
     packing: bool = Field(True, description="several documents per row, no attention across them")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: only as many layers as the batch needs to fit in GPU memory")
     memory_limit_gib: float | None = Field(
-        None, gt=0, description="train within this much GPU memory (a shared GPU, or rehearsing a 24 GB card "
+        None, gt=0, le=1e6, description="train within this much GPU memory (a shared GPU, or rehearsing a 24 GB card "
                                 "on a bigger one); auto checkpointing fits under it")
     attention: Literal["auto", "documents", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="documents: flash attention within each packed document (PyTorch varlen); "
@@ -121,10 +165,11 @@ class TrainingSpec(Strict):
                             "scaling (T4, V100; LoRA methods only)")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw", description="8-bit variants (bitsandbytes) save optimizer memory")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null turns it off")
-    checkpoint_steps: int | None = Field(None, gt=0, description="save a resumable checkpoint every N steps")
-    seed: int = Field(42, description="seeds weights init, data order and dropout")
+    weight_decay: float = Field(0.0, ge=0, le=100, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, le=1e9, description="gradient clipping; null turns it off")
+    checkpoint_steps: int | None = Field(None, gt=0, le=10**9, description="save a resumable checkpoint every N steps")
+    # numpy and CUDA take 32-bit unsigned seeds; anything else fails inside the trainer
+    seed: int = Field(42, ge=0, lt=2**32, description="seeds weights init, data order and dropout")
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -142,6 +187,11 @@ class OutputsSpec(Strict):
     samples: list[str] = Field(default_factory=list, description="prompts to generate from after training")
     sample_max_new_tokens: int = Field(64, gt=0, le=4096, description="length of each sample generation")
 
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, value: str | None) -> str | None:
+        return _path_text(value)
+
 
 class TrackingSpec(Strict):
     service: Literal["none", "tensorboard", "wandb"] = Field(
@@ -155,13 +205,14 @@ class ComputeSpec(Strict):
     cloud: list[str] = Field(default_factory=list, description="clouds to consider, in order of preference")
     region: str | None = Field(None, description="restrict to one region")
     spot: bool = Field(False, description="spot/preemptible machines; training resumes from checkpoints")
-    max_cost: float | None = Field(None, gt=0, description="refuse a plan whose high estimate exceeds this (USD)")
+    max_cost: float | None = Field(None, gt=0, le=1e9,
+                                   description="refuse a plan whose high estimate exceeds this (USD)")
     image: str = Field(DEFAULT_IMAGE, description="Docker image, pinned by tag or @sha256 digest")
     remote_env: Literal["python", "docker"] = Field(
         "python", description="ssh backend: the machine's Python (packages in a cached venv) or Docker with "
                               "compute.image")
-    disk_gb: int | None = Field(None, gt=0, description="disk size; default from model + data + outputs")
-    autostop_minutes: int = Field(30, gt=0, description="idle minutes before the machine tears itself down")
+    disk_gb: int | None = Field(None, gt=0, le=10**6, description="disk size; default from model + data + outputs")
+    autostop_minutes: int = Field(30, gt=0, le=10**6, description="idle minutes before the machine tears itself down")
 
     @field_validator("cloud", mode="before")
     @classmethod
@@ -183,6 +234,16 @@ class Recipe(Strict):
     secrets: list[str] = Field(default_factory=list, description="names of env vars forwarded to training")
 
     _source: Path | None = PrivateAttr(None)
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, value: str | None) -> str | None:
+        # The name becomes one directory under outputs/ (and a ledger entry): `../../x` or `a/b` would
+        # write somewhere else.
+        if value is not None and not RUN_NAME.fullmatch(value):
+            raise ValueError("a run name is one file name: letters, digits and . _ - + = @ or spaces, "
+                             "starting with a letter or digit, at most 100 characters")
+        return value
 
     @field_validator("model", mode="before")
     @classmethod
@@ -231,7 +292,20 @@ class Recipe(Strict):
         path = Path(self.dataset.path).expanduser()
         if not path.is_absolute() and self._source is not None:
             path = self._source.parent / path
-        return path.resolve()
+        try:
+            return path.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python 3.11
+            raise CloudtuneError(f"dataset.path {path}: cannot be followed ({exc}).",
+                                 "Point dataset.path at the data file itself.") from None
+
+    def local_model_dir(self) -> Path | None:
+        """model.name as a local directory, found as the planner finds it; None for a hub id."""
+        if self.model.name is None:
+            return None
+        local = Path(self.model.name).expanduser()
+        if not local.is_absolute() and self._source is not None and (self._source.parent / local).exists():
+            local = self._source.parent / local
+        return local if local.is_dir() else None
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes what gets trained, for receipts and caching."""
@@ -246,70 +320,60 @@ class Recipe(Strict):
 # Loading with errors that point at the line
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, here: bool = True) -> Recipe:
+    """Read, validate and cross-check a recipe. `here`: also check what must exist on this machine
+    (outputs.dir can be written, a local model directory is one); the training machine passes False,
+    because the laptop's paths mean nothing there."""
     path = Path(path)
-    text = _read_text(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise CloudtuneError(f"{where}: not valid YAML: {problem}.",
-                             "Check indentation and quoting on that line (values with ':' need quotes).") from None
+    _check_recipe_path(path)
+    data, lines = safe_yaml.load(_read_text(path), path)
     if not isinstance(data, dict):
         raise CloudtuneError(f"{path}: a recipe is a YAML mapping of sections (model:, dataset:, ...), "
                              f"but this file holds {type(data).__name__}.",
                              "Start from `cloudtune init` to get a commented recipe.")
-    lines = _line_index(text)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise CloudtuneError(_describe_validation(path, exc, lines),
                              "Fix the field(s) named above; `cloudtune init` writes a commented example.") from None
+    except RecursionError:  # safe_yaml bounds the depth; this only keeps a traceback impossible
+        raise CloudtuneError(f"{path}: nested too deeply to validate.") from None
     recipe._source = path.resolve()
-    problems = _cross_check(recipe)
+    problems = _cross_check(recipe) + (_local_checks(recipe) if here else [])
     if problems:
         field, message = problems[0]
-        raise CloudtuneError(f"{path}:{_line_for(field, lines)}: {'.'.join(map(str, field))}: {message}")
+        raise CloudtuneError(f"{path}:{_line_for(field, lines)}: {_field_name(field)}: {message}")
     return recipe
 
 
+def _check_recipe_path(path: Path) -> None:
+    # The path is printed in every message and on success: a name the terminal cannot take would
+    # turn the first print into a UnicodeEncodeError, and escape sequences would reach the terminal.
+    problem = path_problem(str(path))
+    if problem:
+        raise CloudtuneError(f"{printable(str(path))}: the recipe's path {problem}.",
+                             "Rename the file (or its folder) to plain text.")
+    try:
+        path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python 3.11
+        raise CloudtuneError(f"{path}: the recipe's path cannot be followed ({exc}).") from None
+
+
 def _read_text(path: Path) -> str:
-    if not path.exists():
-        raise CloudtuneError(f"{path}: no such recipe file.", "Check the path, or create one with `cloudtune init`.")
-    if path.is_dir():
-        raise CloudtuneError(f"{path}: is a directory, not a recipe file.")
+    hint = "Check the path, or create one with `cloudtune init`."
+    if not os.path.lexists(path):
+        raise CloudtuneError(f"{path}: no such recipe file.", hint)
+    with open_regular(path, "recipe", hint) as handle:
+        raw = handle.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise CloudtuneError(f"{path}: over {MAX_RECIPE_BYTES // 2**20} MiB; a recipe is a few KB of settings.",
+                             "Is this the recipe? Data belongs in the dataset file that dataset.path names.")
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CloudtuneError(f"{path}: cannot be read ({exc.strerror}).", "Check the file's permissions.") from None
-    try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise CloudtuneError(f"{path}:{line}: the recipe is not UTF-8 text (byte {exc.start}).",
                              "Save the file as UTF-8.") from None
-
-
-def _line_index(text: str) -> dict[tuple, int]:
-    """Map each key path in the YAML document to the line it sits on."""
-    index: dict[tuple, int] = {}
-
-    def walk(node: yaml.Node, path: tuple) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                index[path + (key.value,)] = key.start_mark.line + 1
-                walk(value, path + (key.value,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                index[path + (i,)] = item.start_mark.line + 1
-                walk(item, path + (i,))
-
-    root = yaml.compose(text, Loader=yaml.SafeLoader)
-    if root is not None:
-        walk(root, ())
-    return index
 
 
 def _line_for(field: tuple, lines: dict[tuple, int]) -> int:
@@ -331,23 +395,33 @@ def _describe_validation(path: Path, exc: ValidationError, lines: dict[tuple, in
         if field in seen:
             continue
         seen[field] = _explain(err, field)
-    out = [f"{path}:{_line_for(field, lines)}: {'.'.join(map(str, field)) or '(top level)'}: {message}"
-           for field, message in seen.items()]
+    out = [f"{path}:{_line_for(field, lines)}: {_field_name(field)}: {message}" for field, message in seen.items()]
     return "\n".join(out[:8]) + (f"\n... and {len(out) - 8} more" if len(out) > 8 else "")
+
+
+def _field_name(field: tuple) -> str:
+    return ".".join(_echo(part) for part in field) or "(top level)"
+
+
+def _echo(value: Any) -> str:
+    """A value quoted back in a message: printable and short."""
+    return printable(value if isinstance(value, str) else repr(value), MAX_ECHO_CHARS)
 
 
 def _explain(err: dict, field: tuple) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         allowed = _allowed_keys(field[:-1])
-        guess = difflib.get_close_matches(str(field[-1]), allowed, n=1, cutoff=0.6)
+        guess = difflib.get_close_matches(str(field[-1])[:MAX_ECHO_CHARS], allowed, n=1, cutoff=0.6)
         hint = f" Did you mean '{guess[0]}'?" if guess else ""
-        return f"unknown key '{field[-1]}'.{hint} Allowed here: {', '.join(allowed)}."
+        return f"unknown key '{_echo(field[-1])}'.{hint} Allowed here: {', '.join(allowed)}."
     if kind == "missing":
         return "is required but missing."
     got = err.get("input")
-    shown = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
-    return f"{err['msg']} (got {shown})."
+    shown = type(got).__name__ if isinstance(got, (dict, list)) else \
+        f"'{_echo(got)}'" if isinstance(got, str) else _echo(got)
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{message} (got {shown})."
 
 
 def _allowed_keys(section: tuple) -> list[str]:
@@ -368,6 +442,10 @@ def _allowed_keys(section: tuple) -> list[str]:
 
 def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Rules that span fields; each names the field to change."""
+    return _training_problems(recipe) + _source_problems(recipe) + _publishing_problems(recipe)
+
+
+def _training_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
     fields_set = recipe.model_fields_set
     if recipe.method == "full" and "lora" in fields_set:
@@ -380,6 +458,11 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
                                                     "method."))
     if recipe.training.epochs is not None and recipe.training.max_steps is not None:
         problems.append((("training", "max_steps"), "set either epochs or max_steps, not both."))
+    return problems
+
+
+def _source_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
     dataset = recipe.dataset
     if (dataset.path is None) == (dataset.hub is None):
         problems.append((("dataset",), "give exactly one of `path` (a local file) or `hub` (a hub dataset id)."))
@@ -387,25 +470,63 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("dataset", "data_files"), "data_files goes with `hub` (e.g. hub: json); "
                                                     "for one local file use `path` instead."))
     elif dataset.path is not None:
-        file = recipe.dataset_file()
-        if not file.exists():
-            problems.append((("dataset", "path"), f"file not found: {file}. Paths are relative to the recipe file."))
-        elif file.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
-            problems.append((("dataset", "path"), f"unsupported file type '{file.suffix}': "
-                                                  "use .jsonl, .json, .csv or .parquet."))
+        problems += _dataset_file_problems(recipe)
     if recipe.model.name is None and recipe.model.init is None:
         problems.append((("model",), "give `name` (hub id or local path) or `init: tiny-llama`."))
     if recipe.model.name is not None and recipe.model.init is not None:
         problems.append((("model", "init"), "give either `name` or `init`, not both."))
+    return problems
+
+
+def _publishing_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    problems: list[tuple[tuple, str]] = []
     for i, name in enumerate(recipe.secrets):
-        if not ENV_NAME.match(name):
-            problems.append((("secrets", i), f"'{name}' is not an environment variable name."))
+        if not ENV_NAME.fullmatch(name):
+            problems.append((("secrets", i), f"'{_echo(name)}' is not an environment variable name."))
     push = recipe.outputs.push_to_hub
     if push is not None:
-        if not HUB_REPO.match(push):
-            problems.append((("outputs", "push_to_hub"), f"'{push}' is not a hub repo id like owner/name."))
+        if not HUB_REPO.fullmatch(push):
+            problems.append((("outputs", "push_to_hub"), f"'{_echo(push)}' is not a hub repo id like owner/name."))
         elif "HF_TOKEN" not in recipe.secrets:
             problems.append((("outputs", "push_to_hub"), "pushing needs a token: add HF_TOKEN to `secrets`."))
+    return problems
+
+
+def _dataset_file_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    try:
+        file = recipe.dataset_file()
+    except CloudtuneError as exc:
+        return [(("dataset", "path"), f"{exc.message.removeprefix('dataset.path ')} {exc.hint}")]
+    problem = regular_file_problem(file)
+    if problem == "no such file":
+        return [(("dataset", "path"), f"file not found: {file}. Paths are relative to the recipe file.")]
+    if problem:
+        return [(("dataset", "path"), f"{file} {problem}: point it at the data file itself.")]
+    if file.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
+        return [(("dataset", "path"), f"unsupported file type '{file.suffix}': use .jsonl, .json, .csv or .parquet.")]
+    problem = path_problem(str(file))  # shown on success: the resolved path must print too
+    if problem:
+        return [(("dataset", "path"), f"the resolved path {problem}; rename the folders on the way.")]
+    return []
+
+
+def _local_checks(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """What only holds on the machine that starts the run (see load_recipe's `here`)."""
+    problems: list[tuple[tuple, str]] = []
+    local = recipe.local_model_dir()
+    if local is not None and (local / "config.json").exists():
+        problem = model_config_problem(local / "config.json")
+        if problem:
+            problems.append((("model", "name"), problem))
+    elif local is not None:
+        problems.append((("model", "name"), f"{local} is a directory without config.json, so not a model. "
+                                            "Give a hub id (owner/name) or a directory saved by save_pretrained."))
+    out = Path(recipe.outputs.dir).expanduser() if recipe.outputs.dir else Path("outputs") / recipe.run_name
+    problem = writable_dir_problem(out.absolute())
+    if problem:
+        problems.append((("outputs", "dir") if recipe.outputs.dir else ("name",),
+                         f"the outputs would go to {out.absolute()}, which {problem}. Choose a directory "
+                         "you can write to (outputs.dir)."))
     return problems
 
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     try:
-        recipe = load_recipe(args.recipe)
+        recipe = load_recipe(args.recipe, here=False)
         from .loop import train  # heavy imports only once the recipe is known to be good
 
         train(recipe, args.out, resume=args.resume)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import formats
-from ..datasets import iter_rows, render_rows
+from ..datasets import dataset_rows, render_rows
 from ..errors import CloudtuneError
 from ..recipe import Recipe
 from .attention import document_offsets
@@ -36,9 +36,7 @@ class Encoded:
 
 def load_rows(recipe: Recipe) -> list[tuple[str, dict]]:
     file = recipe.dataset_file()
-    rows = list(iter_rows(file)) if file is not None else _hub_rows(recipe)
-    if recipe.dataset.max_rows:
-        rows = rows[: recipe.dataset.max_rows]
+    rows = list(dataset_rows(recipe)) if file is not None else _hub_rows(recipe)[: recipe.dataset.max_rows]
     if not rows:
         where = file or f"dataset.hub '{recipe.dataset.hub}'"
         raise CloudtuneError(f"{where}: the dataset has no rows.", "Add training examples.")
