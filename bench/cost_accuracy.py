@@ -120,9 +120,9 @@ def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None
     from cloudtune.catalog import usable_gib
     from cloudtune.cost import StepConditions, choose_batch, gpu_tokens_per_second, plan_work, train_seconds
     from cloudtune.datasets import inspect_dataset
-    from cloudtune.memory import GIB, TrainSetup
     from cloudtune.plan import Offer
-    from cloudtune.shapes import resolve_model
+    from cloudtune.planning.memory import GIB, TrainSetup
+    from cloudtune.planning.models import resolve_model
 
     report = inspect_dataset(recipe)
     shape = resolve_model(recipe).shape
@@ -148,9 +148,9 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     import yaml
 
     from cloudtune.cost import train_seconds
-    from cloudtune.memory import ModelShape, TrainSetup, estimate
+    from cloudtune.planning.memory import ModelShape, TrainSetup, memory_peak
+    from cloudtune.planning.models import resolve_model
     from cloudtune.recipe import load_recipe
-    from cloudtune.shapes import resolve_model
 
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe_data(name, model, data, steps_scale)))
@@ -186,7 +186,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     steady_seconds = steady[-1]["seconds"] - steps[WARMUP_STEPS - 1]["seconds"]
     steady_share = sum(s["step_tokens"] for s in steady) / max(1, sum(s["step_tokens"] for s in steps))
     processed_per_s = replay["processed"] * steady_share / steady_seconds
-    peak_predicted = estimate(shape, setup, replay["peak_tokens"], layers).gib
+    peak_predicted = memory_peak(shape, setup, replay["peak_tokens"], layers).gib
     measured_peak = run["peak_gpu_gib"]
     known = "Llama-2-7B" if _same_shape(shape, _llama2_7b()) else "custom"
     return dict(
@@ -228,7 +228,7 @@ def _same_shape(a, b) -> bool:
 
 
 def _llama2_7b():
-    from cloudtune.shapes import KNOWN_MODELS
+    from cloudtune.planning.models import KNOWN_MODELS
 
     return KNOWN_MODELS["Llama-2-7B"][1]
 

@@ -228,7 +228,7 @@ def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...
     report = inspect_dataset(recipe)  # read and count once: the plan prices it, the runner reports it
     plan, estimate = _plan_run(recipe, backend, out, report)
     if backend == "skypilot":
-        from .shapes import resolve_model
+        from .planning.models import resolve_model
 
         model_bytes = resolve_model(recipe).download_bytes
         if dry_run:

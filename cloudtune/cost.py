@@ -32,21 +32,21 @@ from pathlib import Path
 from .catalog import SPECS, load_offers, match_gpus, usable_gib
 from .datasets import DatasetReport, percentiles
 from .errors import CloudtuneError
-from .memory import (
+from .plan import Estimate, Offer, Plan
+from .planning.memory import (
     ALL_LINEAR,
     CUDA_CONTEXT_BYTES,
     GIB,
-    MemoryEstimate,
+    MemoryPeak,
     ModelShape,
     TrainSetup,
     checkpointing_note,
-    estimate,
     lora_params,
+    memory_peak,
     required_bytes,
 )
-from .plan import Estimate, Offer, Plan
+from .planning.models import KNOWN_MODELS, ModelInfo, resolve_model
 from .recipe import Recipe
-from .shapes import KNOWN_MODELS, ModelInfo, resolve_model
 
 CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.jsonl"
 MIN_SPREAD = 0.12  # no efficiency band is narrower than ±12 %: runs of one recipe vary that much
@@ -390,7 +390,7 @@ def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: s
 
 
 def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_tokens: int,
-                 usable_bytes: float) -> tuple[int, int, MemoryEstimate, bool]:
+                 usable_bytes: float) -> tuple[int, int, MemoryPeak, bool]:
     """(micro-batch, checkpointed layers, memory, fits): the recipe's micro-batch with as few layers
     checkpointed as fit (the trainer's auto does the same on the machine), else a smaller micro-batch
     (the run keeps the effective batch by accumulating more)."""
@@ -400,11 +400,11 @@ def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_token
     # divisors only, so that accumulating more micro-batches keeps the effective batch exactly
     for mb in (d for d in range(wanted, 0, -1) if wanted % d == 0):
         for recomputed in options:
-            memory = estimate(shape, setup, mb * row_tokens, recomputed)
+            memory = memory_peak(shape, setup, mb * row_tokens, recomputed)
             if required_bytes(memory) <= usable_bytes:
                 return mb, recomputed, memory, True
     mb, recomputed = wanted, options[-1]
-    return mb, recomputed, estimate(shape, setup, mb * row_tokens, recomputed), False
+    return mb, recomputed, memory_peak(shape, setup, mb * row_tokens, recomputed), False
 
 
 def precision_problem(recipe: Recipe, gpu: str) -> str | None:
@@ -440,7 +440,7 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
            f"checkpointing {checkpointing}) "
            f"+ {over_low * 60:.0f}–{over_high * 60:.0f} min {over_what}")
     if not fits:
-        smallest = estimate(model.shape, setup, base.row_tokens, recomputed)
+        smallest = memory_peak(model.shape, setup, base.row_tokens, recomputed)
         why = (f"needs {required_bytes(smallest) / GIB:.1f} GiB even at micro-batch 1 with checkpointing "
                f"{checkpointing}; {offer.gpu} has {usable / GIB:.1f} GiB usable")
     refused = precision_problem(recipe, offer.gpu)

@@ -22,10 +22,10 @@ from cloudtune.cli import cli
 from cloudtune.cost import apply_estimate, check_budget, make_plan
 from cloudtune.datasets import inspect_dataset
 from cloudtune.errors import CloudtuneError
-from cloudtune.memory import GIB, TrainSetup, estimate, required_bytes
 from cloudtune.plan import Offer
+from cloudtune.planning.memory import GIB, TrainSetup, memory_peak, required_bytes
+from cloudtune.planning.models import resolve_model
 from cloudtune.recipe import load_recipe
-from cloudtune.shapes import resolve_model
 
 from .conftest import cli as cli_process
 from .conftest import demo_recipe_text, sky_env, write_recipe
@@ -76,7 +76,7 @@ def test_offers_that_do_not_fit_are_never_chosen(tmp_path):
     shape, setup = resolve_model(recipe).shape, TrainSetup.from_recipe(recipe)
     for e in plan.estimates:
         rows = e.micro_batch_size * 2048
-        needed = required_bytes(estimate(shape, setup, rows, e.checkpointed_layers))
+        needed = required_bytes(memory_peak(shape, setup, rows, e.checkpointed_layers))
         assert (needed <= usable_gib(e.offer) * GIB) == e.fits
         assert e.gradient_checkpointing or e.fits  # a misfit was tried with checkpointing too
     costs = [e.cost_high for e in plan.estimates if e.fits]

@@ -2,7 +2,7 @@
 
 Where it looks, in order: the tiny demo model; a local model directory's config.json; the local
 Hugging Face cache; a table of common Llama-class models by hub id; a `model.params` size in the
-recipe (then a Llama-like shape of that size is assumed, and the estimate says so).
+recipe (then a Llama-like shape of that size is assumed, and the plan says so).
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CloudtuneError
+from ..errors import CloudtuneError
+from ..tiny import TINY_LLAMA, VOCAB_SIZE
 from .memory import ModelShape
-from .tiny import TINY_LLAMA, VOCAB_SIZE
 
 
 def _shape(h, i, layers, heads, kv, vocab, head_dim=None, tied=False) -> ModelShape:
@@ -51,7 +51,7 @@ KNOWN_MODELS: dict[str, tuple[str, ModelShape]] = {
 @dataclass(frozen=True)
 class ModelInfo:
     shape: ModelShape
-    source: str  # where the shape came from, shown with the estimate
+    source: str  # where the shape came from, shown with the plan
     exact: bool  # False when only a parameter count was known
 
     @property

@@ -206,7 +206,7 @@ class TrainSetup:
 
 
 @dataclass
-class MemoryEstimate:
+class MemoryPeak:
     """Bytes at the peak of one training step, by what holds them."""
 
     weights: float
@@ -299,7 +299,7 @@ def _lora_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     return total + sum(stack.act_bytes * width for names, width in groups if any(m in targeted for m in names))
 
 
-def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: int) -> MemoryEstimate:
+def memory_peak(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: int) -> MemoryPeak:
     """Peak allocated bytes for a micro-batch of `tokens` tokens (rows × padded width).
 
     `recomputed` decoder layers (0: no gradient checkpointing, shape.layers: all of them) keep only
@@ -321,13 +321,13 @@ def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: int)
         transient = max(loss, tokens * (per_layer + 4 * stack.act_bytes * shape.hidden))
     else:
         activations, transient = tokens * shape.layers * per_layer, loss
-    return MemoryEstimate(weights=weight_bytes(shape, setup), trainable=trainable_bytes(shape, setup),
-                          activations=activations, logits=transient, workspace=WORKSPACE_BYTES)
+    return MemoryPeak(weights=weight_bytes(shape, setup), trainable=trainable_bytes(shape, setup),
+                      activations=activations, logits=transient, workspace=WORKSPACE_BYTES)
 
 
-def required_bytes(peak: MemoryEstimate | float) -> float:
+def required_bytes(peak: MemoryPeak | float) -> float:
     """What a GPU must have free for a predicted peak: fragmentation and the CUDA context on top."""
-    total = peak.total if isinstance(peak, MemoryEstimate) else peak
+    total = peak.total if isinstance(peak, MemoryPeak) else peak
     return total * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES
 
 
@@ -347,7 +347,7 @@ def layers_to_checkpoint(shape: ModelShape, tokens_per_micro_batch: int, free_by
     # loaded in bf16; peft's k-bit preparation upcasts the unquantised weights only afterwards
     as_loaded = weight_bytes(shape, replace(setup, stack=replace(setup.impl, upcast_embeddings=False)))
     for layers in range(shape.layers + 1):
-        peak = estimate(shape, setup, tokens_per_micro_batch, layers)
+        peak = memory_peak(shape, setup, tokens_per_micro_batch, layers)
         if (peak.total - as_loaded) * (1 + FRAGMENTATION) <= 0.95 * free_bytes:
             return layers
     return shape.layers
