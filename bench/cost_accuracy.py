@@ -117,12 +117,12 @@ def batches_trained(recipe, steps: int) -> dict:
 def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None = None,
             fused_kernels: bool | None = None) -> dict:
     """What `cloudtune cost` says for this recipe on one such GPU (training only, no overheads)."""
-    from cloudtune.catalog import usable_gib
     from cloudtune.cost import StepConditions, choose_batch, gpu_tokens_per_second, plan_work, train_seconds
     from cloudtune.datasets import inspect_dataset
-    from cloudtune.plan import Offer
+    from cloudtune.planning.gpus import usable_gib
     from cloudtune.planning.memory import GIB, TrainSetup
     from cloudtune.planning.models import resolve_model
+    from cloudtune.planning.offers import Offer
 
     report = inspect_dataset(recipe)
     shape = resolve_model(recipe).shape
@@ -253,7 +253,7 @@ def main() -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         os.environ["OUT"] = str(args.out)  # bench/common.record appends there too
-    from cloudtune.catalog import SPECS, canonical_gpu
+    from cloudtune.planning.gpus import SPECS, canonical_gpu
 
     found = device_gpu()
     if found:
@@ -263,7 +263,7 @@ def main() -> int:
     else:
         parser.error("no NVIDIA GPU here; pass --assume-gpu H100 --shape mini to check the plumbing on a CPU")
     if gpu not in SPECS:
-        parser.error(f"no spec for GPU '{gpu}' in cloudtune/catalog.py")
+        parser.error(f"no spec for GPU '{gpu}' in cloudtune/planning/gpus.py")
     args.work.mkdir(parents=True, exist_ok=True)
     began = time.time()
     model = args.work / f"llama-{args.shape}"

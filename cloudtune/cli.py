@@ -386,7 +386,8 @@ def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[st
 @json_option
 def gpus(gpu: str | None, clouds: tuple[str, ...], refresh: bool, as_json: bool) -> None:
     """GPU offers and their prices, cheapest first."""
-    from .catalog import SPECS, load_offers, match_gpus, refresh_catalogs
+    from .planning.gpus import SPECS, match_gpus
+    from .planning.offers import load_offers, refresh_catalogs
     from .render import gpus_table
 
     refreshed = refresh_catalogs(list(clouds) or None) if refresh else []

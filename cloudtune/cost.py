@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .catalog import SPECS, load_offers, match_gpus, usable_gib
 from .datasets import DatasetReport, percentiles
 from .errors import CloudtuneError
-from .plan import Estimate, Offer, Plan
+from .plan import Estimate, Plan
+from .planning.gpus import SPECS, match_gpus, usable_gib
 from .planning.memory import (
     ALL_LINEAR,
     CUDA_CONTEXT_BYTES,
@@ -46,6 +46,7 @@ from .planning.memory import (
     required_bytes,
 )
 from .planning.models import KNOWN_MODELS, ModelInfo, resolve_model
+from .planning.offers import Offer, load_offers
 from .recipe import Recipe
 
 CALIBRATION_FILE = Path(__file__).parent / "data" / "calibration.jsonl"

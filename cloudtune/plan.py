@@ -7,24 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-
-@dataclass(frozen=True)
-class Offer:
-    """One way to rent GPUs: a cloud's instance type in a region, at its catalog price."""
-
-    cloud: str
-    region: str
-    instance_type: str
-    gpu: str  # normalised name, e.g. "A10G", "A100-80GB", "H100"
-    gpu_count: int
-    gpu_memory_gib: float  # per GPU
-    price_per_hour: float  # on-demand, whole instance
-    spot_price_per_hour: float | None = None
-    accelerator: str = ""  # the catalog's own name for the GPU (what SkyPilot's `accelerators:` takes)
-
-    @property
-    def sky_accelerator(self) -> str:
-        return self.accelerator or self.gpu
+from .planning.offers import Offer
 
 
 @dataclass

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cloudtune.backends.skypilot import launched
-from cloudtune.plan import Estimate, Offer, Plan
+from cloudtune.plan import Estimate, Plan
+from cloudtune.planning.offers import Offer
 
 POLL_SECONDS = 0.1
 

@@ -17,14 +17,14 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cloudtune.catalog import usable_gib
 from cloudtune.cli import cli
 from cloudtune.cost import apply_estimate, check_budget, make_plan
 from cloudtune.datasets import inspect_dataset
 from cloudtune.errors import CloudtuneError
-from cloudtune.plan import Offer
+from cloudtune.planning.gpus import usable_gib
 from cloudtune.planning.memory import GIB, TrainSetup, memory_peak, required_bytes
 from cloudtune.planning.models import resolve_model
+from cloudtune.planning.offers import Offer
 from cloudtune.recipe import load_recipe
 
 from .conftest import cli as cli_process
