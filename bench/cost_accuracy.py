@@ -117,12 +117,15 @@ def batches_trained(recipe, steps: int) -> dict:
 def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None = None,
             fused_kernels: bool | None = None) -> dict:
     """What `cloudtune cost` says for this recipe on one such GPU (training only, no overheads)."""
-    from cloudtune.cost import StepConditions, choose_batch, gpu_tokens_per_second, plan_work, train_seconds
     from cloudtune.datasets import inspect_dataset
+    from cloudtune.planning.flops import StepConditions
     from cloudtune.planning.gpus import usable_gib
     from cloudtune.planning.memory import GIB, TrainSetup
     from cloudtune.planning.models import resolve_model
     from cloudtune.planning.offers import Offer
+    from cloudtune.planning.planner import choose_batch
+    from cloudtune.planning.throughput import gpu_tokens_per_second, train_seconds
+    from cloudtune.planning.work import plan_work
 
     report = inspect_dataset(recipe)
     shape = resolve_model(recipe).shape
@@ -147,9 +150,9 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
             seconds_left: float) -> dict:
     import yaml
 
-    from cloudtune.cost import train_seconds
     from cloudtune.planning.memory import ModelShape, TrainSetup, memory_peak
     from cloudtune.planning.models import resolve_model
+    from cloudtune.planning.throughput import train_seconds
     from cloudtune.recipe import load_recipe
 
     path = work / f"{name}.yaml"

@@ -226,7 +226,7 @@ def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...
     from .datasets import inspect_dataset
 
     report = inspect_dataset(recipe)  # read and count once: the plan prices it, the runner reports it
-    plan, estimate = _plan_run(recipe, backend, out, report)
+    plan, estimate, recipe = _plan_run(recipe, backend, out, report)
     if backend == "skypilot":
         from .planning.models import resolve_model
 
@@ -308,15 +308,18 @@ def down(run_ref: str | None, dry_run: bool, yes: bool) -> None:
 
 
 def _plan_run(recipe, backend: str, out: Console, report):
-    """Plan before anything starts: print the chosen offer and its estimate, refuse one over budget."""
-    from .cost import apply_estimate, check_budget, local_estimate, make_plan
+    """Plan before anything starts: print the chosen offer and its estimate, refuse one over budget.
+
+    Returns the plan, its price fields and the recipe to run, fitted to the chosen offer."""
+    from .planning.budget import check_budget, local_price_fields, price_fields
+    from .planning.planner import fitted_recipe, make_plan
 
     if backend == "local":
         out.print("[bold cyan]▸ plan[/] this machine (local backend): nothing rented, $0")
-        return None, local_estimate()
+        return None, local_price_fields(), recipe
     if backend == "ssh":
         out.print("[bold cyan]▸ plan[/] a machine you provide over SSH: cloudtune rents nothing, so it has no price")
-        return None, None
+        return None, None, recipe
     plan = make_plan(recipe, report)
     chosen = plan.chosen
     if chosen is None:
@@ -332,11 +335,12 @@ def _plan_run(recipe, backend: str, out: Console, report):
               f"{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–{chosen.hours_high:.2f} h, "
               f"${chosen.cost_low:.2f}–${chosen.cost_high:.2f} (prices of {plan.snapshot_date})")
     out.print(f"  [dim]{escape(chosen.why)}[/]")
-    for change in apply_estimate(recipe, chosen):
+    recipe, changes = fitted_recipe(recipe, chosen)
+    for change in changes:
         out.print(f"  [yellow]{escape(change)}[/]")
     for note in plan.notes:
         out.print(f"  [yellow]note:[/] {escape(note)}")
-    return plan, chosen.ledger_fields()
+    return plan, price_fields(chosen), recipe
 
 
 @cli.command()
@@ -349,8 +353,8 @@ def _plan_run(recipe, backend: str, out: Console, report):
 def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[str, ...], top: int,
          as_json: bool) -> None:
     """Dollars for the whole run of RECIPE on every GPU offer, cheapest that fits first."""
-    from .cost import make_plan
     from .datasets import inspect_dataset
+    from .planning.planner import make_plan
     from .recipe import load_recipe
     from .render import cost_table
 

@@ -41,7 +41,7 @@ import yaml
 from .. import __version__
 from ..errors import CloudtuneError
 from ..manifest import NOT_PULLED
-from ..plan import Estimate, Plan
+from ..planning.planner import Estimate, Plan
 from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
 from ..secrets import REDACTED, Redactor
