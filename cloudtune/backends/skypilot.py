@@ -1,7 +1,8 @@
 """The SkyPilot backend: rent the cheapest GPU that fits through SkyPilot, train there, bring the outputs back.
 
 Built against skypilot==0.14.1 (its client SDK talks to a local API server; calls return request
-ids). This is the only module that imports sky, and only inside functions.
+ids). Apart from planning/sky_catalog.py, which reads SkyPilot's price catalogs, this is the only
+module that imports sky, and only inside functions.
 
 How the lifecycle maps onto SkyPilot (on-demand):
   provision  sky.launch of a task that holds only resources: the plan's fitting offers, cheapest

@@ -1,4 +1,4 @@
-"""A recipe's model shape, found without the network: the cost model needs layers and widths, not weights.
+"""A recipe's model shape, found without the network: the planner needs layers and widths, not weights.
 
 Where it looks, in order: the tiny demo model; a local model directory's config.json; the local
 Hugging Face cache; a table of common Llama-class models by hub id; a `model.params` size in the

@@ -117,10 +117,10 @@ def describe_sources(sources: dict[str, dict[str, str]], date: str) -> str:
 
 
 def _cache_key(region: str | None) -> str:
-    """Changes whenever a catalog file, the bundled snapshot or the code that turns rows into offers changes."""
+    """Changes whenever a catalog file, the bundled snapshot or the code that reads rows into offers changes."""
     target = sky_catalog.sky_catalog_dir()
     parts = [sky_catalog.CATALOG_VERSION, str(region)]
-    parts += [str(Path(module).stat().st_mtime_ns) for module in (__file__, gpus.__file__)]
+    parts += [str(Path(module).stat().st_mtime_ns) for module in (__file__, gpus.__file__, sky_catalog.__file__)]
     for cloud in sky_catalog.bundled_clouds():
         path = target / cloud / "vms.csv"
         stat = path.stat() if path.exists() else None
