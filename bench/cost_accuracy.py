@@ -117,12 +117,15 @@ def batches_trained(recipe, steps: int) -> dict:
 def predict(recipe, gpu: str, memory_gib: float, checkpointed_layers: int | None = None,
             fused_kernels: bool | None = None) -> dict:
     """What `cloudtune cost` says for this recipe on one such GPU (training only, no overheads)."""
-    from cloudtune.catalog import usable_gib
-    from cloudtune.cost import StepConditions, choose_batch, gpu_tokens_per_second, plan_work, train_seconds
     from cloudtune.datasets import inspect_dataset
-    from cloudtune.memory import GIB, TrainSetup
-    from cloudtune.plan import Offer
-    from cloudtune.shapes import resolve_model
+    from cloudtune.planning.flops import StepConditions
+    from cloudtune.planning.gpus import usable_gib
+    from cloudtune.planning.memory import GIB, TrainSetup
+    from cloudtune.planning.models import resolve_model
+    from cloudtune.planning.offers import Offer
+    from cloudtune.planning.planner import choose_batch
+    from cloudtune.planning.throughput import gpu_tokens_per_second, train_seconds
+    from cloudtune.planning.work import plan_work
 
     report = inspect_dataset(recipe)
     shape = resolve_model(recipe).shape
@@ -147,10 +150,10 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
             seconds_left: float) -> dict:
     import yaml
 
-    from cloudtune.cost import train_seconds
-    from cloudtune.memory import ModelShape, TrainSetup, estimate
+    from cloudtune.planning.memory import ModelShape, TrainSetup, memory_peak
+    from cloudtune.planning.models import resolve_model
+    from cloudtune.planning.throughput import train_seconds
     from cloudtune.recipe import load_recipe
-    from cloudtune.shapes import resolve_model
 
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe_data(name, model, data, steps_scale)))
@@ -186,7 +189,7 @@ def run_one(name: str, model: Path, data: Path, work: Path, gpu: str, memory_gib
     steady_seconds = steady[-1]["seconds"] - steps[WARMUP_STEPS - 1]["seconds"]
     steady_share = sum(s["step_tokens"] for s in steady) / max(1, sum(s["step_tokens"] for s in steps))
     processed_per_s = replay["processed"] * steady_share / steady_seconds
-    peak_predicted = estimate(shape, setup, replay["peak_tokens"], layers).gib
+    peak_predicted = memory_peak(shape, setup, replay["peak_tokens"], layers).gib
     measured_peak = run["peak_gpu_gib"]
     known = "Llama-2-7B" if _same_shape(shape, _llama2_7b()) else "custom"
     return dict(
@@ -228,7 +231,7 @@ def _same_shape(a, b) -> bool:
 
 
 def _llama2_7b():
-    from cloudtune.shapes import KNOWN_MODELS
+    from cloudtune.planning.models import KNOWN_MODELS
 
     return KNOWN_MODELS["Llama-2-7B"][1]
 
@@ -253,7 +256,7 @@ def main() -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         os.environ["OUT"] = str(args.out)  # bench/common.record appends there too
-    from cloudtune.catalog import SPECS, canonical_gpu
+    from cloudtune.planning.gpus import SPECS, canonical_gpu
 
     found = device_gpu()
     if found:
@@ -263,7 +266,7 @@ def main() -> int:
     else:
         parser.error("no NVIDIA GPU here; pass --assume-gpu H100 --shape mini to check the plumbing on a CPU")
     if gpu not in SPECS:
-        parser.error(f"no spec for GPU '{gpu}' in cloudtune/catalog.py")
+        parser.error(f"no spec for GPU '{gpu}' in cloudtune/planning/gpus.py")
     args.work.mkdir(parents=True, exist_ok=True)
     began = time.time()
     model = args.work / f"llama-{args.shape}"

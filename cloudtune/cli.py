@@ -224,8 +224,8 @@ def down(run_ref: str | None, dry_run: bool, yes: bool) -> None:
 def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[str, ...], top: int,
          as_json: bool) -> None:
     """Dollars for the whole run of RECIPE on every GPU offer, cheapest that fits first."""
-    from .cost import make_plan
     from .datasets import inspect_dataset
+    from .planning.planner import make_plan
     from .recipe import load_recipe
     from .render import cost_table
 
@@ -261,7 +261,8 @@ def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[st
 @json_option
 def gpus(gpu: str | None, clouds: tuple[str, ...], refresh: bool, as_json: bool) -> None:
     """GPU offers and their prices, cheapest first."""
-    from .catalog import SPECS, load_offers, match_gpus, refresh_catalogs
+    from .planning.gpus import SPECS, match_gpus
+    from .planning.offers import load_offers, refresh_catalogs
     from .render import gpus_table
 
     refreshed = refresh_catalogs(list(clouds) or None) if refresh else []

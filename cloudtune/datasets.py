@@ -198,7 +198,7 @@ def token_counter(recipe: Recipe) -> tuple[Tokenize, bool, str]:
 
 
 def _tokenizer_on_disk(recipe: Recipe) -> bool:
-    from .shapes import hf_cache_snapshot
+    from .planning.models import hf_cache_snapshot
 
     name = recipe.model.name or ""
     local = Path(name).expanduser()

@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .planning.budget import PriceFields
+
 RECEIPT = "receipt.json"
 RUN_JSON = "run.json"
-ESTIMATE_COLUMNS = ("gpu", "price_per_hour", "est_hours_low", "est_hours_high", "est_cost_low", "est_cost_high")
+ESTIMATE_COLUMNS = tuple(PriceFields.__annotations__)
 
 
 def read_run_json(output_dir: Path) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class ModelSpec(Strict):
     @field_validator("params")
     @classmethod
     def _parameter_count(cls, value: Any) -> Any:
-        from .shapes import parse_params
+        from .planning.models import parse_params
 
         if value is None:
             return value

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cloudtune.backends.skypilot import launched
-from cloudtune.plan import Estimate, Offer, Plan
+from cloudtune.planning.offers import Offer
+from cloudtune.planning.planner import Estimate, Plan
 
 POLL_SECONDS = 0.1
 

@@ -13,8 +13,9 @@ import sys
 
 import pytest
 
-from cloudtune.catalog import SEED_RECORD, SNAPSHOT_DIR, bundled_clouds, canonical_gpu, match_gpus, snapshot_date
 from cloudtune.errors import CloudtuneError
+from cloudtune.planning.gpus import canonical_gpu, match_gpus
+from cloudtune.planning.sky_catalog import SEED_RECORD, SNAPSHOT_DIR, bundled_clouds, snapshot_date
 
 from .conftest import cli, sky_env
 
@@ -94,7 +95,7 @@ def test_offers_are_read_through_skypilot_offline_then_from_the_cache(tmp_path, 
     again = json.loads(second.stdout)
     assert again["from_cache"] and {o["gpu"] for o in again["offers"]} == {"A10", "A10G"} and again["note"]
     # a cached read does not even import SkyPilot
-    probe = subprocess.run([sys.executable, "-c", "import sys; from cloudtune.catalog import load_offers; "
+    probe = subprocess.run([sys.executable, "-c", "import sys; from cloudtune.planning.offers import load_offers; "
                             "c = load_offers(); print(c.from_cache, 'sky' in sys.modules, len(c.offers))"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.split() == ["True", "False", str(len(data["offers"]))]
@@ -147,7 +148,7 @@ def test_a_newer_bundled_snapshot_replaces_an_untouched_older_seed_and_the_table
 def test_refresh_without_network_changes_nothing(tmp_path, ct_home):
     home = tmp_path / "home"
     home.mkdir()
-    code = ("from cloudtune.catalog import refresh_catalogs; "
+    code = ("from cloudtune.planning.offers import refresh_catalogs; "
             "print([(r.cloud, r.ok, r.message) for r in refresh_catalogs(['lambda'], probe_host='catalog.invalid')])")
     result = subprocess.run([sys.executable, "-c", code], env=sky_env(home, ct_home), capture_output=True,
                             text=True, timeout=120)

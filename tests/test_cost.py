@@ -17,15 +17,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cloudtune.catalog import usable_gib
 from cloudtune.cli import cli
-from cloudtune.cost import apply_estimate, check_budget, make_plan
 from cloudtune.datasets import inspect_dataset
 from cloudtune.errors import CloudtuneError
-from cloudtune.memory import GIB, TrainSetup, estimate, required_bytes
-from cloudtune.plan import Offer
+from cloudtune.planning.budget import check_budget
+from cloudtune.planning.gpus import usable_gib
+from cloudtune.planning.memory import GIB, TrainSetup, memory_peak, required_bytes
+from cloudtune.planning.models import resolve_model
+from cloudtune.planning.offers import Offer
+from cloudtune.planning.planner import fitted_recipe, make_plan
 from cloudtune.recipe import load_recipe
-from cloudtune.shapes import resolve_model
 
 from .conftest import cli as cli_process
 from .conftest import demo_recipe_text, sky_env, write_recipe
@@ -76,7 +77,7 @@ def test_offers_that_do_not_fit_are_never_chosen(tmp_path):
     shape, setup = resolve_model(recipe).shape, TrainSetup.from_recipe(recipe)
     for e in plan.estimates:
         rows = e.micro_batch_size * 2048
-        needed = required_bytes(estimate(shape, setup, rows, e.checkpointed_layers))
+        needed = required_bytes(memory_peak(shape, setup, rows, e.checkpointed_layers))
         assert (needed <= usable_gib(e.offer) * GIB) == e.fits
         assert e.gradient_checkpointing or e.fits  # a misfit was tried with checkpointing too
     costs = [e.cost_high for e in plan.estimates if e.fits]
@@ -97,8 +98,10 @@ def test_checkpointing_and_micro_batch_are_chosen_to_fit(tmp_path):
     recipe, plan = plan_for(path, gpu="A10G")
     chosen = plan.chosen
     assert chosen.fits and chosen.gradient_checkpointing and chosen.micro_batch_size < 16
-    changes = apply_estimate(recipe, chosen)
-    assert changes and recipe.training.micro_batch_size * recipe.training.gradient_accumulation == 32
+    fitted, changes = fitted_recipe(recipe, chosen)
+    assert changes and fitted.training.micro_batch_size * fitted.training.gradient_accumulation == 32
+    assert fitted.training.micro_batch_size == chosen.micro_batch_size and fitted.source == recipe.source
+    assert (recipe.training.micro_batch_size, recipe.training.gradient_accumulation) == (16, 2), "a new recipe"
 
 
 def test_gpus_without_bf16_take_lora_in_fp16_and_refuse_full_or_a_bf16_demand(tmp_path, ct_home):
@@ -266,8 +269,8 @@ def test_plan_dataclasses_keep_their_contract():
 
 
 def test_per_document_attention_spans_half_the_token_weighted_document():
-    from cloudtune.cost import document_attention_span
     from cloudtune.datasets import DatasetReport
+    from cloudtune.planning.work import document_attention_span
 
     same = DatasetReport("d", "completion", 100, 40_000, True, 0, 400, "t", length_percentiles=[400] * 101)
     assert document_attention_span(same, cap=4096) == pytest.approx(200)
@@ -279,7 +282,8 @@ def test_per_document_attention_spans_half_the_token_weighted_document():
 
 
 def test_the_per_micro_batch_cost_is_recovered_from_rows_that_obey_it():
-    from cloudtune.cost import calibrate, launch_weight, row_conditions
+    from cloudtune.planning.calibration import calibrate, row_conditions
+    from cloudtune.planning.flops import launch_weight
 
     base = dict(stack="cloudtune", gpu="H100", model="Llama-2-7B", method="lora", gradient_checkpointing=False,
                 width=4096, attention_span=300)  # no lora_targets: no LoRA kernel time to take out first
@@ -294,7 +298,8 @@ def test_the_per_micro_batch_cost_is_recovered_from_rows_that_obey_it():
 def test_each_measured_run_is_predicted_from_the_others():
     """Leave-one-out over cloudtune's own H100 rows: the time predicted from the other runs of the same
     method (middle of its range) is within 20 % of the measured one."""
-    from cloudtune.cost import calibrate, gpu_tokens_per_second, load_calibration_rows, row_conditions
+    from cloudtune.planning.calibration import calibrate, load_calibration_rows, row_conditions
+    from cloudtune.planning.throughput import gpu_tokens_per_second
 
     lines = load_calibration_rows()
     checked = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cloudtune.errors import CloudtuneError
-from cloudtune.memory import (
+from cloudtune.planning.memory import (
     ALL_LINEAR,
     GIB,
     ModelShape,
@@ -23,10 +23,10 @@ from cloudtune.memory import (
     _with_optimizer,
     cloudtune_kbit_fp32_stack,
     cloudtune_stack,
-    estimate,
     layer_activation_bytes,
     layers_to_checkpoint,
     lora_params,
+    memory_peak,
     trl_stack,
     unsloth_stack,
 )
@@ -83,7 +83,7 @@ def test_every_h100_anchor_peak_is_predicted_within_20_percent(row):
     setup, tokens, checkpointing = PROFILES[row["profile"]]
     if row.get("trainable_params"):
         assert lora_params(LLAMA2_7B, setup) == row["trainable_params"]  # the setup is the one that ran
-    predicted = estimate(LLAMA2_7B, setup, int(tokens), LLAMA2_7B.layers if checkpointing else 0).gib
+    predicted = memory_peak(LLAMA2_7B, setup, int(tokens), LLAMA2_7B.layers if checkpointing else 0).gib
     assert predicted == pytest.approx(row["peak_mem_gib"], rel=TOLERANCE), (row["profile"], predicted)
 
 
@@ -127,7 +127,7 @@ CLOUDTUNE_ROWS = [
 def test_cloudtune_trainer_peaks_on_h100(method, optimizer, tokens, checkpointing, stack, measured):
     """`checkpointing`: False, True (every layer) or how many layers were recomputed."""
     layers = LLAMA2_7B.layers * checkpointing if isinstance(checkpointing, bool) else checkpointing
-    predicted = estimate(LLAMA2_7B, _cloudtune_setup(method, optimizer, stack), tokens, layers).gib
+    predicted = memory_peak(LLAMA2_7B, _cloudtune_setup(method, optimizer, stack), tokens, layers).gib
     assert predicted == pytest.approx(measured, rel=TOLERANCE)
 
 
@@ -143,7 +143,7 @@ def test_rows_written_by_the_cost_accuracy_benchmark():
         setup = TrainSetup(row["method"], row["lora_r"], tuple(row["lora_targets"]), row["lora_dropout"],
                            stack=_with_optimizer(stack, row["optimizer"]))
         layers = row.get("checkpointed_layers", shape.layers if row["gradient_checkpointing"] else 0)
-        predicted = estimate(shape, setup, row["peak_tokens"], layers).gib
+        predicted = memory_peak(shape, setup, row["peak_tokens"], layers).gib
         assert predicted == pytest.approx(row["peak_gib"], rel=TOLERANCE), row["name"]
 
 
@@ -217,23 +217,23 @@ def test_checkpointing_covers_only_the_layers_the_batch_needs():
     assert layers_to_checkpoint(LLAMA2_7B, 2 * 2048, 4 * GIB, setup) == LLAMA2_7B.layers
     assert layers_to_checkpoint(LLAMA2_7B, 8 * 4096, 60 * GIB, _cloudtune_setup("lora")) > 0
     # the answer is the fewest: one layer fewer would not fit
-    as_loaded = estimate(LLAMA2_7B, setup, 4096, 0).weights
+    as_loaded = memory_peak(LLAMA2_7B, setup, 4096, 0).weights
 
     def needed(layers: int) -> float:
-        return estimate(LLAMA2_7B, setup, 2 * 2048, layers).total - as_loaded
+        return memory_peak(LLAMA2_7B, setup, 2 * 2048, layers).total - as_loaded
 
     assert needed(on_a10g) < needed(on_a10g - 1) and needed(on_a10g - 1) * 1.08 > 0.95 * 18 * GIB
-    assert estimate(LLAMA2_7B, setup, 4096, 32).total == estimate(LLAMA2_7B, setup, 4096, 99).total
+    assert memory_peak(LLAMA2_7B, setup, 4096, 32).total == memory_peak(LLAMA2_7B, setup, 4096, 99).total
     # fused kernels keep less per layer and never build the logits: more fits without recomputation
     fused = _cloudtune_setup("lora", stack=cloudtune_stack("lora", fused_kernels=True))
     plain = _cloudtune_setup("lora")
-    with_fused, without = estimate(LLAMA2_7B, fused, 4096, 0), estimate(LLAMA2_7B, plain, 4096, 0)
+    with_fused, without = memory_peak(LLAMA2_7B, fused, 4096, 0), memory_peak(LLAMA2_7B, plain, 4096, 0)
     assert with_fused.activations < 0.9 * without.activations and with_fused.logits < 0.1 * without.logits
 
 
 def test_model_shapes_come_from_config_and_table(tmp_path):
+    from cloudtune.planning.models import resolve_model
     from cloudtune.recipe import Recipe
-    from cloudtune.shapes import resolve_model
 
     def recipe(**model):
         return Recipe.model_validate(dict(model=model, dataset={"path": str(ANCHORS)}))

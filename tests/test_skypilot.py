@@ -172,8 +172,8 @@ SEEDS = ("llama2-7b-qlora-guanaco", "llama2-7b-lora-r8", "llama2-7b-full")
 @pytest.fixture(scope="module")
 def seed_plans(sky_home, tmp_path_factory) -> dict:
     """cloudtune's own plans (cost model, bundled prices) for the seed recipes, with and without --gpu."""
-    from cloudtune.cost import make_plan
     from cloudtune.datasets import inspect_dataset
+    from cloudtune.planning.planner import make_plan
 
     plans = {}
     with pytest.MonkeyPatch.context() as patch:

@@ -51,8 +51,10 @@ class LocalBackend(Backend):
         self._children: dict[str, subprocess.Popen] = {}
 
     def quote(self, recipe, report) -> Quote:
+        from ..planning.budget import local_price_fields
+
         return Quote(summary="this machine (local backend): nothing rented, $0", recipe=recipe,
-                     price={"gpu": "local", "price_per_hour": 0.0, "est_cost_low": 0.0, "est_cost_high": 0.0})
+                     price=dict(local_price_fields()))
 
     @staticmethod
     def root(ctx: RunContext) -> Path:

@@ -1,7 +1,8 @@
 """The SkyPilot backend: rent the cheapest GPU that fits through SkyPilot, train there, bring the outputs back.
 
 Built against skypilot==0.14.1 (its client SDK talks to a local API server; calls return request
-ids). This is the only module that imports sky, and only inside functions.
+ids). Apart from planning/sky_catalog.py, which reads SkyPilot's price catalogs, this is the only
+module that imports sky, and only inside functions.
 
 How the lifecycle maps onto SkyPilot (on-demand):
   provision  sky.launch of a task that holds only resources: the plan's fitting offers, cheapest
@@ -41,7 +42,7 @@ from pydantic import Field
 from .. import __version__
 from ..errors import CloudtuneError
 from ..manifest import NOT_PULLED, sha256_file
-from ..plan import Estimate, Plan
+from ..planning.planner import Estimate, Plan
 from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
 from ..secrets import REDACTED, Redactor
@@ -419,8 +420,9 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
 
     def quote(self, recipe: Recipe, report) -> Quote:
         """The cheapest offer that fits, priced for the whole run; refused when none fits or over budget."""
-        from ..cost import apply_estimate, check_budget, make_plan
-        from ..shapes import resolve_model
+        from ..planning.budget import check_budget, price_fields
+        from ..planning.models import resolve_model
+        from ..planning.planner import fitted_recipe, make_plan
 
         plan = self.plan = self._given_plan or make_plan(recipe, report)
         try:  # the disk is sized for the download; a plan made elsewhere may name a model not known here
@@ -440,9 +442,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
                    f"${chosen.price_per_hour:.2f}/h{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–"
                    f"{chosen.hours_high:.2f} h, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} "
                    f"(prices of {plan.snapshot_date})")
-        fitted = recipe.model_copy(deep=True)
-        changes = apply_estimate(fitted, chosen)
-        return Quote(summary=summary, recipe=fitted, price=chosen.ledger_fields(),
+        fitted, changes = fitted_recipe(recipe, chosen)
+        return Quote(summary=summary, recipe=fitted, price=dict(price_fields(chosen)),
                      notes=[chosen.why, *changes, *(f"note: {note}" for note in plan.notes)])
 
     def dry_run(self, quote: Quote) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CloudtuneError
-from ..memory import GIB, ModelShape, TrainSetup, checkpointing_note, layers_to_checkpoint
+from ..planning.memory import GIB, ModelShape, TrainSetup, checkpointing_note, layers_to_checkpoint
 from ..recipe import Recipe
 from . import Stopped, attention, checkpoint, export, tracking
 from . import model as model_lib

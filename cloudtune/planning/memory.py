@@ -17,6 +17,7 @@ To fit a real GPU the CUDA context and allocator fragmentation come on top (`req
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 GIB = 2**30
@@ -206,7 +207,7 @@ class TrainSetup:
 
 
 @dataclass
-class MemoryEstimate:
+class MemoryPeak:
     """Bytes at the peak of one training step, by what holds them."""
 
     weights: float
@@ -299,7 +300,7 @@ def _lora_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     return total + sum(stack.act_bytes * width for names, width in groups if any(m in targeted for m in names))
 
 
-def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: int) -> MemoryEstimate:
+def memory_peak(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: int) -> MemoryPeak:
     """Peak allocated bytes for a micro-batch of `tokens` tokens (rows × padded width).
 
     `recomputed` decoder layers (0: no gradient checkpointing, shape.layers: all of them) keep only
@@ -321,13 +322,13 @@ def estimate(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: int)
         transient = max(loss, tokens * (per_layer + 4 * stack.act_bytes * shape.hidden))
     else:
         activations, transient = tokens * shape.layers * per_layer, loss
-    return MemoryEstimate(weights=weight_bytes(shape, setup), trainable=trainable_bytes(shape, setup),
-                          activations=activations, logits=transient, workspace=WORKSPACE_BYTES)
+    return MemoryPeak(weights=weight_bytes(shape, setup), trainable=trainable_bytes(shape, setup),
+                      activations=activations, logits=transient, workspace=WORKSPACE_BYTES)
 
 
-def required_bytes(peak: MemoryEstimate | float) -> float:
+def required_bytes(peak: MemoryPeak | float) -> float:
     """What a GPU must have free for a predicted peak: fragmentation and the CUDA context on top."""
-    total = peak.total if isinstance(peak, MemoryEstimate) else peak
+    total = peak.total if isinstance(peak, MemoryPeak) else peak
     return total * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES
 
 
@@ -346,8 +347,23 @@ def layers_to_checkpoint(shape: ModelShape, tokens_per_micro_batch: int, free_by
     setup = setup or TrainSetup()
     # loaded in bf16; peft's k-bit preparation upcasts the unquantised weights only afterwards
     as_loaded = weight_bytes(shape, replace(setup, stack=replace(setup.impl, upcast_embeddings=False)))
-    for layers in range(shape.layers + 1):
-        peak = estimate(shape, setup, tokens_per_micro_batch, layers)
-        if (peak.total - as_loaded) * (1 + FRAGMENTATION) <= 0.95 * free_bytes:
-            return layers
-    return shape.layers
+    def fits(layers: int) -> bool:
+        peak = memory_peak(shape, setup, tokens_per_micro_batch, layers)
+        return (peak.total - as_loaded) * (1 + FRAGMENTATION) <= 0.95 * free_bytes
+
+    found = first_fitting(range(shape.layers + 1), fits)
+    return shape.layers if found is None else found
+
+
+def first_fitting(options: Sequence[int], fits: Callable[[int], bool]) -> int | None:
+    """The first option that fits, by bisection: memory only falls as more layers are recomputed, so
+    whatever fits, every option after it fits too. A linear walk over 80-layer models times every offer
+    and micro-batch made planning slow."""
+    low, high = 0, len(options)
+    while low < high:
+        middle = (low + high) // 2
+        if fits(options[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return options[low] if low < len(options) else None

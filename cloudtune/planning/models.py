@@ -1,8 +1,8 @@
-"""A recipe's model shape, found without the network: the cost model needs layers and widths, not weights.
+"""A recipe's model shape, found without the network: the planner needs layers and widths, not weights.
 
 Where it looks, in order: the tiny demo model; a local model directory's config.json; the local
 Hugging Face cache; a table of common Llama-class models by hub id; a `model.params` size in the
-recipe (then a Llama-like shape of that size is assumed, and the estimate says so).
+recipe (then a Llama-like shape of that size is assumed, and the plan says so).
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CloudtuneError
+from ..errors import CloudtuneError
+from ..inputs import model_config_problem
+from ..tiny import TINY_LLAMA, VOCAB_SIZE
 from .memory import ModelShape
-from .tiny import TINY_LLAMA, VOCAB_SIZE
 
 
 def _shape(h, i, layers, heads, kv, vocab, head_dim=None, tied=False) -> ModelShape:
@@ -51,7 +52,7 @@ KNOWN_MODELS: dict[str, tuple[str, ModelShape]] = {
 @dataclass(frozen=True)
 class ModelInfo:
     shape: ModelShape
-    source: str  # where the shape came from, shown with the estimate
+    source: str  # where the shape came from, shown with the plan
     exact: bool  # False when only a parameter count was known
 
     @property
@@ -110,6 +111,9 @@ def hf_cache_snapshot(repo_id: str, revision: str | None = None, needs: str = "c
 
 
 def _from_config_file(path: Path) -> ModelShape:
+    problem = model_config_problem(path)  # hostile or broken configs, before anything trusts a size
+    if problem:
+        raise CloudtuneError(f"{path}: {problem}")
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:

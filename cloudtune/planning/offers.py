@@ -1,0 +1,216 @@
+"""GPU offers: one cloud's instance type in a region at its catalog price, read through SkyPilot's catalog.
+
+Offers come from `sky.catalog.list_accelerators` (planning/sky_catalog.py), so cloudtune and SkyPilot's
+optimizer read the same prices. Importing sky costs seconds, so the flattened offers are cached in
+$CLOUDTUNE_HOME keyed by the catalog files' size and mtime: a repeated `cloudtune cost` does not
+import sky at all.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import socket
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import CloudtuneError
+from ..paths import home
+from . import gpus, sky_catalog
+from .gpus import SPECS, canonical_gpu, unsupported_reason
+from .jsonfile import read_json, write_json
+
+CACHE_FILE = "offers.json"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One way to rent GPUs: a cloud's instance type in a region, at its catalog price."""
+
+    cloud: str
+    region: str
+    instance_type: str
+    gpu: str  # normalised name, e.g. "A10G", "A100-80GB", "H100"
+    gpu_count: int
+    gpu_memory_gib: float  # per GPU
+    price_per_hour: float  # on-demand, whole instance
+    spot_price_per_hour: float | None = None
+    accelerator: str = ""  # the catalog's own name for the GPU (what SkyPilot's `accelerators:` takes)
+
+    @property
+    def sky_accelerator(self) -> str:
+        return self.accelerator or self.gpu
+
+
+@dataclass
+class Catalog:
+    offers: list[Offer]
+    snapshot_date: str  # oldest date among the clouds read
+    sources: dict[str, dict[str, str]]  # cloud -> {"origin": "bundled snapshot" | "SkyPilot catalog", "date"}
+    problems: list[str] = field(default_factory=list)  # clouds SkyPilot could not read
+    skipped: dict[str, str] = field(default_factory=dict)  # catalog GPU name -> why it is never planned on
+    from_cache: bool = False
+
+    def as_dict(self) -> dict:
+        return {"snapshot_date": self.snapshot_date, "sources": self.sources, "problems": self.problems,
+                "skipped": self.skipped, "from_cache": self.from_cache, "offers": [asdict(o) for o in self.offers]}
+
+    def describe(self) -> str:
+        return describe_sources(self.sources, self.snapshot_date)
+
+
+def load_offers(clouds: Sequence[str] | None = None, region: str | None = None) -> Catalog:
+    """Every GPU offer of the given clouds (default: all bundled ones), cheapest region per instance type.
+
+    Reads through SkyPilot's catalog API the first time; afterwards from the cache until a catalog
+    file changes.
+    """
+    wanted = _check_clouds(clouds)
+    sky_catalog.seed_sky_catalog()
+    key = _cache_key(region)
+    cache_path = home() / "cache" / CACHE_FILE
+    cached = read_json(cache_path)
+    if cached and cached.get("key") == key:
+        catalog = Catalog(offers=[Offer(**row) for row in cached["offers"]], snapshot_date=cached["snapshot_date"],
+                          sources=cached["sources"], problems=cached["problems"], skipped=cached["skipped"],
+                          from_cache=True)
+    else:
+        catalog = _read_skypilot(sky_catalog.bundled_clouds(), region)
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache_path, {"key": key, **catalog.as_dict()})
+    return _only_clouds(catalog, wanted)
+
+
+def _check_clouds(clouds: Sequence[str] | None) -> list[str]:
+    available = sky_catalog.bundled_clouds()
+    if not clouds:
+        return available
+    wanted = [c.lower() for c in clouds]
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        raise CloudtuneError(f"unknown cloud {', '.join(map(repr, unknown))}.",
+                             f"Clouds with prices: {', '.join(available)}.")
+    return wanted
+
+
+def _only_clouds(catalog: Catalog, clouds: list[str]) -> Catalog:
+    keep = set(clouds)
+    catalog.offers = [o for o in catalog.offers if o.cloud in keep]
+    catalog.sources = {c: s for c, s in catalog.sources.items() if c in keep}
+    catalog.snapshot_date = _oldest(catalog.sources) or catalog.snapshot_date
+    return catalog
+
+
+def _oldest(sources: dict[str, dict[str, str]]) -> str | None:
+    return min((s["date"] for s in sources.values()), default=None)
+
+
+def describe_sources(sources: dict[str, dict[str, str]], date: str) -> str:
+    """'prices: bundled snapshot of 2026-11-23' or, mixed, which clouds were refreshed when."""
+    live = {cloud: s["date"] for cloud, s in sources.items() if s["origin"] != "bundled snapshot"}
+    if not live:
+        return f"prices: bundled SkyPilot catalog snapshot of {date}"
+    fetched = ", ".join(f"{cloud} {day}" for cloud, day in sorted(live.items()))
+    if len(live) == len(sources):
+        return f"prices: SkyPilot catalog fetched {fetched}"
+    return f"prices: SkyPilot catalog fetched {fetched}; others bundled snapshot of {sky_catalog.snapshot_date()}"
+
+
+def _cache_key(region: str | None) -> str:
+    """Changes whenever a catalog file, the bundled snapshot or the code that reads rows into offers changes."""
+    target = sky_catalog.sky_catalog_dir()
+    parts = [sky_catalog.CATALOG_VERSION, str(region)]
+    parts += [str(Path(module).stat().st_mtime_ns) for module in (__file__, gpus.__file__, sky_catalog.__file__)]
+    for cloud in sky_catalog.bundled_clouds():
+        path = target / cloud / "vms.csv"
+        stat = path.stat() if path.exists() else None
+        parts.append(f"{cloud}:{stat.st_size}:{stat.st_mtime_ns}" if stat else f"{cloud}:-")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _read_skypilot(clouds: list[str], region: str | None) -> Catalog:
+    record = sky_catalog.seed_record()
+    offers: list[Offer] = []
+    sources: dict[str, dict[str, str]] = {}
+    problems: list[str] = []
+    skipped: dict[str, str] = {}
+    for cloud in clouds:
+        try:  # one cloud at a time, so one unreadable file cannot hide the others' offers
+            found = sky_catalog.list_gpu_rows(cloud, region)
+        except Exception as exc:  # noqa: BLE001 - SkyPilot raises anything from pandas to requests
+            problems.append(f"{cloud}: SkyPilot could not read its catalog ({type(exc).__name__}: {exc})")
+            continue
+        sources[cloud] = sky_catalog.catalog_origin(cloud, record)
+        for accelerator, infos in found.items():
+            for info in infos:
+                offer = _offer(cloud, accelerator, info)
+                if isinstance(offer, str):
+                    skipped[accelerator] = offer
+                elif offer is not None:
+                    offers.append(offer)
+    offers.sort(key=lambda o: (o.price_per_hour, o.cloud, o.instance_type))
+    return Catalog(offers=offers, snapshot_date=_oldest(sources) or sky_catalog.snapshot_date(), sources=sources,
+                   problems=problems, skipped=skipped)
+
+
+def _offer(cloud: str, accelerator: str, info) -> Offer | str | None:
+    """One catalog row as an Offer; a string says why the GPU is skipped; None drops a broken row."""
+    name = canonical_gpu(accelerator, info.instance_type or "")
+    if name is None:
+        return unsupported_reason(accelerator) or "no spec in cloudtune's GPU table"
+    count = info.accelerator_count
+    if not count or count != int(count) or _missing(info.price) or info.price <= 0:
+        return None  # fractional GPUs and rows without a price cannot be planned on
+    # Marketplaces fill SpotPrice with 0 or the on-demand price when they have no spot market.
+    spot = None if _missing(info.spot_price) or not 0 < info.spot_price < info.price else float(info.spot_price)
+    # The row's own memory is more specific (a 4060 Ti has 8 or 16 GB) unless it is broken: RunPod
+    # writes GB where MiB belong (80 -> 0.08 GiB here), Vast the total over all the GPUs.
+    memory, nominal = info.device_memory, SPECS[name].memory_gib
+    if not _missing(memory) and count > 1 and memory > nominal * 1.25:
+        memory = memory / count
+    if _missing(memory) or memory < 4:
+        memory = nominal
+    return Offer(cloud=cloud, region=str(info.region), instance_type=str(info.instance_type), gpu=name,
+                 gpu_count=int(count), gpu_memory_gib=round(float(memory), 1),
+                 price_per_hour=round(float(info.price), 4), spot_price_per_hour=spot, accelerator=accelerator)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+@dataclass
+class RefreshResult:
+    cloud: str
+    ok: bool
+    message: str
+
+
+def network_available(host: str = "raw.githubusercontent.com", timeout: float = 5.0) -> bool:
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def refresh_catalogs(clouds: Sequence[str] | None = None, probe_host: str = "raw.githubusercontent.com"
+                     ) -> list[RefreshResult]:
+    """Ask SkyPilot to download fresh catalogs; keep the current file wherever that fails.
+
+    `probe_host` is where SkyPilot's catalogs are hosted; when it cannot be reached nothing is touched.
+    """
+    wanted = _check_clouds(clouds)
+    sky_catalog.seed_sky_catalog()
+    if not network_available(probe_host):
+        return [RefreshResult(cloud, False, "no network") for cloud in wanted]
+    results = []
+    for cloud in wanted:
+        try:
+            rows = sky_catalog.redownload(cloud)
+        except Exception as exc:  # noqa: BLE001 - SkyPilot raises anything from pandas to requests
+            results.append(RefreshResult(cloud, False, f"{type(exc).__name__}: {exc}"))
+            continue
+        sky_catalog.forget_seed(cloud)
+        results.append(RefreshResult(cloud, True, f"{rows} rows"))
+    return results

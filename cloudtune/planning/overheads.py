@@ -1,0 +1,45 @@
+"""The hours a run pays for besides training: provisioning, setup, model download and load, uploads,
+pulling the outputs back, teardown. Low–high ranges from per-cloud provisioning times and bandwidths.
+"""
+from __future__ import annotations
+
+from ..recipe import Recipe
+from .memory import TrainSetup, lora_params
+from .models import ModelInfo
+
+# Minutes from "launch" to a machine that answers SSH, then SkyPilot's runtime, the image pull and
+# `pip install .[train]` (DESIGN.md: about 3 min), and teardown until billing stops.
+PROVISION_MINUTES = {"aws": (3, 8), "gcp": (2, 6), "azure": (4, 10), "lambda": (3, 8), "runpod": (1, 4),
+                     "vast": (1, 6), "nebius": (3, 8), "hyperbolic": (2, 6), "fluidstack": (5, 12)}
+DEFAULT_PROVISION_MINUTES = (3, 10)
+SETUP_MINUTES = (3, 8)
+TEARDOWN_MINUTES = (1, 3)
+HUB_DOWNLOAD_BYTES_PER_S = (400e6, 100e6)  # from the Hugging Face hub to a cloud machine
+LOAD_BYTES_PER_S = (2e9, 0.5e9)  # safetensors into GPU memory (quantising on the way)
+UPLOAD_BYTES_PER_S = (20e6, 5e6)  # the dataset bundle from here
+PULL_BYTES_PER_S = (50e6, 10e6)  # outputs back to here
+
+
+def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: str) -> tuple[float, float, str]:
+    minutes = [a + b + c for a, b, c in zip(PROVISION_MINUTES.get(cloud, DEFAULT_PROVISION_MINUTES),
+                                            SETUP_MINUTES, TEARDOWN_MINUTES, strict=True)]
+    seconds = [m * 60.0 for m in minutes]
+    download = 0.0 if recipe.model.init else model.download_bytes
+    dataset = recipe.dataset_file()
+    upload = dataset.stat().st_size if dataset is not None and dataset.exists() else 0
+    if recipe.uses_lora:
+        outputs = lora_params(model.shape, setup) * 4.0  # adapters are saved in fp32
+    else:
+        outputs = model.shape.params * 2.0
+    if recipe.outputs.merge and recipe.uses_lora:
+        outputs += model.shape.params * 2.0
+    for k in (0, 1):
+        seconds[k] += (download / HUB_DOWNLOAD_BYTES_PER_S[k] + model.download_bytes / LOAD_BYTES_PER_S[k]
+                       + upload / UPLOAD_BYTES_PER_S[k] + outputs / PULL_BYTES_PER_S[k])
+    parts = ["provisioning", "setup"]
+    if download:
+        parts.append(f"{download / 1e9:.1f} GB model download")
+    if outputs > 1e8:
+        parts.append(f"{outputs / 1e9:.1f} GB of outputs back")
+    parts.append("teardown")
+    return seconds[0] / 3600, seconds[1] / 3600, ", ".join(parts)

@@ -1,0 +1,264 @@
+"""The plan: every GPU offer that matches the recipe, whether the fine-tune fits on it, and what the
+whole run would cost there; fitting offers first, cheapest first.
+
+make_plan filters the offers (GPU, count, spot, clouds), quotes each one (`estimate_offer`: memory
+fit and micro-batch, work, throughput, overheads, dollars) and ranks them. `cloudtune cost` shows
+the plan, `cloudtune run` picks from it and the SkyPilot backend turns the fitting offers into its
+accelerator alternatives. Every figure is a low–high range rather than a false point.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..datasets import DatasetReport
+from ..errors import CloudtuneError
+from ..recipe import Recipe
+from .flops import StepConditions
+from .gpus import SPECS, match_gpus, usable_gib
+from .memory import (
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    MemoryPeak,
+    ModelShape,
+    TrainSetup,
+    checkpointing_note,
+    first_fitting,
+    memory_peak,
+    required_bytes,
+)
+from .models import ModelInfo, resolve_model
+from .offers import Offer, load_offers
+from .overheads import overhead_hours
+from .throughput import gpu_tokens_per_second, train_seconds
+from .work import Work, hub_report, plan_work, processed_range
+
+
+@dataclass
+class Estimate:
+    """What one recipe would cost on one offer, as a low–high range rather than a false point."""
+
+    offer: Offer
+    spot: bool
+    fits: bool
+    peak_gib: float  # predicted peak GPU memory per GPU
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    tokens: int  # tokens to train (dataset tokens × epochs, or steps × tokens per step)
+    tokens_per_s_low: float
+    tokens_per_s_high: float
+    hours_low: float  # overheads included
+    hours_high: float
+    cost_low: float
+    cost_high: float
+    why: str = ""  # one line: what the estimate is made of
+    checkpointed_layers: int = 0  # decoder layers recomputed in backward (gradient_checkpointing: any)
+
+    @property
+    def price_per_hour(self) -> float:
+        if self.spot and self.offer.spot_price_per_hour is not None:
+            return self.offer.spot_price_per_hour
+        return self.offer.price_per_hour
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "price_per_hour": self.price_per_hour}
+
+
+@dataclass
+class Plan:
+    tokens: int
+    tokens_exact: bool
+    snapshot_date: str
+    estimates: list[Estimate] = field(default_factory=list)  # fitting first, then by high cost
+    notes: list[str] = field(default_factory=list)  # what the user should know about this plan
+    model_source: str = ""  # where the model's shape came from
+    catalog: dict = field(default_factory=dict)  # price sources per cloud, cache use, unreadable clouds
+
+    @property
+    def chosen(self) -> Estimate | None:
+        return next((e for e in self.estimates if e.fits), None)
+
+    def candidates(self, limit: int = 8) -> list[Estimate]:
+        """The fitting offers, cheapest run first: what a launcher may fall back through."""
+        return [e for e in self.estimates if e.fits][:limit]
+
+    def as_dict(self, limit: int | None = None) -> dict:
+        return {"tokens": self.tokens, "tokens_exact": self.tokens_exact, "snapshot_date": self.snapshot_date,
+                "model_source": self.model_source, "notes": self.notes, "catalog": self.catalog,
+                "chosen": self.chosen.as_dict() if self.chosen else None,
+                "estimates": [e.as_dict() for e in self.estimates[:limit]]}
+
+
+def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_tokens: int,
+                 usable_bytes: float) -> tuple[int, int, MemoryPeak, bool]:
+    """(micro-batch, checkpointed layers, memory, fits): the recipe's micro-batch with as few layers
+    checkpointed as fit (the trainer's auto does the same on the machine), else a smaller micro-batch
+    (the run keeps the effective batch by accumulating more)."""
+    layers = shape.layers
+    options = {"auto": range(layers + 1), "on": (layers,), "off": (0,)}[recipe.training.gradient_checkpointing]
+    wanted = recipe.training.micro_batch_size
+    # divisors only, so that accumulating more micro-batches keeps the effective batch exactly
+    for mb in (d for d in range(wanted, 0, -1) if wanted % d == 0):
+        def fits(recomputed: int, tokens: int = mb * row_tokens) -> bool:
+            return required_bytes(memory_peak(shape, setup, tokens, recomputed)) <= usable_bytes
+
+        recomputed = first_fitting(options, fits)
+        if recomputed is not None:
+            return mb, recomputed, memory_peak(shape, setup, mb * row_tokens, recomputed), True
+    mb, recomputed = wanted, options[-1]
+    return mb, recomputed, memory_peak(shape, setup, mb * row_tokens, recomputed), False
+
+
+def precision_problem(recipe: Recipe, gpu: str) -> str | None:
+    """Why the trainer would refuse this GPU, or None."""
+    try:
+        recipe.gpu_precision(gpu, SPECS[gpu].bf16)
+    except CloudtuneError as refused:
+        return refused.message
+    return None
+
+
+def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offer: Offer, spot: bool) -> Estimate:
+    setup = TrainSetup.from_recipe(recipe)
+    usable = _usable_bytes(recipe, offer)
+    base = plan_work(recipe, report)
+    mb, recomputed, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
+    work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
+    step = StepConditions(model.shape, recipe.method, recomputed / model.shape.layers, work.span, mb * work.width,
+                          setup.lora_targets if recipe.uses_lora else ())
+    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, step, setup.impl.fused_loss)
+    checkpointing = checkpointing_note(recomputed, model.shape.layers)
+    train_low, train_high = (seconds / 3600 for seconds in train_seconds(processed_range(work), (tps_low, tps_high)))
+    over_low, over_high, over_what = overhead_hours(recipe, model, setup, offer.cloud)
+    hours_low, hours_high = train_low + over_low, train_high + over_high
+    spot = spot and offer.spot_price_per_hour is not None
+    price = offer.spot_price_per_hour if spot else offer.price_per_hour
+    real = work.tokens / work.processed if work.processed else 1.0  # trained share of processed tokens
+    if fits:
+        why = (f"{_speed_why(recipe, offer.gpu, work, (tps_low * real, tps_high * real), mb, checkpointing)} "
+               f"+ {over_low * 60:.0f}–{over_high * 60:.0f} min {over_what}")
+    else:
+        smallest = memory_peak(model.shape, setup, base.row_tokens, recomputed)
+        why = (f"needs {required_bytes(smallest) / GIB:.1f} GiB even at micro-batch 1 with checkpointing "
+               f"{checkpointing}; {offer.gpu} has {usable / GIB:.1f} GiB usable")
+    refused = precision_problem(recipe, offer.gpu)
+    if refused:
+        fits, why = False, refused
+    return Estimate(offer=offer, spot=spot, fits=fits,
+                    peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=recomputed > 0,
+                    checkpointed_layers=recomputed,
+                    tokens=work.tokens, tokens_per_s_low=round(tps_low * real, 1),
+                    tokens_per_s_high=round(tps_high * real, 1), hours_low=round(hours_low, 3),
+                    hours_high=round(hours_high, 3), cost_low=round(hours_low * price, 2),
+                    cost_high=round(hours_high * price, 2), why=why)
+
+
+def _usable_bytes(recipe: Recipe, offer: Offer) -> float:
+    usable = usable_gib(offer) * GIB
+    if recipe.training.memory_limit_gib:  # the trainer caps its allocator there; the CUDA context comes on top
+        usable = min(usable, recipe.training.memory_limit_gib * GIB + CUDA_CONTEXT_BYTES)
+    return usable
+
+
+def _speed_why(recipe: Recipe, gpu: str, work: Work, trained_per_s: tuple[float, float], mb: int,
+               checkpointing: str) -> str:
+    precision = "" if SPECS[gpu].bf16 else " in fp16 with loss scaling"
+    return (f"{_si(work.tokens)} tokens at {_si(trained_per_s[0])}–{_si(trained_per_s[1])} tok/s "
+            f"({recipe.method}{precision}, micro-batch {mb}, checkpointing {checkpointing})")
+
+
+def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, clouds: list[str] | None = None,
+              spot: bool | None = None, offers: list[Offer] | None = None) -> Plan:
+    """Every offer that matches the recipe's compute wishes, with fit and cost; fitting ones first, cheapest first."""
+    model = resolve_model(recipe)
+    gpu = gpu or recipe.compute.gpu
+    clouds = clouds or recipe.compute.cloud or None
+    spot = recipe.compute.spot if spot is None else spot
+    notes: list[str] = []
+    offers, snapshot, catalog_info = _read_offers(recipe, clouds, offers, notes)
+    candidates = _matching_offers(recipe, offers, gpu, clouds, spot, notes)
+    report = _priced_report(recipe, report, notes)
+    work = plan_work(recipe, report)
+    if work.note:
+        notes.append(work.note)
+    if not model.exact:
+        notes.append(f"model shape {model.source}")
+    estimates = [estimate_offer(recipe, report, model, offer, spot) for offer in candidates]
+    estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.offer.cloud, e.offer.instance_type))
+    return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
+                notes=notes, model_source=model.source, catalog=catalog_info)
+
+
+def _read_offers(recipe: Recipe, clouds: list[str] | None, offers: list[Offer] | None,
+                 notes: list[str]) -> tuple[list[Offer], str, dict]:
+    """(offers, their snapshot date, what the price catalog says of itself); `offers` given by a caller
+    stand in for the catalog."""
+    if offers is not None:
+        if clouds:
+            offers = [o for o in offers if o.cloud in {c.lower() for c in clouds}]
+        return offers, "given offers", {}
+    catalog = load_offers(clouds, recipe.compute.region)
+    notes += catalog.problems
+    info = {"prices": catalog.describe(), "sources": catalog.sources, "from_cache": catalog.from_cache,
+            "problems": catalog.problems}
+    return catalog.offers, catalog.snapshot_date, info
+
+
+def _matching_offers(recipe: Recipe, offers: list[Offer], gpu: str | None, clouds: list[str] | None,
+                     spot: bool, notes: list[str]) -> list[Offer]:
+    candidates = [o for o in offers if o.gpu in SPECS]
+    if gpu:
+        match = match_gpus(gpu)
+        candidates = [o for o in candidates if o.gpu in match.names]
+        if match.note:
+            notes.append(match.note)
+    count = recipe.compute.gpu_count
+    candidates = [o for o in candidates if o.gpu_count == count]
+    if count > 1:
+        notes.append(f"compute.gpu_count {count}: cloudtune trains on one GPU per machine so far, so the other "
+                     f"{count - 1} are paid for and idle; priced at one GPU's speed")
+    if spot:
+        candidates = [o for o in candidates if o.spot_price_per_hour is not None]
+    if not candidates:
+        wanted = " ".join(filter(None, [f"{count}× {gpu or 'any GPU'}", "spot" if spot else "",
+                                        f"on {', '.join(clouds)}" if clouds else ""]))
+        raise CloudtuneError(f"no offer in the price catalog matches {wanted}.",
+                             "`cloudtune gpus` lists what there is; widen --gpu/--cloud, drop --spot, or "
+                             "change compute.gpu_count.")
+    return candidates
+
+
+def _priced_report(recipe: Recipe, report: DatasetReport, notes: list[str]) -> DatasetReport:
+    """The dataset report to price: a hub dataset of known size stands in for the uncounted one."""
+    if report.rows:
+        return report
+    known = hub_report(recipe)
+    if known is None:
+        return report
+    notes.append(f"hub dataset {recipe.dataset.hub}: {known.rows:,} rows as published, lengths assumed "
+                 "guanaco-like; the training machine counts the real tokens")
+    return known
+
+
+def fitted_recipe(recipe: Recipe, chosen: Estimate) -> tuple[Recipe, list[str]]:
+    """A new recipe that trains with the micro-batch the plan found to fit, the effective batch kept,
+    and what changed, for the CLI to print. `recipe` itself stays as it was.
+
+    Checkpointing stays as the recipe says: with `auto` the trainer decides on the machine it lands
+    on, from the same memory model.
+    """
+    spec = recipe.training
+    if chosen.micro_batch_size >= spec.micro_batch_size:
+        return recipe, []
+    factor = spec.micro_batch_size // chosen.micro_batch_size
+    training = type(spec).model_validate(spec.model_dump() | {
+        "micro_batch_size": chosen.micro_batch_size, "gradient_accumulation": spec.gradient_accumulation * factor})
+    fitted = recipe.model_copy(update={"training": training}, deep=True)
+    return fitted, [f"micro-batch × accumulation {spec.micro_batch_size}×{spec.gradient_accumulation} → "
+                    f"{training.micro_batch_size}×{training.gradient_accumulation} so it fits {chosen.offer.gpu}"]
+
+
+def _si(value: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"

@@ -1,0 +1,127 @@
+"""The work of a fine-tune: how many tokens it trains, how many the GPU computes on, in which rows.
+
+Packed rows are filled to about 97 %; unpacked micro-batches are as wide as their longest row. A hub
+dataset is counted on the training machine, so its tokens are unknown here unless cloudtune knows
+its published size (`hub_report`).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from ..datasets import DatasetReport, percentiles
+from ..recipe import Recipe
+
+PACKING_FILL = 0.97  # first-fit-decreasing packing leaves about 3 % of each row empty
+TOKENS_UNCERTAINTY = 0.15  # token counts estimated from characters (no tokenizer offline)
+# Hub datasets the shipped recipes train on, so `cloudtune cost` can price them before the training
+# machine downloads them: the published number of training rows, with guanaco's lengths (lognormal,
+# median 350 tokens, sigma 0.8: the distribution the benchmarks in bench/common.py use).
+HUB_DATASET_ROWS = {"mlabonne/guanaco-llama2-1k": 1000, "timdettmers/openassistant-guanaco": 9846}
+
+
+@dataclass(frozen=True)
+class Work:
+    tokens: int  # trained tokens (what receipts count)
+    processed: float  # tokens the GPU computes on, padding included
+    row_tokens: int  # widest row a micro-batch can hold: the peak memory's sequence length
+    width: float  # average padded row width
+    exact: bool
+    note: str = ""
+    attention_span: float = 0.0  # keys a token attends to on average, for attention FLOPs (0: width / 2)
+
+    @property
+    def span(self) -> float:
+        return self.attention_span or self.width / 2
+
+
+def processed_range(work: Work) -> tuple[float, float]:
+    """(low, high) processed tokens: ±15 % when the tokens were counted without the model's tokenizer."""
+    if work.exact:
+        return work.processed, work.processed
+    return work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)
+
+
+def document_attention_span(report: DatasetReport, cap: int) -> float:
+    """Keys a token attends to when attention stays inside each packed document: a token of a
+    document of L tokens sees L/2 on average, and longer documents hold more of the tokens, so the
+    mean is E[L²] / (2·E[L]) over the documents (from the length percentiles)."""
+    lengths = [min(cap, max(1, length)) for length in getattr(report, "length_percentiles", None) or []]
+    if len(lengths) < 2:
+        return min(cap, report.tokens / max(report.rows, 1)) / 2
+    mids = [(a + b) / 2 for a, b in zip(lengths[:-1], lengths[1:], strict=True)]
+    return sum(m * m for m in mids) / (2 * sum(mids))
+
+
+def attends_per_document(recipe: Recipe) -> bool:
+    """Packed rows on a GPU run per-document attention unless the recipe names another kernel."""
+    return recipe.training.packing and recipe.training.attention in ("auto", "documents")
+
+
+def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | None = None) -> Work:
+    spec = recipe.training
+    mb = micro_batch_size or spec.micro_batch_size
+    cap = spec.max_seq_len
+    if report.rows == 0:  # hub dataset: counted on the training machine
+        rows_per_step = mb * spec.gradient_accumulation
+        if not spec.max_steps:
+            return Work(0, 0.0, cap, cap, False, "tokens unknown: the hub dataset is counted on the training "
+                                                "machine; set training.max_steps to price the training itself")
+        per_row = cap if spec.packing else cap / 2
+        tokens = spec.max_steps * rows_per_step * per_row
+        return Work(int(tokens), tokens, cap, per_row, False,
+                    f"hub dataset: assumed {per_row:.0f} tokens per row over {spec.max_steps} steps")
+    span = document_attention_span(report, cap) if attends_per_document(recipe) else 0.0
+    if spec.packing:
+        rows = max(1, math.ceil(report.tokens / (cap * PACKING_FILL)))
+        width = min(cap, report.tokens / rows / PACKING_FILL)
+        processed_per_epoch = rows * width
+        row_tokens = min(cap, math.ceil(report.tokens / PACKING_FILL))
+    else:
+        rows = report.rows
+        width = expected_batch_width(report, mb)
+        processed_per_epoch = rows * width
+        row_tokens = min(cap, report.longest_row_tokens or cap)
+    micro_batches = max(1, math.ceil(rows / mb))
+    if spec.max_steps:
+        total_micro_batches = spec.max_steps * spec.gradient_accumulation
+        epochs = total_micro_batches / micro_batches
+    else:
+        epochs = spec.epochs or 1.0
+        steps = math.ceil(epochs * math.ceil(micro_batches / spec.gradient_accumulation))
+        epochs = steps * spec.gradient_accumulation / micro_batches
+    return Work(tokens=int(report.tokens * epochs), processed=processed_per_epoch * epochs, row_tokens=row_tokens,
+                width=width, exact=report.tokens_exact, attention_span=span)
+
+
+def expected_batch_width(report: DatasetReport, micro_batch_size: int) -> float:
+    """Mean padded width of an unpacked micro-batch: the expected longest of its rows.
+
+    With the length percentiles q_0..q_100 the longest of n random rows is at most q_p with
+    probability (p/100)^n.
+    """
+    percentiles = getattr(report, "length_percentiles", None)
+    mean = report.tokens / max(report.rows, 1)
+    if not percentiles or micro_batch_size <= 1:
+        return mean
+    n = micro_batch_size
+    cdf = [(p / 100) ** n for p in range(len(percentiles))]
+    expected = sum((cdf[k] - cdf[k - 1]) * (percentiles[k] + percentiles[k - 1]) / 2 for k in range(1, len(cdf)))
+    return max(mean, expected)
+
+
+def hub_report(recipe: Recipe) -> DatasetReport | None:
+    """An estimated report for a hub dataset cloudtune knows the size of; None for others."""
+    rows = HUB_DATASET_ROWS.get(recipe.dataset.hub or "")
+    if rows is None:
+        return None
+    rows = min(rows, recipe.dataset.max_rows or rows)
+    cap = recipe.training.max_seq_len
+    rng = random.Random(0)
+    raw = [max(16, int(rng.lognormvariate(math.log(350), 0.8))) for _ in range(rows)]
+    lengths = [min(cap, n) for n in raw]
+    return DatasetReport(source=f"hub:{recipe.dataset.hub}", format=recipe.dataset.format, rows=rows,
+                         tokens=sum(lengths), tokens_exact=False, truncated_rows=sum(n > cap for n in raw),
+                         longest_row_tokens=max(raw), tokenizer="estimate (published rows, guanaco-like lengths)",
+                         length_percentiles=percentiles(lengths))
