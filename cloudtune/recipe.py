@@ -39,6 +39,21 @@ MAX_RECIPE_BYTES = 2**20
 MAX_ECHO_CHARS = 80  # a value quoted back in an error; a 10 MB value must not be
 
 
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmbt]?)\s*$", re.IGNORECASE)
+
+
+def parse_params(value) -> float:
+    """7B, 500M, 1.5b, 7e9 or 7000000000 -> a parameter count."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    found = _SIZE.match(str(value))
+    if not found:
+        raise CloudtuneError(f"model.params: '{value}' is not a parameter count.", "Write it like 8B, 500M or 7e9.")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[found.group(2).lower()]
+    return float(found.group(1)) * scale
+
+
 class Strict(BaseModel):
     """Every recipe section rejects unknown keys (a typo must never be silently ignored) and every
     number must be finite: YAML's .inf and .nan pass `gt=0` and then hang or poison what uses them."""
@@ -79,8 +94,6 @@ class ModelSpec(Strict):
     @field_validator("params")
     @classmethod
     def _parameter_count(cls, value: Any) -> Any:
-        from .planning.models import parse_params
-
         if value is None:
             return value
         # parse_params' regex backtracks quadratically on a long string of digits

@@ -239,7 +239,7 @@ def test_cost_cli_json_schema_and_cache(tmp_path, ct_home):
                                        env=env, capture_output=True, text=True, timeout=300).stdout)
     assert cached["catalog"]["from_cache"] is True and cached["chosen"] == data["chosen"]
 
-    over = subprocess.run([sys.executable, "-m", "cloudtune.cli", "run", str(path), "--backend", "cloud",
+    over = subprocess.run([sys.executable, "-m", "cloudtune.cli", "run", str(path), "--backend", "skypilot",
                            "--max-cost", "0.01"], env=env, capture_output=True, text=True, timeout=300)
     assert over.returncode == 2 and "max_cost $0.01" in over.stderr and "Traceback" not in over.stderr
 

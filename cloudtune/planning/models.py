@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import CloudtuneError
 from ..inputs import model_config_problem
+from ..recipe import parse_params
 from ..tiny import TINY_LLAMA, VOCAB_SIZE
 from .memory import ModelShape
 
@@ -126,20 +127,6 @@ def _from_config_file(path: Path) -> ModelShape:
     except TypeError:
         raise CloudtuneError(f"{path}: not a Llama-class config (hidden_size, intermediate_size, "
                              "num_hidden_layers, num_attention_heads, vocab_size are needed).") from None
-
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmbt]?)\s*$", re.IGNORECASE)
-
-
-def parse_params(value) -> float:
-    """7B, 500M, 1.5b, 7e9 or 7000000000 -> a parameter count."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    found = _SIZE.match(str(value))
-    if not found:
-        raise CloudtuneError(f"model.params: '{value}' is not a parameter count.", "Write it like 8B, 500M or 7e9.")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[found.group(2).lower()]
-    return float(found.group(1)) * scale
 
 
 def _assumed_shape(params: float) -> ModelInfo:
