@@ -6,6 +6,8 @@ Heavy libraries (torch, transformers, sky, paramiko) are never imported at modul
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -21,9 +23,6 @@ from .errors import CloudtuneError
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-EXIT_INTERRUPTED = 130
-
-
 class CloudtuneGroup(click.Group):
     """Turns user mistakes into one red paragraph and exit 2; tracebacks only with --debug."""
 
@@ -38,9 +37,10 @@ class CloudtuneGroup(click.Group):
             if exc.hint:
                 err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            ctx.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            err_console.print(f"[yellow]interrupted ({signal.Signals(signum).name})[/]")
+            ctx.exit(128 + signum)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
@@ -158,10 +158,10 @@ def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...
 @json_option
 def status(limit: int, as_json: bool) -> None:
     """Recent runs from the ledger, newest first."""
-    from .ledger import Ledger
+    from .lifecycle import recent_runs
     from .render import runs_table
 
-    runs = Ledger().runs(limit)
+    runs = recent_runs(limit)
     if as_json:
         _print_json(runs)
     elif not runs:
@@ -326,7 +326,23 @@ def pull(run_ref: str, as_json: bool) -> None:
         console.print(receipt_table(result.receipt))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled as Ctrl-C is: the run is stopped, torn down and marked cancelled."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, _frame) -> None:
+    if signum == signal.SIGHUP:  # the terminal is gone: printing to it would fail halfway through teardown
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives until the process ends
+    raise Terminated(signum)
+
+
 def main() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     cli(prog_name="cloudtune")
 
 

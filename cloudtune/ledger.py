@@ -61,9 +61,13 @@ RUN_COLUMNS = ("name", "recipe_path", "recipe_hash", "backend", "status", "finis
                "train_seconds", "wall_seconds", "actual_cost", "error")
 
 
+RUN_ID_ATTEMPTS = 20
+
+
 def new_run_id() -> str:
-    """Sortable by time, unique across machines, valid in every cloud's cluster-name rules."""
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+    """Sortable by time, valid in every cloud's cluster-name rules; 24 random bits make two laptops'
+    runs of the same second collide once in 16 million (one ledger never lets them: see add_new_run)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
 def machine_name(run_id: str) -> str:
@@ -101,6 +105,18 @@ class Ledger:
                        (run_id, name, backend, recipe_path, recipe_hash, time.time()))
         if fields:
             self.update_run(run_id, **fields)
+
+    def add_new_run(self, *, name: str, backend: str, **fields: Any) -> str:
+        """A new run under an id no other run in this ledger has; returns the id."""
+        for _ in range(RUN_ID_ATTEMPTS):
+            run_id = new_run_id()
+            try:
+                self.add_run(run_id, name=name, backend=backend, **fields)
+            except sqlite3.IntegrityError:
+                continue
+            return run_id
+        raise CloudtuneError(f"could not find a free run id in {self.path} after {RUN_ID_ATTEMPTS} tries.",
+                             "Is the system clock stuck? Try again in a second.")
 
     def update_run(self, run_id: str, *, meta: dict | None = None, **fields: Any) -> None:
         unknown = set(fields) - set(RUN_COLUMNS)

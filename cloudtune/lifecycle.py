@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -22,10 +23,11 @@ from . import manifest, receipt
 from .backends import registry
 from .backends.base import Backend, Quote, RunContext, build_bundle
 from .backends.capabilities import DryRuns, ListsMachines
+from .backends.local import pid_alive
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
 from .events import Events
-from .ledger import FINAL_RUN_STATUSES, Ledger, machine_name, new_run_id
+from .ledger import FINAL_RUN_STATUSES, Ledger, machine_name
 from .paths import runs_dir
 from .recipe import Recipe
 from .secrets import Redactor, collect
@@ -131,10 +133,6 @@ class Launch:
         self.ledger = ledger
         self.secrets = collect(self.recipe.secrets)
         self.redact = Redactor(self.secrets)
-        self.run_id = new_run_id()
-        self.output_dir = output_dir_for(self.recipe, self.run_id)
-        self.ctx = RunContext(run_id=self.run_id, machine=machine_name(self.run_id),
-                              work_dir=runs_dir() / self.run_id, state=backend.new_state(), recipe=self.recipe)
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.started = time.time()
         self.machine_status = "requested"
@@ -178,11 +176,16 @@ class Launch:
     # phases ----------------------------------------------------------------------------------------
 
     def open(self) -> None:
+        """The run's ledger rows, before anything is asked of the backend."""
         recipe = self.recipe
-        self.ledger.add_run(self.run_id, name=recipe.run_name, backend=self.backend.name,
-                            recipe_path=str(recipe.source or ""), recipe_hash=recipe.fingerprint(),
-                            output_dir=str(self.output_dir), **receipt.estimate_columns(self.price))
-        self.ledger.update_run(self.run_id, meta={"secret_names": list(recipe.secrets)})
+        self.run_id = self.ledger.add_new_run(name=recipe.run_name, backend=self.backend.name,
+                                              recipe_path=str(recipe.source or ""), recipe_hash=recipe.fingerprint(),
+                                              **receipt.estimate_columns(self.price))
+        self.output_dir = output_dir_for(recipe, self.run_id)
+        self.ctx = RunContext(run_id=self.run_id, machine=machine_name(self.run_id),
+                              work_dir=runs_dir() / self.run_id, state=self.backend.new_state(), recipe=recipe)
+        self.ledger.update_run(self.run_id, output_dir=str(self.output_dir),
+                               meta={"secret_names": list(recipe.secrets), "launcher": launcher_identity()})
         self.events.phase("run", f"{self.run_id} ({self.backend.name})")
         self.ledger.add_machine(self.ctx.machine, self.run_id, self.backend.name)
 
@@ -233,6 +236,28 @@ class Launch:
             self.events.warn(f"{self.ctx.machine} is left up with the outputs on it. " + retry_pull_hint(self.run_id))
         else:
             teardown_one(self.backend, self.ctx, self.ledger, self.events)
+
+
+def launcher_identity() -> dict[str, Any]:
+    """Which process is driving a run, so `status` can tell a run whose CLI died from one still watched."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def launcher_alive(run_row: dict) -> bool | None:
+    """Whether the CLI that started a run still runs; None when that cannot be told from here."""
+    launcher = run_row["meta"].get("launcher") or {}
+    if launcher.get("host") != socket.gethostname() or not launcher.get("pid"):
+        return None
+    return pid_alive(launcher["pid"])
+
+
+def recent_runs(limit: int, ledger: Ledger | None = None) -> list[dict]:
+    """`cloudtune status`: the newest runs, each unfinished one saying whether its CLI is still there."""
+    runs = (ledger or Ledger()).runs(limit)
+    for run_row in runs:
+        if run_row["status"] not in FINAL_RUN_STATUSES:
+            run_row["launcher_alive"] = launcher_alive(run_row)
+    return runs
 
 
 def retry_pull_hint(run_id: str) -> str:

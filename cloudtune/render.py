@@ -101,7 +101,8 @@ def runs_table(runs: list[dict]) -> Table:
         estimate = (f"{run['est_cost_low']:.2f}–{run['est_cost_high']:.2f}"
                     if run.get("est_cost_low") is not None else "-")
         actual = f"{run['actual_cost']:.2f}" if run.get("actual_cost") is not None else "-"
-        table.add_row(run["id"], run["name"], run["backend"], f"[{colour}]{run['status']}[/]",
+        status = run["status"] + (" (its CLI is gone)" if run.get("launcher_alive") is False else "")
+        table.add_row(run["id"], run["name"], run["backend"], f"[{colour}]{status}[/]",
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"])),
                       _seconds(run.get("wall_seconds")),
                       _hours(run["est_hours_low"], run["est_hours_high"]) if run.get("est_hours_low") is not None

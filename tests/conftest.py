@@ -208,3 +208,9 @@ def remote(sshd, tmp_path, ct_home, monkeypatch, remote_models, wheel_cache) -> 
     monkeypatch.setenv(REMOTE_PYTHON_ENV, sys.executable)
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # only the keys a test names may log in
     return root
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Any process of the group still running (zombies have ended; they wait only to be reaped)."""
+    out = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout
+    return any(int(p) == pgid and not s.startswith("Z") for p, s in (line.split() for line in out.splitlines()))

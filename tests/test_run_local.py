@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cloudtune.backends.local import pid_alive
 from cloudtune.cli import cli
 from cloudtune.ledger import Ledger
 
-from .conftest import demo_recipe_text, write_recipe
+from .conftest import demo_recipe_text, process_group_alive, write_recipe
 
 
 def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monkeypatch):
@@ -71,8 +70,9 @@ def test_failed_training_is_recorded_with_the_log_tail(tmp_path, monkeypatch):
     assert not (tmp_path / "outputs" / "demo-tiny" / run["id"]).exists()
 
 
-def test_ctrl_c_cancels_stops_the_child_and_is_recorded(tmp_path, ct_home):
-    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=100000))
+def start_long_local_run(tmp_path: Path, **training) -> tuple[subprocess.Popen, dict, int, list[str]]:
+    """`cloudtune run --backend local` in its own process, returned once training has begun."""
+    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=100000, **training))
     cli_process = subprocess.Popen([sys.executable, "-m", "cloudtune.cli", "run", "--backend", "local", str(recipe)],
                                    cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env={**os.environ, "COLUMNS": "200"})
@@ -82,19 +82,55 @@ def test_ctrl_c_cancels_stops_the_child_and_is_recorded(tmp_path, ct_home):
         if "step " in line:
             break
     run = Ledger().runs(1)[0]
-    pid = Ledger().machine_for_run(run["id"])["meta"]["pid"]
-    assert pid_alive(pid)
-    cli_process.send_signal(signal.SIGINT)
-    rest = cli_process.communicate(timeout=60)[0]
-    assert cli_process.returncode == 130, "".join(seen) + rest
-    assert "interrupted" in rest
-    deadline = time.time() + 10
-    while pid_alive(pid) and time.time() < deadline:
+    pgid = Ledger().machine_for_run(run["id"])["meta"]["pid"]  # the run script leads the training's group
+    assert process_group_alive(pgid)
+    return cli_process, run, pgid, seen
+
+
+def wait_gone(pgid: int, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while process_group_alive(pgid) and time.time() < deadline:
         time.sleep(0.1)
-    assert not pid_alive(pid), "training process outlived the cancelled run"
+    return not process_group_alive(pgid)
+
+
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_sigterm_and_sighup_cancel_stop_the_training_and_are_recorded(tmp_path, ct_home, sent):
+    cli_process, run, pgid, seen = start_long_local_run(tmp_path)
+    cli_process.send_signal(sent)
+    rest = cli_process.communicate(timeout=120)[0]
+    assert cli_process.returncode == 128 + sent, "".join(seen) + rest
+    if sent != signal.SIGHUP:  # a hung-up terminal gets nothing more
+        assert f"interrupted ({sent.name})" in rest
+    assert wait_gone(pgid, 10), "training outlived the cancelled run"
     run = Ledger().get_run(run["id"])
     assert run["status"] == "cancelled"
     assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+
+
+def test_a_killed_cli_takes_its_training_down_and_down_cleans_up(tmp_path, ct_home):
+    cli_process, run, pgid, _ = start_long_local_run(tmp_path, checkpoint_steps=1000)
+    cli_process.kill()  # SIGKILL: no handler runs, only the training's watchdog notices
+    cli_process.wait()
+    assert wait_gone(pgid, 30), "training outlived the CLI that started it"
+    log = (ct_home / "runs" / run["id"] / "machine" / "train.log").read_text()
+    assert "is gone; stopping with a checkpoint" in log
+    status = CliRunner().invoke(cli, ["status"], env={"COLUMNS": "200"})
+    assert "its CLI is gone" in status.output, status.output
+    down = CliRunner().invoke(cli, ["down", run["id"], "--yes"])
+    assert down.exit_code == 0 and "terminated" in down.output, down.output
+    assert Ledger().get_run(run["id"])["status"] == "cancelled"
+
+
+def test_run_ids_never_collide_in_one_ledger(ct_home, monkeypatch):
+    from cloudtune import ledger as ledger_module
+
+    ids = iter(["20260101-000000-aaaaaa", "20260101-000000-aaaaaa", "20260101-000000-bbbbbb"])
+    monkeypatch.setattr(ledger_module, "new_run_id", lambda: next(ids))
+    ledger = Ledger()
+    first = ledger.add_new_run(name="one", backend="local")
+    second = ledger.add_new_run(name="two", backend="local")
+    assert (first, second) == ("20260101-000000-aaaaaa", "20260101-000000-bbbbbb")
 
 
 def test_secret_values_are_redacted_from_terminal_and_ledger(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import Field
 
 from ..manifest import NOT_PULLED
+from ..remote.watchdog import LAUNCHER_ENV
 from .base import EXIT_FILE, LOG_FILE, Backend, Bundle, MachineState, Quote, RunContext, secrets_env
 
 STOP_GRACE_SECONDS = 10
@@ -77,7 +78,9 @@ class LocalBackend(Backend):
     def start(self, ctx: RunContext, resume: bool = False) -> None:
         root = self.root(ctx)
         (root / EXIT_FILE).unlink(missing_ok=True)
-        env = {**os.environ, "CLOUDTUNE_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+        # This process is the launcher: a training that outlives it would run on unwatched and unpulled.
+        env = {**os.environ, "CLOUDTUNE_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1",
+               LAUNCHER_ENV: str(os.getpid())}
         args = ["sh", str(root / "bundle" / "run.sh")] + (["--resume"] if resume else [])
         child = subprocess.Popen(args, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)

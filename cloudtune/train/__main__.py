@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import CloudtuneError
 from ..recipe import load_recipe
+from ..remote.watchdog import watch_launcher
 from . import Stopped
 
 EXIT_USER_ERROR = 2
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     args = parser.parse_args(argv)
     quiet_libraries()
+    watch_launcher()
     try:
         recipe = load_recipe(args.recipe, here=False)
         from .loop import train  # heavy imports only once the recipe is known to be good

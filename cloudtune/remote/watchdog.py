@@ -1,0 +1,49 @@
+"""The trainer stops when the process that launched it is gone.
+
+A CLI killed with SIGKILL cannot stop what it started, so the training watches it instead: within a
+few seconds of the launcher's end it sends itself SIGTERM, which the training loop answers with a
+checkpoint and a clean stop. Backends whose training is meant to outlive the CLI (a detached run on
+an SSH machine, a cloud job) do not name a launcher.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+LAUNCHER_ENV = "CLOUDTUNE_LAUNCHER_PID"
+POLL_SECONDS = 1.0
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie has exited; it only waits for its parent to read the status
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def watch_launcher(environ: Mapping[str, str] = os.environ) -> threading.Thread | None:
+    """Start watching the launcher named in the environment, if any."""
+    pid = environ.get(LAUNCHER_ENV, "")
+    if not pid.isdigit():
+        return None
+    watcher = threading.Thread(target=_stop_when_gone, args=(int(pid),), name="launcher-watchdog", daemon=True)
+    watcher.start()
+    return watcher
+
+
+def _stop_when_gone(pid: int) -> None:
+    while process_alive(pid):
+        time.sleep(POLL_SECONDS)
+    print(f"cloudtune: the process that started this training ({pid}) is gone; stopping with a checkpoint",
+          flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
