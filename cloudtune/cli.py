@@ -261,17 +261,12 @@ def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[st
 @json_option
 def gpus(gpu: str | None, clouds: tuple[str, ...], refresh: bool, as_json: bool) -> None:
     """GPU offers and their prices, cheapest first."""
-    from .planning.gpus import SPECS, match_gpus
-    from .planning.offers import load_offers, refresh_catalogs
+    from .planning.gpus import SPECS
+    from .planning.offers import gpu_offers
     from .render import gpus_table
 
-    refreshed = refresh_catalogs(list(clouds) or None) if refresh else []
-    catalog = load_offers(list(clouds) or None)
-    note = None
-    if gpu:
-        match = match_gpus(gpu)
-        catalog.offers = [o for o in catalog.offers if o.gpu in match.names]
-        note = match.note
+    found = gpu_offers(gpu, list(clouds) or None, refresh)
+    catalog, refreshed, note = found.catalog, found.refreshed, found.note
     if as_json:
         _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in refreshed], "note": note})
         return

@@ -214,3 +214,24 @@ def refresh_catalogs(clouds: Sequence[str] | None = None, probe_host: str = "raw
         sky_catalog.forget_seed(cloud)
         results.append(RefreshResult(cloud, True, f"{rows} rows"))
     return results
+
+
+@dataclass
+class GpuOffers:
+    """`cloudtune gpus`: the offers asked for, what a refresh did, and a note on how the name matched."""
+
+    catalog: Catalog
+    refreshed: list[RefreshResult]
+    note: str | None = None
+
+
+def gpu_offers(gpu: str | None = None, clouds: Sequence[str] | None = None, refresh: bool = False) -> GpuOffers:
+    from .gpus import match_gpus
+
+    refreshed = refresh_catalogs(clouds) if refresh else []
+    catalog = load_offers(clouds)
+    if not gpu:
+        return GpuOffers(catalog, refreshed)
+    match = match_gpus(gpu)
+    catalog.offers = [offer for offer in catalog.offers if offer.gpu in match.names]
+    return GpuOffers(catalog, refreshed, match.note)
