@@ -13,7 +13,7 @@ def get_backend(name: str, **options) -> Backend:
 
         return LocalBackend(**options)
     if name == "ssh":
-        from .ssh import SSHBackend
+        from .ssh.backend import SSHBackend
 
         return SSHBackend(**options)
     if name == "skypilot":
