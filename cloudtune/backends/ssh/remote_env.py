@@ -32,6 +32,8 @@ class RemoteEnv(ABC):
 
     interpreter: str  # the Python the packages are checked with; trains unless a venv is needed
     label: str  # what the packages were looked for in, for messages and the venv's key
+    fail_on_error = True  # a failing package check is "a command failed" (not no_python's error)
+    venv_prefix = ""  # of the venvs' folder names under envs/
 
     def __init__(self, conn: Connection, state: SSHState, events: Any):
         self.conn = conn
@@ -64,9 +66,6 @@ class RemoteEnv(ABC):
         _, output = self.conn.run(python(self.interpreter, "make_venv.py", MARK, venv, needed, inside=self.inside()),
                                   on_line=self.events.log)
         return marked(output) or f"{venv}/bin/python"
-
-    fail_on_error = True  # whether a failing package check is "a command failed" rather than no_python
-    venv_prefix = ""
 
     def before_prepare(self) -> None:  # noqa: B027 - nothing to fetch by default
         """Whatever must be on the machine before its packages can be checked."""
