@@ -1,4 +1,4 @@
-"""The `cloudtune` command: parse arguments, call the core, render. No logic lives here.
+"""The `cloudtune` command: parse arguments, call one function of the core, render what it returns.
 
 Heavy libraries (torch, transformers, sky, paramiko) are never imported at module level, so
 `cloudtune --help` answers at once.
@@ -6,7 +6,6 @@ Heavy libraries (torch, transformers, sky, paramiko) are never imported at modul
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from importlib import resources
@@ -17,13 +16,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .backends import registry
 from .errors import CloudtuneError
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
-EXIT_USER_ERROR = 2
-EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -34,15 +32,13 @@ class CloudtuneGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CloudtuneError as exc:
-            from .runner import RunFailed
-
             if ctx.params.get("debug"):
                 traceback.print_exc()
             # soft_wrap: paths and file:line references must stay whole for copy-paste
             err_console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
             if exc.hint:
                 err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
-            ctx.exit(EXIT_RUN_FAILED if isinstance(exc, RunFailed) else EXIT_USER_ERROR)
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             ctx.exit(EXIT_INTERRUPTED)
@@ -159,36 +155,10 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 # run / status / logs / down
 
 
-def ssh_options(command):
-    """`run`'s options for --backend ssh; they reach SSHBackend as keyword arguments."""
-    command = click.option("--keep-remote", is_flag=True,
-                           help="ssh: keep the run's directory on the machine (secrets are removed anyway).")(command)
-    command = click.option("--trust-new-host", is_flag=True,
-                           help="ssh: accept a host key not yet in known_hosts, and record it.")(command)
-    command = click.option("--key", type=click.Path(dir_okay=False, path_type=Path),
-                           help="ssh: private key file (default: ssh-agent, then ~/.ssh/id_*).")(command)
-    return click.option("--host", help="ssh: the machine to train on, user@ip[:port].")(command)
-
-
-def _ssh_backend_options(backend: str, host: str | None, key: Path | None, trust_new_host: bool,
-                         keep_remote: bool) -> dict:
-    given = {"--host": host, "--key": key, "--trust-new-host": trust_new_host, "--keep-remote": keep_remote}
-    if backend != "ssh":
-        used = [name for name, value in given.items() if value]
-        if used:
-            raise CloudtuneError(f"{used[0]} only applies to --backend ssh.", "Add --backend ssh, or drop it.")
-        return {}
-    if not host:
-        raise CloudtuneError("--backend ssh needs the machine: --host user@ip[:port].",
-                             "Add --key PATH unless ssh-agent or ~/.ssh/id_* holds the key.")
-    return {"host": host, "key": key, "trust_new_host": trust_new_host, "keep_remote": keep_remote}
-
-
-@cli.command()
+@cli.command(cls=registry.BackendFlagsCommand)
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--backend", "-b", default="skypilot", show_default=True, envvar="CLOUDTUNE_BACKEND",
-              help="Where to train: skypilot (the cheapest cloud GPU that fits), ssh (a machine you can SSH "
-                   "into, --host) or local (this machine: demo, tests).")
+@click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
+              help=registry.backend_help())
 @click.option("--gpu", help="GPU to rent (A10, A100-80GB, H100, ...); overrides compute.gpu.")
 @click.option("--cloud", "clouds", multiple=True,
               help="Only these clouds (repeat for several); overrides compute.cloud.")
@@ -198,44 +168,22 @@ def _ssh_backend_options(backend: str, host: str | None, key: Path | None, trust
               help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
 @click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
                                               "rent nothing.")
-@ssh_options
 @json_option
 def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None,
-        max_cost: float | None, dry_run: bool, as_json: bool, host: str | None = None, key: Path | None = None,
-        trust_new_host: bool = False, keep_remote: bool = False) -> None:
+        max_cost: float | None, dry_run: bool, as_json: bool, **backend_flags) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
-    from .backends import get_backend
-    from .recipe import load_recipe
+    from . import lifecycle
+    from .recipe import load_recipe, with_compute_overrides
     from .render import RichEvents, receipt_table
-    from .runner import execute
 
-    recipe = load_recipe(recipe_path)
-    if gpu:
-        recipe.compute.gpu = gpu
-    if clouds:
-        recipe.compute.cloud = list(clouds)
-    if spot is not None:
-        recipe.compute.spot = spot
-    if max_cost is not None:
-        recipe.compute.max_cost = max_cost
-    if dry_run and backend != "skypilot":
-        raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend} backend rents nothing.",
-                             "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
-    options = _ssh_backend_options(backend, host, key, trust_new_host, keep_remote)
-    out = err_console if as_json else console
-    from .datasets import inspect_dataset
-
-    report = inspect_dataset(recipe)  # read and count once: the plan prices it, the runner reports it
-    plan, estimate = _plan_run(recipe, backend, out, report)
-    if backend == "skypilot":
-        from .shapes import resolve_model
-
-        model_bytes = resolve_model(recipe).download_bytes
-        if dry_run:
-            _show_dry_run(recipe, plan, model_bytes, as_json)
-            return
-        options = {"plan": plan, "model_bytes": model_bytes}
-    result = execute(recipe, get_backend(backend, **options), RichEvents(out), estimate=estimate, report=report)
+    recipe = with_compute_overrides(load_recipe(recipe_path), gpu=gpu, cloud=list(clouds) or None, spot=spot,
+                                    max_cost=max_cost)
+    events = RichEvents(err_console if as_json else console)
+    chosen = registry.create(backend, backend_flags, events, launching=not dry_run)
+    if dry_run:
+        _show_dry_run(lifecycle.preview(recipe, chosen, events), as_json)
+        return
+    result = lifecycle.run(recipe, chosen, events)
     if as_json:
         _print_json(result.receipt)
     else:
@@ -264,17 +212,10 @@ def status(limit: int, as_json: bool) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the training ends.")
 def logs(run_ref: str, follow: bool) -> None:
     """Print a run's training log (RUN is an id, a prefix of one, or 'last')."""
-    from .backends import get_backend
-    from .ledger import Ledger
-    from .runner import context_for
-    from .secrets import Redactor
+    from .lifecycle import training_log
 
-    run_row = Ledger().get_run(run_ref)
-    names = run_row["meta"].get("secret_names", [])
-    redact = Redactor([os.environ[name] for name in names if os.environ.get(name)])
-    backend = get_backend(run_row["backend"])
-    for line in backend.logs(context_for(run_row), follow=follow):
-        click.echo(redact(line))
+    for line in training_log(run_ref, follow=follow):
+        click.echo(line)
 
 
 @cli.command()
@@ -283,7 +224,8 @@ def logs(run_ref: str, follow: bool) -> None:
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 def down(run_ref: str | None, dry_run: bool, yes: bool) -> None:
     """Find and remove every machine cloudtune started that is still up (or only RUN's)."""
-    from .teardown import find_machines, tear_down
+    from .lifecycle import check_all_gone, find_machines, tear_down
+    from .render import RichEvents
 
     problems: list[str] = []
     machines = find_machines(run_ref, problems=problems)
@@ -293,50 +235,20 @@ def down(run_ref: str | None, dry_run: bool, yes: bool) -> None:
         console.print("nothing to tear down: every machine in the ledger is terminated")
         return
     for machine in machines:
-        console.print(f"{machine['name']}  run {machine['run_id']}  backend {machine['backend']}  "
-                      f"status {machine['status']}")
+        console.print(f"{machine.name}  run {machine.run_id}  backend {machine.backend}  status {machine.status}")
     if dry_run:
         return
     if not yes and not click.confirm(f"tear down {len(machines)} machine(s)?", default=True):
         return
-    for name, verified in tear_down(machines):
-        console.print(f"{name}: " + ("[green]terminated[/]" if verified else "[red]could not verify[/]"))
+    results = tear_down(machines, RichEvents(console))
+    for result in results:
+        verdict = "[green]terminated[/]" if result.verified else "[red]not verified gone[/]"
+        console.print(f"{result.machine}: {verdict}")
+    check_all_gone(results)
 
 
 # ----------------------------------------------------------------------------------------------
 # cost / gpus: dollars per run before renting
-
-
-def _plan_run(recipe, backend: str, out: Console, report):
-    """Plan before anything starts: print the chosen offer and its estimate, refuse one over budget."""
-    from .cost import apply_estimate, check_budget, local_estimate, make_plan
-
-    if backend == "local":
-        out.print("[bold cyan]▸ plan[/] this machine (local backend): nothing rented, $0")
-        return None, local_estimate()
-    if backend == "ssh":
-        out.print("[bold cyan]▸ plan[/] a machine you provide over SSH: cloudtune rents nothing, so it has no price")
-        return None, None
-    plan = make_plan(recipe, report)
-    chosen = plan.chosen
-    if chosen is None:
-        why = plan.estimates[0].why
-        hint = ("a GPU with bf16 (A10, L4, A100, H100, ...) with --gpu, or a LoRA method" if "bf16" in why
-                else "method qlora, a shorter max_seq_len, or a bigger GPU with --gpu")
-        raise CloudtuneError(f"no GPU offer fits this fine-tune: {why}.",
-                             f"See `cloudtune cost` for every offer; try {hint}.")
-    check_budget(plan, recipe.compute.max_cost)
-    offer = chosen.offer
-    out.print(f"[bold cyan]▸ plan[/] {offer.gpu}×{offer.gpu_count} on {offer.cloud} {escape(offer.region)} "
-              f"({escape(offer.instance_type)}) at ${chosen.price_per_hour:.2f}/h"
-              f"{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–{chosen.hours_high:.2f} h, "
-              f"${chosen.cost_low:.2f}–${chosen.cost_high:.2f} (prices of {plan.snapshot_date})")
-    out.print(f"  [dim]{escape(chosen.why)}[/]")
-    for change in apply_estimate(recipe, chosen):
-        out.print(f"  [yellow]{escape(change)}[/]")
-    for note in plan.notes:
-        out.print(f"  [yellow]note:[/] {escape(note)}")
-    return plan, chosen.ledger_fields()
 
 
 @cli.command()
@@ -422,19 +334,16 @@ def gpus(gpu: str | None, clouds: tuple[str, ...], refresh: bool, as_json: bool)
 # cloud runs (SkyPilot): plan, dry run, pull again
 
 
-def _show_dry_run(recipe, plan, model_bytes: float, as_json: bool) -> None:
-    from .backends.skypilot import dry_run
+def _show_dry_run(shown: dict, as_json: bool) -> None:
     from .render import launch_order_table
 
-    shown = dry_run(recipe, plan, model_bytes=model_bytes)
     if as_json:
         _print_json({key: value for key, value in shown.items() if key != "yaml"})
         return
-    console.print(launch_order_table(shown, plan.snapshot_date))
-    for note in [*plan.notes, *shown["notes"]]:
+    console.print(launch_order_table(shown, shown["snapshot_date"]))
+    for note in shown["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
-    kind = "managed job (spot, resumes after preemption)" if shown["managed_job"] else "cluster"
-    console.print(f"[bold]SkyPilot task[/] ({kind}; secrets shown as <redacted>):")
+    console.print(f"[bold]{escape(shown['task_title'])}[/]:")
     console.print(shown["yaml"], markup=False, highlight=False, soft_wrap=True)
 
 
@@ -443,13 +352,10 @@ def _show_dry_run(recipe, plan, model_bytes: float, as_json: bool) -> None:
 @json_option
 def pull(run_ref: str, as_json: bool) -> None:
     """Fetch the outputs of a run whose pull failed (its machine was left up), then tear the machine down."""
-    from .backends import get_backend
-    from .ledger import Ledger
+    from .lifecycle import pull_again
     from .render import RichEvents, receipt_table
-    from .runner import pull_again
 
-    run_row = Ledger().get_run(run_ref)
-    result = pull_again(run_row, get_backend(run_row["backend"]), RichEvents(err_console if as_json else console))
+    result = pull_again(run_ref, RichEvents(err_console if as_json else console))
     if as_json:
         _print_json(result.receipt)
     else:

@@ -407,3 +407,18 @@ def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
         elif "HF_TOKEN" not in recipe.secrets:
             problems.append((("outputs", "push_to_hub"), "pushing needs a token: add HF_TOKEN to `secrets`."))
     return problems
+
+
+def with_compute_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
+    """The recipe with command-line overrides of its compute section, validated as if written in the file."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if not given:
+        return recipe
+    data = {**recipe.compute.model_dump(mode="json", exclude_unset=True), **given}
+    try:
+        compute = ComputeSpec.model_validate(data)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        flag = "--" + str(problem["loc"][0]).replace("_", "-") if problem["loc"] else "an option"
+        raise CloudtuneError(f"{flag}: {problem['msg']}.", "Fix the option, or set compute in the recipe.") from None
+    return recipe.model_copy(update={"compute": compute})

@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from .runner import Events
+from .events import Events
 
 STATUS_COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
 
@@ -24,6 +24,10 @@ class RichEvents(Events):
     def phase(self, name: str, detail: str = "") -> None:
         self._end_bar()
         self.console.print(f"[bold cyan]▸ {name}[/] {escape(detail)}")
+
+    def note(self, message: str) -> None:
+        self._end_bar()
+        self.console.print(f"  [dim]{escape(message)}[/]")
 
     def log(self, line: str) -> None:
         self._end_bar()

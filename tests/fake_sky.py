@@ -319,9 +319,9 @@ if __name__ == "__main__":
     # python -m tests.fake_sky RECIPE ROOT IMAGE: `cloudtune run` on the fake cloud, in its own process,
     # so a test can kill it mid-run like a user closing the terminal.
     from cloudtune.backends.skypilot import SkyPilotBackend
+    from cloudtune.lifecycle import run
     from cloudtune.recipe import load_recipe
-    from cloudtune.runner import execute
 
     recipe_path, root, image = sys.argv[1:4]
     cloud = FakeCloud(Path(root), Path(image))
-    execute(load_recipe(recipe_path), SkyPilotBackend(a10_plan(), client=cloud))
+    run(load_recipe(recipe_path), SkyPilotBackend(client=cloud, plan=a10_plan()))

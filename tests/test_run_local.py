@@ -82,7 +82,7 @@ def test_ctrl_c_cancels_stops_the_child_and_is_recorded(tmp_path, ct_home):
         if "step " in line:
             break
     run = Ledger().runs(1)[0]
-    pid = run["meta"]["pid"]
+    pid = Ledger().machine_for_run(run["id"])["meta"]["pid"]
     assert pid_alive(pid)
     cli_process.send_signal(signal.SIGINT)
     rest = cli_process.communicate(timeout=60)[0]

@@ -24,21 +24,22 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cloudtune.backends.base import Quote
 from cloudtune.backends.local import pid_alive
 from cloudtune.backends.skypilot import (
     SkyPilotBackend,
     check_image,
     disk_size_gib,
-    dry_run,
     task_config,
     to_task,
     to_yaml,
 )
-from cloudtune.errors import CloudtuneError
+from cloudtune.errors import CloudtuneError, PullFailed, RunFailed
+from cloudtune.events import Events
 from cloudtune.ledger import Ledger
+from cloudtune.lifecycle import Machine, context_for, find_machines, pull_again, tear_down
+from cloudtune.lifecycle import run as execute
 from cloudtune.recipe import DEFAULT_IMAGE, load_recipe
-from cloudtune.runner import Events, PullFailed, RunFailed, context_for, execute, pull_again
-from cloudtune.teardown import find_machines, tear_down
 
 from .conftest import REPO, demo_recipe_text, write_recipe
 from .fake_sky import FakeCloud, a10_plan, make_image
@@ -193,7 +194,9 @@ def test_task_loads_in_skypilot(seed, spot, gpu, seed_plans):
     recipe = load_recipe(REPO / "tasks" / f"{seed}.yaml")
     recipe.compute.spot = spot
     plan = seed_plans[seed, gpu, spot]
-    shown = dry_run(recipe, plan, model_bytes=13.5e9)
+    backend = SkyPilotBackend(plan=plan)
+    backend.model_bytes = 13.5e9
+    shown = backend.dry_run(Quote(summary="", recipe=recipe))
     config = copy.deepcopy(shown["task"])
     config["secrets"] = {"HF_TOKEN": SECRET}
 
@@ -256,7 +259,7 @@ def test_optimizer_picks_the_plans_cheapest_offer_offline(tmp_path):
     workspace = "default"
     global_user_state.set_allowed_clouds(check._get_workspace_allowed_clouds(workspace), workspace)
     global_user_state.set_enabled_clouds(["AWS", "Lambda"], cloud_lib.CloudCapability.COMPUTE, workspace)
-    backend = SkyPilotBackend(plan, client=FakeCloud(tmp_path, tmp_path))
+    backend = SkyPilotBackend(client=FakeCloud(tmp_path, tmp_path), plan=plan)
     recipe = tiny_recipe(tmp_path)
     from cloudtune.backends.skypilot import resources_config
 
@@ -282,10 +285,10 @@ def test_run_provisions_syncs_trains_pulls_and_tears_down(tmp_path, cloud, regis
     monkeypatch.setenv("HF_TOKEN", SECRET)
     recipe = tiny_recipe(tmp_path, steps=12, image=f"{registry}/cloudtune/train:1.0", extra="secrets: [HF_TOKEN]\n")
     events = Recorder()
-    result = execute(recipe, SkyPilotBackend(a10_plan(), client=cloud, model_bytes=2e6), events)
+    result = execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan()), events)
 
     assert result.status == "succeeded"
-    assert events.phases == ["data", "run", "provision", "sync", "train", "pull", "teardown"]
+    assert events.phases == ["data", "plan", "run", "provision", "sync", "train", "pull", "teardown"]
     assert any("step 12/12" in line for line in events.lines)
     out = Path(result.receipt["output_dir"])
     for name in ("adapter/adapter_model.safetensors", "metrics.jsonl", "run.json", "manifest.json", "receipt.json"):
@@ -308,7 +311,7 @@ def test_run_provisions_syncs_trains_pulls_and_tears_down(tmp_path, cloud, regis
     machine = ledger.machine_for_run(result.run_id)
     assert run["status"] == "succeeded" and machine["status"] == "terminated"
     assert machine["meta"]["launched"]["instance_type"] == "gpu_1x_a10"
-    assert run["meta"]["job_id"] == 1
+    assert machine["meta"]["job_id"] == 1
     no_secret_anywhere(Path(os.environ["CLOUDTUNE_HOME"]), out, cloud.root / "calls.jsonl")
     # The machine trained from the wheel, not from this checkout.
     installed = list((cloud.image / "lib").glob("python3*/site-packages/cloudtune/backends/skypilot.py"))
@@ -325,7 +328,7 @@ def test_failed_training_is_torn_down_and_the_secret_stays_redacted(tmp_path, cl
     text += f"secrets: [HF_TOKEN]\ncompute:\n  image: {PINNED_IMAGE}\n"
     recipe = load_recipe(write_recipe(tmp_path, text))
     with pytest.raises(RunFailed) as failed:
-        execute(recipe, SkyPilotBackend(a10_plan(), client=cloud), Recorder())
+        execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan()), Recorder())
     assert "exited with status 1" in failed.value.message and "<redacted>" in failed.value.message
     assert SECRET not in str(failed.value)
     assert [c["call"] for c in cloud.calls()][-1] == "down" and cloud.status() == {}
@@ -341,7 +344,7 @@ def test_interrupt_or_lost_connection_while_training_tears_down(tmp_path, image,
     recipe = tiny_recipe(tmp_path, steps=100000)
     expected = KeyboardInterrupt if trouble == "interrupt" else ConnectionError
     with pytest.raises(expected):
-        execute(recipe, SkyPilotBackend(a10_plan(), client=cloud), Recorder())
+        execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan()), Recorder())
     run = Ledger().runs(1)[0]
     assert run["status"] == ("cancelled" if trouble == "interrupt" else "failed")
     assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
@@ -369,7 +372,7 @@ def test_failed_pull_leaves_the_machine_up_and_pull_retries(tmp_path, image, mon
     cloud = FakeCloud(tmp_path / "fake-cloud", image, corrupt_on_pull=True)
     events = Recorder()
     with pytest.raises(PullFailed) as failed:
-        execute(tiny_recipe(tmp_path, steps=4), SkyPilotBackend(a10_plan(), client=cloud), events)
+        execute(tiny_recipe(tmp_path, steps=4), SkyPilotBackend(client=cloud, plan=a10_plan()), events)
     run = Ledger().runs(1)[0]
     assert "checksum mismatch" in failed.value.message and f"cloudtune pull {run['id']}" in failed.value.hint
     assert any(f"cloudtune pull {run['id']}" in w and f"cloudtune down {run['id']}" in w for w in events.warnings)
@@ -380,7 +383,7 @@ def test_failed_pull_leaves_the_machine_up_and_pull_retries(tmp_path, image, mon
     assert not Path(run["output_dir"]).exists()
 
     cloud.corrupt_on_pull = False
-    result = pull_again(Ledger().get_run(run["id"]), SkyPilotBackend(client=cloud), Recorder())
+    result = pull_again(run["id"], Recorder(), backend_for=lambda name: SkyPilotBackend(client=cloud))
     assert (Path(run["output_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
     assert result.receipt["steps"] == 4
     assert Ledger().get_run(run["id"])["status"] == "succeeded"
@@ -405,7 +408,8 @@ def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
     # `cloudtune logs RUN` from another terminal: the job's log, from the ledger's record of the run.
     reattached = SkyPilotBackend(client=cloud)
     deadline = time.time() + 60
-    while not any("step 1/" in line for line in reattached.logs(context_for(Ledger().get_run(run["id"])), False)):
+    while not any("step 1/" in line for line in reattached.logs(
+            context_for(reattached, Machine.from_row(Ledger().machine_for_run(run["id"]))), False)):
         assert time.time() < deadline, "no training log through a reattached backend"
         time.sleep(0.5)
 
@@ -415,8 +419,8 @@ def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
                  autostop_minutes=5)
     backends = {"skypilot": SkyPilotBackend(client=cloud)}
     machines = find_machines(None, backend_for=backends.__getitem__)
-    assert {m["name"] for m in machines} == {f"ct-{run['id']}", orphan}
-    results = dict(tear_down(machines, backend_for=backends.__getitem__))
+    assert {m.name for m in machines} == {f"ct-{run['id']}", orphan}
+    results = {r.machine: r.verified for r in tear_down(machines, Recorder(), backend_for=backends.__getitem__)}
     assert results == {f"ct-{run['id']}": True, orphan: True}
     assert cloud.status() == {} and not _training_pids(cloud)
     assert Ledger().get_run(run["id"])["status"] == "cancelled"
@@ -428,7 +432,7 @@ def test_missing_credentials_name_sky_check_and_the_enabled_clouds(tmp_path, ima
     for enabled, expected in (((), "no cloud enabled"), (("azure",), "only azure enabled")):
         cloud = FakeCloud(tmp_path / f"cloud-{len(enabled)}", image, enabled=enabled)
         with pytest.raises(CloudtuneError) as failed:
-            execute(recipe, SkyPilotBackend(a10_plan(), client=cloud), Recorder())
+            execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan()), Recorder())
         assert expected in failed.value.message and "sky check" in failed.value.hint
         assert cloud.calls() == []  # nothing asked for, so nothing to tear down
         assert Ledger().machine_for_run(Ledger().runs(1)[0]["id"])["status"] == "terminated"
@@ -494,7 +498,7 @@ def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image
     recipe.compute.spot = True
     recipe.training.checkpoint_steps = 2
     events = Recorder()
-    result = execute(recipe, SkyPilotBackend(a10_plan(spot=True), client=cloud), events)
+    result = execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan(spot=True)), events)
 
     launch = next(c for c in cloud.calls() if c["call"] == "jobs_launch")
     assert launch["name"] == f"ct-{result.run_id}" and all(launch["spot"])
@@ -609,9 +613,9 @@ def test_real_client_against_a_local_skypilot_api_server(tmp_path, monkeypatch):
     client = SkyClient(progress=open(os.devnull, "w"))  # noqa: SIM115
     try:
         with pytest.raises(CloudtuneError) as failed:
-            SkyPilotBackend(a10_plan(), client=client).usable_candidates()
+            SkyPilotBackend(client=client, plan=a10_plan()).usable_candidates()
         assert "no cloud enabled" in failed.value.message and "sky check" in failed.value.hint
-        assert client.status() == {} and SkyPilotBackend(client=client).clusters() == {}
+        assert client.status() == {} and SkyPilotBackend(client=client).list_machines() == {}
         client.down("ct-never-launched")  # SkyPilot's ClusterDoesNotExist means: already gone
     finally:
         sdk.api_stop()

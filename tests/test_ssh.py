@@ -21,14 +21,15 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cloudtune.backends import get_backend
+from cloudtune.backends import registry
 from cloudtune.backends.base import RunContext, build_bundle
-from cloudtune.backends.ssh import KNOWN_HOSTS_ENV, REMOTE_PYTHON_ENV, parse_host
+from cloudtune.backends.ssh import KNOWN_HOSTS_ENV, REMOTE_PYTHON_ENV, SSHState, parse_host
 from cloudtune.cli import cli
 from cloudtune.errors import CloudtuneError
+from cloudtune.events import Events
 from cloudtune.ledger import Ledger, machine_name, new_run_id
+from cloudtune.lifecycle import Machine, context_for, fetch_outputs
 from cloudtune.recipe import load_recipe
-from cloudtune.runner import Events, _pull, context_for
 
 from .conftest import REPO, Sshd, demo_recipe_text, free_port, keygen, write_recipe
 
@@ -122,7 +123,12 @@ class Recorder(Events):
 
 def new_context(ct_home: Path) -> RunContext:
     run_id = new_run_id()
-    return RunContext(run_id=run_id, machine=machine_name(run_id), work_dir=ct_home / "runs" / run_id)
+    return RunContext(run_id=run_id, machine=machine_name(run_id), work_dir=ct_home / "runs" / run_id,
+                      state=SSHState())
+
+
+def get_backend(name: str, **options):
+    return registry.create(name, options)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,7 +189,7 @@ def test_unknown_host_is_refused_then_trusted_and_recorded(sshd, remote, tmp_pat
     again = get_backend("ssh", host=sshd.address(), key=sshd.key)
     ctx = new_context(ct_home)
     again.provision(ctx)
-    assert again.teardown(ctx) and not Path(ctx.meta["remote_dir"]).exists()
+    assert again.teardown(ctx) and not Path(ctx.state.remote_dir).exists()
 
 
 def test_changed_host_key_is_always_refused(sshd, remote, tmp_path):
@@ -277,8 +283,8 @@ def test_interrupted_upload_resumes_and_a_finished_one_is_skipped(sshd, remote, 
     assert any("resuming at" in detail for _, detail in second.events.phases)
     assert not partial.exists()
     assert (remote / "bundles" / f"{bundle.sha256}.tar.gz").read_bytes() == bundle.path.read_bytes()
-    assert (Path(ctx.meta["remote_dir"]) / "bundle" / "blob.bin").stat().st_size == 3 << 20
-    assert (Path(ctx.meta["remote_dir"]) / "site" / "cloudtune" / "__init__.py").is_file()
+    assert (Path(ctx.state.remote_dir) / "bundle" / "blob.bin").stat().st_size == 3 << 20
+    assert (Path(ctx.state.remote_dir) / "site" / "cloudtune" / "__init__.py").is_file()
     assert second.teardown(ctx)
 
     # A re-run with the same bundle uploads nothing.
@@ -321,14 +327,14 @@ def test_secrets_file_is_private(sshd, remote, tmp_path, ct_home):
     bundle = build_bundle(load_recipe(ssh_recipe(tmp_path, max_steps=1)), tmp_path / "b.tar.gz",
                           backend.bundle_files(ctx))
     backend.sync(ctx, bundle, {SECRET_NAME: "it's a 'quoted' secret value"})
-    secrets_file = Path(ctx.meta["remote_dir"]) / "secrets.env"
+    secrets_file = Path(ctx.state.remote_dir) / "secrets.env"
     assert secrets_file.stat().st_mode & 0o777 == 0o600
-    assert Path(ctx.meta["remote_dir"]).stat().st_mode & 0o077 == 0
+    assert Path(ctx.state.remote_dir).stat().st_mode & 0o077 == 0
     sourced = subprocess.run(["sh", "-c", f". {secrets_file}; printf %s \"${SECRET_NAME}\""],
                              capture_output=True, text=True).stdout
     assert sourced == "it's a 'quoted' secret value"
     assert backend.teardown(ctx)
-    assert not secrets_file.exists() and (Path(ctx.meta["remote_dir"]) / "bundle").is_dir()  # kept, minus secrets
+    assert not secrets_file.exists() and (Path(ctx.state.remote_dir) / "bundle").is_dir()  # kept, minus secrets
 
 
 def test_missing_packages_get_a_venv_built_once(sshd, remote, tmp_path, ct_home, monkeypatch):
@@ -351,7 +357,7 @@ def test_missing_packages_get_a_venv_built_once(sshd, remote, tmp_path, ct_home,
     backend.events = Recorder()
     ctx = new_context(ct_home)
     backend.provision(ctx)
-    assert backend.environment(ctx).prepare(["pip"]) == ctx.meta["base_python"]  # nothing missing: no venv
+    assert backend.environment(ctx).prepare(["pip"]) == ctx.state.base_python  # nothing missing: no venv
     python = backend.environment(ctx).prepare(requirements)
     assert Path(python).parent.parent.parent == remote / "envs"
     ready = Path(python).parent.parent / ".ready"
@@ -457,7 +463,7 @@ def test_train_over_ssh_end_to_end(sshd, remote, tmp_path, ct_home, monkeypatch)
     assert SECRET_VALUE not in result.stdout + result.stderr
     assert_secret_in_no_file(ct_home, remote, out)
     run = Ledger().get_run(receipt["run_id"])
-    remote_dir = Path(run["meta"]["remote_dir"])
+    remote_dir = Path(Ledger().machine_for_run(run["id"])["meta"]["remote_dir"])
     assert remote_dir.parent == remote / "runs"
     assert (remote_dir / "train.log").is_file() and (remote_dir / "out" / "manifest.json").is_file()
     assert not (remote_dir / "secrets.env").exists()  # --keep-remote keeps the outputs, never the secrets
@@ -466,19 +472,19 @@ def test_train_over_ssh_end_to_end(sshd, remote, tmp_path, ct_home, monkeypatch)
     # A corrupted remote output is caught on pull, and nothing lands in the output directory.
     adapter = remote_dir / "out" / "adapter" / "adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-4] + b"oops")
-    ctx = context_for(run)
-    ctx.meta.update(Ledger().machine_for_run(run["id"])["meta"])
+    backend = get_backend("ssh")
+    ctx = context_for(backend, Machine.from_row(Ledger().machine_for_run(run["id"])))
     target = tmp_path / "second-pull"
     with pytest.raises(CloudtuneError, match="checksum mismatch.*adapter/adapter_model.safetensors") as caught:
-        _pull(get_backend("ssh"), ctx, target)
+        fetch_outputs(backend, ctx, target)
     assert not target.exists()
     assert f"stay on {sshd.address()} in {remote_dir}/out" in caught.value.hint
-    assert ctx.meta["keep_remote"]  # so teardown keeps the machine's copy, the only one left
+    assert ctx.state.keep_remote  # so teardown keeps the machine's copy, the only one left
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
     with pytest.raises(CloudtuneError, match="checksum mismatch"):
-        _pull(get_backend("ssh"), ctx, existing)
+        fetch_outputs(backend, ctx, existing)
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
 
 
@@ -535,8 +541,8 @@ def test_down_stops_the_remote_training(sshd, remote, tmp_path, ct_home):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     run = Ledger().runs(1)[0]
-    pgid = run["meta"]["pid"]
-    remote_dir = Path(run["meta"]["remote_dir"])
+    state = Ledger().machine_for_run(run["id"])["meta"]
+    pgid, remote_dir = state["pid"], Path(state["remote_dir"])
     assert group_alive(pgid), "the training should outlive the CLI"
 
     result = CliRunner().invoke(cli, ["down", run["id"], "--yes"])

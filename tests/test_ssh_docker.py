@@ -182,7 +182,7 @@ def test_train_in_a_docker_image_over_ssh(sshd, docker_remote, train_image, tmp_
     assert SECRET_VALUE not in result.stdout + result.stderr
     assert_secret_in_no_file(ct_home, docker_remote, out)
     # Everything the container wrote belongs to the login user, so teardown could remove the run.
-    assert not Path(run["meta"]["remote_dir"]).exists()
+    assert not Path(Ledger().machine_for_run(run["id"])["meta"]["remote_dir"]).exists()
 
 
 def test_down_stops_the_training_container(sshd, docker_remote, train_image, tmp_path, ct_home):
@@ -203,7 +203,7 @@ def test_down_stops_the_training_container(sshd, docker_remote, train_image, tmp
     while _docker("inspect", container, check=False).returncode == 0 and time.time() < deadline:
         time.sleep(0.5)
     assert _docker("inspect", container, check=False).returncode != 0, "the stopped container was removed"
-    assert not Path(run["meta"]["remote_dir"]).exists()
+    assert not Path(Ledger().machine_for_run(run["id"])["meta"]["remote_dir"]).exists()
     assert Ledger().get_run(run["id"])["status"] == "cancelled"
 
 

@@ -150,8 +150,8 @@ def test_start_detached_runs_run_sh_in_its_own_session(tmp_path):
     run = tmp_path / "run"
     (run / "bundle").mkdir(parents=True)
     (run / "exit_code").write_text("1\n")  # a previous attempt's
-    (run / "bundle" / "run.sh").write_text('echo "$CT_TEST_VALUE $* $(ps -o sid= -p $$)" > seen\nsleep 1\n'
-                                           'echo 0 > exit_code\n')
+    (run / "bundle" / "run.sh").write_text('printf "%s\\n" "$CT_TEST_VALUE" "$*" $(ps -o sid= -p $$) > seen\n'
+                                           'sleep 1\necho 0 > exit_code\n')
     done = run_here(commands.with_env({"CT_TEST_VALUE": "it's here"},
                                       commands.sh("start_detached.sh", MARK, run, "--resume")))
     pid = answer(done)
@@ -160,7 +160,7 @@ def test_start_detached_runs_run_sh_in_its_own_session(tmp_path):
     deadline = time.time() + 10
     while not (run / "exit_code").exists() and time.time() < deadline:
         time.sleep(0.1)
-    value, resume, session = (run / "seen").read_text().rsplit(" ", 2)
+    value, resume, session = (run / "seen").read_text().splitlines()
     assert (value, resume, int(session)) == ("it's here", "--resume", int(pid)), "the pid is the session's id"
 
 

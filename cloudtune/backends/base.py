@@ -1,7 +1,9 @@
-"""The Backend protocol and the bundle every backend ships.
+"""The Backend lifecycle base, its typed options and machine state, and the bundle every backend ships.
 
 A backend knows how to get a machine, put one archive on it, start one script, read its log, fetch
-its outputs and make the machine go away. It knows nothing of recipes beyond the bundle.
+its outputs and make the machine go away. Of the recipe it reads only what choosing and starting a
+machine needs (its compute section, the names of its secrets); abilities only some backends have
+(pricing, dry runs, listing their machines) are opt-in, in capabilities.py.
 """
 from __future__ import annotations
 
@@ -12,23 +14,18 @@ import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
+from ..events import Events
 from ..recipe import Recipe
 
-# Runs the training from inside the unpacked bundle's parent directory, whatever the machine.
-# Secrets come from a 0600 file (never the command line, which `ps` shows to everyone), and the
-# exit status goes to a file so a client that lost its connection can still learn how it ended.
-RUN_SCRIPT = """#!/bin/sh
-cd "$(dirname "$0")/.."
-if [ -f secrets.env ]; then set -a; . ./secrets.env; set +a; fi
-PYTHON="${CLOUDTUNE_PYTHON:-python3}"
-"$PYTHON" -u -m cloudtune.train bundle/recipe.yaml --out out "$@" >> train.log 2>&1
-echo $? > exit_code
-"""
+if TYPE_CHECKING:
+    from ..datasets import DatasetReport
 
 LOG_FILE = "train.log"
 EXIT_FILE = "exit_code"
@@ -41,22 +38,76 @@ class Bundle:
     files: list[str]
 
 
+class MachineState(BaseModel):
+    """What a backend records about one machine, kept in the ledger so a later command can reattach.
+
+    Each backend extends it with its own typed fields; nothing else is stored for a machine.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    pull_failed: bool = Field(False, description="Training finished but its outputs did not arrive; the machine "
+                                                 "is kept for `cloudtune pull`.")
+
+
+class BackendOptions(BaseModel):
+    """A backend's own settings from the command line; each field becomes a `run` flag (see registry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def check_for_launch(self) -> None:
+        """Refuse options that cannot start a run (a backend rebuilt from the ledger needs fewer)."""
+
+
 @dataclass
 class RunContext:
-    """What a backend needs to act on one run; rebuilt from the ledger to reattach later."""
+    """What a backend needs to act on one run; rebuilt from the ledger to reattach later.
+
+    `recipe` is there while a run is launched (backends read its `compute` section and secrets'
+    names); it is None when `logs`, `pull` or `down` rebuild the context, so nothing after launch
+    may need it.
+    """
 
     run_id: str
     machine: str
     work_dir: Path  # local scratch for this run: bundle, pull staging, a copy of the log
+    state: MachineState
     recipe: Recipe | None = None
-    meta: dict[str, Any] = field(default_factory=dict)  # backend specifics, persisted in the ledger
+
+
+@dataclass
+class Quote:
+    """What a backend says about a run before anything starts: where it goes and what it will cost."""
+
+    summary: str  # one line: the machine and its price
+    recipe: Recipe  # the recipe as it will run (a planner may fit its batch to the chosen GPU)
+    price: dict[str, Any] | None = None  # the ledger's estimate columns; None when there is no price
+    notes: list[str] = field(default_factory=list)  # what the user should know about this plan
 
 
 class Backend(ABC):
-    name: str
-    # The runner's Events while it drives a run (progress, warnings); None when `logs`/`down` rebuild
-    # a backend from the ledger. A rebuilt backend must work from ctx.meta alone.
-    events: Any = None
+    """The lifecycle every place-to-train implements; lifecycle.py drives it phase by phase.
+
+    Contract: every method may be called on a backend rebuilt from the ledger (a new process, no
+    memory of the run beyond `ctx.state`). `stop` and `teardown` must not raise when the machine
+    or the training is already gone.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+    State: ClassVar[type[MachineState]] = MachineState
+
+    def __init__(self, options: BackendOptions | None = None, events: Events | None = None):
+        self.options = options if options is not None else self.Options()
+        self.events = events or Events()
+
+    def new_state(self) -> MachineState:
+        return self.State()
+
+    def quote(self, recipe: Recipe, report: DatasetReport) -> Quote:
+        """Where the run goes and its price, checked before anything is asked for; no price by default."""
+        return Quote(summary=f"a machine you provide ({self.name} backend): cloudtune rents nothing, so it has "
+                             "no price", recipe=recipe)
 
     def bundle_files(self, ctx: RunContext) -> dict[str, Path]:
         """Extra files this backend ships inside the bundle (e.g. the cloudtune wheel); none by default."""
@@ -64,7 +115,7 @@ class Backend(ABC):
 
     @abstractmethod
     def provision(self, ctx: RunContext) -> None:
-        """Get the machine; store whatever reattaching needs in ctx.meta."""
+        """Get the machine; record whatever reattaching needs in ctx.state."""
 
     @abstractmethod
     def sync(self, ctx: RunContext, bundle: Bundle, secrets: dict[str, str]) -> None:
@@ -72,7 +123,7 @@ class Backend(ABC):
 
     @abstractmethod
     def start(self, ctx: RunContext, resume: bool = False) -> None:
-        """Start the training detached from this process."""
+        """Start the training detached from this process; with resume, from the newest checkpoint."""
 
     @abstractmethod
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
@@ -84,7 +135,7 @@ class Backend(ABC):
 
     @abstractmethod
     def pull(self, ctx: RunContext, staging: Path) -> None:
-        """Copy the training's `out/` directory into staging (verification is the runner's)."""
+        """Copy the training's `out/` directory into staging (verification is the lifecycle's)."""
 
     @abstractmethod
     def stop(self, ctx: RunContext) -> None:
@@ -110,7 +161,7 @@ def build_bundle(recipe: Recipe, dest: Path, extra_files: dict[str, Path] | None
     data, dataset_file = bundle_recipe(recipe)
     members: dict[str, bytes | Path] = {
         "bundle/recipe.yaml": yaml.safe_dump(data, sort_keys=False).encode(),
-        "bundle/run.sh": RUN_SCRIPT.encode(),
+        "bundle/run.sh": resources.files("cloudtune.backends").joinpath("scripts", "run.sh").read_bytes(),
     }
     if dataset_file is not None:
         members[f"bundle/data/{dataset_file.name}"] = dataset_file

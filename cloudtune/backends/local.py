@@ -14,9 +14,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pydantic import Field
+
 from ..manifest import NOT_PULLED
 from ..remote.stop_group import stop_group
-from .base import EXIT_FILE, LOG_FILE, Backend, Bundle, RunContext, secrets_env
+from .base import EXIT_FILE, LOG_FILE, Backend, Bundle, MachineState, Quote, RunContext, secrets_env
 from .common import tail
 
 STOP_GRACE_SECONDS = 10
@@ -36,11 +38,22 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+class LocalState(MachineState):
+    root: str | None = Field(None, description="The run's directory, standing in for the rented machine.")
+    pid: int | None = Field(None, description="The run script's process, leader of the training's process group.")
+
+
 class LocalBackend(Backend):
     name = "local"
+    State = LocalState
 
-    def __init__(self) -> None:
+    def __init__(self, options=None, events=None) -> None:
+        super().__init__(options, events)
         self._children: dict[str, subprocess.Popen] = {}
+
+    def quote(self, recipe, report) -> Quote:
+        return Quote(summary="this machine (local backend): nothing rented, $0", recipe=recipe,
+                     price={"gpu": "local", "price_per_hour": 0.0, "est_cost_low": 0.0, "est_cost_high": 0.0})
 
     @staticmethod
     def root(ctx: RunContext) -> Path:
@@ -48,7 +61,7 @@ class LocalBackend(Backend):
 
     def provision(self, ctx: RunContext) -> None:
         self.root(ctx).mkdir(parents=True, exist_ok=True)
-        ctx.meta["root"] = str(self.root(ctx))
+        ctx.state.root = str(self.root(ctx))
 
     def sync(self, ctx: RunContext, bundle: Bundle, secrets: dict[str, str]) -> None:
         root = self.root(ctx)
@@ -68,13 +81,13 @@ class LocalBackend(Backend):
         child = subprocess.Popen(args, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
         self._children[ctx.run_id] = child
-        ctx.meta["pid"] = child.pid
+        ctx.state.pid = child.pid
 
     def _running(self, ctx: RunContext) -> bool:
         child = self._children.get(ctx.run_id)
         if child is not None:
             return child.poll() is None
-        pid = ctx.meta.get("pid")
+        pid = ctx.state.pid
         return bool(pid) and pid_alive(pid)
 
     def exit_code(self, ctx: RunContext) -> int | None:
@@ -104,7 +117,7 @@ class LocalBackend(Backend):
                         dirs_exist_ok=True)
 
     def stop(self, ctx: RunContext) -> None:
-        pid = ctx.meta.get("pid")
+        pid = ctx.state.pid
         if pid and self._running(ctx):
             stop_group(pid, STOP_GRACE_SECONDS, poll=POLL_SECONDS)
 

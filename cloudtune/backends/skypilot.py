@@ -26,16 +26,17 @@ import copy
 import json
 import math
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
 from .. import __version__
 from ..errors import CloudtuneError
@@ -45,11 +46,13 @@ from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
-from .base import Backend, Bundle, RunContext
+from .base import Backend, Bundle, MachineState, Quote, RunContext
+from .capabilities import DryRuns, ListsMachines
 from .common import LogCopy, bundle_wheel, saved_log
 
 SKYPILOT_VERSION = "0.14.1"
 CLUSTER_PREFIX = "ct-"
+# The layout on the machine; scripts/skypilot_*.sh spell the same names.
 REMOTE_DIR = "cloudtune"  # under the remote user's home: upload/, bundle/, out/
 UPLOAD = "upload"
 WHEEL_NAME = f"cloudtune-{__version__}-py3-none-any.whl"  # what build_wheel makes of this checkout
@@ -64,30 +67,6 @@ RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
 JOB_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "FAILED_SETUP": 1, "FAILED_DRIVER": 1, "FAILED_PRECHECKS": 1,
             "FAILED_NO_RESOURCE": 1, "FAILED_CONTROLLER": 1, "CANCELLED": None}
 CANCEL_WAIT_SECONDS = 120
-
-SETUP_SCRIPT = """\
-set -e
-cd ~/{remote}
-(cd {upload} && sha256sum --check --quiet {checksums})
-rm -rf bundle && tar -xzf {upload}/bundle.tar.gz
-python3 -m pip install --quiet --no-deps --force-reinstall bundle/{wheel}
-python3 -m pip install --quiet -r {upload}/{requirements}
-"""
-
-# The digest is read from the registry on the machine itself, just after SkyPilot pulled the image.
-RUN_SCRIPT = """\
-cd ~/{remote}
-if [ -z "${{CLOUDTUNE_IMAGE_DIGEST:-}}" ]; then
-  digest="$(python3 -m cloudtune.registry "$CLOUDTUNE_IMAGE")" && export CLOUDTUNE_IMAGE_DIGEST="$digest"
-fi
-resume=""
-if ls -d out/checkpoints/step-* >/dev/null 2>&1; then
-  resume="--resume"
-  echo "cloudtune: resuming from the newest checkpoint in out/checkpoints"
-fi
-exec python3 -u -m cloudtune.train bundle/recipe.yaml --out out $resume
-"""
-
 
 # ----------------------------------------------------------------------------------------------
 # The task, as plain data: what `--dry-run` prints and what SkyPilot validates
@@ -171,13 +150,9 @@ def launch_order(candidates: list[Estimate], compute: ComputeSpec) -> list[Estim
     return candidates[:MAX_ALTERNATIVES]
 
 
-def setup_script(wheel_name: str) -> str:
-    return SETUP_SCRIPT.format(remote=REMOTE_DIR, upload=UPLOAD, checksums=CHECKSUMS, wheel=shlex.quote(wheel_name),
-                               requirements=REQUIREMENTS)
-
-
-def run_script() -> str:
-    return RUN_SCRIPT.format(remote=REMOTE_DIR)
+def script(name: str) -> str:
+    """A program the machine runs, from a real file beside this module (scripts/)."""
+    return resources.files("cloudtune.backends").joinpath("scripts", name).read_text()
 
 
 def image_envs(image: str) -> dict[str, str]:
@@ -202,12 +177,14 @@ def task_config(name: str, resources: dict[str, Any], *, upload_dir: Path | None
         mounts[f"~/{REMOTE_DIR}/out"] = {"name": outputs_bucket, "mode": "MOUNT_CACHED"}
     if mounts:
         config["file_mounts"] = mounts
+    envs = dict(envs or {})
     if wheel_name:
-        config["setup"] = setup_script(wheel_name)
+        config["setup"] = script("skypilot_setup.sh")
+        envs["CLOUDTUNE_WHEEL"] = wheel_name
     if run:
-        config["run"] = run_script()
+        config["run"] = script("skypilot_run.sh")
     if envs:
-        config["envs"] = dict(envs)
+        config["envs"] = envs
     if secrets:
         config["secrets"] = dict(secrets)
     return config
@@ -409,19 +386,86 @@ def launched(resources) -> dict[str, Any]:
 # The backend
 
 
-class SkyPilotBackend(Backend):
-    name = "skypilot"
+class SkyPilotState(MachineState):
+    offers: list[str] = Field(default_factory=list, description="cloud:instance_type of each alternative offered "
+                                                                  "to SkyPilot, in launch order.")
+    managed_job: bool = Field(False, description="A spot run: a SkyPilot managed job, not a cluster of our own.")
+    bucket: str | None = Field(None, description="The managed job's bucket for checkpoints and outputs.")
+    launched: dict[str, Any] | None = Field(None, description="The machine SkyPilot chose: cloud, region, "
+                                                              "instance type, accelerators.")
+    wheel: str | None = Field(None, description="The cloudtune wheel's file name inside the upload.")
+    bundle_sha256: str | None = None
+    job_id: int | None = Field(None, description="SkyPilot's job id of the training (cluster job or managed job).")
 
-    def __init__(self, plan: Plan | None = None, *, client: SkyClient | None = None, model_bytes: float | None = None):
+
+class SkyPilotBackend(Backend, DryRuns, ListsMachines):
+    name = "skypilot"
+    State = SkyPilotState
+
+    def __init__(self, options=None, events=None, *, client: SkyClient | None = None, plan: Plan | None = None):
+        """`plan`: one made elsewhere (the tests' fixed offers); by default `quote` makes it from the catalog."""
+        super().__init__(options, events)
+        self._given_plan = plan
         self.plan = plan
         self.client = client or SkyClient()
-        self.model_bytes = model_bytes
+        self.model_bytes: float | None = None
         self._secrets: dict[str, dict[str, str]] = {}  # run id -> values; in memory only, never on disk
         # Runs this process provisioned, and those for which it asked SkyPilot for a machine: a run in the
         # first set but not the second never had one. (A backend rebuilt from the ledger knows neither,
         # and always asks SkyPilot.)
         self._provisioning: set[str] = set()
         self._requested: set[str] = set()
+
+    def quote(self, recipe: Recipe, report) -> Quote:
+        """The cheapest offer that fits, priced for the whole run; refused when none fits or over budget."""
+        from ..cost import apply_estimate, check_budget, make_plan
+        from ..shapes import resolve_model
+
+        plan = self.plan = self._given_plan or make_plan(recipe, report)
+        try:  # the disk is sized for the download; a plan made elsewhere may name a model not known here
+            self.model_bytes = resolve_model(recipe).download_bytes
+        except CloudtuneError:
+            self.model_bytes = None
+        chosen = plan.chosen
+        if chosen is None:
+            why = plan.estimates[0].why
+            hint = ("a GPU with bf16 (A10, L4, A100, H100, ...) with --gpu, or a LoRA method" if "bf16" in why
+                    else "method qlora, a shorter max_seq_len, or a bigger GPU with --gpu")
+            raise CloudtuneError(f"no GPU offer fits this fine-tune: {why}.",
+                                 f"See `cloudtune cost` for every offer; try {hint}.")
+        check_budget(plan, recipe.compute.max_cost)
+        offer = chosen.offer
+        summary = (f"{offer.gpu}×{offer.gpu_count} on {offer.cloud} {offer.region} ({offer.instance_type}) at "
+                   f"${chosen.price_per_hour:.2f}/h{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–"
+                   f"{chosen.hours_high:.2f} h, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} "
+                   f"(prices of {plan.snapshot_date})")
+        fitted = recipe.model_copy(deep=True)
+        changes = apply_estimate(fitted, chosen)
+        return Quote(summary=summary, recipe=fitted, price=chosen.ledger_fields(),
+                     notes=[chosen.why, *changes, *(f"note: {note}" for note in plan.notes)])
+
+    def dry_run(self, quote: Quote) -> dict[str, Any]:
+        """The chosen offer, the fallbacks, and the task, secrets redacted.
+
+        Nothing is uploaded or launched, and SkyPilot's API server is not contacted; the task is still
+        validated by SkyPilot's own loader.
+        """
+        from ..ledger import machine_name
+
+        recipe = quote.recipe
+        ctx = RunContext(run_id="RUN-ID", machine=machine_name("RUN-ID"), work_dir=Path("RUN-DIR"),
+                         state=self.new_state(), recipe=recipe)
+        config = self.full_task(ctx)
+        to_task(config)
+        notes = []
+        if recipe.compute.spot and not recipe.training.checkpoint_steps:
+            notes.append("spot without training.checkpoint_steps: a preempted run restarts from step 0.")
+        candidates = launch_order(self._candidates(), recipe.compute)
+        kind = "managed job (spot, resumes after preemption)" if recipe.compute.spot else "cluster"
+        return {"chosen": candidates[0].as_dict() if candidates else None,
+                "fallbacks": [e.as_dict() for e in candidates[1:]], "task": redacted(config), "yaml": to_yaml(config),
+                "managed_job": recipe.compute.spot, "notes": notes, "snapshot_date": self.plan.snapshot_date,
+                "task_title": f"SkyPilot task ({kind}; secrets shown as <redacted>)"}
 
     # what the task is made of ---------------------------------------------------------------------
 
@@ -449,7 +493,7 @@ class SkyPilotBackend(Backend):
         return self.plan.candidates(MAX_ALTERNATIVES)
 
     def _managed(self, ctx: RunContext) -> bool:
-        return bool(ctx.meta.get("managed_job")) or (ctx.recipe is not None and ctx.recipe.compute.spot)
+        return ctx.state.managed_job or (ctx.recipe is not None and ctx.recipe.compute.spot)
 
     def usable_candidates(self) -> list[Estimate]:
         """The plan's offers on clouds SkyPilot can use; a clear error naming `sky check` when none."""
@@ -482,13 +526,13 @@ class SkyPilotBackend(Backend):
         recipe = self._recipe(ctx)
         self._provisioning.add(ctx.run_id)
         candidates = self.usable_candidates()
-        ctx.meta["offers"] = [f"{e.offer.cloud}:{e.offer.instance_type}" for e in candidates]
+        ctx.state.offers = [f"{e.offer.cloud}:{e.offer.instance_type}" for e in candidates]
         if recipe.compute.spot:
             # SkyPilot's jobs controller provisions a managed job when it is launched, in start().
-            ctx.meta.update(managed_job=True, bucket=bucket_name(ctx.machine))
+            ctx.state.managed_job, ctx.state.bucket = True, bucket_name(ctx.machine)
             return
         resources = resources_config(candidates, recipe.compute, disk_size_gib(recipe, self.model_bytes), managed=False)
-        ctx.meta["launched"] = self._launch(ctx, task_config(ctx.machine, resources), "provisioning")
+        ctx.state.launched = self._launch(ctx, task_config(ctx.machine, resources), "provisioning")
 
     def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> dict[str, Any]:
         recipe = self._recipe(ctx)
@@ -498,7 +542,7 @@ class SkyPilotBackend(Backend):
             return self.client.launch(task, ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
         except (CloudtuneError, AttributeError, NameError, TypeError):  # ours, or a bug: not SkyPilot's verdict
             raise
-        except Exception as exc:  # noqa: BLE001 - SkyPilot raises many kinds; the runner tears down either way
+        except Exception as exc:  # noqa: BLE001 - SkyPilot raises many kinds; the lifecycle tears down either way
             raise CloudtuneError(f"{step} {ctx.machine} failed: {type(exc).__name__}: {str(exc)[-1500:]}",
                                  "SkyPilot's output above shows the step that failed; the machine is torn down.") \
                 from None
@@ -506,7 +550,7 @@ class SkyPilotBackend(Backend):
     def _pinned_resources(self, ctx: RunContext) -> dict[str, Any]:
         """The machine SkyPilot chose, so later launches and execs land on that very cluster."""
         recipe = self._recipe(ctx)
-        chosen = ctx.meta["launched"]
+        chosen = ctx.state.launched
         resources = {"infra": "/".join(p for p in (chosen["cloud"], chosen["region"]) if p),
                      "accelerators": chosen["accelerators"], "image_id": check_image(recipe.compute.image),
                      "autostop": {"idle_minutes": recipe.compute.autostop_minutes, "down": True}}
@@ -519,7 +563,7 @@ class SkyPilotBackend(Backend):
 
     def sync(self, ctx: RunContext, bundle: Bundle, secrets: dict[str, str]) -> None:
         upload, wheel_name = prepare_upload(ctx.work_dir, bundle)
-        ctx.meta.update(wheel=wheel_name, bundle_sha256=bundle.sha256)
+        ctx.state.wheel, ctx.state.bundle_sha256 = wheel_name, bundle.sha256
         self._secrets[ctx.run_id] = dict(secrets)
         if self._managed(ctx):
             return  # the managed job carries the upload itself
@@ -532,20 +576,20 @@ class SkyPilotBackend(Backend):
         recipe = self._recipe(ctx)
         secrets = self._secrets.get(ctx.run_id, {})
         if self._managed(ctx):
-            config = self.full_task(ctx, wheel_name=ctx.meta["wheel"], secrets=secrets,
+            config = self.full_task(ctx, wheel_name=ctx.state.wheel, secrets=secrets,
                                     candidates=self.usable_candidates())
             task = to_task(config)
             self._requested.add(ctx.run_id)
-            ctx.meta["job_id"] = self.client.jobs_launch(task, ctx.machine)
+            ctx.state.job_id = self.client.jobs_launch(task, ctx.machine)
             return
         # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
-        resources = {"accelerators": ctx.meta["launched"]["accelerators"]}
+        resources = {"accelerators": ctx.state.launched["accelerators"]}
         config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute.image), secrets=secrets)
-        ctx.meta["job_id"] = self.client.exec(to_task(config), ctx.machine)
+        ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
         """The job's log from SkyPilot; a redacted copy is kept locally for after the machine is gone."""
-        job_id = ctx.meta.get("job_id")
+        job_id = ctx.state.job_id
         if self._managed(ctx):
             lines = self.client.jobs_tail_logs(job_id, follow)
         elif ctx.machine in self.client.status([ctx.machine]):
@@ -565,14 +609,14 @@ class SkyPilotBackend(Backend):
                     yield part
 
     def exit_code(self, ctx: RunContext) -> int | None:
-        job_id = ctx.meta.get("job_id")
+        job_id = ctx.state.job_id
         status = self.client.jobs_status(job_id) if self._managed(ctx) else self.client.job_status(ctx.machine, job_id)
         return JOB_EXIT.get(status or "")
 
     def pull(self, ctx: RunContext, staging: Path) -> None:
         staging.mkdir(parents=True, exist_ok=True)
         if self._managed(ctx):
-            command = self.client.bucket_sync_command(ctx.meta["bucket"], staging)
+            command = self.client.bucket_sync_command(ctx.state.bucket, staging)
             done = subprocess.run(command, shell=True, capture_output=True, text=True)
             for name in NOT_PULLED:
                 shutil.rmtree(staging / name, ignore_errors=True)
@@ -586,7 +630,7 @@ class SkyPilotBackend(Backend):
                                  f"{done.stderr.strip()[-1000:]}")
 
     def stop(self, ctx: RunContext) -> None:
-        job_id = ctx.meta.get("job_id")
+        job_id = ctx.state.job_id
         if self._managed(ctx):
             if job_id is not None:
                 self.client.jobs_cancel(job_id)
@@ -600,12 +644,12 @@ class SkyPilotBackend(Backend):
         if not self._managed(ctx):
             self.client.down(ctx.machine)
             return ctx.machine not in self.client.status([ctx.machine])
-        job_id = ctx.meta.get("job_id")
+        job_id = ctx.state.job_id
         if job_id is not None and self.client.jobs_status(job_id) not in JOB_EXIT:
             self.client.jobs_cancel(job_id)
-        if ctx.meta.get("bucket"):
+        if ctx.state.bucket:
             with contextlib.suppress(Exception):  # a job that never started made no bucket
-                self.client.storage_delete(ctx.meta["bucket"])
+                self.client.storage_delete(ctx.state.bucket)
         # A managed job's machines are gone once the job reaches a final state; cancelling takes a while.
         deadline = time.time() + CANCEL_WAIT_SECONDS
         while job_id is not None and self.client.jobs_status(job_id) not in JOB_EXIT:
@@ -616,30 +660,9 @@ class SkyPilotBackend(Backend):
 
     # for `cloudtune down` --------------------------------------------------------------------------
 
-    def clusters(self) -> dict[str, str]:
+    def list_machines(self) -> dict[str, str]:
         """Every SkyPilot cluster cloudtune named (ct-...), with its status."""
         return {name: status for name, status in self.client.status().items() if name.startswith(CLUSTER_PREFIX)}
-
-
-def dry_run(recipe: Recipe, plan: Plan, *, model_bytes: float | None = None) -> dict[str, Any]:
-    """What `cloudtune run --dry-run` shows: the chosen offer, the fallbacks, and the task, secrets redacted.
-
-    Nothing is uploaded or launched, and SkyPilot's API server is not contacted; the task is still
-    validated by SkyPilot's own loader.
-    """
-    from ..ledger import machine_name
-
-    ctx = RunContext(run_id="RUN-ID", machine=machine_name("RUN-ID"), work_dir=Path("RUN-DIR"), recipe=recipe)
-    config = SkyPilotBackend(plan, model_bytes=model_bytes).full_task(ctx)
-    to_task(config)
-    notes = []
-    if recipe.compute.spot and not recipe.training.checkpoint_steps:
-        notes.append("spot without training.checkpoint_steps: a preempted run restarts from step 0.")
-    candidates = launch_order(plan.candidates(MAX_ALTERNATIVES), recipe.compute)
-    return {"chosen": candidates[0].as_dict() if candidates else None,
-            "fallbacks": [e.as_dict() for e in candidates[1:]], "task": redacted(config), "yaml": to_yaml(config),
-            "managed_job": recipe.compute.spot, "notes": notes}
-
 
 
 if __name__ == "__main__":

@@ -158,11 +158,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=int(spec.warmup_ratio * steps),
                               num_training_steps=steps)
     scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
-    state = checkpoint.State()
-    if resume:
-        restored = checkpoint.restore_latest(out, recipe, model, optimizer, scheduler, scaler)
-        state = restored or state
-        say(f"resumed from step {state.step}" if restored else "resume: no checkpoint yet, starting from step 0")
+    state = _starting_state(recipe, out, resume, model, optimizer, scheduler, scaler)
     metrics_path = out / "metrics.jsonl"
     checkpoint.trim_metrics(metrics_path, state.step)
     tracker = tracking.open_tracker(recipe, out, state.step)
@@ -188,18 +184,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                                                            layers)
                     step_context = step_context.for_a_redone_step()
                     last_loss, n_items, grad_norm = train_step(model, group, step_context)
-                dt = time.perf_counter() - t0
-                step_tokens = sum(tokens for _, tokens in group)
-                state.step += 1
-                state.tokens += step_tokens
-                state.trained_tokens += n_items
-                state.train_seconds += dt
-                row = dict(step=state.step, loss=round(last_loss, 5), lr=scheduler.get_last_lr()[0],
-                           tokens=state.tokens, step_tokens=step_tokens, trained_tokens=n_items,
-                           tokens_per_s=round(step_tokens / dt, 1), grad_norm=grad_norm,
-                           seconds=round(state.train_seconds, 3))
-                if step_context.scaler is not None:  # overflowed steps were skipped and show grad_norm null
-                    row["loss_scale"] = step_context.scaler.get_scale()
+                row = _account_step(state, group, n_items, time.perf_counter() - t0, last_loss, grad_norm,
+                                    scheduler.get_last_lr()[0], step_context.scaler)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 tracker.log(row)
@@ -222,6 +208,30 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary
+
+
+def _starting_state(recipe: Recipe, out: Path, resume: bool, model, optimizer, scheduler, scaler) -> checkpoint.State:
+    if not resume:
+        return checkpoint.State()
+    restored = checkpoint.restore_latest(out, recipe, model, optimizer, scheduler, scaler)
+    say(f"resumed from step {restored.step}" if restored else "resume: no checkpoint yet, starting from step 0")
+    return restored or checkpoint.State()
+
+
+def _account_step(state: checkpoint.State, group, n_items: int, seconds: float, loss: float, grad_norm,
+                  lr: float, scaler) -> dict:
+    """Count a finished optimizer step into the run's state; returns its metrics.jsonl row."""
+    step_tokens = sum(tokens for _, tokens in group)
+    state.step += 1
+    state.tokens += step_tokens
+    state.trained_tokens += n_items
+    state.train_seconds += seconds
+    row = dict(step=state.step, loss=round(loss, 5), lr=lr, tokens=state.tokens, step_tokens=step_tokens,
+               trained_tokens=n_items, tokens_per_s=round(step_tokens / seconds, 1), grad_norm=grad_norm,
+               seconds=round(state.train_seconds, 3))
+    if scaler is not None:  # overflowed steps were skipped and show grad_norm null
+        row["loss_scale"] = scaler.get_scale()
+    return row
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ import os
 import shlex
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from ... import manifest
 from ...errors import CloudtuneError
+from ...events import Events
 from ...wheel import build_wheel, train_requirements
 from ..base import EXIT_FILE, LOG_FILE, Backend, Bundle, RunContext, secrets_env
 from ..common import LogCopy, bundle_wheel, saved_log, tail
@@ -52,13 +52,13 @@ class SSHBackend(Backend):
     Options = SSHOptions
     State = SSHState
 
-    def __init__(self, host: str | None = None, key: str | Path | None = None, trust_new_host: bool = False,
-                 keep_remote: bool = False, known_hosts: str | Path | None = None, remote_python: str | None = None,
+    def __init__(self, options: SSHOptions | None = None, events: Events | None = None, *,
+                 known_hosts: str | Path | None = None, remote_python: str | None = None,
                  remote_root: str | None = None):
+        super().__init__(options, events)
         # All of these go into the run's state at provision; a backend rebuilt by `logs`/`down` reads them there.
-        self.options = SSHOptions(host=host, key=key, trust_new_host=trust_new_host, keep_remote=keep_remote)
-        self.address = parse_host(host) if host else None
-        self.key = str(Path(key).expanduser().resolve()) if key else None
+        self.address = parse_host(self.options.host) if self.options.host else None
+        self.key = str(Path(self.options.key).expanduser().resolve()) if self.options.key else None
         self.known_hosts = known_hosts_path(known_hosts)
         self.remote_python = remote_python or os.environ.get(REMOTE_PYTHON_ENV) or ""
         self.remote_root = remote_root or os.environ.get(REMOTE_ROOT_ENV) or DEFAULT_REMOTE_ROOT
@@ -66,27 +66,8 @@ class SSHBackend(Backend):
         self._secrets: dict[str, str] = {}
         self._wheel: Path | None = None
 
-    # -- the run's state and the connection, each reached through one place --------------------------
-
-    @staticmethod
-    def state(ctx: RunContext) -> SSHState:
-        """The run's SSHState (a copy: change it inside `changing`, which writes it back)."""
-        return SSHState.model_validate(ctx.meta)
-
-    @contextmanager
-    def changing(self, ctx: RunContext) -> Iterator[SSHState]:
-        """The run's SSHState to change; written back to the ledger's meta even when a step fails half-way."""
-        state = self.state(ctx)
-        try:
-            yield state
-        finally:
-            ctx.meta.update(state.dump())
-
-    @property
-    def _events(self):
-        from ...runner import Events
-
-        return self.events or Events()
+    # -- the connection and the environment, each reached through one place ------------------------------
+    # The run's SSHState is ctx.state: the lifecycle writes it to the ledger after each phase.
 
     def _conn(self, state: SSHState, run_id: str) -> Connection:
         if state.host is None:
@@ -100,12 +81,11 @@ class SSHBackend(Backend):
         return self.connection
 
     def _warn(self, message: str) -> None:
-        self._events.warn(message)
+        self.events.warn(message)  # looked up at each call: a test may swap the events after construction
 
-    def environment(self, ctx: RunContext, state: SSHState | None = None) -> RemoteEnv:
-        """Where this run trains (its Python or its container), acting on state (default: the run's)."""
-        state = state or self.state(ctx)
-        return remote_env.environment(self._conn(state, ctx.run_id), state, self._events)
+    def environment(self, ctx: RunContext) -> RemoteEnv:
+        """Where this run trains: its Python or its container."""
+        return remote_env.environment(self._conn(ctx.state, ctx.run_id), ctx.state, self.events)
 
     def _disconnect(self) -> None:
         if self.connection is not None:
@@ -117,14 +97,14 @@ class SSHBackend(Backend):
         if self.address is None:
             raise CloudtuneError("the ssh backend needs a machine: --host user@ip[:port].")
         user, host, port = self.address
-        with self.changing(ctx) as state:
-            state.user, state.host, state.port, state.key = user, host, port, self.key
-            state.known_hosts, state.keep_remote = str(self.known_hosts), self.options.keep_remote
-            self._probe(ctx, state)
-            if ctx.recipe is not None:
-                compute = ctx.recipe.compute
-                chosen = ENVS[compute.remote_env](self._conn(state, ctx.run_id), state, self._events)
-                chosen.setup(ctx.run_id, compute.image)
+        state = ctx.state
+        state.user, state.host, state.port, state.key = user, host, port, self.key
+        state.known_hosts, state.keep_remote = str(self.known_hosts), self.options.keep_remote
+        self._probe(ctx, state)
+        if ctx.recipe is not None:
+            compute = ctx.recipe.compute
+            chosen = ENVS[compute.remote_env](self._conn(state, ctx.run_id), state, self.events)
+            chosen.setup(ctx.run_id, compute.image)
 
     def _probe(self, ctx: RunContext, state: SSHState) -> None:
         """Find the machine's Python and make the run's directory, in one round trip."""
@@ -147,7 +127,7 @@ class SSHBackend(Backend):
                                  f">= {wanted}.",
                                  f"Install a newer Python there, or name one with {REMOTE_PYTHON_ENV}=/path.")
         state.base_python, state.remote_root, state.remote_dir = probe["python"], probe["root"], probe["run"]
-        self._events.phase("connected", f"{conn.where}, Python {probe['version']} ({probe['python']})")
+        self.events.phase("connected", f"{conn.where}, Python {probe['version']} ({probe['python']})")
 
     def bundle_files(self, ctx: RunContext) -> dict[str, Path]:
         self._wheel = build_wheel()
@@ -156,29 +136,29 @@ class SSHBackend(Backend):
     def sync(self, ctx: RunContext, bundle: Bundle, secrets: dict[str, str]) -> None:
         self._secrets = dict(secrets)
         wheel = bundle_wheel(bundle)
-        with self.changing(ctx) as state:
-            conn, run = self._conn(state, ctx.run_id), state.remote_dir
-            archive = f"{state.remote_root}/bundles/{bundle.sha256}.tar.gz"
-            events = self._events
-            transfer.upload_verified(conn, bundle.path, bundle.sha256, archive, progress=events.progress,
-                                     phase=events.phase, warn=events.warn)
-            if secrets:
-                transfer.write_private(conn, f"{run}/secrets.env", secrets_env(secrets))
-            conn.run(shlex.join(["tar", "-xzf", archive, "-C", run]))
-            env = self.environment(ctx, state)
-            python = env.prepare(train_requirements(self._wheel or build_wheel()))
-            env.install(python, f"{run}/bundle/{wheel}", f"{run}/site")
-            state.remote_python = python
+        state = ctx.state
+        conn, run = self._conn(state, ctx.run_id), state.remote_dir
+        archive = f"{state.remote_root}/bundles/{bundle.sha256}.tar.gz"
+        events = self.events
+        transfer.upload_verified(conn, bundle.path, bundle.sha256, archive, progress=events.progress,
+                                 phase=events.phase, warn=events.warn)
+        if secrets:
+            transfer.write_private(conn, f"{run}/secrets.env", secrets_env(secrets))
+        conn.run(shlex.join(["tar", "-xzf", archive, "-C", run]))
+        env = self.environment(ctx)
+        python = env.prepare(train_requirements(self._wheel or build_wheel()))
+        env.install(python, f"{run}/bundle/{wheel}", f"{run}/site")
+        state.remote_python = python
 
     def start(self, ctx: RunContext, resume: bool = False) -> None:
-        with self.changing(ctx) as state:
-            run = state.remote_dir
-            env = {"CLOUDTUNE_PYTHON": state.remote_python, "CLOUDTUNE_HOME": state.remote_root,
-                   "PYTHONPATH": f"{run}/site", "PYTHONUNBUFFERED": "1"}
-            self.environment(ctx, state).start(env, resume)
+        state = ctx.state
+        run = state.remote_dir
+        env = {"CLOUDTUNE_PYTHON": state.remote_python, "CLOUDTUNE_HOME": state.remote_root,
+               "PYTHONPATH": f"{run}/site", "PYTHONUNBUFFERED": "1"}
+        self.environment(ctx).start(env, resume)
 
     def exit_code(self, ctx: RunContext) -> int | None:
-        state = self.state(ctx)
+        state = ctx.state
         conn = self._conn(state, ctx.run_id)
         for _ in range(10):
             try:
@@ -191,7 +171,7 @@ class SSHBackend(Backend):
         return None
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
-        state = self.state(ctx)
+        state = ctx.state
         if state.remote_dir is None:
             return
         try:
@@ -200,35 +180,34 @@ class SSHBackend(Backend):
             yield from saved_log(ctx)  # the run's directory is gone: show the copy taken at teardown
 
     def pull(self, ctx: RunContext, staging: Path) -> None:
-        state = self.state(ctx)
+        state = ctx.state
         out = f"{state.remote_dir}/out"
-        transfer.download_tree(self._conn(state, ctx.run_id), out, staging, self._events.progress,
+        transfer.download_tree(self._conn(state, ctx.run_id), out, staging, self.events.progress,
                                skip=manifest.NOT_PULLED)
         try:
             manifest.verify(staging, manifest.read_manifest(staging / manifest.MANIFEST))
         except CloudtuneError as exc:
-            with self.changing(ctx) as changed:
-                changed.keep_remote = True  # the machine holds the only copy now: teardown must not delete it
+            state.keep_remote = True  # the machine holds the only copy now: teardown must not delete it
             raise CloudtuneError(exc.message, f"Nothing was moved into your output directory. The outputs stay on "
                                               f"{state.where} in {out} for you to inspect.") from None
 
     def stop(self, ctx: RunContext) -> None:
-        state = self.state(ctx)
+        state = ctx.state
         if not state.started or state.host is None:
             return
-        env = self.environment(ctx, state)
+        env = self.environment(ctx)
         try:
             env.stop()
         except Exception as exc:  # noqa: BLE001 - stopping is best effort; teardown verifies and reports
             if not isinstance(exc, CloudtuneError) and not env.conn.lost(exc):
                 raise
-            self._events.warn(f"could not stop the training on {state.host}: {exc}")
+            self.events.warn(f"could not stop the training on {state.host}: {exc}")
 
     def teardown(self, ctx: RunContext) -> bool:
-        state = self.state(ctx)
+        state = ctx.state
         if not state.remote_dir:
             return True  # provisioning never got as far as creating anything on the machine
-        env = self.environment(ctx, state)
+        env = self.environment(ctx)
         try:
             self._save_log(env.conn, ctx, state)
             # One round trip: stop what still runs, remove the run's files, report both.
@@ -241,7 +220,7 @@ class SSHBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - reported as "not verified", and `cloudtune down` can retry
             if not isinstance(exc, CloudtuneError) and not env.conn.lost(exc):
                 raise
-            self._events.warn(f"could not clean up on {state.host}: {exc}")
+            self.events.warn(f"could not clean up on {state.host}: {exc}")
             return False
         finally:
             self._disconnect()
@@ -261,7 +240,7 @@ class _LogPoller:
 
     def __init__(self, backend: SSHBackend, ctx: RunContext, state: SSHState, follow: bool):
         self.backend, self.ctx, self.state, self.follow = backend, ctx, state, follow
-        self.env = backend.environment(ctx, state)
+        self.env = backend.environment(ctx)
         self.path = f"{state.remote_dir}/{LOG_FILE}"
         self.checked_process = 0.0
 
@@ -278,7 +257,7 @@ class _LogPoller:
                 self.env.conn.close()
                 lost_since = lost_since or time.time()
                 self._give_up_after(lost_since, exc)
-                self.backend._events.warn(f"connection to {self.state.host} lost ({exc or 'EOF'}); "
+                self.backend.events.warn(f"connection to {self.state.host} lost ({exc or 'EOF'}); "
                                           "reconnecting to resume the log")
                 time.sleep(min(5.0, 1 + (time.time() - lost_since) / 4))
 

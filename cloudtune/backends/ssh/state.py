@@ -1,25 +1,28 @@
 """What the SSH backend remembers of one run, kept in the ledger so `logs` and `down` can reattach.
 
-Serialised under the keys earlier versions wrote into the run's meta (`ssh_user`, ...), so runs started
-by them can still be followed and torn down.
+The address fields also read the keys earlier versions wrote (`ssh_user`, `ssh_host`, `ssh_port`,
+`ssh_key`), so machines recorded by them can still be followed and torn down.
 """
 from __future__ import annotations
 
-from typing import Any
+from pydantic import AliasChoices, Field
 
-from pydantic import BaseModel, ConfigDict, Field
+from ..base import MachineState
 
 
-class SSHState(BaseModel):
+def _also(name: str) -> AliasChoices:
+    """The field's name, or the key earlier versions wrote for it."""
+    return AliasChoices(name, f"ssh_{name}")
+
+
+class SSHState(MachineState):
     """One run on one SSH machine. Everything is optional: a run can stop before any of it is known."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, validate_assignment=True)
-
-    user: str | None = Field(None, alias="ssh_user", description="login user on the machine.")
-    host: str | None = Field(None, alias="ssh_host", description="the machine's address (name or IP).")
-    port: int = Field(22, alias="ssh_port", description="its SSH port.")
-    key: str | None = Field(None, alias="ssh_key", description="absolute path of the private key; None: ssh-agent "
-                                                               "and ~/.ssh/id_*.")
+    user: str | None = Field(None, validation_alias=_also("user"), description="login user on the machine.")
+    host: str | None = Field(None, validation_alias=_also("host"), description="the machine's address (name or IP).")
+    port: int = Field(22, validation_alias=_also("port"), description="its SSH port.")
+    key: str | None = Field(None, validation_alias=_also("key"), description="absolute path of the private key; "
+                                                                              "None: ssh-agent and ~/.ssh/id_*.")
     known_hosts: str | None = Field(None, description="the known_hosts file the host key was checked against.")
     keep_remote: bool = Field(False, description="keep the run's directory at teardown (secrets go anyway); also "
                                                  "set when a pull fails, as the machine then holds the only copy.")
@@ -45,7 +48,3 @@ class SSHState(BaseModel):
     def started(self) -> bool:
         """Whether there may be a training to look at or stop: a process group, or a container."""
         return bool(self.pid or self.container)
-
-    def dump(self) -> dict[str, Any]:
-        """The ledger form: the keys earlier versions wrote."""
-        return self.model_dump(by_alias=True, exclude_none=True)

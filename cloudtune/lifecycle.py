@@ -1,0 +1,422 @@
+"""One run, end to end: plan -> ledger -> provision -> sync -> start -> stream logs -> pull -> teardown.
+
+Each phase is a method of `Launch`; every status change goes through `Launch.transition`, which
+writes the ledger. A machine's ledger row exists before the machine is asked for, and teardown
+happens in `finally` whatever went wrong, so nothing cloudtune starts can be forgotten.
+`teardown_one` is the only code that removes a machine: `run`, `pull` and `down` all use it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import manifest, receipt
+from .backends import registry
+from .backends.base import Backend, Quote, RunContext, build_bundle
+from .backends.capabilities import DryRuns, ListsMachines
+from .datasets import DatasetReport, inspect_dataset
+from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
+from .events import Events
+from .ledger import FINAL_RUN_STATUSES, Ledger, machine_name, new_run_id
+from .paths import runs_dir
+from .recipe import Recipe
+from .secrets import Redactor, collect
+
+LOG_TAIL_LINES = 25
+
+BackendFor = Callable[[str], Backend]
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    receipt: dict[str, Any]
+
+
+@dataclass
+class Machine:
+    """A machine as the ledger (or its backend's own list) knows it."""
+
+    name: str
+    run_id: str
+    backend: str
+    status: str
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: dict) -> Machine:
+        return cls(name=row["name"], run_id=row["run_id"], backend=row["backend"], status=row["status"],
+                   state=row["meta"])
+
+
+@dataclass
+class TeardownResult:
+    machine: str
+    run_id: str
+    verified: bool
+    problem: str | None = None  # what went wrong and what to do, when not verified
+
+
+def output_dir_for(recipe: Recipe, run_id: str) -> Path:
+    base = Path(recipe.outputs.dir) if recipe.outputs.dir else Path("outputs") / recipe.run_name
+    return (base.expanduser() / run_id).resolve()
+
+
+def context_for(backend: Backend, machine: Machine, recipe: Recipe | None = None) -> RunContext:
+    """Rebuild a run's context from its machine's ledger row (for `logs`, `pull`, `down`)."""
+    try:
+        state = backend.State.model_validate(machine.state)
+    except ValidationError as exc:
+        raise CloudtuneError(f"the ledger's record of {machine.name} does not fit the {backend.name} backend: "
+                             f"{exc.errors()[0]['msg']}.",
+                             "It was written by another cloudtune version; check the machine by hand.") from None
+    return RunContext(run_id=machine.run_id, machine=machine.name, work_dir=runs_dir() / machine.run_id,
+                      state=state, recipe=recipe)
+
+
+# ----------------------------------------------------------------------------------------------
+# before anything starts
+
+
+def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport | None = None
+         ) -> tuple[Quote, DatasetReport]:
+    """Read and count the data, then let the backend say where the run goes and what it costs."""
+    report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
+    events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens ({report.format})")
+    quote = backend.quote(recipe, report)
+    events.phase("plan", quote.summary)
+    for note in quote.notes:
+        events.note(note)
+    return quote, report
+
+
+def preview(recipe: Recipe, backend: Backend, events: Events) -> dict[str, Any]:
+    """`run --dry-run`: the plan and what would be launched; nothing is rented."""
+    if not isinstance(backend, DryRuns):
+        raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend.name} backend rents "
+                             "nothing.", "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
+    quote, _ = plan(recipe, backend, events)
+    return backend.dry_run(quote)
+
+
+# ----------------------------------------------------------------------------------------------
+# one run
+
+
+def run(recipe: Recipe, backend: Backend, events: Events | None = None, *, ledger: Ledger | None = None,
+        report: DatasetReport | None = None, resume: bool = False) -> RunResult:
+    """Plan, then run on the backend end to end; raises RunFailed/PullFailed with what to do."""
+    events = events or backend.events
+    quote, report = plan(recipe, backend, events, report)
+    return Launch(quote, backend, events, ledger or Ledger()).execute(report, resume=resume)
+
+
+class Launch:
+    """One run of one recipe on one backend, from its ledger row to its teardown."""
+
+    def __init__(self, quote: Quote, backend: Backend, events: Events, ledger: Ledger):
+        self.recipe = quote.recipe
+        self.price = quote.price
+        self.backend = backend
+        self.events = events
+        self.ledger = ledger
+        self.secrets = collect(self.recipe.secrets)
+        self.redact = Redactor(self.secrets)
+        self.run_id = new_run_id()
+        self.output_dir = output_dir_for(self.recipe, self.run_id)
+        self.ctx = RunContext(run_id=self.run_id, machine=machine_name(self.run_id),
+                              work_dir=runs_dir() / self.run_id, state=backend.new_state(), recipe=self.recipe)
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.started = time.time()
+        self.machine_status = "requested"
+
+    def transition(self, status: str, **fields: Any) -> None:
+        """The one place a run's status changes: the ledger gets it with the machine's state so far."""
+        self.ledger.update_run(self.run_id, status=status, **fields)
+        self.save_machine()
+
+    def save_machine(self, status: str | None = None) -> None:
+        self.machine_status = status or self.machine_status
+        self.ledger.set_machine(self.ctx.machine, self.machine_status, **self.ctx.state.model_dump(mode="json"))
+
+    def execute(self, report: DatasetReport, resume: bool = False) -> RunResult:
+        self.open()
+        status, keep_machine = "failed", False
+        try:
+            self.provision()
+            self.sync()
+            self.start(resume)
+            self.train()
+            try:
+                result = self.pull()
+            except CloudtuneError as exc:
+                keep_machine = True
+                raise PullFailed(self.redact(f"run {self.run_id}: training finished but its outputs did not come "
+                                             f"back: {exc.message}"), retry_pull_hint(self.run_id)) from exc
+            status = "succeeded"
+            return result
+        except KeyboardInterrupt:
+            status = "cancelled"
+            self.events.warn(f"interrupted: stopping run {self.run_id}")
+            self.backend.stop(self.ctx)
+            raise
+        except BaseException as exc:
+            self.ledger.update_run(self.run_id, error=self.redact(str(exc))[:4000])
+            raise
+        finally:
+            self.close(status, keep_machine)
+
+    # phases ----------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        recipe = self.recipe
+        self.ledger.add_run(self.run_id, name=recipe.run_name, backend=self.backend.name,
+                            recipe_path=str(recipe.source or ""), recipe_hash=recipe.fingerprint(),
+                            output_dir=str(self.output_dir), **receipt.estimate_columns(self.price))
+        self.ledger.update_run(self.run_id, meta={"secret_names": list(recipe.secrets)})
+        self.events.phase("run", f"{self.run_id} ({self.backend.name})")
+        self.ledger.add_machine(self.ctx.machine, self.run_id, self.backend.name)
+
+    def provision(self) -> None:
+        self.transition("provisioning")
+        self.events.phase("provision", self.ctx.machine)
+        self.backend.provision(self.ctx)
+        self.save_machine("up")
+
+    def sync(self) -> None:
+        self.transition("syncing")
+        bundle = build_bundle(self.recipe, self.ctx.work_dir / "bundle.tar.gz", self.backend.bundle_files(self.ctx))
+        self.events.phase("sync", f"bundle {bundle.path.stat().st_size / 1024:.0f} KiB, sha256 {bundle.sha256[:12]}")
+        self.backend.sync(self.ctx, bundle, self.secrets)
+
+    def start(self, resume: bool) -> None:
+        self.backend.start(self.ctx, resume=resume)
+        self.transition("running")
+
+    def train(self) -> None:
+        self.events.phase("train", "streaming the training log")
+        for line in self.backend.logs(self.ctx, follow=True):
+            line = self.redact(line)
+            self.tail.append(line)
+            self.events.log(line)
+        code = self.backend.exit_code(self.ctx)
+        if code != 0:
+            why = "ended without an exit status (killed?)" if code is None else f"exited with status {code}"
+            raise RunFailed(f"run {self.run_id}: training {why}. Last lines of its log:\n" + "\n".join(self.tail),
+                            f"Full log: cloudtune logs {self.run_id}")
+
+    def pull(self) -> RunResult:
+        self.transition("pulling")
+        self.events.phase("pull", str(self.output_dir))
+        pulled = fetch_outputs(self.backend, self.ctx, self.output_dir)
+        wall_seconds = round(time.time() - self.started, 1)
+        made = receipt.build(pulled, run_id=self.run_id, backend=self.backend.name, machine=self.ctx.machine,
+                             wall_seconds=wall_seconds, output_dir=self.output_dir, price=self.price)
+        receipt.write(made, self.output_dir)
+        self.ledger.update_run(self.run_id, **receipt.ledger_columns(made))
+        return RunResult(run_id=self.run_id, status="succeeded", receipt=made)
+
+    def close(self, status: str, keep_machine: bool) -> None:
+        self.ledger.update_run(self.run_id, status=status, wall_seconds=round(time.time() - self.started, 1))
+        if keep_machine:
+            self.ctx.state.pull_failed = True
+            self.save_machine("up")
+            self.events.warn(f"{self.ctx.machine} is left up with the outputs on it. " + retry_pull_hint(self.run_id))
+        else:
+            teardown_one(self.backend, self.ctx, self.ledger, self.events)
+
+
+def retry_pull_hint(run_id: str) -> str:
+    return (f"Fetch them with `cloudtune pull {run_id}` (it tears the machine down afterwards), or give them up "
+            f"with `cloudtune down {run_id}`. A cloud machine also tears itself down after compute.autostop_minutes "
+            f"idle, outputs and all.")
+
+
+def fetch_outputs(backend: Backend, ctx: RunContext, output_dir: Path) -> dict[str, Any]:
+    """Pull into staging, verify every checksum, then install all of it (or nothing) into output_dir."""
+    staging = ctx.work_dir / "pulled"
+    shutil.rmtree(staging, ignore_errors=True)
+    backend.pull(ctx, staging)
+    files = manifest.read_manifest(staging / manifest.MANIFEST)
+    manifest.install(staging, files, output_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    return receipt.read_run_json(output_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# after a run: pull again, tear down
+
+
+def pull_again(run_ref: str, events: Events, *, ledger: Ledger | None = None,
+               backend_for: BackendFor | None = None) -> RunResult:
+    """`cloudtune pull RUN`: fetch the outputs of a run whose pull failed, then tear its machine down."""
+    ledger = ledger or Ledger()
+    run_row = ledger.get_run(run_ref)
+    row = ledger.machine_for_run(run_row["id"])
+    if row is None or row["status"] == "terminated":
+        raise CloudtuneError(f"run {run_row['id']}: its machine is gone, and its outputs with it.",
+                             "`cloudtune status` shows the runs whose outputs arrived.")
+    backend = (backend_for or _backend_for(events))(run_row["backend"])
+    ctx = context_for(backend, Machine.from_row(row))
+    output_dir = Path(run_row["output_dir"])
+    events.phase("pull", str(output_dir))
+    pulled = fetch_outputs(backend, ctx, output_dir)  # a failure leaves the machine as it is, for another try
+    made = receipt.build(pulled, run_id=run_row["id"], backend=backend.name, machine=ctx.machine,
+                         wall_seconds=run_row["wall_seconds"], output_dir=output_dir,
+                         price=receipt.estimate_columns(run_row) or None)
+    receipt.write(made, output_dir)
+    ledger.update_run(run_row["id"], status="succeeded", error=None, **receipt.ledger_columns(made))
+    ctx.state.pull_failed = False
+    teardown_one(backend, ctx, ledger, events)
+    return RunResult(run_id=run_row["id"], status="succeeded", receipt=made)
+
+
+def training_log(run_ref: str, *, follow: bool = False, ledger: Ledger | None = None,
+                 backend_for: BackendFor | None = None) -> Iterator[str]:
+    """`cloudtune logs RUN`: a run's log from wherever it is, redacted with the secrets this shell holds."""
+    ledger = ledger or Ledger()
+    run_row = ledger.get_run(run_ref)
+    row = ledger.machine_for_run(run_row["id"])
+    if row is None:
+        raise CloudtuneError(f"run {run_row['id']} never got a machine, so it has no log.",
+                             "`cloudtune status` shows why it ended.")
+    backend = (backend_for or _backend_for(Events()))(run_row["backend"])
+    redact = Redactor([os.environ[name] for name in run_row["meta"].get("secret_names", []) if os.environ.get(name)])
+    for line in backend.logs(context_for(backend, Machine.from_row(row)), follow=follow):
+        yield redact(line)
+
+
+def _backend_for(events: Events) -> BackendFor:
+    return lambda name: registry.create(name, events=events)
+
+
+def teardown_one(backend: Backend, ctx: RunContext, ledger: Ledger, events: Events) -> TeardownResult:
+    """Remove one machine and say whether that is verified. Never raises for the backend's failures:
+    the caller goes on with the next machine, and the ledger says `unknown` with what to do."""
+    ledger.set_machine(ctx.machine, "terminating", **ctx.state.model_dump(mode="json"))
+    events.phase("teardown", ctx.machine)
+    for attempt in (1, 2):
+        try:
+            verified = backend.teardown(ctx)
+            break
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raised, the other machines come first
+            problem = (f"tearing down {ctx.machine} failed ({type(exc).__name__}: {str(exc)[:300]}); "
+                       f"run `cloudtune down {ctx.run_id}` to try again")
+            return _left_unknown(ctx, ledger, events, problem)
+        except KeyboardInterrupt:
+            if attempt == 2:
+                _left_unknown(ctx, ledger, events, f"teardown of {ctx.machine} interrupted; it may still be running. "
+                                                   f"Run `cloudtune down {ctx.run_id}`.")
+                raise
+            events.warn(f"still tearing down {ctx.machine}; interrupt again to leave it "
+                        f"(then `cloudtune down {ctx.run_id}` removes it)")
+    if not verified:
+        return _left_unknown(ctx, ledger, events, f"could not verify that {ctx.machine} is gone; "
+                                                  f"run `cloudtune down {ctx.run_id}`")
+    ledger.set_machine(ctx.machine, "terminated", **ctx.state.model_dump(mode="json"))
+    return TeardownResult(machine=ctx.machine, run_id=ctx.run_id, verified=True)
+
+
+def _left_unknown(ctx: RunContext, ledger: Ledger, events: Events, problem: str) -> TeardownResult:
+    ledger.set_machine(ctx.machine, "unknown")
+    events.warn(problem)
+    return TeardownResult(machine=ctx.machine, run_id=ctx.run_id, verified=False, problem=problem)
+
+
+def find_machines(run_ref: str | None, ledger: Ledger | None = None, *, backend_for: BackendFor | None = None,
+                  problems: list[str] | None = None) -> list[Machine]:
+    """Machines not yet verified gone: all of them (the ledger's and those backends list themselves),
+    or the one of a run."""
+    ledger = ledger or Ledger()
+    if run_ref is not None:
+        row = ledger.machine_for_run(ledger.get_run(run_ref)["id"])
+        return [Machine.from_row(row)] if row and row["status"] != "terminated" else []
+    machines = [Machine.from_row(row) for row in ledger.machines()]
+    return machines + _listed_by_backends(ledger, machines, backend_for or _backend_for(Events()), problems)
+
+
+def _listed_by_backends(ledger: Ledger, known: list[Machine], backend_for: BackendFor,
+                        problems: list[str] | None) -> list[Machine]:
+    """Machines a backend knows that the ledger does not list as live (its record lost or wrong).
+
+    Only backends used here are asked: asking may be slow (SkyPilot starts its API server for it).
+    """
+    rows = {row["name"]: row for row in ledger.machines(include_terminated=True)}
+    known_names = {machine.name for machine in known}
+    found = []
+    for name in sorted({row["backend"] for row in rows.values()}):
+        try:
+            backend = backend_for(name)
+            if not isinstance(backend, ListsMachines):
+                continue
+            listed = backend.list_machines()
+        except Exception as exc:  # noqa: BLE001 - one backend's trouble must not block tearing down the rest
+            if problems is not None:
+                problems.append(f"could not list the {name} backend's machines ({type(exc).__name__}: "
+                                f"{str(exc)[:300]}); check for ct-... machines there by hand")
+            continue
+        for machine, status in sorted(listed.items()):
+            if machine in known_names:
+                continue
+            row = rows.get(machine)
+            found.append(Machine(name=machine, run_id=row["run_id"] if row else machine.removeprefix("ct-"),
+                                 backend=name, status=f"{status} in {name}", state=row["meta"] if row else {}))
+    return found
+
+
+def tear_down(machines: list[Machine], events: Events, ledger: Ledger | None = None, *,
+              backend_for: BackendFor | None = None) -> list[TeardownResult]:
+    """`cloudtune down`: every machine attempted, whatever happens to the others."""
+    ledger = ledger or Ledger()
+    backend_for = backend_for or _backend_for(events)
+    return [_tear_down_machine(machine, ledger, events, backend_for) for machine in machines]
+
+
+def check_all_gone(results: list[TeardownResult]) -> None:
+    failed = [result for result in results if not result.verified]
+    if failed:
+        raise TeardownIncomplete(f"{len(failed)} of {len(results)} machine(s) not verified gone: "
+                                 f"{', '.join(result.machine for result in failed)}.",
+                                 "Each is marked `unknown` in the ledger; `cloudtune down RUN` tries again, and the "
+                                 "warnings above say what went wrong.")
+
+
+def _tear_down_machine(machine: Machine, ledger: Ledger, events: Events, backend_for: BackendFor) -> TeardownResult:
+    try:
+        backend = backend_for(machine.backend)
+        if not ledger.machine_for_run(machine.run_id):  # a machine only its backend knew: give it a row
+            _adopt(ledger, machine)
+        ctx = context_for(backend, machine)
+    except Exception as exc:  # noqa: BLE001 - reported like a failed teardown, and the loop goes on
+        problem = f"cannot tear down {machine.name}: {getattr(exc, 'message', exc)}"
+        ledger.set_machine(machine.name, "unknown")
+        events.warn(problem)
+        return TeardownResult(machine=machine.name, run_id=machine.run_id, verified=False, problem=problem)
+    result = teardown_one(backend, ctx, ledger, events)
+    if result.verified:
+        _mark_run_cancelled(ledger, machine.run_id)
+    return result
+
+
+def _adopt(ledger: Ledger, machine: Machine) -> None:
+    try:
+        ledger.get_run(machine.run_id)
+    except CloudtuneError:
+        ledger.add_run(machine.run_id, name=machine.name, backend=machine.backend)
+        ledger.update_run(machine.run_id, status="cancelled", error="found by `cloudtune down`, not in the ledger")
+    ledger.add_machine(machine.name, machine.run_id, machine.backend)
+
+
+def _mark_run_cancelled(ledger: Ledger, run_id: str) -> None:
+    run_row = ledger.get_run(run_id)
+    if run_row["status"] not in FINAL_RUN_STATUSES:
+        ledger.update_run(run_id, status="cancelled", error="torn down by `cloudtune down`")

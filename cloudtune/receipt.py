@@ -1,0 +1,54 @@
+"""The receipt of a run: what the training machine reported, where the outputs are, estimate against actual.
+
+Built here and only here, for a run that just ended and for one whose outputs were pulled again.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RECEIPT = "receipt.json"
+RUN_JSON = "run.json"
+ESTIMATE_COLUMNS = ("gpu", "price_per_hour", "est_hours_low", "est_hours_high", "est_cost_low", "est_cost_high")
+
+
+def read_run_json(output_dir: Path) -> dict[str, Any]:
+    run = json.loads((output_dir / RUN_JSON).read_text())
+    return {**run, "weights_path": str(output_dir / run["weights_dir"])}
+
+
+def build(pulled: dict[str, Any], *, run_id: str, backend: str, machine: str, wall_seconds: float | None,
+          output_dir: Path, price: dict[str, Any] | None) -> dict[str, Any]:
+    made = {**pulled, "run_id": run_id, "backend": backend, "machine": machine, "wall_seconds": wall_seconds,
+            "output_dir": str(output_dir)}
+    if price:
+        made["estimate"] = price
+        made["actual_cost"] = actual_cost(price, wall_seconds)
+    return made
+
+
+def write(made: dict[str, Any], output_dir: Path) -> None:
+    (output_dir / RECEIPT).write_text(json.dumps(made, indent=1))
+
+
+def ledger_columns(made: dict[str, Any]) -> dict[str, Any]:
+    """What the ledger keeps of a receipt, beside the estimate it was given at the start."""
+    columns = {"tokens": made.get("tokens"), "train_seconds": made.get("train_seconds"), "gpu": made.get("device"),
+               "wall_seconds": made.get("wall_seconds")}
+    if made.get("actual_cost") is not None:
+        columns["actual_cost"] = made["actual_cost"]
+    return {key: value for key, value in columns.items() if value is not None}
+
+
+def estimate_columns(price: dict[str, Any] | None) -> dict[str, Any]:
+    """The estimate's ledger columns, from a quote's price or a ledger row."""
+    if not price:
+        return {}
+    return {key: price.get(key) for key in ESTIMATE_COLUMNS if price.get(key) is not None}
+
+
+def actual_cost(price: dict[str, Any] | None, wall_seconds: float | None) -> float | None:
+    if not price or price.get("price_per_hour") is None or wall_seconds is None:
+        return None
+    return round(price["price_per_hour"] * wall_seconds / 3600, 4)
