@@ -23,13 +23,13 @@ from . import manifest, receipt
 from .backends import registry
 from .backends.base import Backend, Quote, RunContext, build_bundle
 from .backends.capabilities import DryRuns, ListsMachines
-from .backends.local import pid_alive
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
 from .events import Events
 from .ledger import FINAL_RUN_STATUSES, Ledger, machine_name
 from .paths import runs_dir
 from .recipe import Recipe
+from .remote.watchdog import process_alive
 from .secrets import Redactor, collect
 
 LOG_TAIL_LINES = 25
@@ -248,7 +248,7 @@ def launcher_alive(run_row: dict) -> bool | None:
     launcher = run_row["meta"].get("launcher") or {}
     if launcher.get("host") != socket.gethostname() or not launcher.get("pid"):
         return None
-    return pid_alive(launcher["pid"])
+    return process_alive(launcher["pid"])
 
 
 def recent_runs(limit: int, ledger: Ledger | None = None) -> list[dict]:

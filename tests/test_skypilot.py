@@ -25,7 +25,6 @@ import pytest
 import yaml
 
 from cloudtune.backends.base import Quote
-from cloudtune.backends.local import pid_alive
 from cloudtune.backends.skypilot import (
     SkyPilotBackend,
     check_image,
@@ -40,6 +39,7 @@ from cloudtune.ledger import Ledger
 from cloudtune.lifecycle import Machine, context_for, find_machines, pull_again, tear_down
 from cloudtune.lifecycle import run as execute
 from cloudtune.recipe import DEFAULT_IMAGE, load_recipe
+from cloudtune.remote.watchdog import process_alive as pid_alive
 
 from .conftest import REPO, demo_recipe_text, write_recipe
 from .fake_sky import FakeCloud, a10_plan, make_image

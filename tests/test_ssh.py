@@ -308,7 +308,7 @@ def test_upload_survives_a_dropped_connection(sshd, remote, tmp_path, ct_home):
     def drop(label, done, total):
         if label == "upload" and done > total // 2 and not dropped:
             dropped.append(done)
-            backend._client.get_transport().close()  # the network goes away mid-transfer
+            backend.connection.client.get_transport().close()  # the network goes away mid-transfer
 
     backend.events = Recorder(drop)
     backend.sync(ctx, bundle, {})
@@ -357,8 +357,8 @@ def test_missing_packages_get_a_venv_built_once(sshd, remote, tmp_path, ct_home,
     backend.events = Recorder()
     ctx = new_context(ct_home)
     backend.provision(ctx)
-    assert backend.ensure_python(ctx, ["pip"]) == ctx.state.base_python  # nothing missing: no venv
-    python = backend.ensure_python(ctx, requirements)
+    assert backend.environment(ctx).prepare(["pip"]) == ctx.state.base_python  # nothing missing: no venv
+    python = backend.environment(ctx).prepare(requirements)
     assert Path(python).parent.parent.parent == remote / "envs"
     ready = Path(python).parent.parent / ".ready"
     built = ready.stat().st_mtime_ns
@@ -366,7 +366,7 @@ def test_missing_packages_get_a_venv_built_once(sshd, remote, tmp_path, ct_home,
                             capture_output=True, text=True)
     assert answer.stdout.strip() == "42", answer.stderr
     assert "include-system-site-packages = true" in (Path(python).parent.parent / "pyvenv.cfg").read_text()
-    assert backend.ensure_python(ctx, requirements) == python  # the next run reuses it
+    assert backend.environment(ctx).prepare(requirements) == python  # the next run reuses it
     assert ready.stat().st_mtime_ns == built
     assert backend.teardown(ctx)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -18,24 +17,13 @@ from pathlib import Path
 from pydantic import Field
 
 from ..manifest import NOT_PULLED
-from ..remote.watchdog import LAUNCHER_ENV
+from ..remote.stop_group import stop_group
+from ..remote.watchdog import LAUNCHER_ENV, process_alive
 from .base import EXIT_FILE, LOG_FILE, Backend, Bundle, MachineState, Quote, RunContext, secrets_env
+from .common import tail
 
 STOP_GRACE_SECONDS = 10
 POLL_SECONDS = 0.2
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie has exited; it only waits for its parent to read the status
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class LocalState(MachineState):
@@ -92,7 +80,7 @@ class LocalBackend(Backend):
         if child is not None:
             return child.poll() is None
         pid = ctx.state.pid
-        return bool(pid) and pid_alive(pid)
+        return bool(pid) and process_alive(pid)
 
     def exit_code(self, ctx: RunContext) -> int | None:
         path = self.root(ctx) / EXIT_FILE
@@ -107,22 +95,14 @@ class LocalBackend(Backend):
             time.sleep(POLL_SECONDS)
         if not path.exists():
             return
-        with path.open("r", errors="replace") as handle:
-            pending = ""
-            while True:
-                chunk = handle.readline()
-                if chunk:
-                    pending += chunk
-                    if pending.endswith("\n"):
-                        yield pending.rstrip("\n")
-                        pending = ""
-                    continue
-                if not follow or not self._running(ctx):
-                    rest = handle.read()
-                    if pending or rest:
-                        yield from (pending + rest).splitlines()
-                    return
-                time.sleep(POLL_SECONDS)
+
+        def poll(offset: int) -> tuple[bool, bytes]:
+            finished = not self._running(ctx)
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                return finished, handle.read(1 << 20)
+
+        yield from tail(poll, follow, POLL_SECONDS)
 
     def pull(self, ctx: RunContext, staging: Path) -> None:
         shutil.copytree(self.root(ctx) / "out", staging, ignore=shutil.ignore_patterns(*NOT_PULLED),
@@ -130,21 +110,8 @@ class LocalBackend(Backend):
 
     def stop(self, ctx: RunContext) -> None:
         pid = ctx.state.pid
-        if not pid or not self._running(ctx):
-            return
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + STOP_GRACE_SECONDS
-        while time.time() < deadline and self._running(ctx):
-            time.sleep(POLL_SECONDS)
-        if self._running(ctx):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            time.sleep(POLL_SECONDS)
+        if pid and self._running(ctx):
+            stop_group(pid, STOP_GRACE_SECONDS, poll=POLL_SECONDS)
 
     def teardown(self, ctx: RunContext) -> bool:
         self.stop(ctx)

@@ -148,7 +148,7 @@ def backend_help() -> str:
 
 
 register(BackendEntry("skypilot", "the cheapest cloud GPU that fits", "cloudtune.backends.skypilot:SkyPilotBackend"))
-register(BackendEntry("ssh", "a machine you can SSH into, --host", "cloudtune.backends.ssh:SSHBackend",
-                      "cloudtune.backends.ssh_options:SSHOptions"))
+register(BackendEntry("ssh", "a machine you can SSH into, --host", "cloudtune.backends.ssh.backend:SSHBackend",
+                      "cloudtune.backends.ssh.options:SSHOptions"))
 register(BackendEntry("local", "this machine: demo, tests", "cloudtune.backends.local:LocalBackend"))
 

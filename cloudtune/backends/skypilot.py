@@ -47,8 +47,9 @@ from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
-from .base import LOG_FILE, Backend, Bundle, MachineState, Quote, RunContext
+from .base import Backend, Bundle, MachineState, Quote, RunContext
 from .capabilities import DryRuns, ListsMachines
+from .common import LogCopy, bundle_wheel, saved_log
 
 SKYPILOT_VERSION = "0.14.1"
 CLUSTER_PREFIX = "ct-"
@@ -232,9 +233,7 @@ def _redact_config(config: dict[str, Any], exc: Exception) -> str:
 def prepare_upload(work_dir: Path, bundle: Bundle) -> tuple[Path, str]:
     """The one directory that goes up: the bundle (the cloudtune wheel is inside it), the wheel's
     requirements and their checksums."""
-    wheels = [name for name in bundle.files if name.endswith(".whl")]
-    if len(wheels) != 1:
-        raise CloudtuneError("the bundle carries no cloudtune wheel for the machine to install.")
+    wheel = bundle_wheel(bundle)
     upload = work_dir / UPLOAD
     shutil.rmtree(upload, ignore_errors=True)
     upload.mkdir(parents=True)
@@ -242,7 +241,7 @@ def prepare_upload(work_dir: Path, bundle: Bundle) -> tuple[Path, str]:
     (upload / REQUIREMENTS).write_text("\n".join(train_requirements(build_wheel())) + "\n")
     sums = [f"{sha256_file(upload / name)}  {name}" for name in ("bundle.tar.gz", REQUIREMENTS)]
     (upload / CHECKSUMS).write_text("\n".join(sums) + "\n")
-    return upload, wheels[0].removeprefix("bundle/")
+    return upload, wheel
 
 
 def bucket_name(cluster: str) -> str:
@@ -591,32 +590,24 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
         """The job's log from SkyPilot; a redacted copy is kept locally for after the machine is gone."""
-        local = ctx.work_dir / LOG_FILE
         job_id = ctx.state.job_id
         if self._managed(ctx):
             lines = self.client.jobs_tail_logs(job_id, follow)
         elif ctx.machine in self.client.status([ctx.machine]):
             lines = self.client.tail_logs(ctx.machine, job_id, follow)
         else:
-            lines = iter(local.read_text().splitlines() if local.is_file() else [])
-            yield from lines
+            yield from saved_log(ctx)
             return
         secrets = self._secrets.get(ctx.run_id)
-        copy = None
-        if secrets is not None:  # only the process that launched knows the values to redact
-            local.parent.mkdir(parents=True, exist_ok=True)
-            copy = local.open("w")
-            redact = Redactor(secrets)
-        try:
+        if secrets is None:  # only the process that launched knows the values to redact
+            for line in lines:
+                yield from line.rstrip("\n").split("\n")
+            return
+        with LogCopy(ctx, secrets) as copy:
             for line in lines:
                 for part in line.rstrip("\n").split("\n"):
-                    if copy is not None:
-                        copy.write(redact(part) + "\n")
-                        copy.flush()
+                    copy.write(part)
                     yield part
-        finally:
-            if copy is not None:
-                copy.close()
 
     def exit_code(self, ctx: RunContext) -> int | None:
         job_id = ctx.state.job_id
