@@ -2,7 +2,8 @@
 
 Standard library only, and written once: a backend runs them as `python -m cloudtune.remote.NAME`
 where cloudtune is installed, or ships the file itself (importlib.resources) to a machine that does
-not have cloudtune yet, e.g. `python -c "$(source)" ARGS`. Each module is one self-contained program.
+not have cloudtune yet, e.g. `python -c "$(source)" ARGS`. Each module stands alone; the trainer
+imports `watchdog` too.
 """
 from __future__ import annotations
 
