@@ -29,6 +29,7 @@ from .events import Events
 from .ledger import FINAL_RUN_STATUSES, Ledger, machine_name
 from .paths import runs_dir
 from .recipe import Recipe
+from .remote.budget import budget_for
 from .remote.watchdog import process_alive
 from .secrets import Redactor, collect
 
@@ -202,6 +203,12 @@ class Launch:
         self.backend.sync(self.ctx, bundle, self.secrets)
 
     def start(self, resume: bool) -> None:
+        price_per_hour = (self.price or {}).get("price_per_hour")
+        budget = budget_for(self.recipe.compute.max_cost, price_per_hour, time.time() - self.started)
+        if budget is not None:
+            self.ctx.train_env.update(budget.env())
+            self.events.note(f"max_cost ${budget.max_cost:.2f} at ${budget.price_per_hour:.2f}/h: the training "
+                             f"stops with its outputs so far after {budget.train_seconds / 3600:.2f} h")
         self.backend.start(self.ctx, resume=resume)
         self.transition("running")
 

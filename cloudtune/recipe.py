@@ -219,7 +219,12 @@ class ComputeSpec(Strict):
     region: str | None = Field(None, description="restrict to one region")
     spot: bool = Field(False, description="spot/preemptible machines; training resumes from checkpoints")
     max_cost: float | None = Field(None, gt=0, le=1e9,
-                                   description="refuse a plan whose high estimate exceeds this (USD)")
+                                   description="refuse a plan whose high estimate exceeds this, and stop the "
+                                               "training with its outputs so far once this is spent (USD)")
+    price_per_hour: float | None = Field(None, gt=0, le=1e6,
+                                         description="what a machine you provide costs per hour (ssh, local), so "
+                                                     "the receipt and max_cost count it; clouds are priced by "
+                                                     "their catalogs")
     image: str = Field(DEFAULT_IMAGE, description="Docker image, pinned by tag or @sha256 digest")
     remote_env: Literal["python", "docker"] = Field(
         "python", description="ssh backend: the machine's Python (packages in a cached venv) or Docker with "

@@ -83,10 +83,16 @@ def receipt_table(receipt: dict) -> Table:
             table.add_row("time: estimate / actual", f"{_hours(estimate['est_hours_low'], estimate['est_hours_high'])}"
                                                      f" / {_seconds(receipt.get('wall_seconds'))}")
         actual = receipt.get("actual_cost")
+        estimated = (_dollars(estimate["est_cost_low"], estimate["est_cost_high"])
+                     if estimate.get("est_cost_low") is not None else "-")
         table.add_row("cost: estimate / actual",
-                      f"{_dollars(estimate.get('est_cost_low', 0), estimate.get('est_cost_high', 0))} / "
-                      + (f"${actual:,.2f}" if actual is not None else "-")
+                      f"{estimated} / " + (f"${actual:,.2f}" if actual is not None else "-")
                       + (f" ({estimate['gpu']} at ${estimate['price_per_hour']:.2f}/h)" if estimate.get("gpu") else ""))
+    stop = receipt.get("budget_stop")
+    if stop:
+        table.add_row("budget", f"max_cost ${stop['max_cost']:,.2f} spent: stopped after step "
+                                f"{stop['stopped_at_step']} of {stop['planned_steps']}, outputs so far kept; to "
+                                "train on, raise --max-cost and run again")
     table.add_row("adapter" if receipt.get("weights_dir") == "adapter" else "model", receipt["weights_path"])
     table.add_row("outputs", receipt["output_dir"])
     return table

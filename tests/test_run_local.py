@@ -168,3 +168,21 @@ def test_cli_stays_light(command, tmp_path):
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ}).stdout
     assert "HEAVY []" in output, output
+
+
+def test_max_cost_stops_the_training_with_its_outputs_so_far(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = demo_recipe_text(max_steps=100000) + "compute:\n  price_per_hour: 3600\n  max_cost: 6\n"
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(write_recipe(tmp_path, text))],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "stops with its outputs so far after" in result.output
+    run = Ledger().runs(1)[0]
+    out = Path(run["output_dir"])
+    stop = json.loads((out / "run.json").read_text())["budget_stop"]
+    assert stop["max_cost"] == 6 and 1 <= stop["stopped_at_step"] < 100000
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "max_cost $6.00 spent: stopped after step" in " ".join(result.output.split())
+    receipt = json.loads((out / "receipt.json").read_text())
+    assert receipt["estimate"]["price_per_hour"] == 3600 and receipt["actual_cost"] > 0
+    assert run["status"] == "succeeded" and Ledger().machine_for_run(run["id"])["status"] == "terminated"

@@ -556,3 +556,18 @@ def test_down_stops_the_remote_training(sshd, remote, tmp_path, ct_home):
     this_run = left - earlier - {"uploading.tar.gz.part"}
     assert left & earlier == {f"{3:064x}.tar.gz", f"{4:064x}.tar.gz"} and "uploading.tar.gz.part" in left, left
     assert len(this_run) == 1 and re.fullmatch(r"[0-9a-f]{64}\.tar\.gz", this_run.pop()), left
+
+
+def test_max_cost_holds_on_a_machine_with_a_price(sshd, remote, tmp_path, ct_home):
+    recipe_path = ssh_recipe(tmp_path, max_steps=100000)
+    data = yaml.safe_load(recipe_path.read_text())
+    data["compute"] = {"price_per_hour": 3600, "max_cost": 10}  # ten seconds of training, counted on the machine
+    recipe_path.write_text(yaml.safe_dump(data))
+    result = CliRunner(mix_stderr=False).invoke(cli, ["run", "--backend", "ssh", "--host", sshd.address(),
+                                                      "--key", str(sshd.key), "--json", str(recipe_path)])
+    assert result.exit_code == 0, result.stderr
+    receipt = json.loads(result.stdout)
+    assert 1 <= receipt["budget_stop"]["stopped_at_step"] < 100000 and receipt["steps"] < 100000
+    assert receipt["estimate"]["price_per_hour"] == 3600 and receipt["actual_cost"] > 0
+    assert Path(receipt["weights_path"], "adapter_model.safetensors").is_file()
+    assert "is spent after step" in result.stderr

@@ -73,6 +73,9 @@ class RunContext:
     work_dir: Path  # local scratch for this run: bundle, pull staging, a copy of the log
     state: MachineState
     recipe: Recipe | None = None
+    # Set by the lifecycle for the training's environment (the budget's deadline); never secrets,
+    # which travel only in the private secrets file.
+    train_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,9 +108,15 @@ class Backend(ABC):
         return self.State()
 
     def quote(self, recipe: Recipe, report: DatasetReport) -> Quote:
-        """Where the run goes and its price, checked before anything is asked for; no price by default."""
-        return Quote(summary=f"a machine you provide ({self.name} backend): cloudtune rents nothing, so it has "
-                             "no price", recipe=recipe)
+        """Where the run goes and its price, checked before anything is asked for. A machine the user
+        provides costs what compute.price_per_hour says, if anything."""
+        price = recipe.compute.price_per_hour
+        if price is None:
+            return Quote(summary=f"a machine you provide ({self.name} backend): cloudtune rents nothing, so it "
+                                 "has no price (set compute.price_per_hour to count it)", recipe=recipe)
+        return Quote(summary=f"a machine you provide ({self.name} backend) at ${price:.2f}/h "
+                             "(compute.price_per_hour)", recipe=recipe,
+                     price={"gpu": self.name, "price_per_hour": price})
 
     def bundle_files(self, ctx: RunContext) -> dict[str, Path]:
         """Extra files this backend ships inside the bundle (e.g. the cloudtune wheel); none by default."""

@@ -42,6 +42,8 @@ class LocalBackend(Backend):
     def quote(self, recipe, report) -> Quote:
         from ..planning.budget import local_price_fields
 
+        if recipe.compute.price_per_hour is not None:
+            return super().quote(recipe, report)
         return Quote(summary="this machine (local backend): nothing rented, $0", recipe=recipe,
                      price=dict(local_price_fields()))
 
@@ -68,7 +70,7 @@ class LocalBackend(Backend):
         (root / EXIT_FILE).unlink(missing_ok=True)
         # This process is the launcher: a training that outlives it would run on unwatched and unpulled.
         env = {**os.environ, "CLOUDTUNE_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1",
-               LAUNCHER_ENV: str(os.getpid())}
+               LAUNCHER_ENV: str(os.getpid()), **ctx.train_env}
         args = ["sh", str(root / "bundle" / "run.sh")] + (["--resume"] if resume else [])
         child = subprocess.Popen(args, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)

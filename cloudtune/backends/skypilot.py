@@ -478,7 +478,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
         resources = resources_config(self._candidates() if candidates is None else candidates, recipe.compute,
                                      disk_size_gib(recipe, self.model_bytes), managed=spot)
         return task_config(ctx.machine, resources, upload_dir=upload_dir or ctx.work_dir / UPLOAD,
-                           wheel_name=wheel_name, run=True, envs=image_envs(recipe.compute.image),
+                           wheel_name=wheel_name, run=True, envs=image_envs(recipe.compute.image) | ctx.train_env,
                            secrets=secrets if secrets is not None else {name: REDACTED for name in recipe.secrets},
                            outputs_bucket=bucket_name(ctx.machine) if spot else None)
 
@@ -585,7 +585,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
             return
         # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
         resources = {"accelerators": ctx.state.launched["accelerators"]}
-        config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute.image), secrets=secrets)
+        config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute.image) | ctx.train_env,
+                             secrets=secrets)
         ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:

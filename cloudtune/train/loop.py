@@ -19,6 +19,7 @@ import torch
 from ..errors import CloudtuneError
 from ..planning.memory import GIB, ModelShape, TrainSetup, checkpointing_note, layers_to_checkpoint
 from ..recipe import Recipe
+from ..remote.budget import Budget, read_budget
 from . import Stopped, attention, checkpoint, export, tracking
 from . import model as model_lib
 from .data import IGNORE, Batcher, encode, load_rows
@@ -172,6 +173,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     step_context = StepContext(optimizer, scheduler, scaler, trainable, spec.max_grad_norm, precision, device)
     print_every = max(1, steps // 50)  # every step stays in metrics.jsonl; the terminal gets ~50 lines
     last_loss = float("nan")  # a resumed run that is already complete trains no step
+    budget_clock, budget_stop = BudgetClock(read_budget(), started), None
     with metrics_path.open("a") as metrics_file, _sigterm_flag() as stop_requested:
         try:
             while state.step < steps:
@@ -189,9 +191,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 tracker.log(row)
-                if state.step % print_every == 0 or state.step in (1, steps):
-                    say(f"step {state.step}/{steps} loss {last_loss:.4f} lr {row['lr']:.2e} "
-                        f"tok/s {row['tokens_per_s']:.0f}")
+                _report_step(row, steps, print_every)
+                if state.step < steps and budget_clock.spent():
+                    budget_stop = budget_clock.stop_record(state.step, steps)
+                    break
                 due = bool(spec.checkpoint_steps) and state.step % spec.checkpoint_steps == 0
                 if state.step < steps and (due or stop_requested()):
                     saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state, step_context.scaler)
@@ -204,10 +207,35 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                             wall_seconds=time.time() - started,
                             epochs=state.epoch + state.batch_in_epoch / len(batcher), final_loss=last_loss,
                             checkpointed_layers=recomputed, fused_kernels=fused, trainable=n_trainable,
-                            base_samples=base_samples)
+                            base_samples=base_samples, budget_stop=budget_stop)
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary
+
+
+def _report_step(row: dict, steps: int, print_every: int) -> None:
+    step = row["step"]
+    if step % print_every == 0 or step in (1, steps):
+        say(f"step {step}/{steps} loss {row['loss']:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f}")
+
+
+@dataclass
+class BudgetClock:
+    """The deadline max_cost sets (see cloudtune.remote.budget), counted from the trainer's start."""
+
+    budget: Budget | None
+    started: float
+
+    def spent(self) -> bool:
+        return self.budget is not None and time.time() - self.started >= self.budget.train_seconds
+
+    def stop_record(self, step: int, steps: int) -> dict:
+        """What run.json says of a run the budget stopped; the outputs so far are saved as usual."""
+        budget = self.budget
+        say(f"budget: max_cost ${budget.max_cost:.2f} at ${budget.price_per_hour:.2f}/h is spent after step "
+            f"{step}/{steps}; saving the outputs so far")
+        return {"max_cost": budget.max_cost, "price_per_hour": budget.price_per_hour, "stopped_at_step": step,
+                "planned_steps": steps}
 
 
 def _starting_state(recipe: Recipe, out: Path, resume: bool, model, optimizer, scheduler, scaler) -> checkpoint.State:

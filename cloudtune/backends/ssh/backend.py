@@ -154,7 +154,7 @@ class SSHBackend(Backend):
         state = ctx.state
         run = state.remote_dir
         env = {"CLOUDTUNE_PYTHON": state.remote_python, "CLOUDTUNE_HOME": state.remote_root,
-               "PYTHONPATH": f"{run}/site", "PYTHONUNBUFFERED": "1"}
+               "PYTHONPATH": f"{run}/site", "PYTHONUNBUFFERED": "1", **ctx.train_env}
         self.environment(ctx).start(env, resume)
 
     def exit_code(self, ctx: RunContext) -> int | None:
