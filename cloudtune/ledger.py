@@ -16,9 +16,11 @@ from typing import Any
 
 from .errors import CloudtuneError
 from .paths import home
+from .secrets import redact
 
 RUN_STATUSES = ("planned", "provisioning", "syncing", "running", "pulling", "succeeded", "failed", "cancelled")
 FINAL_RUN_STATUSES = ("succeeded", "failed", "cancelled")
+MAX_ERROR_CHARS = 4000
 MACHINE_STATUSES = ("requested", "up", "terminating", "terminated", "unknown")
 
 SCHEMA = """
@@ -106,6 +108,8 @@ class Ledger:
         unknown = set(fields) - set(RUN_COLUMNS)
         if unknown:
             raise ValueError(f"unknown run columns: {sorted(unknown)}")
+        if fields.get("error"):  # error text quotes logs and user data: redacted whole, then cut
+            fields["error"] = redact(str(fields["error"]))[:MAX_ERROR_CHARS]
         if fields.get("status") in FINAL_RUN_STATUSES and "finished_at" not in fields:
             fields["finished_at"] = time.time()
         with self._tx() as db:

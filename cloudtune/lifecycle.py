@@ -28,7 +28,7 @@ from .events import Events
 from .ledger import FINAL_RUN_STATUSES, Ledger, machine_name, new_run_id
 from .paths import runs_dir
 from .recipe import Recipe
-from .secrets import Redactor, collect
+from .secrets import Redactor, collect, redact
 
 LOG_TAIL_LINES = 25
 
@@ -129,8 +129,7 @@ class Launch:
         self.backend = backend
         self.events = events
         self.ledger = ledger
-        self.secrets = collect(self.recipe.secrets)
-        self.redact = Redactor(self.secrets)
+        self.secrets = collect(self.recipe.secrets)  # registers the values: `redact` hides them from here on
         self.run_id = new_run_id()
         self.output_dir = output_dir_for(self.recipe, self.run_id)
         self.ctx = RunContext(run_id=self.run_id, machine=machine_name(self.run_id),
@@ -160,7 +159,7 @@ class Launch:
                 result = self.pull()
             except CloudtuneError as exc:
                 keep_machine = True
-                raise PullFailed(self.redact(f"run {self.run_id}: training finished but its outputs did not come "
+                raise PullFailed(redact(f"run {self.run_id}: training finished but its outputs did not come "
                                              f"back: {exc.message}"), retry_pull_hint(self.run_id)) from exc
             status = "succeeded"
             return result
@@ -170,7 +169,7 @@ class Launch:
             self.backend.stop(self.ctx)
             raise
         except BaseException as exc:
-            self.ledger.update_run(self.run_id, error=self.redact(str(exc))[:4000])
+            self.ledger.update_run(self.run_id, error=str(exc))
             raise
         finally:
             self.close(status, keep_machine)
@@ -205,7 +204,7 @@ class Launch:
     def train(self) -> None:
         self.events.phase("train", "streaming the training log")
         for line in self.backend.logs(self.ctx, follow=True):
-            line = self.redact(line)
+            line = redact(line)
             self.tail.append(line)
             self.events.log(line)
         code = self.backend.exit_code(self.ctx)
@@ -290,9 +289,9 @@ def training_log(run_ref: str, *, follow: bool = False, ledger: Ledger | None = 
         raise CloudtuneError(f"run {run_row['id']} never got a machine, so it has no log.",
                              "`cloudtune status` shows why it ended.")
     backend = (backend_for or _backend_for(Events()))(run_row["backend"])
-    redact = Redactor([os.environ[name] for name in run_row["meta"].get("secret_names", []) if os.environ.get(name)])
+    hide = Redactor([os.environ[name] for name in run_row["meta"].get("secret_names", []) if os.environ.get(name)])
     for line in backend.logs(context_for(backend, Machine.from_row(row)), follow=follow):
-        yield redact(line)
+        yield hide(line)
 
 
 def _backend_for(events: Events) -> BackendFor:
