@@ -8,7 +8,6 @@ happens in `finally` whatever went wrong, so nothing cloudtune starts can be for
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -241,13 +240,8 @@ def retry_pull_hint(run_id: str) -> str:
 
 
 def fetch_outputs(backend: Backend, ctx: RunContext, output_dir: Path) -> dict[str, Any]:
-    """Pull into staging, verify every checksum, then install all of it (or nothing) into output_dir."""
-    staging = ctx.work_dir / "pulled"
-    shutil.rmtree(staging, ignore_errors=True)
-    backend.pull(ctx, staging)
-    files = manifest.read_manifest(staging / manifest.MANIFEST)
-    manifest.install(staging, files, output_dir)
-    shutil.rmtree(staging, ignore_errors=True)
+    """Pull beside output_dir, verify every checksum, then install all of it (or nothing) as output_dir."""
+    manifest.install(lambda staging: backend.pull(ctx, staging), output_dir)
     return receipt.read_run_json(output_dir)
 
 

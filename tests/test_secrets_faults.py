@@ -88,3 +88,78 @@ def test_the_ledger_stores_error_text_redacted_before_it_is_cut(monkeypatch):
     stored = ledger.get_run("r1")["error"]
     assert len(stored) == MAX_ERROR_CHARS and value[:8] not in stored
     assert value.encode() not in ledger.path.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------
+# outputs: a manifest of complete files only, installed all or nothing
+
+
+def _training_out(root):
+    """An out/ as the trainer leaves it, with W&B's offline folder that its service goes on writing."""
+    from cloudtune import manifest
+
+    out = root / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    (out / "run.json").write_text("{}")
+    (out / "wandb" / "offline-run-1").mkdir(parents=True)
+    (out / "wandb" / "offline-run-1" / "run-1.wandb").write_bytes(b"events")
+    (out / "wandb" / "debug-internal.log").write_text("starting\n")
+    manifest.write_manifest(out)
+    with (out / "wandb" / "debug-internal.log").open("a") as log:  # still growing after the manifest
+        log.write("shutting down\n")
+    return out
+
+
+def test_live_tracker_files_are_left_out_of_the_manifest_but_still_installed(tmp_path):
+    import shutil
+
+    from cloudtune import manifest
+
+    out = _training_out(tmp_path)
+    listed = json.loads((out / manifest.MANIFEST).read_text())
+    assert set(listed["files"]) == {"adapter/adapter_model.safetensors", "run.json"}
+    assert listed["unverified"] == ["wandb"]
+    dest = tmp_path / "outputs" / "run1"
+    manifest.install(lambda staging: shutil.copytree(out, staging, dirs_exist_ok=True), dest)
+    assert (dest / "wandb" / "debug-internal.log").read_text() == "starting\nshutting down\n"
+    assert (dest / "wandb" / "offline-run-1" / "run-1.wandb").read_bytes() == b"events"  # what `wandb sync` needs
+    assert (dest / "adapter" / "adapter_model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_full_disk_while_installing_leaves_nothing_and_the_retry_succeeds(tmp_path):
+    import errno
+    import shutil
+
+    from cloudtune import manifest
+
+    out = _training_out(tmp_path)
+    dest = tmp_path / "outputs" / "run1"
+
+    def fills_the_disk(staging):
+        shutil.copy2(out / "run.json", staging / "run.json")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CloudtuneError, match="No space left on device") as failed:
+        manifest.install(fills_the_disk, dest)
+    assert "pull again" in failed.value.hint
+    assert not dest.exists() and list(dest.parent.iterdir()) == []  # no partial folder beside it either
+    manifest.install(lambda staging: shutil.copytree(out, staging, dirs_exist_ok=True), dest)
+    assert (dest / "run.json").is_file() and [p.name for p in dest.parent.iterdir()] == ["run1"]
+
+
+def test_unlisted_or_corrupt_files_are_never_installed(tmp_path):
+    import shutil
+
+    from cloudtune import manifest
+
+    out = _training_out(tmp_path)
+    (out / "written-after-the-manifest.txt").write_text("partial")
+    dest = tmp_path / "outputs" / "run1"
+    manifest.install(lambda staging: shutil.copytree(out, staging, dirs_exist_ok=True), dest)
+    assert not (dest / "written-after-the-manifest.txt").exists()
+    (out / "run.json").write_text('{"changed": 1}')
+    again = tmp_path / "outputs" / "run2"
+    with pytest.raises(CloudtuneError, match="checksum mismatch"):
+        manifest.install(lambda staging: shutil.copytree(out, staging, dirs_exist_ok=True), again)
+    assert not again.exists()
