@@ -20,6 +20,7 @@ from .secrets import redact
 
 RUN_STATUSES = ("planned", "provisioning", "syncing", "running", "pulling", "succeeded", "failed", "cancelled")
 FINAL_RUN_STATUSES = ("succeeded", "failed", "cancelled")
+LEDGER_FILE = "ledger.db"
 MAX_ERROR_CHARS = 4000
 MACHINE_STATUSES = ("requested", "up", "terminating", "terminated", "unknown")
 
@@ -74,7 +75,7 @@ def machine_name(run_id: str) -> str:
 
 class Ledger:
     def __init__(self, path: Path | None = None):
-        self.path = path or home() / "ledger.db"
+        self.path = path or home() / LEDGER_FILE
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -159,6 +160,14 @@ class Ledger:
         if not include_terminated:
             query += " WHERE status != 'terminated'"
         rows = self._db.execute(query + " ORDER BY created_at").fetchall()
+        return [_as_dict(row) for row in rows]
+
+    def unfinished_machines(self) -> list[dict]:
+        """Machines not yet terminated whose run has no final status: live runs, and runs whose CLI died."""
+        marks = ", ".join("?" for _ in FINAL_RUN_STATUSES)
+        rows = self._db.execute("SELECT machines.* FROM machines JOIN runs ON runs.id = machines.run_id "
+                                f"WHERE machines.status != 'terminated' AND runs.status NOT IN ({marks})",
+                                FINAL_RUN_STATUSES).fetchall()
         return [_as_dict(row) for row in rows]
 
     def machine_for_run(self, run_id: str) -> dict | None:

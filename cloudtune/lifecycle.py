@@ -8,6 +8,7 @@ happens in `finally` whatever went wrong, so nothing cloudtune starts can be for
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,13 +20,13 @@ from pydantic import ValidationError
 
 from . import manifest, receipt
 from .backends import registry
-from .backends.base import Backend, Quote, RunContext, build_bundle
+from .backends.base import BUNDLE_FILE, Backend, Quote, RunContext, build_bundle
 from .backends.capabilities import DryRuns, ListsMachines
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
 from .events import Events
-from .ledger import FINAL_RUN_STATUSES, Ledger, machine_name, new_run_id
-from .paths import runs_dir
+from .ledger import FINAL_RUN_STATUSES, LEDGER_FILE, Ledger, machine_name, new_run_id
+from .paths import home, runs_dir
 from .recipe import Recipe
 from .secrets import Redactor, collect, redact
 
@@ -171,6 +172,7 @@ class Launch:
             self.ledger.update_run(self.run_id, error=str(exc))
             raise
         finally:
+            self.remove_secrets()
             self.close(status, keep_machine)
 
     # phases ----------------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class Launch:
 
     def sync(self) -> None:
         self.transition("syncing")
-        bundle = build_bundle(self.recipe, self.ctx.work_dir / "bundle.tar.gz", self.backend.bundle_files(self.ctx))
+        bundle = build_bundle(self.recipe, self.ctx.work_dir / BUNDLE_FILE, self.backend.bundle_files(self.ctx))
         self.events.phase("sync", f"bundle {bundle.path.stat().st_size / 1024:.0f} KiB, sha256 {bundle.sha256[:12]}")
         self.backend.sync(self.ctx, bundle, self.secrets)
 
@@ -222,6 +224,16 @@ class Launch:
         receipt.write(made, self.output_dir)
         self.ledger.update_run(self.run_id, **receipt.ledger_columns(made))
         return RunResult(run_id=self.run_id, status="succeeded", receipt=made)
+
+    def remove_secrets(self) -> None:
+        """First thing once the training has ended, before anything that can fail (a full disk under the
+        ledger, a failed pull that keeps the machine): the secrets were read at start and are not needed."""
+        try:
+            self.backend.remove_secrets(self.ctx)
+        except Exception as exc:  # noqa: BLE001 - reported; the run's own ending must still be recorded
+            self.events.warn(f"could not remove the secrets file from {self.ctx.machine} "
+                             f"({type(exc).__name__}: {exc}); `cloudtune down {self.run_id}` removes the machine")
+        (self.ctx.work_dir / BUNDLE_FILE).unlink(missing_ok=True)  # a copy of the dataset, on the machine now
 
     def close(self, status: str, keep_machine: bool) -> None:
         self.ledger.update_run(self.run_id, status=status, wall_seconds=round(time.time() - self.started, 1))
@@ -286,6 +298,29 @@ def training_log(run_ref: str, *, follow: bool = False, ledger: Ledger | None = 
     hide = Redactor([os.environ[name] for name in run_row["meta"].get("secret_names", []) if os.environ.get(name)])
     for line in backend.logs(context_for(backend, Machine.from_row(row)), follow=follow):
         yield hide(line)
+
+
+def sweep_dead_runs(ledger: Ledger | None = None) -> int:
+    """At every CLI start: clean what runs whose CLI died (SIGKILL, a crash, a full disk) left behind
+    (their secrets file first), where the backend can do that cheaply. One ledger query; how many were cleaned.
+
+    Best effort: a ledger that cannot be read now is the next command's to report, not this sweep's.
+    """
+    if ledger is None and not (home() / LEDGER_FILE).exists():
+        return 0  # nothing ever ran here; do not create a ledger for `--help` or `init`
+    try:
+        ledger = ledger or Ledger()
+        machines = ledger.unfinished_machines()
+    except (CloudtuneError, sqlite3.Error, OSError):
+        return 0
+    cleaned = 0
+    for row in machines:
+        try:
+            sweep = registry.entry(row["backend"]).sweeper()
+            cleaned += bool(sweep and sweep(row["meta"]))
+        except (CloudtuneError, OSError):  # an unknown backend, a folder already gone: nothing to do here
+            continue
+    return cleaned
 
 
 def _backend_for(events: Events) -> BackendFor:

@@ -163,3 +163,114 @@ def test_unlisted_or_corrupt_files_are_never_installed(tmp_path):
     with pytest.raises(CloudtuneError, match="checksum mismatch"):
         manifest.install(lambda staging: shutil.copytree(out, staging, dirs_exist_ok=True), again)
     assert not again.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# through the local backend: the trainer redacts its own output; nothing secret stays on disk
+
+
+def _files_holding(value: str, *roots) -> list[str]:
+    forms = [form.encode() for form in (value, json.dumps(value), repr(value))]
+    return [str(path) for root in roots for path in root.rglob("*")
+            if path.is_file() and any(form in path.read_bytes() for form in forms)]
+
+
+def test_a_secret_the_training_prints_is_stored_nowhere(tmp_path, ct_home, monkeypatch):
+    from click.testing import CliRunner
+
+    from cloudtune.cli import cli
+    from cloudtune.ledger import Ledger
+
+    from .conftest import demo_recipe_text, write_recipe
+
+    work = tmp_path / "work"  # outputs land here; the user's own recipe (which names the value) is beside it
+    work.mkdir()
+    monkeypatch.chdir(work)
+    value = "hf_" + "TrainerPrintsIt" * 2
+    monkeypatch.setenv("HF_TOKEN", value)
+    # The model path holds the token, so the training's own error (and traceback) prints it.
+    text = demo_recipe_text(max_steps=2).replace("init: tiny-llama", f"name: /nonexistent/{value}")
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(write_recipe(tmp_path, text +
+                                                                                      "secrets: [HF_TOKEN]\n"))])
+    assert result.exit_code == 1 and "<redacted>" in result.output and value not in result.output
+    run = Ledger().runs(1)[0]
+    machine = ct_home / "runs" / run["id"] / "machine"
+    assert "<redacted>" in (machine / "train.log").read_text()  # clean on disk, whoever reads it
+    assert not (machine / "secrets.env").exists() and not (machine / "bundle").exists()
+    assert not (ct_home / "runs" / run["id"] / "bundle.tar.gz").exists()
+    assert _files_holding(value, ct_home, work) == []  # ledger, logs, outputs, staging: nothing
+    status = CliRunner().invoke(cli, ["status", "--json"])
+    assert json.loads(status.output)[0]["id"] == run["id"] and value not in status.output
+
+    monkeypatch.delenv("HF_TOKEN")  # another shell, without the secret exported
+    secrets.forget_all()
+    logs = CliRunner().invoke(cli, ["logs", run["id"]])
+    assert logs.exit_code == 0 and "<redacted>" in logs.output and value not in logs.output
+
+
+def test_a_failed_pull_keeps_no_secret_and_no_partial_outputs_and_pull_then_works(tmp_path, ct_home, monkeypatch):
+    import errno
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cloudtune.backends.local import LocalBackend
+    from cloudtune.cli import cli
+    from cloudtune.ledger import Ledger
+
+    from .conftest import demo_recipe_text, write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-" + "k3y" * 8)
+    real_pull = LocalBackend.pull
+
+    def disk_fills(self, ctx, staging):
+        shutil.copy2(self.root(ctx) / "out" / "run.json", staging / "run.json")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalBackend, "pull", disk_fills)
+    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=2) + "secrets: [WANDB_API_KEY]\n")
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(recipe)])
+    assert result.exit_code == 1 and "No space left on device" in result.output, result.output
+    run = Ledger().runs(1)[0]
+    machine = ct_home / "runs" / run["id"] / "machine"
+    assert not (machine / "secrets.env").exists(), "secrets kept on a machine left up for `pull`"
+    assert (machine / "out" / "manifest.json").is_file()  # the outputs wait on the machine
+    outputs = tmp_path / "outputs" / "demo-tiny"
+    assert not outputs.exists() or list(outputs.iterdir()) == []  # no partial output dir, no staging
+
+    monkeypatch.setattr(LocalBackend, "pull", real_pull)  # space freed
+    pulled = CliRunner().invoke(cli, ["pull", run["id"]])
+    assert pulled.exit_code == 0, pulled.output
+    assert (outputs / run["id"] / "adapter" / "adapter_model.safetensors").is_file()
+    assert Ledger().get_run(run["id"])["status"] == "succeeded"
+    assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+    assert sorted(p.name for p in machine.iterdir()) == ["exit_code", "train.log"]  # out/ goes once pulled
+
+
+def test_the_cli_start_removes_the_secrets_of_runs_that_died(tmp_path, ct_home):
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from cloudtune.cli import cli
+    from cloudtune.ledger import Ledger
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ledger = Ledger()
+    roots = {}
+    for run_id, pid in (("dead-run", dead.pid), ("live-run", subprocess.os.getpid())):
+        roots[run_id] = root = tmp_path / run_id
+        (root / "bundle" / "data").mkdir(parents=True)
+        (root / "out").mkdir()
+        (root / "secrets.env").write_text("X='y'\n")
+        (root / "train.log").write_text("log\n")
+        ledger.add_run(run_id, name="n", backend="local")
+        ledger.update_run(run_id, status="running")
+        ledger.add_machine(f"ct-{run_id}", run_id, "local")
+        ledger.set_machine(f"ct-{run_id}", "up", root=str(root), pid=pid)
+    assert CliRunner().invoke(cli, ["status"]).exit_code == 0
+    assert sorted(p.name for p in roots["dead-run"].iterdir()) == ["out", "train.log"]  # outputs wait for `pull`
+    assert (roots["live-run"] / "secrets.env").exists() and (roots["live-run"] / "bundle").is_dir()
