@@ -8,6 +8,7 @@ happens in `finally` whatever went wrong, so nothing cloudtune starts can be for
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 from collections import deque
@@ -25,12 +26,14 @@ from .backends.capabilities import DryRuns, ListsMachines
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
 from .events import Events
-from .ledger import FINAL_RUN_STATUSES, LEDGER_FILE, Ledger, machine_name, new_run_id
+from .ledger import FINAL_RUN_STATUSES, LEDGER_FILE, Ledger, LedgerError, machine_name, new_run_id
 from .paths import home, runs_dir
 from .recipe import Recipe
 from .secrets import Redactor, collect, redact
 
 LOG_TAIL_LINES = 25
+MIN_FREE_BYTES = 100 * 2**20  # logs, the ledger, receipts, a small adapter
+BUNDLE_OVERHEAD_BYTES = 2**20  # the bundle beyond its dataset: recipe, scripts
 
 BackendFor = Callable[[str], Backend]
 
@@ -148,6 +151,7 @@ class Launch:
         self.ledger.set_machine(self.ctx.machine, self.machine_status, **self.ctx.state.model_dump(mode="json"))
 
     def execute(self, report: DatasetReport, resume: bool = False) -> RunResult:
+        check_free_space(self.recipe, self.output_dir)
         self.open()
         status, keep_machine = "failed", False
         try:
@@ -169,7 +173,7 @@ class Launch:
             self.backend.stop(self.ctx)
             raise
         except BaseException as exc:
-            self.ledger.update_run(self.run_id, error=str(exc))
+            self.record(error=str(exc))
             raise
         finally:
             self.remove_secrets()
@@ -210,7 +214,8 @@ class Launch:
             self.events.log(line)
         code = self.backend.exit_code(self.ctx)
         if code != 0:
-            why = "ended without an exit status (killed?)" if code is None else f"exited with status {code}"
+            why = (f"exited with status {code}" if code is not None else
+                   "ended without an exit status (killed, or its disk was too full to write one?)")
             raise RunFailed(f"run {self.run_id}: training {why}. Last lines of its log:\n" + "\n".join(self.tail),
                             f"Full log: cloudtune logs {self.run_id}")
 
@@ -235,14 +240,39 @@ class Launch:
                              f"({type(exc).__name__}: {exc}); `cloudtune down {self.run_id}` removes the machine")
         (self.ctx.work_dir / BUNDLE_FILE).unlink(missing_ok=True)  # a copy of the dataset, on the machine now
 
+    def record(self, **fields: Any) -> None:
+        """A ledger write on the way out: if the ledger cannot take it (a full disk), the run's own error
+        is still the one reported and the machine is still torn down."""
+        try:
+            self.ledger.update_run(self.run_id, **fields)
+        except LedgerError as exc:
+            self.events.warn(f"{exc.message} Run {self.run_id} may show a stale status there.")
+
     def close(self, status: str, keep_machine: bool) -> None:
-        self.ledger.update_run(self.run_id, status=status, wall_seconds=round(time.time() - self.started, 1))
+        self.record(status=status, wall_seconds=round(time.time() - self.started, 1))
         if keep_machine:
             self.ctx.state.pull_failed = True
             self.save_machine("up")
             self.events.warn(f"{self.ctx.machine} is left up with the outputs on it. " + retry_pull_hint(self.run_id))
         else:
             teardown_one(self.backend, self.ctx, self.ledger, self.events)
+
+
+def check_free_space(recipe: Recipe, output_dir: Path) -> None:
+    """Refuse to start when CLOUDTUNE_HOME (bundle, logs, the ledger, and the local backend's machine)
+    or the outputs' disk is nearly full: found after training, it costs the run and leaves partial files."""
+    dataset = recipe.dataset_file()
+    bundle = (dataset.stat().st_size if dataset is not None and dataset.is_file() else 0) + BUNDLE_OVERHEAD_BYTES
+    needs = [(home(), 2 * bundle + MIN_FREE_BYTES, "2× the bundle + 100 MB"),
+             (output_dir, MIN_FREE_BYTES, "100 MB for the outputs")]
+    for where, needed, rule in needs:
+        existing = next(path for path in (where, *where.parents) if path.exists())
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            raise CloudtuneError(f"only {free / 2**20:.0f} MB free on the disk of {where}; a run needs "
+                                 f"{needed / 2**20:.0f} MB there ({rule}). Nothing was started.",
+                                 "Free some space there (or point CLOUDTUNE_HOME / outputs.dir elsewhere) and run "
+                                 "again.")
 
 
 def retry_pull_hint(run_id: str) -> str:
@@ -330,7 +360,10 @@ def _backend_for(events: Events) -> BackendFor:
 def teardown_one(backend: Backend, ctx: RunContext, ledger: Ledger, events: Events) -> TeardownResult:
     """Remove one machine and say whether that is verified. Never raises for the backend's failures:
     the caller goes on with the next machine, and the ledger says `unknown` with what to do."""
-    ledger.set_machine(ctx.machine, "terminating", **ctx.state.model_dump(mode="json"))
+    try:
+        ledger.set_machine(ctx.machine, "terminating", **ctx.state.model_dump(mode="json"))
+    except LedgerError as exc:  # a ledger that cannot be written is no reason to leave a machine running
+        events.warn(exc.message)
     events.phase("teardown", ctx.machine)
     for attempt in (1, 2):
         try:

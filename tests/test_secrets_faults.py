@@ -274,3 +274,98 @@ def test_the_cli_start_removes_the_secrets_of_runs_that_died(tmp_path, ct_home):
     assert CliRunner().invoke(cli, ["status"]).exit_code == 0
     assert sorted(p.name for p in roots["dead-run"].iterdir()) == ["out", "train.log"]  # outputs wait for `pull`
     assert (roots["live-run"] / "secrets.env").exists() and (roots["live-run"] / "bundle").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# full disks: checked before anything starts; the ledger's errors are messages; the ledger stays right
+
+
+def test_a_nearly_full_home_refuses_the_run_before_anything_starts(tmp_path, ct_home, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from click.testing import CliRunner
+
+    from cloudtune.cli import cli
+    from cloudtune.ledger import Ledger
+
+    from .conftest import demo_recipe_text, write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 20 * 2**20, 20 * 2**20))
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(write_recipe(tmp_path, demo_recipe_text()))])
+    assert result.exit_code == 2 and "only 20 MB free" in result.output and "Nothing was started" in result.output
+    assert "Traceback" not in result.output
+    assert Ledger().runs() == [] and list((ct_home / "runs").glob("*")) == []
+
+
+class _FullDisk:
+    """A SQLite connection on a disk that has just filled up: reads work, writes fail as SQLite says."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def __setattr__(self, name, value):
+        if name == "_real":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._real, name, value)
+
+    def execute(self, sql, params=()):
+        import sqlite3
+
+        if sql.split()[0] in ("INSERT", "UPDATE"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._real.execute(sql, params)
+
+
+def test_a_full_ledger_disk_is_one_message_and_exit_2(tmp_path, monkeypatch):
+    import sqlite3
+
+    from click.testing import CliRunner
+
+    from cloudtune import ledger as ledger_module
+    from cloudtune.cli import cli
+
+    from .conftest import demo_recipe_text, write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(ledger_module.sqlite3, "connect", lambda *a, **k: _FullDisk(real_connect(*a, **k)))
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(write_recipe(tmp_path, demo_recipe_text()))])
+    assert result.exit_code == 2, result.output
+    assert "database or disk is full" in result.output and "Free space where CLOUDTUNE_HOME is" in result.output
+    assert isinstance(result.exception, SystemExit)  # a message, not a traceback
+
+
+def test_a_ledger_write_failing_mid_start_still_tears_down_and_records_the_failure(tmp_path, ct_home, monkeypatch):
+    from click.testing import CliRunner
+
+    from cloudtune.backends.local import pid_alive
+    from cloudtune.cli import cli
+    from cloudtune.ledger import Ledger, LedgerError
+
+    from .conftest import demo_recipe_text, write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-" + "k3y" * 8)
+    real_update = Ledger.update_run
+
+    def full_once(self, run_id, **fields):
+        if fields.get("status") == "running":  # the disk is full just as the training starts
+            raise LedgerError("the ledger cannot be used: database or disk is full.")
+        return real_update(self, run_id, **fields)
+
+    monkeypatch.setattr(Ledger, "update_run", full_once)
+    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=100000) + "secrets: [WANDB_API_KEY]\n")
+    result = CliRunner().invoke(cli, ["run", "--backend", "local", str(recipe)])
+    assert result.exit_code == 2 and "database or disk is full" in result.output
+    run = Ledger().runs(1)[0]
+    machine = Ledger().machine_for_run(run["id"])
+    assert run["status"] == "failed" and "disk is full" in run["error"]  # never left `running`
+    assert machine["status"] == "terminated" and not pid_alive(machine["meta"]["pid"])
+    assert not (ct_home / "runs" / run["id"] / "machine" / "secrets.env").exists()
