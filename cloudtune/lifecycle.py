@@ -164,7 +164,7 @@ class Launch:
             except CloudtuneError as exc:
                 keep_machine = True
                 raise PullFailed(redact(f"run {self.run_id}: training finished but its outputs did not come "
-                                             f"back: {exc.message}"), retry_pull_hint(self.run_id)) from exc
+                                        f"back: {exc.message}"), retry_pull_hint(self.run_id)) from exc
             status = "succeeded"
             return result
         except KeyboardInterrupt:

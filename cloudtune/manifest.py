@@ -67,14 +67,13 @@ def check_destination(dest: Path) -> None:
 
 
 def install(fetch: Callable[[Path], None], dest: Path) -> dict[str, str]:
-    """All or nothing: `fetch` fills a fresh folder beside dest; once every checksum holds, one rename
+    """All or nothing: `fetch` fills a new folder beside dest; once every checksum holds, one rename
     makes it dest. A failure anywhere (a full disk, a bad file) leaves no dest and no partial files,
     so the same install can simply be tried again."""
     staging = dest.parent / f".{dest.name}.partial-{secrets.token_hex(4)}"  # same filesystem: rename is atomic
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
-        fetch(staging)
+        fetch(staging)  # a backend's pull creates staging itself (the contract: copy out/ to there)
         files = read_manifest(staging / MANIFEST)
         verify(staging, files)
         check_destination(dest)

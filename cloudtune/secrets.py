@@ -31,6 +31,7 @@ COMMON_VALUES = frozenset({
 })
 
 _active: set[str] = set()
+_cached: dict[frozenset[str], Redactor] = {}  # one compiled Redactor for the registry as it is now
 
 
 def _hf_token_file() -> Path:
@@ -85,11 +86,18 @@ def watch(names: Iterable[str]) -> None:
 def forget_all() -> None:
     """Empty the registry (tests, and a long-lived process that moves on to another run)."""
     _active.clear()
+    _cached.clear()
 
 
 def redact(text: str) -> str:
     """`text` with every form of every registered secret replaced."""
-    return Redactor(_active)(text) if _active else text
+    if not _active:
+        return text
+    key = frozenset(_active)
+    if key not in _cached:
+        _cached.clear()
+        _cached[key] = Redactor(key)
+    return _cached[key](text)
 
 
 def forms(value: str) -> set[str]:

@@ -137,6 +137,7 @@ def test_a_full_disk_while_installing_leaves_nothing_and_the_retry_succeeds(tmp_
     dest = tmp_path / "outputs" / "run1"
 
     def fills_the_disk(staging):
+        staging.mkdir()
         shutil.copy2(out / "run.json", staging / "run.json")
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -225,6 +226,7 @@ def test_a_failed_pull_keeps_no_secret_and_no_partial_outputs_and_pull_then_work
     real_pull = LocalBackend.pull
 
     def disk_fills(self, ctx, staging):
+        staging.mkdir()
         shutil.copy2(self.root(ctx) / "out" / "run.json", staging / "run.json")
         raise OSError(errno.ENOSPC, "No space left on device")
 

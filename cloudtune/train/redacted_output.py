@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +23,9 @@ from ..secrets import Redactor
 # A line without an end (a progress bar, a huge dump) is passed on once this long; a secret cut at that
 # point could survive, but holding unbounded text back would hide a hung trainer's last words.
 MAX_PENDING_BYTES = 1 << 20
-JOIN_SECONDS = 5  # a child that outlives the trainer holds the pipe open; its later words are lost
+# What is in the pipes drains in well under this; a child that outlives the trainer (W&B's service) holds
+# them open, and waiting for its end would delay every run's exit. Its words after that are lost.
+DRAIN_SECONDS = 1.0
 
 
 def secret_values(recipe_path: Path) -> list[str]:
@@ -51,10 +54,13 @@ def redacted_output(values: list[str]) -> Iterator[None]:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, saved, pump in pumps:
+        for fd, saved, _ in pumps:
             os.dup2(saved, fd)  # drops this process's write end of the pipe, so the pump sees its end
-            pump.join(timeout=JOIN_SECONDS)
-            os.close(saved)
+        deadline = time.monotonic() + DRAIN_SECONDS
+        for _, saved, pump in pumps:
+            pump.join(timeout=max(0.0, deadline - time.monotonic()))
+            if not pump.is_alive():
+                os.close(saved)  # else the pump still writes there until the process ends
 
 
 def _divert(fd: int, redact: Redactor) -> tuple[int, int, threading.Thread]:
