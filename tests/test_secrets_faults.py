@@ -371,3 +371,27 @@ def test_a_ledger_write_failing_mid_start_still_tears_down_and_records_the_failu
     assert run["status"] == "failed" and "disk is full" in run["error"]  # never left `running`
     assert machine["status"] == "terminated" and not pid_alive(machine["meta"]["pid"])
     assert not (ct_home / "runs" / run["id"] / "machine" / "secrets.env").exists()
+
+
+def test_the_trainer_redacts_what_native_code_and_children_write_too(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    value = "tok_" + "ChildProcessPrints" * 2
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("secrets: [MYTOK, NOT_SET]\n")
+    code = ("import os, subprocess, sys\n"
+            "from pathlib import Path\n"
+            "from cloudtune.train.redacted_output import redacted_output, secret_values\n"
+            f"with redacted_output(secret_values(Path({str(recipe)!r}))):\n"
+            "    print('print', os.environ['MYTOK'])\n"
+            "    os.write(2, ('native ' + repr(os.environ['MYTOK']) + '\\n').encode())\n"
+            "    subprocess.run(['sh', '-c', 'echo child $MYTOK'], check=True)\n"
+            "    sys.stdout.write('no newline ' + os.environ['MYTOK'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MYTOK": value})
+    assert done.returncode == 0, done.stderr
+    assert value not in done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["print <redacted>", "child <redacted>", "no newline <redacted>"]
+    assert done.stderr == "native <redacted>\n"  # stderr stays stderr; the quoted repr goes whole
