@@ -19,6 +19,7 @@ from rich.table import Table
 
 from .backends import registry
 from .errors import CloudtuneError
+from .secrets import redact
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -31,11 +32,12 @@ class CloudtuneGroup(click.Group):
             return super().invoke(ctx)
         except CloudtuneError as exc:
             if ctx.params.get("debug"):
-                traceback.print_exc()
-            # soft_wrap: paths and file:line references must stay whole for copy-paste
-            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
+                sys.stderr.write(redact(traceback.format_exc()))
+            # Messages quote user data (column names, paths, a training's log): the one redaction rule
+            # applies here, so no command can echo a secret. soft_wrap keeps paths whole for copy-paste.
+            err_console.print(f"[bold red]error:[/] {escape(redact(exc.message))}", soft_wrap=True)
             if exc.hint:
-                err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", soft_wrap=True)
+                err_console.print(f"[yellow]hint:[/] {escape(redact(exc.hint))}", soft_wrap=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
@@ -51,6 +53,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 @click.version_option(package_name="cloudtune")
 def cli(debug: bool) -> None:
     """Fine-tune an LLM on the cheapest GPU that fits, for a price known before you pay it."""
+    from .lifecycle import sweep_dead_runs
+
+    sweep_dead_runs()  # a run killed with its CLI left its secrets file behind: gone before anything else
 
 
 def _print_json(data) -> None:

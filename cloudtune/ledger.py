@@ -5,6 +5,7 @@ the CLI that asked for it was killed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -16,9 +17,12 @@ from typing import Any
 
 from .errors import CloudtuneError
 from .paths import home
+from .secrets import redact
 
 RUN_STATUSES = ("planned", "provisioning", "syncing", "running", "pulling", "succeeded", "failed", "cancelled")
 FINAL_RUN_STATUSES = ("succeeded", "failed", "cancelled")
+LEDGER_FILE = "ledger.db"
+MAX_ERROR_CHARS = 4000
 MACHINE_STATUSES = ("requested", "up", "terminating", "terminated", "unknown")
 
 SCHEMA = """
@@ -74,11 +78,44 @@ def machine_name(run_id: str) -> str:
     return f"ct-{run_id}"
 
 
+class LedgerError(CloudtuneError):
+    """The ledger could not be read or written (a full disk, a locked or damaged file)."""
+
+
+class _Guarded:
+    """The SQLite connection, with its errors turned into one message: a full disk under CLOUDTUNE_HOME
+    must read as that, not as a traceback from deep inside a run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._db = self._guard(lambda: sqlite3.connect(path, timeout=30, isolation_level=None))
+        self._db.row_factory = sqlite3.Row
+
+    def execute(self, sql: str, params: tuple | list = ()) -> list[sqlite3.Row]:
+        return self._guard(lambda: self._db.execute(sql, params).fetchall())
+
+    def executescript(self, sql: str) -> None:
+        self._guard(lambda: self._db.executescript(sql))
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _guard(self, action):
+        try:
+            return action()
+        except sqlite3.IntegrityError:  # a bug in the caller (a duplicate id), not the ledger's state
+            raise
+        except sqlite3.Error as exc:
+            raise LedgerError(f"the ledger {self.path} cannot be used: {exc}.",
+                              f"Free space where CLOUDTUNE_HOME is ({self.path.parent}) and check that it can be "
+                              "written, then try again. A run that was going on is recorded when the next command "
+                              "can write there; `cloudtune down` finds its machine.") from None
+
+
 class Ledger:
     def __init__(self, path: Path | None = None):
-        self.path = path or home() / "ledger.db"
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        self.path = path or home() / LEDGER_FILE
+        self._db = _Guarded(self.path)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
 
@@ -86,12 +123,13 @@ class Ledger:
         self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[_Guarded]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            with contextlib.suppress(LedgerError):  # the transaction's own error is the one to report
+                self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
 
@@ -122,6 +160,8 @@ class Ledger:
         unknown = set(fields) - set(RUN_COLUMNS)
         if unknown:
             raise ValueError(f"unknown run columns: {sorted(unknown)}")
+        if fields.get("error"):  # error text quotes logs and user data: redacted whole, then cut
+            fields["error"] = redact(str(fields["error"]))[:MAX_ERROR_CHARS]
         if fields.get("status") in FINAL_RUN_STATUSES and "finished_at" not in fields:
             fields["finished_at"] = time.time()
         with self._tx() as db:
@@ -129,16 +169,16 @@ class Ledger:
                 assignments = ", ".join(f"{column} = ?" for column in fields)
                 db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*fields.values(), run_id))
             if meta:
-                current = json.loads(db.execute("SELECT meta FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+                current = json.loads(db.execute("SELECT meta FROM runs WHERE id = ?", (run_id,))[0][0])
                 db.execute("UPDATE runs SET meta = ? WHERE id = ?", (json.dumps({**current, **meta}), run_id))
 
     def get_run(self, ref: str) -> dict:
         """A run by id or unique id prefix (or 'last')."""
         if ref == "last":
-            rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT 1").fetchall()
+            rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT 1")
         else:
             rows = self._db.execute("SELECT * FROM runs WHERE id = ? OR id LIKE ? ORDER BY created_at DESC",
-                                    (ref, ref + "%")).fetchall()
+                                    (ref, ref + "%"))
         if not rows:
             raise CloudtuneError(f"no run '{ref}' in the ledger ({self.path}).", "See `cloudtune status` for run ids.")
         exact = [row for row in rows if row["id"] == ref]
@@ -147,7 +187,7 @@ class Ledger:
         return _as_dict((exact or rows)[0])
 
     def runs(self, limit: int = 20) -> list[dict]:
-        rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._db.execute("SELECT * FROM runs ORDER BY created_at DESC LIMIT ?", (limit,))
         return [_as_dict(row) for row in rows]
 
     # machines -----------------------------------------------------------------------------------
@@ -161,7 +201,7 @@ class Ledger:
         if status not in MACHINE_STATUSES:
             raise ValueError(f"unknown machine status {status}")
         with self._tx() as db:
-            row = db.execute("SELECT meta FROM machines WHERE name = ?", (name,)).fetchone()
+            row = next(iter(db.execute("SELECT meta FROM machines WHERE name = ?", (name,))), None)
             merged = {**json.loads(row[0]), **meta} if row else meta
             db.execute("UPDATE machines SET status = ?, meta = ?, terminated_at = ? WHERE name = ?",
                        (status, json.dumps(merged), time.time() if status == "terminated" else None, name))
@@ -170,11 +210,19 @@ class Ledger:
         query = "SELECT * FROM machines"
         if not include_terminated:
             query += " WHERE status != 'terminated'"
-        rows = self._db.execute(query + " ORDER BY created_at").fetchall()
+        rows = self._db.execute(query + " ORDER BY created_at")
+        return [_as_dict(row) for row in rows]
+
+    def unfinished_machines(self) -> list[dict]:
+        """Machines not yet terminated whose run has no final status: live runs, and runs whose CLI died."""
+        marks = ", ".join("?" for _ in FINAL_RUN_STATUSES)
+        rows = self._db.execute("SELECT machines.* FROM machines JOIN runs ON runs.id = machines.run_id "
+                                f"WHERE machines.status != 'terminated' AND runs.status NOT IN ({marks})",
+                                FINAL_RUN_STATUSES)
         return [_as_dict(row) for row in rows]
 
     def machine_for_run(self, run_id: str) -> dict | None:
-        row = self._db.execute("SELECT * FROM machines WHERE run_id = ?", (run_id,)).fetchone()
+        row = next(iter(self._db.execute("SELECT * FROM machines WHERE run_id = ?", (run_id,))), None)
         return _as_dict(row) if row else None
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -21,19 +22,21 @@ from pydantic import ValidationError
 
 from . import manifest, receipt
 from .backends import registry
-from .backends.base import Backend, Quote, RunContext, build_bundle
+from .backends.base import BUNDLE_FILE, Backend, Quote, RunContext, build_bundle
 from .backends.capabilities import DryRuns, ListsMachines
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
 from .events import Events
-from .ledger import FINAL_RUN_STATUSES, Ledger, machine_name
-from .paths import runs_dir
+from .ledger import FINAL_RUN_STATUSES, LEDGER_FILE, Ledger, LedgerError, machine_name
+from .paths import home, runs_dir
 from .recipe import Recipe
 from .remote.budget import budget_for
 from .remote.watchdog import process_alive
-from .secrets import Redactor, collect
+from .secrets import Redactor, collect, redact
 
 LOG_TAIL_LINES = 25
+MIN_FREE_BYTES = 100 * 2**20  # logs, the ledger, receipts, a small adapter
+BUNDLE_OVERHEAD_BYTES = 2**20  # the bundle beyond its dataset: recipe, scripts
 
 BackendFor = Callable[[str], Backend]
 
@@ -69,9 +72,14 @@ class TeardownResult:
     problem: str | None = None  # what went wrong and what to do, when not verified
 
 
-def output_dir_for(recipe: Recipe, run_id: str) -> Path:
+def outputs_base(recipe: Recipe) -> Path:
+    """Where a recipe's runs put their outputs, each in a folder named by its run id."""
     base = Path(recipe.outputs.dir) if recipe.outputs.dir else Path("outputs") / recipe.run_name
-    return (base.expanduser() / run_id).resolve()
+    return base.expanduser().resolve()
+
+
+def output_dir_for(recipe: Recipe, run_id: str) -> Path:
+    return outputs_base(recipe) / run_id
 
 
 def context_for(backend: Backend, machine: Machine, recipe: Recipe | None = None) -> RunContext:
@@ -132,8 +140,7 @@ class Launch:
         self.backend = backend
         self.events = events
         self.ledger = ledger
-        self.secrets = collect(self.recipe.secrets)
-        self.redact = Redactor(self.secrets)
+        self.secrets = collect(self.recipe.secrets)  # registers the values: `redact` hides them from here on
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.started = time.time()
         self.machine_status = "requested"
@@ -148,6 +155,7 @@ class Launch:
         self.ledger.set_machine(self.ctx.machine, self.machine_status, **self.ctx.state.model_dump(mode="json"))
 
     def execute(self, report: DatasetReport, resume: bool = False) -> RunResult:
+        check_free_space(self.recipe, outputs_base(self.recipe))
         self.open()
         status, keep_machine = "failed", False
         try:
@@ -159,8 +167,8 @@ class Launch:
                 result = self.pull()
             except CloudtuneError as exc:
                 keep_machine = True
-                raise PullFailed(self.redact(f"run {self.run_id}: training finished but its outputs did not come "
-                                             f"back: {exc.message}"), retry_pull_hint(self.run_id)) from exc
+                raise PullFailed(redact(f"run {self.run_id}: training finished but its outputs did not come "
+                                        f"back: {exc.message}"), retry_pull_hint(self.run_id)) from exc
             status = "succeeded"
             return result
         except KeyboardInterrupt:
@@ -169,9 +177,10 @@ class Launch:
             self.backend.stop(self.ctx)
             raise
         except BaseException as exc:
-            self.ledger.update_run(self.run_id, error=self.redact(str(exc))[:4000])
+            self.record(error=str(exc))
             raise
         finally:
+            self.remove_secrets()
             self.close(status, keep_machine)
 
     # phases ----------------------------------------------------------------------------------------
@@ -198,7 +207,7 @@ class Launch:
 
     def sync(self) -> None:
         self.transition("syncing")
-        bundle = build_bundle(self.recipe, self.ctx.work_dir / "bundle.tar.gz", self.backend.bundle_files(self.ctx))
+        bundle = build_bundle(self.recipe, self.ctx.work_dir / BUNDLE_FILE, self.backend.bundle_files(self.ctx))
         self.events.phase("sync", f"bundle {bundle.path.stat().st_size / 1024:.0f} KiB, sha256 {bundle.sha256[:12]}")
         self.backend.sync(self.ctx, bundle, self.secrets)
 
@@ -215,12 +224,13 @@ class Launch:
     def train(self) -> None:
         self.events.phase("train", "streaming the training log")
         for line in self.backend.logs(self.ctx, follow=True):
-            line = self.redact(line)
+            line = redact(line)
             self.tail.append(line)
             self.events.log(line)
         code = self.backend.exit_code(self.ctx)
         if code != 0:
-            why = "ended without an exit status (killed?)" if code is None else f"exited with status {code}"
+            why = (f"exited with status {code}" if code is not None else
+                   "ended without an exit status (killed, or its disk was too full to write one?)")
             raise RunFailed(f"run {self.run_id}: training {why}. Last lines of its log:\n" + "\n".join(self.tail),
                             f"Full log: cloudtune logs {self.run_id}")
 
@@ -235,8 +245,26 @@ class Launch:
         self.ledger.update_run(self.run_id, **receipt.ledger_columns(made))
         return RunResult(run_id=self.run_id, status="succeeded", receipt=made)
 
+    def remove_secrets(self) -> None:
+        """First thing once the training has ended, before anything that can fail (a full disk under the
+        ledger, a failed pull that keeps the machine): the secrets were read at start and are not needed."""
+        try:
+            self.backend.remove_secrets(self.ctx)
+        except Exception as exc:  # noqa: BLE001 - reported; the run's own ending must still be recorded
+            self.events.warn(f"could not remove the secrets file from {self.ctx.machine} "
+                             f"({type(exc).__name__}: {exc}); `cloudtune down {self.run_id}` removes the machine")
+        (self.ctx.work_dir / BUNDLE_FILE).unlink(missing_ok=True)  # a copy of the dataset, on the machine now
+
+    def record(self, **fields: Any) -> None:
+        """A ledger write on the way out: if the ledger cannot take it (a full disk), the run's own error
+        is still the one reported and the machine is still torn down."""
+        try:
+            self.ledger.update_run(self.run_id, **fields)
+        except LedgerError as exc:
+            self.events.warn(f"{exc.message} Run {self.run_id} may show a stale status there.")
+
     def close(self, status: str, keep_machine: bool) -> None:
-        self.ledger.update_run(self.run_id, status=status, wall_seconds=round(time.time() - self.started, 1))
+        self.record(status=status, wall_seconds=round(time.time() - self.started, 1))
         if keep_machine:
             self.ctx.state.pull_failed = True
             self.save_machine("up")
@@ -267,6 +295,23 @@ def recent_runs(limit: int, ledger: Ledger | None = None) -> list[dict]:
     return runs
 
 
+def check_free_space(recipe: Recipe, output_dir: Path) -> None:
+    """Refuse to start when CLOUDTUNE_HOME (bundle, logs, the ledger, and the local backend's machine)
+    or the outputs' disk is nearly full: found after training, it costs the run and leaves partial files."""
+    dataset = recipe.dataset_file()
+    bundle = (dataset.stat().st_size if dataset is not None and dataset.is_file() else 0) + BUNDLE_OVERHEAD_BYTES
+    needs = [(home(), 2 * bundle + MIN_FREE_BYTES, "2× the bundle + 100 MB"),
+             (output_dir, MIN_FREE_BYTES, "100 MB for the outputs")]
+    for where, needed, rule in needs:
+        existing = next(path for path in (where, *where.parents) if path.exists())
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            raise CloudtuneError(f"only {free / 2**20:.0f} MB free on the disk of {where}; a run needs "
+                                 f"{needed / 2**20:.0f} MB there ({rule}). Nothing was started.",
+                                 "Free some space there (or point CLOUDTUNE_HOME / outputs.dir elsewhere) and run "
+                                 "again.")
+
+
 def retry_pull_hint(run_id: str) -> str:
     return (f"Fetch them with `cloudtune pull {run_id}` (it tears the machine down afterwards), or give them up "
             f"with `cloudtune down {run_id}`. A cloud machine also tears itself down after compute.autostop_minutes "
@@ -274,13 +319,8 @@ def retry_pull_hint(run_id: str) -> str:
 
 
 def fetch_outputs(backend: Backend, ctx: RunContext, output_dir: Path) -> dict[str, Any]:
-    """Pull into staging, verify every checksum, then install all of it (or nothing) into output_dir."""
-    staging = ctx.work_dir / "pulled"
-    shutil.rmtree(staging, ignore_errors=True)
-    backend.pull(ctx, staging)
-    files = manifest.read_manifest(staging / manifest.MANIFEST)
-    manifest.install(staging, files, output_dir)
-    shutil.rmtree(staging, ignore_errors=True)
+    """Pull beside output_dir, verify every checksum, then install all of it (or nothing) as output_dir."""
+    manifest.install(lambda staging: backend.pull(ctx, staging), output_dir)
     return receipt.read_run_json(output_dir)
 
 
@@ -322,9 +362,32 @@ def training_log(run_ref: str, *, follow: bool = False, ledger: Ledger | None = 
         raise CloudtuneError(f"run {run_row['id']} never got a machine, so it has no log.",
                              "`cloudtune status` shows why it ended.")
     backend = (backend_for or _backend_for(Events()))(run_row["backend"])
-    redact = Redactor([os.environ[name] for name in run_row["meta"].get("secret_names", []) if os.environ.get(name)])
+    hide = Redactor([os.environ[name] for name in run_row["meta"].get("secret_names", []) if os.environ.get(name)])
     for line in backend.logs(context_for(backend, Machine.from_row(row)), follow=follow):
-        yield redact(line)
+        yield hide(line)
+
+
+def sweep_dead_runs(ledger: Ledger | None = None) -> int:
+    """At every CLI start: clean what runs whose CLI died (SIGKILL, a crash, a full disk) left behind
+    (their secrets file first), where the backend can do that cheaply. One ledger query; how many were cleaned.
+
+    Best effort: a ledger that cannot be read now is the next command's to report, not this sweep's.
+    """
+    if ledger is None and not (home() / LEDGER_FILE).exists():
+        return 0  # nothing ever ran here; do not create a ledger for `--help` or `init`
+    try:
+        ledger = ledger or Ledger()
+        machines = ledger.unfinished_machines()
+    except (CloudtuneError, sqlite3.Error, OSError):
+        return 0
+    cleaned = 0
+    for row in machines:
+        try:
+            sweep = registry.entry(row["backend"]).sweeper()
+            cleaned += bool(sweep and sweep(row["meta"]))
+        except (CloudtuneError, OSError):  # an unknown backend, a folder already gone: nothing to do here
+            continue
+    return cleaned
 
 
 def _backend_for(events: Events) -> BackendFor:
@@ -334,7 +397,10 @@ def _backend_for(events: Events) -> BackendFor:
 def teardown_one(backend: Backend, ctx: RunContext, ledger: Ledger, events: Events) -> TeardownResult:
     """Remove one machine and say whether that is verified. Never raises for the backend's failures:
     the caller goes on with the next machine, and the ledger says `unknown` with what to do."""
-    ledger.set_machine(ctx.machine, "terminating", **ctx.state.model_dump(mode="json"))
+    try:
+        ledger.set_machine(ctx.machine, "terminating", **ctx.state.model_dump(mode="json"))
+    except LedgerError as exc:  # a ledger that cannot be written is no reason to leave a machine running
+        events.warn(exc.message)
     events.phase("teardown", ctx.machine)
     for attempt in (1, 2):
         try:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from . import safe_yaml
+from . import safe_yaml, secrets
 from .errors import CloudtuneError, printable
 from .inputs import model_config_problem, open_regular, path_problem, regular_file_problem, writable_dir_problem
 
@@ -357,6 +357,7 @@ def load_recipe(path: str | Path, here: bool = True) -> Recipe:
     except RecursionError:  # safe_yaml bounds the depth; this only keeps a traceback impossible
         raise CloudtuneError(f"{path}: nested too deeply to validate.") from None
     recipe._source = path.resolve()
+    secrets.watch(recipe.secrets)  # from here on, every message this process prints hides their values
     problems = _cross_check(recipe) + (_local_checks(recipe) if here else [])
     if problems:
         field, message = problems[0]

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 LOG_FILE = "train.log"
 EXIT_FILE = "exit_code"
+SECRETS_FILE = "secrets.env"  # beside bundle/ on the machine, 0600; run.sh reads it once at start
+BUNDLE_FILE = "bundle.tar.gz"  # in the run's local work_dir, only until it is on the machine
 
 
 @dataclass
@@ -153,6 +155,11 @@ class Backend(ABC):
     @abstractmethod
     def teardown(self, ctx: RunContext) -> bool:
         """Make the machine go away; return True only once that is verified."""
+
+    def remove_secrets(self, ctx: RunContext) -> None:  # noqa: B027 - only backends that write a file need it
+        """Delete the secrets from the machine's disk: the lifecycle calls it when the training has ended,
+        however it ended (a machine kept for `cloudtune pull` must not keep them). A backend that writes
+        a secrets file overrides it; it must not raise when the file or the machine is already gone."""
 
 
 def bundle_recipe(recipe: Recipe) -> tuple[dict, Path | None]:

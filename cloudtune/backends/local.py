@@ -17,9 +17,9 @@ from pathlib import Path
 from pydantic import Field
 
 from ..manifest import NOT_PULLED
-from ..remote.stop_group import stop_group
-from ..remote.watchdog import LAUNCHER_ENV, process_alive
-from .base import EXIT_FILE, LOG_FILE, Backend, Bundle, MachineState, Quote, RunContext, secrets_env
+from ..remote.stop_group import group_alive, stop_group
+from ..remote.watchdog import LAUNCHER_ENV
+from .base import EXIT_FILE, LOG_FILE, SECRETS_FILE, Backend, Bundle, MachineState, Quote, RunContext, secrets_env
 from .common import tail
 
 STOP_GRACE_SECONDS = 10
@@ -60,7 +60,7 @@ class LocalBackend(Backend):
         with tarfile.open(bundle.path) as tar:
             tar.extractall(root, filter="data")
         if secrets:
-            path = root / "secrets.env"
+            path = root / SECRETS_FILE
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets_env(secrets))
@@ -78,11 +78,13 @@ class LocalBackend(Backend):
         ctx.state.pid = child.pid
 
     def _running(self, ctx: RunContext) -> bool:
+        """Any process of the training's group, not only the run script: the script can be gone while
+        the trainer still writes its checkpoint."""
         child = self._children.get(ctx.run_id)
         if child is not None:
-            return child.poll() is None
+            child.poll()  # reaps the script once it exits, so it does not linger as a zombie
         pid = ctx.state.pid
-        return bool(pid) and process_alive(pid)
+        return bool(pid) and group_alive(pid)
 
     def exit_code(self, ctx: RunContext) -> int | None:
         path = self.root(ctx) / EXIT_FILE
@@ -111,14 +113,40 @@ class LocalBackend(Backend):
                         dirs_exist_ok=True)
 
     def stop(self, ctx: RunContext) -> None:
-        pid = ctx.state.pid
-        if pid and self._running(ctx):
-            stop_group(pid, STOP_GRACE_SECONDS, poll=POLL_SECONDS)
+        if ctx.state.pid:
+            stop_group(ctx.state.pid, STOP_GRACE_SECONDS, poll=POLL_SECONDS)
+
+    def remove_secrets(self, ctx: RunContext) -> None:
+        (self.root(ctx) / SECRETS_FILE).unlink(missing_ok=True)
 
     def teardown(self, ctx: RunContext) -> bool:
+        self.remove_secrets(ctx)
         self.stop(ctx)
-        (self.root(ctx) / "secrets.env").unlink(missing_ok=True)
         child = self._children.pop(ctx.run_id, None)
         if child is not None:
             child.wait(timeout=5)
-        return not self._running(ctx)
+        if self._running(ctx):
+            return False
+        # The outputs were pulled (or given up, with `down`): as a rented machine would, this one keeps
+        # nothing of the run but its log and exit status.
+        clean_machine(self.root(ctx), keep_outputs=False)
+        return True
+
+
+def clean_machine(root: Path, keep_outputs: bool) -> None:
+    """Remove the secrets and the copied bundle (recipe, dataset) from a local run's directory; out/ too
+    unless its outputs may still be pulled. train.log and the exit status stay for `cloudtune logs`."""
+    (root / SECRETS_FILE).unlink(missing_ok=True)
+    shutil.rmtree(root / "bundle", ignore_errors=True)
+    if not keep_outputs:
+        shutil.rmtree(root / "out", ignore_errors=True)
+
+
+def sweep_dead(state: dict) -> bool:
+    """A run whose CLI died (SIGKILL, a crash, a full disk): once its training is gone too, remove its
+    secrets and bundle. The outputs stay for `cloudtune pull`. Cheap: one process check, no imports."""
+    root, pid = state.get("root"), state.get("pid")
+    if not root or (pid and group_alive(pid)):
+        return False
+    clean_machine(Path(root), keep_outputs=True)
+    return True

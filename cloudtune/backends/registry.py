@@ -27,12 +27,18 @@ class BackendEntry:
     summary: str  # for `run --help`: what the backend trains on
     backend_class: str  # "package.module:Class", imported when the backend is chosen
     options_class: str = "cloudtune.backends.base:BackendOptions"  # light: the CLI reads it for --help
+    # "package.module:function(state) -> bool": cleans what a run whose CLI died left on a machine, when
+    # that is cheap to do at every CLI start (no network); None where the backend has no such cleaning
+    dead_run_sweeper: str | None = None
 
     def load(self) -> type[Backend]:
         return _resolve(self.backend_class)
 
     def options(self) -> type[BackendOptions]:
         return _resolve(self.options_class)
+
+    def sweeper(self):
+        return _resolve(self.dead_run_sweeper) if self.dead_run_sweeper else None
 
 
 def _resolve(path: str):
@@ -150,5 +156,6 @@ def backend_help() -> str:
 register(BackendEntry("skypilot", "the cheapest cloud GPU that fits", "cloudtune.backends.skypilot:SkyPilotBackend"))
 register(BackendEntry("ssh", "a machine you can SSH into, --host", "cloudtune.backends.ssh.backend:SSHBackend",
                       "cloudtune.backends.ssh.options:SSHOptions"))
-register(BackendEntry("local", "this machine: demo, tests", "cloudtune.backends.local:LocalBackend"))
+register(BackendEntry("local", "this machine: demo, tests", "cloudtune.backends.local:LocalBackend",
+                      dead_run_sweeper="cloudtune.backends.local:sweep_dead"))
 

@@ -3,14 +3,17 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from ..errors import CloudtuneError
 from ..recipe import load_recipe
 from ..remote.watchdog import watch_launcher
 from . import Stopped
+from .redacted_output import redacted_output, secret_values
 
 EXIT_USER_ERROR = 2
+EXIT_CRASHED = 1  # what Python itself returns for an uncaught exception
 EXIT_STOPPED = 143  # 128 + SIGTERM, as if the signal had ended the process, but with a checkpoint saved
 
 
@@ -30,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     watch_launcher()
+    with redacted_output(secret_values(args.recipe)):
+        try:
+            return _train(args)
+        except Exception:  # noqa: BLE001 - printed here, inside the redaction, not by Python after it
+            traceback.print_exc()
+            return EXIT_CRASHED
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         recipe = load_recipe(args.recipe, here=False)
         from .loop import train  # heavy imports only once the recipe is known to be good
