@@ -263,7 +263,9 @@ def test_the_cli_start_removes_the_secrets_of_runs_that_died(tmp_path, ct_home):
     dead.wait()
     ledger = Ledger()
     roots = {}
-    for run_id, pid in (("dead-run", dead.pid), ("live-run", subprocess.os.getpid())):
+    # a training leads its own process group, as the local backend starts it
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    for run_id, pid in (("dead-run", dead.pid), ("live-run", live.pid)):
         roots[run_id] = root = tmp_path / run_id
         (root / "bundle" / "data").mkdir(parents=True)
         (root / "out").mkdir()
@@ -273,9 +275,13 @@ def test_the_cli_start_removes_the_secrets_of_runs_that_died(tmp_path, ct_home):
         ledger.update_run(run_id, status="running")
         ledger.add_machine(f"ct-{run_id}", run_id, "local")
         ledger.set_machine(f"ct-{run_id}", "up", root=str(root), pid=pid)
-    assert CliRunner().invoke(cli, ["status"]).exit_code == 0
-    assert sorted(p.name for p in roots["dead-run"].iterdir()) == ["out", "train.log"]  # outputs wait for `pull`
-    assert (roots["live-run"] / "secrets.env").exists() and (roots["live-run"] / "bundle").is_dir()
+    try:
+        assert CliRunner().invoke(cli, ["status"]).exit_code == 0
+        assert sorted(p.name for p in roots["dead-run"].iterdir()) == ["out", "train.log"]  # outputs wait for `pull`
+        assert (roots["live-run"] / "secrets.env").exists() and (roots["live-run"] / "bundle").is_dir()
+    finally:
+        live.kill()
+        live.wait()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,7 +353,7 @@ def test_a_full_ledger_disk_is_one_message_and_exit_2(tmp_path, monkeypatch):
 def test_a_ledger_write_failing_mid_start_still_tears_down_and_records_the_failure(tmp_path, ct_home, monkeypatch):
     from click.testing import CliRunner
 
-    from cloudtune.backends.local import pid_alive
+    from cloudtune.remote.stop_group import group_alive
     from cloudtune.cli import cli
     from cloudtune.ledger import Ledger, LedgerError
 
@@ -369,7 +375,7 @@ def test_a_ledger_write_failing_mid_start_still_tears_down_and_records_the_failu
     run = Ledger().runs(1)[0]
     machine = Ledger().machine_for_run(run["id"])
     assert run["status"] == "failed" and "disk is full" in run["error"]  # never left `running`
-    assert machine["status"] == "terminated" and not pid_alive(machine["meta"]["pid"])
+    assert machine["status"] == "terminated" and not group_alive(machine["meta"]["pid"])
     assert not (ct_home / "runs" / run["id"] / "machine" / "secrets.env").exists()
 
 

@@ -334,7 +334,9 @@ def test_secrets_file_is_private(sshd, remote, tmp_path, ct_home):
                              capture_output=True, text=True).stdout
     assert sourced == "it's a 'quoted' secret value"
     assert backend.teardown(ctx)
-    assert not secrets_file.exists() and (Path(ctx.state.remote_dir) / "bundle").is_dir()  # kept, minus secrets
+    kept = Path(ctx.state.remote_dir)
+    assert kept.is_dir() and not secrets_file.exists()  # kept, minus the secrets and the copy of the data
+    assert not (kept / "bundle").exists()
 
 
 def test_missing_packages_get_a_venv_built_once(sshd, remote, tmp_path, ct_home, monkeypatch):

@@ -184,7 +184,7 @@ def test_cleanup_removes_the_run_and_prunes_bundles(tmp_path):
     (bundles / "old.tar.gz.part").write_text("x")
     os.utime(bundles / "old.tar.gz.part", (now - 2 * 86400, now - 2 * 86400))
     (bundles / "new.tar.gz.part").write_text("x")
-    done = run_here(commands.sh("cleanup.sh", MARK, run, bundles, 3))
+    done = run_here(commands.sh("cleanup.sh", MARK, bundles, 3, run))
     assert commands.marks(done.stdout) == ["removed"] and not run.exists()
     assert sorted(p.name for p in bundles.iterdir()) == ["b0.tar.gz", "b1.tar.gz", "b2.tar.gz", "new.tar.gz.part"]
     (tmp_path / "kept").mkdir()
@@ -192,7 +192,7 @@ def test_cleanup_removes_the_run_and_prunes_bundles(tmp_path):
     (tmp_path / "kept").chmod(0o500)  # rm cannot remove the file inside
     try:
         if os.geteuid() != 0:
-            said = commands.marks(run_here(commands.sh("cleanup.sh", MARK, tmp_path / "kept/stays", bundles, 3)).stdout)
+            said = commands.marks(run_here(commands.sh("cleanup.sh", MARK, bundles, 3, tmp_path / "kept/stays")).stdout)
             assert said == ["left"]
     finally:
         (tmp_path / "kept").chmod(0o700)

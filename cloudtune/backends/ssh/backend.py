@@ -27,7 +27,7 @@ from ... import manifest
 from ...errors import CloudtuneError
 from ...events import Events
 from ...wheel import build_wheel, train_requirements
-from ..base import EXIT_FILE, LOG_FILE, Backend, Bundle, RunContext, secrets_env
+from ..base import EXIT_FILE, LOG_FILE, SECRETS_FILE, Backend, Bundle, RunContext, secrets_env
 from ..common import LogCopy, bundle_wheel, saved_log, tail
 from . import commands, remote_env, transfer
 from .commands import MARK
@@ -143,7 +143,7 @@ class SSHBackend(Backend):
         transfer.upload_verified(conn, bundle.path, bundle.sha256, archive, progress=events.progress,
                                  phase=events.phase, warn=events.warn)
         if secrets:
-            transfer.write_private(conn, f"{run}/secrets.env", secrets_env(secrets))
+            transfer.write_private(conn, f"{run}/{SECRETS_FILE}", secrets_env(secrets))
         conn.run(shlex.join(["tar", "-xzf", archive, "-C", run]))
         env = self.environment(ctx)
         python = env.prepare(train_requirements(self._wheel or build_wheel()))
@@ -203,6 +203,18 @@ class SSHBackend(Backend):
                 raise
             self.events.warn(f"could not stop the training on {state.host}: {exc}")
 
+    def remove_secrets(self, ctx: RunContext) -> None:
+        state = ctx.state
+        if not state.remote_dir or state.host is None:
+            return
+        conn = self._conn(state, ctx.run_id)
+        try:
+            conn.run(shlex.join(["rm", "-f", "--", f"{state.remote_dir}/{SECRETS_FILE}"]), check=False)
+        except Exception as exc:  # noqa: BLE001 - teardown removes the whole run directory, secrets included
+            if not isinstance(exc, CloudtuneError) and not conn.lost(exc):
+                raise
+            self.events.warn(f"could not remove the secrets file on {state.host} yet ({exc}); teardown will")
+
     def teardown(self, ctx: RunContext) -> bool:
         state = ctx.state
         if not state.remote_dir:
@@ -211,9 +223,11 @@ class SSHBackend(Backend):
         try:
             self._save_log(env.conn, ctx, state)
             # One round trip: stop what still runs, remove the run's files, report both.
-            doomed = f"{state.remote_dir}/secrets.env" if state.keep_remote else state.remote_dir
+            # --keep-remote keeps the outputs and the log, never the secrets or the copy of the dataset
+            doomed = ([f"{state.remote_dir}/{SECRETS_FILE}", f"{state.remote_dir}/bundle"] if state.keep_remote
+                      else [state.remote_dir])
             steps = [env.stop_command(STOP_GRACE_SECONDS)] if state.started else []
-            steps.append(commands.sh("cleanup.sh", MARK, doomed, f"{state.remote_root}/bundles", KEEP_BUNDLES))
+            steps.append(commands.sh("cleanup.sh", MARK, f"{state.remote_root}/bundles", KEEP_BUNDLES, *doomed))
             _, output = env.conn.run("\n".join(steps), check=False)
             said = commands.marks(output)
             return said[-1:] == ["removed"] and "alive" not in said

@@ -1,11 +1,18 @@
-# Removes a run's files (or only its secrets) and prunes the bundle cache; says whether it worked.
-# usage: sh cleanup.sh MARK DOOMED BUNDLES KEEP
-#   DOOMED   the run's directory, or its secrets.env when the run is kept
+# Removes a run's files (all of them, or what a kept run must not keep) and prunes the bundle cache;
+# says whether it worked.
+# usage: sh cleanup.sh MARK BUNDLES KEEP DOOMED...
 #   BUNDLES  the bundle cache: the KEEP newest stay, and uploads abandoned over a day ago go
-# Prints MARK + removed, or MARK + left when DOOMED is still there.
+#   DOOMED   the run's directory, or, for a run kept on the machine, its secrets and its copy of the data
+# Prints MARK + removed, or MARK + left when any DOOMED path is still there.
 mark=$1
-doomed=$2
-rm -rf -- "$doomed"
-if [ -e "$doomed" ]; then echo "${mark}left"; else echo "${mark}removed"; fi
-(cd "$3" 2>/dev/null && ls -1t -- *.tar.gz 2>/dev/null | tail -n +"$(($4 + 1))" | xargs -r rm -f -- ;
+bundles=$2
+keep=$3
+shift 3
+rm -rf -- "$@"
+left=""
+for doomed in "$@"; do
+  if [ -e "$doomed" ]; then left=1; fi
+done
+if [ -n "$left" ]; then echo "${mark}left"; else echo "${mark}removed"; fi
+(cd "$bundles" 2>/dev/null && ls -1t -- *.tar.gz 2>/dev/null | tail -n +"$((keep + 1))" | xargs -r rm -f -- ;
  find . -maxdepth 1 -name '*.part' -mmin +1440 -delete) || true
