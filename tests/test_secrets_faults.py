@@ -353,9 +353,9 @@ def test_a_full_ledger_disk_is_one_message_and_exit_2(tmp_path, monkeypatch):
 def test_a_ledger_write_failing_mid_start_still_tears_down_and_records_the_failure(tmp_path, ct_home, monkeypatch):
     from click.testing import CliRunner
 
-    from cloudtune.remote.stop_group import group_alive
     from cloudtune.cli import cli
     from cloudtune.ledger import Ledger, LedgerError
+    from cloudtune.remote.stop_group import group_alive
 
     from .conftest import demo_recipe_text, write_recipe
 
