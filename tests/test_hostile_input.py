@@ -377,12 +377,12 @@ def fuzz_folder(tmp_path) -> Path:
     return folder
 
 
-def _check_one(folder: Path, case, command: str) -> None:
+def _check_one(folder: Path, case, command: str, *flags: str) -> None:
     raw, dataset, data = case
     if "/" not in dataset and dataset.startswith("data"):
         (folder / dataset).write_bytes(data)
     (folder / "recipe.yaml").write_bytes(raw)
-    result = invoke(command, str(folder / "recipe.yaml"), seconds=30)
+    result = invoke(command, *flags, str(folder / "recipe.yaml"), seconds=30)
     event(f"{command} exit {result.exit_code}")  # shown by --hypothesis-show-statistics
     assert result.exit_code in (0, 2), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
@@ -416,7 +416,14 @@ def fuzz_cost(folder: Path, case) -> None:
     _check_one(folder, case, "cost")
 
 
-def test_fuzz_cost_exits_0_or_2_quickly(fuzz_folder, tmp_path):
+@settings(FUZZ, max_examples=DEEP or 25)
+@given(case=hostile_case())
+def fuzz_run_start(folder: Path, case) -> None:
+    """`run` up to the moment it would rent: loading, counting, planning, the quote and the launch task."""
+    _check_one(folder, case, "run", "--backend", "skypilot", "--dry-run")
+
+
+def test_fuzz_cost_and_the_start_of_run_exit_0_or_2_quickly(fuzz_folder, tmp_path):
     """In a process of its own: planning imports SkyPilot, which tests/test_skypilot.py needs to import
     first, under its own HOME."""
     import subprocess
@@ -428,7 +435,8 @@ def test_fuzz_cost_exits_0_or_2_quickly(fuzz_folder, tmp_path):
     code = ("import sys; from pathlib import Path; from tests import test_hostile_input as t\n"
             "from click.testing import CliRunner\n"
             "assert CliRunner().invoke(t.cli, ['cost', str(t.DEMO_RECIPE)]).exit_code == 0  # imports sky, untimed\n"
-            "t.fuzz_cost(folder=Path(sys.argv[1]))\n")
+            "t.fuzz_cost(folder=Path(sys.argv[1]))\n"
+            "t.fuzz_run_start(folder=Path(sys.argv[1]))\n")
     done = subprocess.run([sys.executable, "-c", code, str(fuzz_folder)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=sky_env(tmp_path / "home", tmp_path / "ct-home"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

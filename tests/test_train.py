@@ -415,3 +415,24 @@ def test_wandb_without_a_key_is_a_user_error(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "tracking: W&B could not start a run" in err and "WANDB_MODE=offline" in err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_loss_that_turns_nan_stops_the_training_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from cloudtune.train import loop
+
+    real_step = loop.train_step
+    calls = []
+
+    def diverging(model, group, context):
+        loss, items, norm = real_step(model, group, context)
+        calls.append(loss)
+        return (float("nan"), items, norm) if len(calls) > 4 else (loss, items, norm)
+
+    monkeypatch.setattr(loop, "train_step", diverging)
+    recipe = make_recipe(tmp_path, ALPACA, training={"max_steps": 10, "checkpoint_steps": 2})
+    out = tmp_path / "out"
+    with pytest.raises(CloudtuneError) as stopped:
+        run(recipe, out)
+    assert "step 5: the loss is nan" in stopped.value.message
+    assert "checkpoints/step-00000004" in stopped.value.message and "learning_rate" in stopped.value.hint
+    assert not (out / "run.json").exists() and not (out / "manifest.json").exists()  # nothing to pull as a success

@@ -186,6 +186,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                                                            layers)
                     step_context = step_context.for_a_redone_step()
                     last_loss, n_items, grad_norm = train_step(model, group, step_context)
+                _refuse_non_finite(last_loss, state.step + 1, out, step_context.scaler)
                 row = _account_step(state, group, n_items, time.perf_counter() - t0, last_loss, grad_norm,
                                     scheduler.get_last_lr()[0], step_context.scaler)
                 metrics_file.write(json.dumps(row) + "\n")
@@ -211,6 +212,19 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary
+
+
+def _refuse_non_finite(loss: float, step: int, out: Path, scaler) -> None:
+    """A loss of NaN or inf means the weights are no longer worth saving: stop with the reason instead of
+    training on and calling it success. Loss scaling (fp16) skips an overflowed step by itself."""
+    if math.isfinite(loss) or scaler is not None:
+        return
+    saved = checkpoint.complete(out)
+    kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved before it"
+    raise CloudtuneError(f"step {step}: the loss is {loss}: the training diverged, so nothing was saved from this "
+                         f"step on ({kept}).",
+                         "Lower training.learning_rate, raise warmup_ratio or set max_grad_norm, and check the "
+                         "dataset for empty or broken rows.")
 
 
 def _report_step(row: dict, steps: int, print_every: int) -> None:
