@@ -127,8 +127,8 @@ def run(recipe: Recipe, backend: Backend, events: Events | None = None, *, ledge
         report: DatasetReport | None = None, resume: bool = False) -> RunResult:
     """Plan, then run on the backend end to end; raises RunFailed/PullFailed with what to do."""
     events = events or backend.events
-    quote, report = plan(recipe, backend, events, report)
-    return Launch(quote, backend, events, ledger or Ledger()).execute(report, resume=resume)
+    quote, _ = plan(recipe, backend, events, report)
+    return Launch(quote, backend, events, ledger or Ledger()).execute(resume=resume)
 
 
 class Launch:
@@ -154,7 +154,7 @@ class Launch:
         self.machine_status = status or self.machine_status
         self.ledger.set_machine(self.ctx.machine, self.machine_status, **self.ctx.state.model_dump(mode="json"))
 
-    def execute(self, report: DatasetReport, resume: bool = False) -> RunResult:
+    def execute(self, resume: bool = False) -> RunResult:
         check_free_space(self.recipe, outputs_base(self.recipe))
         self.open()
         status, keep_machine = "failed", False
