@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 STUB = """#!/bin/sh
 echo "args: $*" >> "$STUB_LOG"
 echo "token: ${CT_TEST_TOKEN:-unset}" >> "$STUB_LOG"
+echo "launcher: ${CLOUDTUNE_LAUNCHER_PID:-unset} parent: $PPID" >> "$STUB_LOG"
 echo "trainer output"
 exit "${STUB_EXIT:-0}"
 """
@@ -42,6 +43,8 @@ def test_run_sh_reads_secrets_from_the_file_logs_and_records_the_exit_status(tmp
     calls = (tmp_path / "calls").read_text()
     assert "args: -u -m cloudtune.train bundle/recipe.yaml --out out --resume" in calls
     assert "token: it's secret" in calls  # from the 0600 file, not from the command line
+    launcher, parent = calls.split("launcher: ")[1].split()[0], calls.split("parent: ")[1].split()[0]
+    assert launcher == parent  # with no launcher named, the trainer watches the script itself
     assert (machine / "train.log").read_text() == "trainer output\n"
     assert (machine / "exit_code").read_text().strip() == "3"
 
@@ -86,4 +89,4 @@ def test_skypilot_run_resumes_when_a_checkpoint_is_there(tmp_path):
     done = subprocess.run(["bash", "-c", script("skypilot_run.sh")], env=env, check=True, capture_output=True,
                           text=True)
     assert "resuming from the newest checkpoint" in done.stdout
-    assert (tmp_path / "calls").read_text().splitlines()[-2].endswith("--out out --resume")
+    assert (tmp_path / "calls").read_text().splitlines()[-3].endswith("--out out --resume")

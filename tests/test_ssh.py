@@ -573,3 +573,19 @@ def test_max_cost_holds_on_a_machine_with_a_price(sshd, remote, tmp_path, ct_hom
     assert receipt["estimate"]["price_per_hour"] == 3600 and receipt["actual_cost"] > 0
     assert Path(receipt["weights_path"], "adapter_model.safetensors").is_file()
     assert "is spent after step" in result.stderr
+
+
+def test_a_training_whose_wrapper_is_killed_stops_instead_of_running_unwatched(sshd, remote, tmp_path, ct_home):
+    recipe_path = ssh_recipe(tmp_path, max_steps=100000)
+    process = start_cli(["run", "--backend", "ssh", "--host", sshd.address(), "--key", str(sshd.key),
+                         str(recipe_path)], tmp_path / "cli.log")
+    train_log = wait_for_log(remote, r"step [1-9]", process=process)
+    wrapper = Ledger().machine_for_run(Ledger().runs(1)[0]["id"])["meta"]["pid"]  # run.sh, the group's leader
+    os.kill(wrapper, signal.SIGKILL)
+    deadline = time.time() + 60
+    while group_alive(wrapper) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(wrapper), "the trainer ran on after its wrapper was killed"
+    assert "is gone; stopping with a checkpoint" in train_log.read_text()
+    assert process.wait(timeout=120) == 1  # the run failed (no exit status), and was torn down
+    assert Ledger().machine_for_run(Ledger().runs(1)[0]["id"])["status"] == "terminated"

@@ -5,5 +5,8 @@
 cd "$(dirname "$0")/.." || exit 1
 if [ -f secrets.env ]; then set -a; . ./secrets.env; set +a; fi
 PYTHON="${CLOUDTUNE_PYTHON:-python3}"
+# The trainer stops when its launcher is gone (cloudtune/remote/watchdog.py): the CLI where the local
+# backend names it, else this script, so a training whose wrapper was killed does not run on unwatched.
+export CLOUDTUNE_LAUNCHER_PID="${CLOUDTUNE_LAUNCHER_PID:-$$}"
 "$PYTHON" -u -m cloudtune.train bundle/recipe.yaml --out out "$@" >> train.log 2>&1
 echo $? > exit_code
