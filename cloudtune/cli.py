@@ -304,7 +304,7 @@ def _show_dry_run(shown: dict, as_json: bool) -> None:
     if as_json:
         _print_json({key: value for key, value in shown.items() if key != "yaml"})
         return
-    console.print(launch_order_table(shown, shown["snapshot_date"]))
+    console.print(launch_order_table(shown, shown["prices"]))
     for note in shown["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"[bold]{escape(shown['task_title'])}[/]:")

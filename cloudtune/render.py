@@ -175,9 +175,10 @@ def gpus_table(catalog, title: str, specs: dict) -> Table:
     return table
 
 
-def launch_order_table(shown: dict, snapshot_date: str) -> Table:
-    """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks."""
-    table = Table(title=f"launch order: cheapest run first, then fallbacks (prices of {snapshot_date})",
+def launch_order_table(shown: dict, prices: str) -> Table:
+    """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks;
+    `prices` says where the prices come from and of when."""
+    table = Table(title=f"launch order: cheapest run first, then fallbacks ({prices})",
                   title_justify="left")
     table.add_column("try", justify="right", no_wrap=True)
     table.add_column("offer", overflow="fold", max_width=34)

@@ -212,7 +212,11 @@ def to_yaml(config: dict[str, Any]) -> str:
 
 
 def to_task(config: dict[str, Any]):
-    """A sky.Task, validated by SkyPilot's own task schema and resource checks."""
+    """A sky.Task, validated by SkyPilot's own task schema and resource checks (against SkyPilot's
+    catalogs, or the bundled snapshot where it has none: planning/sky_catalog.py)."""
+    from ..planning.sky_catalog import use_catalog_view
+
+    use_catalog_view()
     import sky
     from sky.utils import common_utils, schemas
 
@@ -466,6 +470,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
         return {"chosen": candidates[0].as_dict() if candidates else None,
                 "fallbacks": [e.as_dict() for e in candidates[1:]], "task": redacted(config), "yaml": to_yaml(config),
                 "managed_job": recipe.compute.spot, "notes": notes, "snapshot_date": self.plan.snapshot_date,
+                "prices": self.plan.catalog.get("prices", f"prices of {self.plan.snapshot_date}"),
+                "left_out": self.plan.left_out,
                 "task_title": f"SkyPilot task ({kind}; secrets shown as <redacted>)"}
 
     # what the task is made of ---------------------------------------------------------------------
