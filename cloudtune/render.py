@@ -194,3 +194,16 @@ def launch_order_table(shown: dict, prices: str) -> Table:
                       f"${estimate['cost_low']:.2f}–{estimate['cost_high']:.2f}",
                       style="bold green" if i == 1 else None)
     return table
+
+
+def check_table(clouds: dict[str, dict]) -> Table:
+    """`cloudtune check`: each cloud, enabled or what it is missing, and the pip extra with its libraries."""
+    table = Table(title="clouds SkyPilot can rent on (`sky check`, run now)", title_justify="left")
+    table.add_column("cloud", no_wrap=True)
+    table.add_column("enabled", no_wrap=True)
+    table.add_column("missing", overflow="fold")
+    table.add_column("libraries", overflow="fold")
+    for name, cloud in sorted(clouds.items(), key=lambda item: (not item[1]["enabled"], item[0])):
+        table.add_row(name, "[green]yes[/]" if cloud["enabled"] else "[red]no[/]", escape(cloud["missing"] or ""),
+                      escape(cloud["extra"] or ""), style=None if cloud["enabled"] else "dim")
+    return table

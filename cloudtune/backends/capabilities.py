@@ -29,3 +29,17 @@ class ListsMachines(ABC):
     def list_machines(self) -> dict[str, str]:
         """Every machine this backend holds that cloudtune named (`ct-...`), with the backend's status word."""
 
+    def shared_machines(self) -> dict[str, str]:
+        """Machines the backend runs for cloudtune's runs and others alike (SkyPilot's jobs controller):
+        name -> what to know about it. `down` lists them and leaves them alone."""
+        return {}
+
+
+
+class ChecksSetup(ABC):
+    """Can say what it can rent on and what is missing for the rest (`cloudtune check`)."""
+
+    @abstractmethod
+    def check_setup(self) -> dict[str, Any]:
+        """`clouds`: name -> {enabled, missing (what to set up), extra (the pip install that adds its
+        libraries)}; `server`: where the backend's service runs and whether it answers."""

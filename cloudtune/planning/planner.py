@@ -28,7 +28,7 @@ from .memory import (
 )
 from .models import ModelInfo, resolve_model
 from .offers import Offer, load_offers
-from .overheads import overhead_hours
+from .overheads import controller_cost, overhead_hours
 from .throughput import gpu_tokens_per_second, train_seconds
 from .work import Work, hub_report, plan_work, processed_range
 
@@ -144,13 +144,18 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
     refused = precision_problem(recipe, offer.gpu)
     if refused:
         fits, why = False, refused
+    cost_low, cost_high = hours_low * price, hours_high * price
+    if spot:
+        extra = controller_cost(hours_low, hours_high)
+        cost_low, cost_high = cost_low + extra[0], cost_high + extra[1]
+        why += f" + ${extra[0]:.2f}–{extra[1]:.2f} for SkyPilot's jobs controller VM"
     return Estimate(offer=offer, spot=spot, fits=fits,
                     peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=recomputed > 0,
                     checkpointed_layers=recomputed,
                     tokens=work.tokens, tokens_per_s_low=round(tps_low * real, 1),
                     tokens_per_s_high=round(tps_high * real, 1), hours_low=round(hours_low, 3),
-                    hours_high=round(hours_high, 3), cost_low=round(hours_low * price, 2),
-                    cost_high=round(hours_high * price, 2), why=why)
+                    hours_high=round(hours_high, 3), cost_low=round(cost_low, 2),
+                    cost_high=round(cost_high, 2), why=why)
 
 
 def _usable_bytes(recipe: Recipe, offer: Offer) -> float:
