@@ -112,7 +112,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
     table.add_row("dataset", f"{report.source} ({report.format})")
     table.add_row("rows", f"{report.rows:,}")
     exactness = "exact" if report.tokens_exact else "estimated"
-    table.add_row("tokens", f"{report.tokens:,} ({exactness}; tokenizer: {report.tokenizer})")
+    table.add_row("tokens", f"{report.tokens:,} per epoch ({exactness}; tokenizer: {report.tokenizer})")
     if report.truncated_rows:
         table.add_row("truncated", f"{report.truncated_rows:,} rows longer than max_seq_len "
                                    f"{recipe.training.max_seq_len} (longest {report.longest_row_tokens:,})")
@@ -251,7 +251,7 @@ def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[st
         _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
         return
     exactness = "exact" if plan.tokens_exact else "estimated"
-    title = (f"{recipe_path}: {plan.tokens:,} tokens ({exactness}), {recipe.method}, "
+    title = (f"{recipe_path}: {plan.tokens:,} tokens over the run ({exactness}), {recipe.method}, "
              f"model shape from {plan.model_source}\n{plan.catalog.get('prices', plan.snapshot_date)}")
     console.print(cost_table(plan, title, top))
     chosen = plan.chosen

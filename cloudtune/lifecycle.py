@@ -106,7 +106,7 @@ def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport
          continues: Continuation | None = None) -> tuple[Quote, DatasetReport]:
     """Read and count the data, then let the backend say where the run goes and what it costs."""
     report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
-    events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens ({report.format})")
+    events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens per epoch ({report.format})")
     quote = backend.quote(recipe, report)
     if continues is not None:
         continues.check(quote.recipe)  # the recipe as it will train, fitted to the chosen offer
