@@ -226,6 +226,33 @@ def down(run_ref: str | None, dry_run: bool, yes: bool) -> None:
     check_all_gone(results)
 
 
+@cli.command()
+@click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
+              help=registry.backend_help())
+@json_option
+def check(backend: str, as_json: bool) -> None:
+    """Which clouds can be rented on, what each other one is missing, and where SkyPilot's API server runs."""
+    from .backends.capabilities import ChecksSetup
+    from .render import RichEvents, check_table
+
+    chosen = registry.create(backend, {}, RichEvents(err_console))
+    if not isinstance(chosen, ChecksSetup):
+        raise CloudtuneError(f"the {backend} backend rents nothing, so there is nothing to check.",
+                             "Leave out --backend: `cloudtune check` checks SkyPilot's clouds.")
+    report = chosen.check_setup()
+    if as_json:
+        _print_json(report)
+        return
+    console.print(check_table(report["clouds"]))
+    server = report["server"]
+    where = "local" if server["local"] else "remote"
+    console.print(f"SkyPilot API server: {where} at {escape(server['url'])} "
+                  f"({'answering' if server['healthy'] else 'not answering'}; {escape(server['stop'])})")
+    if not any(cloud["enabled"] for cloud in report["clouds"].values()):
+        console.print("[yellow]no cloud is enabled:[/] set up one cloud's credentials and install its extra, "
+                      "then run [bold]cloudtune check[/] again")
+
+
 # ----------------------------------------------------------------------------------------------
 # cost / gpus: dollars per run before renting
 
@@ -315,7 +342,7 @@ def _show_dry_run(shown: dict, as_json: bool) -> None:
     if as_json:
         _print_json({key: value for key, value in shown.items() if key != "yaml"})
         return
-    console.print(launch_order_table(shown, shown["snapshot_date"]))
+    console.print(launch_order_table(shown, shown["prices"]))
     for note in shown["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"[bold]{escape(shown['task_title'])}[/]:")

@@ -536,11 +536,14 @@ def _listed_by_backends(ledger: Ledger, known: list[Machine], backend_for: Backe
             continue
         try:
             listed = backend.list_machines()
+            shared = backend.shared_machines()
         except Exception as exc:  # noqa: BLE001 - one backend's trouble must not block tearing down the rest
             if problems is not None:
                 problems.append(f"could not list the {name} backend's machines ({type(exc).__name__}: "
                                 f"{str(exc)[:300]}); {backend.check_by_hand}")
             continue
+        if problems is not None:
+            problems += [f"{machine}: {what}" for machine, what in sorted(shared.items())]
         for machine, status in sorted(listed.items()):
             if machine in known_names:
                 continue
