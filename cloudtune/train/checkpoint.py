@@ -19,6 +19,11 @@ from ..errors import CloudtuneError
 from ..recipe import Recipe
 
 KEEP = 2  # the newest is enough to resume; one more in case the disk filled while writing it
+# Written last, into a checkpoint whose every other file is in place. The rename below is atomic on a
+# local disk but a copy-then-delete on a bucket mount (SkyPilot's MOUNT_CACHED), where a preempted
+# machine can leave a step-N folder half copied: only a folder with this file counts. The SkyPilot run
+# script (backends/scripts/skypilot_run.sh) tests for the same name.
+COMPLETE = "COMPLETE"
 
 
 @dataclass
@@ -55,16 +60,27 @@ def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State, s
                partial / "state.pt")
     (partial / "progress.json").write_text(json.dumps({**asdict(state), "recipe": training_fingerprint(recipe)}))
     shutil.rmtree(final, ignore_errors=True)
-    os.rename(partial, final)  # only complete checkpoints carry the step-N name
-    for old in complete(out)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    os.rename(partial, final)
+    _write_marker(final)
+    kept = complete(out)[-KEEP:]
+    for old in sorted(root.glob("step-*")):  # older complete ones, and any half-copied folder before the newest
+        if old not in kept and (not kept or old < kept[-1]):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _write_marker(folder: Path) -> None:
+    marker = folder / COMPLETE
+    with marker.open("w") as handle:
+        handle.write("complete\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def complete(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (those with their marker), oldest first."""
     root = out / "checkpoints"
-    return sorted(root.glob("step-*")) if root.is_dir() else []
+    return sorted(p for p in root.glob("step-*") if (p / COMPLETE).is_file()) if root.is_dir() else []
 
 
 def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler, scaler=None) -> State | None:
