@@ -92,7 +92,7 @@ def receipt_table(receipt: dict) -> Table:
     if stop:
         table.add_row("budget", f"max_cost ${stop['max_cost']:,.2f} spent: stopped after step "
                                 f"{stop['stopped_at_step']} of {stop['planned_steps']}, outputs so far kept; to "
-                                "train on, raise --max-cost and run again")
+                                f"train on: cloudtune run --resume {receipt['run_id']} --max-cost USD")
     table.add_row("adapter" if receipt.get("weights_dir") == "adapter" else "model", receipt["weights_path"])
     table.add_row("outputs", receipt["output_dir"])
     return table

@@ -6,9 +6,10 @@ mixins, SkyPilot's `CloudImplementationFeatures` are the models).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import Quote
+from .base import Quote, RunContext
 
 
 class DryRuns(ABC):
@@ -34,6 +35,15 @@ class ListsMachines(ABC):
         name -> what to know about it. `down` lists them and leaves them alone."""
         return {}
 
+
+class KeepsCheckpoints(ABC):
+    """Can copy a stopped run's newest checkpoint off its machine before teardown, so `run --resume` can
+    continue it on another machine (the machine itself is not kept, and not paid for, meanwhile)."""
+
+    @abstractmethod
+    def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
+        """The newest complete checkpoint under the machine's out/checkpoints, copied to dest/<its name>;
+        None when the training saved none."""
 
 
 class ChecksSetup(ABC):
