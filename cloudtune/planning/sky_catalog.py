@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +123,15 @@ def use_catalog_view() -> None:
     view = build_view()
     from sky.catalog import common  # heavy (seconds): only on a cache miss
 
-    common._ABSOLUTE_VERSIONED_CATALOG_DIR = str(view)
+    old, common._ABSOLUTE_VERSIONED_CATALOG_DIR = common._ABSOLUTE_VERSIONED_CATALOG_DIR, str(view)
+    # What `import sky` already opened (the accelerator names, in sky.utils.accelerator_registry)
+    # points at the old folder: opened again, it reads the view too.
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("sky.") or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, common.LazyDataFrame) and value._filename.startswith(old + os.sep):
+                setattr(module, attr, common.read_catalog(os.path.relpath(value._filename, old)))
     _view_in_use = True
 
 
