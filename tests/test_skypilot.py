@@ -243,6 +243,9 @@ def test_optimizer_picks_the_plans_cheapest_offer_offline(tmp_path):
     from sky.clouds import cloud as cloud_lib
     from sky.utils import common
 
+    from cloudtune.planning.sky_catalog import use_catalog_view
+
+    use_catalog_view()  # what cloudtune does before sky reads a catalog: this HOME has none of SkyPilot's
     offers = {}
     for name, clouds in (("A10", "lambda"), ("A10G", "aws"), ("L4", "aws")):
         for info in sky.catalog.list_accelerators(gpus_only=True, name_filter=f"^{name}$", clouds=clouds)[name]:
