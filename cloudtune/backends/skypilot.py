@@ -46,10 +46,11 @@ from ..manifest import NOT_PULLED, sha256_file
 from ..planning.planner import Estimate, Plan
 from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
+from ..remote import checkpoints
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
 from .base import Backend, Bundle, MachineState, Quote, RunContext
-from .capabilities import ChecksSetup, DryRuns, ListsMachines
+from .capabilities import ChecksSetup, DryRuns, KeepsCheckpoints, ListsMachines
 from .common import LogCopy, bundle_wheel, saved_log
 from .skypilot_sdk import (
     ALL_CLOUDS_EXTRA,
@@ -79,6 +80,7 @@ RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
 JOB_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "FAILED_SETUP": 1, "FAILED_DRIVER": 1, "FAILED_PRECHECKS": 1,
             "FAILED_NO_RESOURCE": 1, "FAILED_CONTROLLER": 1, "CANCELLED": None}
 CANCEL_WAIT_SECONDS = 120
+RSYNC_SOURCE_MISSING = 23  # rsync's "partial transfer": here, no checkpoints folder on the machine
 
 # ----------------------------------------------------------------------------------------------
 # The task, as plain data: what `--dry-run` prints and what SkyPilot validates
@@ -431,7 +433,7 @@ class SkyPilotState(MachineState):
     job_id: int | None = Field(None, description="SkyPilot's job id of the training (cluster job or managed job).")
 
 
-class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
+class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpoints):
     name = "skypilot"
     State = SkyPilotState
 
@@ -662,6 +664,29 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
         if done.returncode != 0:
             raise CloudtuneError(f"copying the outputs from {ctx.machine} failed (exit {done.returncode}): "
                                  f"{done.stderr.strip()[-1000:]}")
+
+    def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
+        if self._managed(ctx) or ctx.machine not in self.client.status([ctx.machine]):
+            return None  # a spot run resumes by itself from its bucket; a cluster that is gone holds nothing
+        fetched = dest / ".fetching"
+        shutil.rmtree(fetched, ignore_errors=True)
+        (fetched / checkpoints.CHECKPOINTS).mkdir(parents=True)
+        source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/{checkpoints.CHECKPOINTS}/")
+        done = subprocess.run(["rsync", "-a", source, f"{fetched / checkpoints.CHECKPOINTS}/"],
+                              capture_output=True, text=True)
+        try:
+            if done.returncode not in (0, RSYNC_SOURCE_MISSING):
+                raise CloudtuneError(f"copying the checkpoint from {ctx.machine} failed (exit {done.returncode}): "
+                                     f"{done.stderr.strip()[-500:]}")
+            found = checkpoints.complete(fetched)
+            if not found:
+                return None
+            kept = dest / found[-1].name
+            shutil.rmtree(kept, ignore_errors=True)
+            found[-1].rename(kept)
+            return kept
+        finally:
+            shutil.rmtree(fetched, ignore_errors=True)
 
     def stop(self, ctx: RunContext) -> None:
         job_id = ctx.state.job_id
