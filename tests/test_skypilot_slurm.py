@@ -259,16 +259,19 @@ def test_a_killed_cli_leaves_its_cluster_set_to_tear_itself_down_and_down_remove
         cli.wait(timeout=30)
     run = Ledger().runs(1)[0]
     name = Ledger().machine_for_run(run["id"])["name"]
-    assert slurm_sky.clusters().get(name) == "UP"
-    record = slurm_sky.record(name)
-    assert record["to_down"] is True and record["autostop"] == 20, record
+    try:
+        assert slurm_sky.clusters().get(name) == "UP"
+        record = slurm_sky.record(name)
+        assert record["to_down"] is True and record["autostop"] == 20, record
 
-    down = cloudtune(slurm_sky, "down", "--yes", env=env)
-    assert down.returncode == 0, down.stdout + down.stderr
-    assert name in down.stdout + down.stderr
-    assert name not in slurm_sky.clusters()
-    allocation_released(slurm_sky)
-    assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+        down = cloudtune(slurm_sky, "down", "--yes", env=env)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert name in down.stdout + down.stderr
+        assert name not in slurm_sky.clusters()
+        allocation_released(slurm_sky)
+        assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+    finally:
+        slurm_sky.sky("down", "--yes", name, timeout=600)  # the next test needs the node to itself
 
 
 def test_ctrl_c_while_provisioning_leaves_no_allocation_and_no_cluster(slurm_sky, tmp_path, ct_home):
@@ -278,8 +281,13 @@ def test_ctrl_c_while_provisioning_leaves_no_allocation_and_no_cluster(slurm_sky
     env = slurm_sky.env(PYTHONPATH=str(REPO), CLOUDTUNE_HOME=str(ct_home))
     log = tmp_path / "cli.log"
     cli = start_cloudtune(slurm_sky, log, "run", "--backend", "skypilot", str(recipe), env=env)
+    def allocated() -> bool:  # an allocation of this run's own cluster (SkyPilot names the job after it)
+        runs = Ledger().runs(1)
+        machine = runs and Ledger().machine_for_run(runs[0]["id"])
+        return bool(machine) and any(machine["name"] in line for line in slurm_sky.cluster.jobs())
+
     try:
-        wait_for("a Slurm allocation", lambda: slurm_sky.cluster.jobs() != [], 300, cli, log)
+        wait_for("a Slurm allocation", allocated, LAUNCH_SECONDS, cli, log)
     finally:
         cli.send_signal(signal.SIGINT)
     cli.wait(timeout=300)
