@@ -228,10 +228,11 @@ def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_ru
     allocation_released(slurm_sky)
 
 
-@pytest.mark.xfail(strict=True, reason="SkyPilot 0.14.1 hands task secrets to the job as plain env vars: on Slurm "
-                   "they are on the command line of `sky.skylet.executor.slurm --env-vars=...` (in `ps` for every "
-                   "user of the node) and in the job's driver script on the node; cloudtune passes them as task "
-                   "`secrets:`. Fix: deliver them as a 0600 file in the upload, as the SSH backend does.")
+@pytest.mark.xfail(strict=True, reason="seen on the localhost Slurm: the training's environment (read from /proc "
+                   "as root) held no HF_TOKEN; and SkyPilot 0.14.1 hands task secrets to a Slurm job as plain env "
+                   "vars on its executor's command line (`--env-vars=`, backends/task_codegen.py), so `ps` shows "
+                   "them to every user of the node. Fix: deliver secrets as a 0600 file in the upload, as the SSH "
+                   "backend does, instead of task `secrets:`.")
 def test_a_forwarded_secret_reaches_the_training_and_is_stored_nowhere(slurm_sky, slurm_run):
     """The secret reaches the training process, and is in no `ps` line, no output, and no file of
     CLOUDTUNE_HOME, the SkyPilot client's HOME (state database, request logs, generated task files) or
