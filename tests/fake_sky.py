@@ -41,6 +41,8 @@ def make_image(root: Path) -> Path:
 class FakeCloud:
     """Duck-types `cloudtune.backends.skypilot.SkyClient`."""
 
+    made: list[FakeCloud] = []  # every fake cloud of this process, for `down_every_cluster`
+
     def __init__(self, root: Path, image: Path, *, enabled: tuple[str, ...] = ("aws", "lambda", "runpod", "gcp"),
                  corrupt_on_pull: bool = False, interrupt_after_lines: int | None = None,
                  fail_after_lines: int | None = None, preempt_on: str | None = None):
@@ -56,6 +58,7 @@ class FakeCloud:
         self._recoveries: dict[str, int] = {}
         self._job_final: dict[int, str] = {}
         (root / "clusters").mkdir(parents=True, exist_ok=True)
+        FakeCloud.made.append(self)
 
     # bookkeeping ---------------------------------------------------------------------------------
 
@@ -289,6 +292,15 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+def down_every_cluster() -> None:
+    """After a test, pass or fail: no training of a fake cluster outlives it (a failed assert skips the
+    test's own teardown)."""
+    while FakeCloud.made:
+        cloud = FakeCloud.made.pop()
+        for name in cloud.status() if (cloud.root / "clusters").is_dir() else {}:
+            cloud.down(name)
 
 
 def _kill(pgid: int) -> None:

@@ -43,7 +43,7 @@ from cloudtune.recipe import DEFAULT_IMAGE, load_recipe
 from cloudtune.remote.watchdog import process_alive as pid_alive
 
 from .conftest import REPO, demo_recipe_text, write_recipe
-from .fake_sky import JOBS_CONTROLLER, FakeCloud, a10_plan, make_image
+from .fake_sky import JOBS_CONTROLLER, FakeCloud, a10_plan, down_every_cluster, make_image
 
 SECRET = "hf_" + "Sk7pilotSecretValue" * 2
 DISK_GIB = {"llama2-7b-qlora-guanaco": 70, "llama2-7b-lora-r8": 80, "llama2-7b-full": 160}
@@ -51,6 +51,12 @@ DISK_GIB = {"llama2-7b-qlora-guanaco": 70, "llama2-7b-lora-r8": 80, "llama2-7b-f
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures
+
+
+@pytest.fixture(autouse=True)
+def no_cluster_outlives_its_test():
+    yield
+    down_every_cluster()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -407,7 +413,7 @@ def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
 
     # `cloudtune logs RUN` from another terminal: the job's log, from the ledger's record of the run.
     reattached = SkyPilotBackend(client=cloud)
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # a loaded machine takes its time to load the model
     while not any("step 1/" in line for line in reattached.logs(
             context_for(reattached, Machine.from_row(Ledger().machine_for_run(run["id"]))), False)):
         assert time.time() < deadline, "no training log through a reattached backend"
