@@ -1,8 +1,8 @@
 """The SkyPilot backend: rent the cheapest GPU that fits through SkyPilot, train there, bring the outputs back.
 
 Built against skypilot==0.14.1 (its client SDK talks to a local API server; calls return request
-ids). Apart from planning/sky_catalog.py, which reads SkyPilot's price catalogs, this is the only
-module that imports sky, and only inside functions.
+ids). Apart from planning/sky_catalog.py, which reads SkyPilot's price catalogs, and skypilot_sdk.py,
+what every SDK call shares, this is the only module that imports sky, and only inside functions.
 
 How the lifecycle maps onto SkyPilot (on-demand):
   provision  sky.launch of a task that holds only resources: the plan's fitting offers, cheapest
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import json
 import math
 import re
@@ -49,11 +50,21 @@ from ..registry import parse_image
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
 from .base import Backend, Bundle, MachineState, Quote, RunContext
-from .capabilities import DryRuns, ListsMachines
+from .capabilities import ChecksSetup, DryRuns, ListsMachines
 from .common import LogCopy, bundle_wheel, saved_log
+from .skypilot_sdk import (
+    ALL_CLOUDS_EXTRA,
+    LocalServer,
+    cloud_report,
+    install_hint,
+    parse_check,
+    sdk_calls,
+    server_info,
+)
 
 SKYPILOT_VERSION = "0.14.1"
 CLUSTER_PREFIX = "ct-"
+JOBS_CONTROLLER_PREFIX = "sky-jobs-controller-"  # sky.utils.common.JOB_CONTROLLER_PREFIX
 # The layout on the machine; scripts/skypilot_*.sh spell the same names.
 REMOTE_DIR = "cloudtune"  # under the remote user's home: upload/, bundle/, out/
 UPLOAD = "upload"
@@ -216,7 +227,11 @@ def to_yaml(config: dict[str, Any]) -> str:
 
 
 def to_task(config: dict[str, Any]):
-    """A sky.Task, validated by SkyPilot's own task schema and resource checks."""
+    """A sky.Task, validated by SkyPilot's own task schema and resource checks (against SkyPilot's
+    catalogs, or the bundled snapshot where it has none: planning/sky_catalog.py)."""
+    from ..planning.sky_catalog import use_catalog_view
+
+    use_catalog_view()
     import sky
     from sky.utils import common_utils, schemas
 
@@ -262,18 +277,44 @@ def bucket_name(cluster: str) -> str:
 # The seam: every call that reaches SkyPilot's API server (and through it, a cloud)
 
 
+@sdk_calls
 class SkyClient:
-    """SkyPilot's SDK, reduced to what cloudtune needs; the tests stand in a fake for this class only."""
+    """SkyPilot's SDK, reduced to what cloudtune needs; the tests stand in a fake for this class only.
+
+    Every method goes through `sdk_calls` (backends/skypilot_sdk.py): SkyPilot's exceptions become one
+    message with a hint, its printing goes to stderr, and a local API server it starts is stopped at exit.
+    """
 
     def __init__(self, progress=None):
         # SkyPilot's provisioning log goes to stderr, so `--json` output on stdout stays clean.
         self.progress = progress or sys.stderr
+        self.server = LocalServer()
 
     def enabled_clouds(self) -> list[str]:
+        """The clouds SkyPilot can use. Its cached check results, or a check run now when there are none:
+        a fresh API server runs its first check in the background, and reading before it ends finds none."""
         import sky
         from sky.client import sdk
 
-        return [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())]
+        enabled = [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())]
+        if enabled:
+            return enabled
+        return self._run_check(io.StringIO())
+
+    def _run_check(self, output) -> list[str]:
+        import sky
+        from sky.client import sdk
+
+        by_workspace = sky.stream_and_get(sdk.check(None, False), output_stream=output) or {}
+        return sorted({cloud.lower() for clouds in by_workspace.values() for cloud, capabilities in clouds.items()
+                       if "compute" in capabilities})
+
+    def check(self, clouds: list[str]) -> dict[str, Any]:
+        """`sky check` run now: each of `clouds` (and every enabled one) with what is missing, and the API server."""
+        output = io.StringIO()
+        enabled = self._run_check(output)
+        return {"clouds": cloud_report(enabled, parse_check(output.getvalue()), clouds),
+                "server": server_info(self.server)}
 
     def launch(self, task, cluster: str, *, autostop_minutes: int) -> str:
         """Ask for the cluster; returns the API server's request id, which `wait_launched` resolves.
@@ -294,17 +335,8 @@ class SkyClient:
 
     def wait_launched(self, request_id: str) -> dict[str, Any]:
         import sky
-        from sky import exceptions
 
-        try:
-            _, handle = sky.stream_and_get(request_id, output_stream=self.progress)
-        except exceptions.NoCloudAccessError:
-            raise CloudtuneError("SkyPilot has no cloud credentials set up.",
-                                 "Run `sky check` to see which clouds are enabled and what is missing.") from None
-        except exceptions.ResourcesUnavailableError as exc:
-            raise CloudtuneError(f"no offer in the plan could be provisioned: {str(exc)[:1500]}",
-                                 "Capacity comes and goes: retry later, or widen the plan (no --gpu, more clouds).") \
-                from None
+        _, handle = sky.stream_and_get(request_id, output_stream=self.progress)
         return launched(handle.launched_resources)
 
     def exec(self, task, cluster: str) -> int:
@@ -314,7 +346,8 @@ class SkyClient:
         return job_id
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
-        """The job's log lines; a stream that drops ends or raises ConnectionError (see `_reattached`)."""
+        """The job's log lines. A stream that drops ends, or raises ConnectionError (not translated by
+        `sdk_calls`, so the backend can tell it from SkyPilot's verdicts and reattach: `_reattached`)."""
         import sky
         from sky import exceptions
 
@@ -322,7 +355,7 @@ class SkyClient:
             for line in sky.tail_logs(cluster, job_id, follow=follow, preload_content=False):
                 if line is not None:
                     yield line
-        except exceptions.ApiServerConnectionError as exc:
+        except (exceptions.ApiServerConnectionError, OSError) as exc:  # OSError: requests' transport errors
             raise ConnectionError(str(exc)) from exc
 
     def job_status(self, cluster: str, job_id: int | None) -> str | None:
@@ -374,7 +407,7 @@ class SkyClient:
             for line in sky.jobs.tail_logs(job_id=job_id, follow=follow, preload_content=False):
                 if line is not None:
                     yield line
-        except exceptions.ApiServerConnectionError as exc:
+        except (exceptions.ApiServerConnectionError, OSError) as exc:  # OSError: requests' transport errors
             raise ConnectionError(str(exc)) from exc
 
     def jobs_status(self, job_id: int) -> str | None:
@@ -421,6 +454,16 @@ class SkyClient:
         import sky
 
         sky.get(sky.storage_delete(bucket))
+
+
+def out_of_reach(exc: BaseException) -> bool:
+    """Whether an error says only that SkyPilot's API server cannot be reached now (a laptop that slept,
+    a changed network), raw or as `sdk_calls` translated it, rather than a verdict on the job."""
+    cause = exc.__cause__ if isinstance(exc, CloudtuneError) and exc.__cause__ is not None else exc
+    if isinstance(cause, OSError):
+        return True
+    sky_exceptions = sys.modules.get("sky.exceptions")
+    return sky_exceptions is not None and isinstance(cause, sky_exceptions.ApiServerConnectionError)
 
 
 def _download_s3_object(bucket, key: str, path: Path) -> None:
@@ -476,7 +519,7 @@ class SkyPilotState(MachineState):
     job_id: int | None = Field(None, description="SkyPilot's job id of the training (cluster job or managed job).")
 
 
-class SkyPilotBackend(Backend, DryRuns, ListsMachines):
+class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
     name = "skypilot"
     State = SkyPilotState
 
@@ -493,6 +536,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
         # and always asks SkyPilot.)
         self._provisioning: set[str] = set()
         self._requested: set[str] = set()
+        self._listed: dict[str, str] | None = None  # every cluster SkyPilot listed for `down`
 
     def quote(self, recipe: Recipe, report) -> Quote:
         """The cheapest offer that fits, priced for the whole run; refused when none fits or over budget."""
@@ -543,6 +587,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
         return {"chosen": candidates[0].as_dict() if candidates else None,
                 "fallbacks": [e.as_dict() for e in candidates[1:]], "task": redacted(config), "yaml": to_yaml(config),
                 "managed_job": recipe.compute.spot, "notes": notes, "snapshot_date": self.plan.snapshot_date,
+                "prices": self.plan.catalog.get("prices", f"prices of {self.plan.snapshot_date}"),
+                "left_out": self.plan.left_out,
                 "task_title": f"SkyPilot task ({kind}; secrets shown as <redacted>)"}
 
     # what the task is made of ---------------------------------------------------------------------
@@ -574,24 +620,21 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
         return ctx.state.managed_job or (ctx.recipe is not None and ctx.recipe.compute.spot)
 
     def usable_candidates(self) -> list[Estimate]:
-        """The plan's offers on clouds SkyPilot can use; a clear error naming `sky check` when none."""
+        """The plan's offers on clouds SkyPilot can use; a clear error naming `cloudtune check` when none."""
         candidates = self._candidates()
-        try:  # the first call that needs SkyPilot's API server (it starts a local one on demand)
-            enabled = set(self.client.enabled_clouds())
-        except (RuntimeError, OSError) as exc:  # how SkyPilot reports a server it cannot reach or start
-            raise CloudtuneError(f"cannot reach SkyPilot's API server: {str(exc)[:500]}",
-                                 "`sky api status` shows the server; `sky check` which clouds it can use.") from None
+        enabled = set(self.client.enabled_clouds())  # the first call that needs SkyPilot's API server
         wanted = sorted({e.offer.cloud for e in candidates})
         if not enabled:
             raise CloudtuneError("SkyPilot has no cloud enabled: no credentials were found for any cloud.",
-                                 f"Run `sky check` to see what each cloud needs; the plan's offers are on "
-                                 f"{', '.join(wanted)}.")
+                                 f"`cloudtune check` (or `sky check`) says what each cloud needs; the plan's offers "
+                                 f"are on {', '.join(wanted)}. Each cloud's libraries come with its pip extra, e.g. "
+                                 f"{install_hint(wanted[0])} (or [{ALL_CLOUDS_EXTRA}] for every cloud).")
         usable = [e for e in candidates if e.offer.cloud.lower() in enabled]
         if not usable:
             raise CloudtuneError(f"the plan's offers are on {', '.join(wanted)}, but SkyPilot has only "
                                  f"{', '.join(sorted(enabled))} enabled.",
-                                 f"Set up credentials for one of {', '.join(wanted)} and run `sky check`, or pass "
-                                 f"--cloud {sorted(enabled)[0]} to plan on an enabled cloud.")
+                                 f"Set up credentials for one of {', '.join(wanted)} (`cloudtune check` says what "
+                                 f"is missing), or pass --cloud {sorted(enabled)[0]} to plan on an enabled cloud.")
         return usable
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -727,7 +770,9 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
                         seen, delay, dropped_at = count, 1.0, None
                         yield line
                 why = "the stream ended"
-            except OSError as exc:  # ConnectionError, and requests' errors when the API server is out of reach
+            except (OSError, CloudtuneError) as exc:
+                if not out_of_reach(exc):
+                    raise
                 why = f"{type(exc).__name__}: {str(exc)[:200]}"
             status = self._job_status(ctx, reachable_only=False)
             if status is None or status in JOB_EXIT:
@@ -751,8 +796,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
             if ctx.machine not in self.client.status([ctx.machine]):
                 return None
             return self.client.job_status(ctx.machine, job_id)
-        except OSError:
-            if reachable_only:
+        except (OSError, CloudtuneError) as exc:
+            if reachable_only or not out_of_reach(exc):
                 raise
             return "UNREACHABLE"
 
@@ -821,7 +866,26 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
 
     def list_machines(self) -> dict[str, str]:
         """Every SkyPilot cluster cloudtune named (ct-...), with its status."""
-        return {name: status for name, status in self.client.status().items() if name.startswith(CLUSTER_PREFIX)}
+        self._listed = self.client.status()
+        return {name: status for name, status in self._listed.items() if name.startswith(CLUSTER_PREFIX)}
+
+    def shared_machines(self) -> dict[str, str]:
+        """SkyPilot's jobs controller, which spot runs launch and which other managed jobs share."""
+        from ..planning.overheads import CONTROLLER_PRICE_PER_HOUR
+
+        listed = self._listed if self._listed is not None else self.client.status()
+        return {name: f"SkyPilot's jobs controller is {status}: it watches spot runs (managed jobs), costs about "
+                      f"${CONTROLLER_PRICE_PER_HOUR:.2f}/h while UP and stops itself 10 idle minutes after the last "
+                      f"job (its disk still costs while STOPPED); `sky down {name}` removes it once no managed job "
+                      "needs it" for name, status in sorted(listed.items()) if name.startswith(JOBS_CONTROLLER_PREFIX)}
+
+    # for `cloudtune check` ---------------------------------------------------------------------------
+
+    def check_setup(self) -> dict[str, Any]:
+        """SkyPilot's check run now, for every cloud cloudtune prices and Slurm."""
+        from ..planning.sky_catalog import bundled_clouds
+
+        return self.client.check([*bundled_clouds(), "slurm"])
 
 
 if __name__ == "__main__":
