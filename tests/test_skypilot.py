@@ -358,6 +358,8 @@ def test_interrupt_or_lost_connection_while_training_tears_down(tmp_path, image,
     calls = [c["call"] for c in cloud.calls()]
     assert calls[-1] == "down" and ("cancel" in calls) == (trouble == "interrupt")
     assert cloud.status() == {}
+    if trouble == "interrupt":  # the cancelled training checkpoints as it stops; that is kept for --resume
+        assert (Path(run["meta"]["checkpoint"]) / "COMPLETE").is_file(), run["meta"]
     assert not any(pid_alive(p) for p in _training_pids(cloud)), "training outlived its cluster"
 
 

@@ -47,10 +47,11 @@ from ..manifest import NOT_PULLED, sha256_file
 from ..planning.planner import Estimate, Plan
 from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
+from ..remote import checkpoints
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
 from .base import Backend, Bundle, MachineState, Quote, RunContext
-from .capabilities import ChecksSetup, DryRuns, ListsMachines
+from .capabilities import ChecksSetup, DryRuns, KeepsCheckpoints, ListsMachines
 from .common import LogCopy, bundle_wheel, saved_log
 from .skypilot_sdk import (
     ALL_CLOUDS_EXTRA,
@@ -83,6 +84,7 @@ CANCEL_WAIT_SECONDS = 120
 # A log stream that drops while the job runs is reopened, with backoff, until this long without a line.
 REATTACH_SECONDS = 15 * 60
 REATTACH_MAX_DELAY = 30.0
+RSYNC_SOURCE_MISSING = 23  # rsync's "partial transfer": here, no checkpoints folder on the machine
 
 # ----------------------------------------------------------------------------------------------
 # The task, as plain data: what `--dry-run` prints and what SkyPilot validates
@@ -519,7 +521,7 @@ class SkyPilotState(MachineState):
     job_id: int | None = Field(None, description="SkyPilot's job id of the training (cluster job or managed job).")
 
 
-class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
+class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpoints):
     name = "skypilot"
     State = SkyPilotState
 
@@ -827,6 +829,29 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
         except Exception as exc:  # noqa: BLE001 - the cloud SDK's errors; a PullFailed keeps the bucket for a retry
             raise CloudtuneError(f"copying the outputs from bucket {bucket} failed: {type(exc).__name__}: "
                                  f"{str(exc)[:1000]}") from None
+
+    def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
+        if self._managed(ctx) or ctx.machine not in self.client.status([ctx.machine]):
+            return None  # a spot run resumes by itself from its bucket; a cluster that is gone holds nothing
+        fetched = dest / ".fetching"
+        shutil.rmtree(fetched, ignore_errors=True)
+        (fetched / checkpoints.CHECKPOINTS).mkdir(parents=True)
+        source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/{checkpoints.CHECKPOINTS}/")
+        done = subprocess.run(["rsync", "-a", source, f"{fetched / checkpoints.CHECKPOINTS}/"],
+                              capture_output=True, text=True)
+        try:
+            if done.returncode not in (0, RSYNC_SOURCE_MISSING):
+                raise CloudtuneError(f"copying the checkpoint from {ctx.machine} failed (exit {done.returncode}): "
+                                     f"{done.stderr.strip()[-500:]}")
+            found = checkpoints.complete(fetched)
+            if not found:
+                return None
+            kept = dest / found[-1].name
+            shutil.rmtree(kept, ignore_errors=True)
+            found[-1].rename(kept)
+            return kept
+        finally:
+            shutil.rmtree(fetched, ignore_errors=True)
 
     def stop(self, ctx: RunContext) -> None:
         job_id = ctx.state.job_id
