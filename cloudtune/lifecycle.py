@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 
 from . import manifest, receipt
 from .backends import registry
-from .backends.base import BUNDLE_FILE, Backend, Quote, RunContext, build_bundle
+from .backends.base import BUNDLE_FILE, Backend, Bundle, Quote, RunContext, build_bundle
 from .backends.capabilities import DryRuns, KeepsCheckpoints, ListsMachines
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
@@ -123,7 +124,25 @@ def preview(recipe: Recipe, backend: Backend, events: Events, continues: Continu
         raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend.name} backend rents "
                              "nothing.", "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
     quote, _ = plan(recipe, backend, events, continues=continues)
-    return backend.dry_run(quote)
+    shown = backend.dry_run(quote)
+    with tempfile.TemporaryDirectory(prefix="cloudtune-dry-run-") as scratch:
+        # The same bundle a run makes before it rents anything (the wheel included), so a dry run fails
+        # where the run would; nothing of it is kept.
+        ctx = RunContext(run_id="dry-run", machine=machine_name("dry-run"), work_dir=Path(scratch),
+                         state=backend.new_state(), recipe=quote.recipe)
+        bundle = make_bundle(backend, ctx, continues)
+        size = bundle.path.stat().st_size
+    shown["bundle"] = {"bytes": size, "sha256": bundle.sha256, "files": bundle.files}
+    shown["notes"] = [*shown.get("notes", []), f"the bundle it ships: {size / 1024:.0f} KiB, "
+                      f"{', '.join(name.removeprefix('bundle/') for name in bundle.files)}"]
+    return shown
+
+
+def make_bundle(backend: Backend, ctx: RunContext, continues: Continuation | None = None) -> Bundle:
+    """The one archive a run ships: recipe, data, what the backend adds (the cloudtune wheel) and the
+    checkpoint a continued run resumes from."""
+    files = backend.bundle_files(ctx) | (continues.bundle_files() if continues else {})
+    return build_bundle(ctx.recipe, ctx.work_dir / BUNDLE_FILE, files)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +227,8 @@ class Launch:
         self.open()
         status, keep_machine = "failed", False
         try:
+            # What can fail here fails before anything is rented.
+            self.bundle = make_bundle(self.backend, self.ctx, self.continues)
             self.provision()
             self.sync()
             self.start()
@@ -223,7 +244,7 @@ class Launch:
         except KeyboardInterrupt:
             status = "cancelled"
             self.events.warn(f"interrupted: stopping run {self.run_id}")
-            self.backend.stop(self.ctx)
+            self.stop_training()
             raise
         except BaseException as exc:
             self.record(error=str(exc))
@@ -259,8 +280,7 @@ class Launch:
 
     def sync(self) -> None:
         self.transition("syncing")
-        files = self.backend.bundle_files(self.ctx) | (self.continues.bundle_files() if self.continues else {})
-        bundle = build_bundle(self.recipe, self.ctx.work_dir / BUNDLE_FILE, files)
+        bundle = self.bundle
         self.events.phase("sync", f"bundle {bundle.path.stat().st_size / 1024:.0f} KiB, sha256 {bundle.sha256[:12]}")
         self.backend.sync(self.ctx, bundle, self.secrets)
 
@@ -302,6 +322,15 @@ class Launch:
         self.ledger.update_run(self.run_id, **receipt.ledger_columns(made))
         self.stopped_early = bool(made.get("budget_stop"))
         return RunResult(run_id=self.run_id, status="succeeded", receipt=made)
+
+    def stop_training(self) -> None:
+        """On Ctrl-C: the backend's failure to stop (a machine still provisioning, an API server gone) is
+        reported, never raised over the interrupt; teardown follows either way."""
+        try:
+            self.backend.stop(self.ctx)
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raised, the run is still torn down
+            self.events.warn(f"could not stop the training on {self.ctx.machine} ({type(exc).__name__}: "
+                             f"{str(exc)[:300]}); tearing the machine down")
 
     def remove_secrets(self) -> None:
         """First thing once the training has ended, before anything that can fail (a full disk under the

@@ -435,6 +435,7 @@ def test_fuzz_cost_and_the_start_of_run_exit_0_or_2_quickly(fuzz_folder, tmp_pat
     code = ("import sys; from pathlib import Path; from tests import test_hostile_input as t\n"
             "from click.testing import CliRunner\n"
             "assert CliRunner().invoke(t.cli, ['cost', str(t.DEMO_RECIPE)]).exit_code == 0  # imports sky, untimed\n"
+            "from cloudtune.wheel import build_wheel; build_wheel()  # the dry run's bundle carries it: built untimed\n"
             "t.fuzz_cost(folder=Path(sys.argv[1]))\n"
             "t.fuzz_run_start(folder=Path(sys.argv[1]))\n")
     done = subprocess.run([sys.executable, "-c", code, str(fuzz_folder)], cwd=tmp_path, capture_output=True,
