@@ -116,6 +116,8 @@ def validate(recipe_path: Path, as_json: bool) -> None:
     if report.truncated_rows:
         table.add_row("truncated", f"{report.truncated_rows:,} rows longer than max_seq_len "
                                    f"{recipe.training.max_seq_len} (longest {report.longest_row_tokens:,})")
+    if report.eval_rows:
+        table.add_row("eval", f"{report.eval_rows:,} rows, {report.eval_tokens:,} tokens ({report.eval_source})")
     console.print(table)
 
 

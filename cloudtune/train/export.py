@@ -20,7 +20,7 @@ PROBE_TOKENS = 64
 
 def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Encoded, state, wall_seconds: float,
            epochs: float, final_loss: float, checkpointed_layers: int, fused_kernels: bool, trainable: int,
-           base_samples: list[str], budget_stop: dict | None = None) -> dict:
+           base_samples: list[str], budget_stop: dict | None = None, evaluation: dict | None = None) -> dict:
     model.eval()
     weights_dir = out / ("adapter" if recipe.uses_lora else "model")
     model.save_pretrained(weights_dir)
@@ -67,6 +67,7 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "attention": model.config._attn_implementation,
         "trainable_params": trainable,
         "budget_stop": budget_stop,  # set when max_cost ended the training before its last step
+        "eval": evaluation,  # the eval loss, its best step and which weights were kept (dataset.eval)
     }
     if recipe.outputs.push_to_hub:
         summary["push_to_hub"] = push(recipe, out)
