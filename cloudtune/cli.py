@@ -328,6 +328,19 @@ def pull(run_ref: str, as_json: bool) -> None:
         console.print(receipt_table(result.receipt))
 
 
+@cli.command()
+@click.argument("run_ref", metavar="RUN", default="last")
+@click.option("--open", "open_it", is_flag=True, help="Open the page in the browser.")
+def report(run_ref: str, open_it: bool) -> None:
+    """Draw RUN's training (loss, eval loss, learning rate, tokens/s) and write an HTML page beside its outputs."""
+    from .report import output_dir_of, write_report
+
+    written = write_report(output_dir_of(run_ref))
+    console.print(f"wrote [bold]{escape(str(written.html))}[/] and {escape(written.png.name)}")
+    if open_it:
+        click.launch(written.html.as_uri())
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, handled as Ctrl-C is: the run is stopped, torn down and marked cancelled."""
 

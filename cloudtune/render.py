@@ -98,6 +98,8 @@ def receipt_table(receipt: dict) -> Table:
                                 "train on, raise --max-cost and run again")
     table.add_row("adapter" if receipt.get("weights_dir") == "adapter" else "model", receipt["weights_path"])
     table.add_row("outputs", receipt["output_dir"])
+    if receipt.get("report"):
+        table.add_row("report", receipt["report"])
     sample = receipt.get("sample")
     if sample:
         table.add_row("sample", f"{escape(sample['prompt'])}\n  before: {escape(sample['base'])}\n"

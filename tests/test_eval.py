@@ -223,7 +223,7 @@ def test_cost_prices_the_evaluations_as_forward_passes(tmp_path):
     assert compared >= 3
 
 
-def test_a_local_run_ships_the_eval_file_and_shows_eval_loss_in_receipt_and_status(tmp_path, monkeypatch):
+def test_a_local_run_ships_the_eval_file_and_its_receipt_shows_eval_loss_sample_and_report(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from cloudtune.cli import cli
@@ -242,6 +242,8 @@ def test_a_local_run_ships_the_eval_file_and_shows_eval_loss_in_receipt_and_stat
     printed = " ".join(result.output.replace("│", " ").split())
     assert f"eval loss {evaluation['best_loss']:.4f} best at step {evaluation['best_step']}" in printed
     assert receipt["sample"]["prompt"] == "What is 3 plus 4?" and "before:" in printed and "after:" in printed
+    assert Path(receipt["report"]).name == "report.html" and Path(receipt["report"]).is_file()
+    assert "report" in printed and (Path(receipt["output_dir"]) / "report.png").is_file()
     status = CliRunner().invoke(cli, ["status", "--json"])
     assert json.loads(status.output)[0]["meta"]["eval_loss"] == evaluation["best_loss"]
     from rich.console import Console

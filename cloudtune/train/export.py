@@ -72,6 +72,7 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
     if recipe.outputs.push_to_hub:
         summary["push_to_hub"] = push(recipe, out)
     (out / "run.json").write_text(json.dumps(summary, indent=1))
+    (out / "recipe.yaml").write_text(recipe.to_yaml())  # what was trained, for the report and for re-runs
     write_manifest(out)
     return summary
 
