@@ -341,6 +341,19 @@ def report(run_ref: str, open_it: bool) -> None:
         click.launch(written.html.as_uri())
 
 
+@cli.command(name="export")
+@click.argument("run_ref", metavar="RUN", default="last")
+@click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(["f16", "q8_0"]),
+              help="Write the merged model as GGUF of this type (repeat for several); needs cloudtune[train].")
+def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:
+    """Write RUN's merged model as GGUF files (llama.cpp, Ollama, LM Studio) beside its outputs, each read back."""
+    from .report import output_dir_of
+    from .train.gguf import export_run
+
+    for written in export_run(output_dir_of(run_ref), list(dict.fromkeys(kinds))):
+        console.print(f"{escape(written['file'])}: {written['bytes']:,} bytes, {written['tensors']} tensors read back")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, handled as Ctrl-C is: the run is stopped, torn down and marked cancelled."""
 

@@ -254,6 +254,9 @@ class OutputsSpec(Strict):
     push_to_hub: str | None = Field(None, description="hub repo id (owner/name); needs HF_TOKEN in secrets")
     samples: list[str] = Field(default_factory=list, description="prompts to generate from after training")
     sample_max_new_tokens: int = Field(64, gt=0, le=4096, description="length of each sample generation")
+    gguf: list[Literal["f16", "q8_0"]] = Field(
+        default_factory=list, description="also write the merged model as GGUF files (llama.cpp, Ollama) of these "
+                                          "types; Llama-layout models")
     keep: Literal["last", "best"] = Field("last", description="which weights to save: after the last step, or at the "
                                                               "lowest eval loss (needs dataset.eval)")
 
