@@ -112,7 +112,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
     table.add_row("dataset", f"{report.source} ({report.format})")
     table.add_row("rows", f"{report.rows:,}")
     exactness = "exact" if report.tokens_exact else "estimated"
-    table.add_row("tokens", f"{report.tokens:,} ({exactness}; tokenizer: {report.tokenizer})")
+    table.add_row("tokens", f"{report.tokens:,} per epoch ({exactness}; tokenizer: {report.tokenizer})")
     if report.truncated_rows:
         table.add_row("truncated", f"{report.truncated_rows:,} rows longer than max_seq_len "
                                    f"{recipe.training.max_seq_len} (longest {report.longest_row_tokens:,})")
@@ -126,7 +126,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 
 
 @cli.command(cls=registry.BackendFlagsCommand)
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.argument("recipe_path", metavar="RECIPE", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
               help=registry.backend_help())
 @click.option("--gpu", help="GPU to rent (A10, A100-80GB, H100, ...); overrides compute.gpu.")
@@ -138,22 +138,33 @@ def validate(recipe_path: Path, as_json: bool) -> None:
               help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
 @click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
                                               "rent nothing.")
+@click.option("--resume", "resume_ref", metavar="RUN",
+              help="Continue RUN (an id, a prefix, or 'last') from the checkpoint it kept when it stopped, on a new "
+                   "machine; RECIPE defaults to RUN's recipe, --backend to RUN's backend.")
 @json_option
-def run(recipe_path: Path, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None,
-        max_cost: float | None, dry_run: bool, as_json: bool, **backend_flags) -> None:
+def run(recipe_path: Path | None, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None,
+        max_cost: float | None, dry_run: bool, resume_ref: str | None, as_json: bool, **backend_flags) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
     from . import lifecycle
     from .recipe import load_recipe, with_compute_overrides
     from .render import RichEvents, receipt_table
 
+    continues = lifecycle.continuation(resume_ref) if resume_ref else None
+    if continues is not None:
+        recipe_path = recipe_path or (Path(continues.recipe_path) if continues.recipe_path else None)
+        if click.get_current_context().get_parameter_source("backend") == click.core.ParameterSource.DEFAULT:
+            backend = continues.backend
+    if recipe_path is None:
+        raise click.UsageError("Missing argument 'RECIPE'" + (" (the run to resume has no recipe file on record)"
+                                                             if continues is not None else "") + ".")
     recipe = with_compute_overrides(load_recipe(recipe_path), gpu=gpu, cloud=list(clouds) or None, spot=spot,
                                     max_cost=max_cost)
     events = RichEvents(err_console if as_json else console)
     chosen = registry.create(backend, backend_flags, events, launching=not dry_run)
     if dry_run:
-        _show_dry_run(lifecycle.preview(recipe, chosen, events), as_json)
+        _show_dry_run(lifecycle.preview(recipe, chosen, events, continues), as_json)
         return
-    result = lifecycle.run(recipe, chosen, events)
+    result = lifecycle.run(recipe, chosen, events, continues=continues)
     if as_json:
         _print_json(result.receipt)
     else:
@@ -217,6 +228,33 @@ def down(run_ref: str | None, dry_run: bool, yes: bool) -> None:
     check_all_gone(results)
 
 
+@cli.command()
+@click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
+              help=registry.backend_help())
+@json_option
+def check(backend: str, as_json: bool) -> None:
+    """Which clouds can be rented on, what each other one is missing, and where SkyPilot's API server runs."""
+    from .backends.capabilities import ChecksSetup
+    from .render import RichEvents, check_table
+
+    chosen = registry.create(backend, {}, RichEvents(err_console))
+    if not isinstance(chosen, ChecksSetup):
+        raise CloudtuneError(f"the {backend} backend rents nothing, so there is nothing to check.",
+                             "Leave out --backend: `cloudtune check` checks SkyPilot's clouds.")
+    report = chosen.check_setup()
+    if as_json:
+        _print_json(report)
+        return
+    console.print(check_table(report["clouds"]))
+    server = report["server"]
+    where = "local" if server["local"] else "remote"
+    console.print(f"SkyPilot API server: {where} at {escape(server['url'])} "
+                  f"({'answering' if server['healthy'] else 'not answering'}; {escape(server['stop'])})")
+    if not any(cloud["enabled"] for cloud in report["clouds"].values()):
+        console.print("[yellow]no cloud is enabled:[/] set up one cloud's credentials and install its extra, "
+                      "then run [bold]cloudtune check[/] again")
+
+
 # ----------------------------------------------------------------------------------------------
 # cost / gpus: dollars per run before renting
 
@@ -242,7 +280,7 @@ def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[st
         _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
         return
     exactness = "exact" if plan.tokens_exact else "estimated"
-    title = (f"{recipe_path}: {plan.tokens:,} tokens ({exactness}), {recipe.method}, "
+    title = (f"{recipe_path}: {plan.tokens:,} tokens over the run ({exactness}), {recipe.method}, "
              f"model shape from {plan.model_source}\n{plan.catalog.get('prices', plan.snapshot_date)}")
     console.print(cost_table(plan, title, top))
     chosen = plan.chosen
@@ -306,7 +344,7 @@ def _show_dry_run(shown: dict, as_json: bool) -> None:
     if as_json:
         _print_json({key: value for key, value in shown.items() if key != "yaml"})
         return
-    console.print(launch_order_table(shown, shown["snapshot_date"]))
+    console.print(launch_order_table(shown, shown["prices"]))
     for note in shown["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"[bold]{escape(shown['task_title'])}[/]:")

@@ -95,7 +95,7 @@ def receipt_table(receipt: dict) -> Table:
     if stop:
         table.add_row("budget", f"max_cost ${stop['max_cost']:,.2f} spent: stopped after step "
                                 f"{stop['stopped_at_step']} of {stop['planned_steps']}, outputs so far kept; to "
-                                "train on, raise --max-cost and run again")
+                                f"train on: cloudtune run --resume {receipt['run_id']} --max-cost USD")
     table.add_row("adapter" if receipt.get("weights_dir") == "adapter" else "model", receipt["weights_path"])
     table.add_row("outputs", receipt["output_dir"])
     if receipt.get("report"):
@@ -202,9 +202,10 @@ def gpus_table(catalog, title: str, specs: dict) -> Table:
     return table
 
 
-def launch_order_table(shown: dict, snapshot_date: str) -> Table:
-    """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks."""
-    table = Table(title=f"launch order: cheapest run first, then fallbacks (prices of {snapshot_date})",
+def launch_order_table(shown: dict, prices: str) -> Table:
+    """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks;
+    `prices` says where the prices come from and of when."""
+    table = Table(title=f"launch order: cheapest run first, then fallbacks ({prices})",
                   title_justify="left")
     table.add_column("try", justify="right", no_wrap=True)
     table.add_column("offer", overflow="fold", max_width=34)
@@ -219,4 +220,17 @@ def launch_order_table(shown: dict, snapshot_date: str) -> Table:
                       f"{estimate['hours_low']:.2f}–{estimate['hours_high']:.2f}",
                       f"${estimate['cost_low']:.2f}–{estimate['cost_high']:.2f}",
                       style="bold green" if i == 1 else None)
+    return table
+
+
+def check_table(clouds: dict[str, dict]) -> Table:
+    """`cloudtune check`: each cloud, enabled or what it is missing, and the pip extra with its libraries."""
+    table = Table(title="clouds SkyPilot can rent on (`sky check`, run now)", title_justify="left")
+    table.add_column("cloud", no_wrap=True)
+    table.add_column("enabled", no_wrap=True)
+    table.add_column("missing", overflow="fold")
+    table.add_column("libraries", overflow="fold")
+    for name, cloud in sorted(clouds.items(), key=lambda item: (not item[1]["enabled"], item[0])):
+        table.add_row(name, "[green]yes[/]" if cloud["enabled"] else "[red]no[/]", escape(cloud["missing"] or ""),
+                      escape(cloud["extra"] or ""), style=None if cloud["enabled"] else "dim")
     return table

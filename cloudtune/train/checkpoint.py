@@ -5,7 +5,6 @@ data order, so a recovered run trains what an uninterrupted one would have.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,9 +16,11 @@ import torch
 
 from ..errors import CloudtuneError
 from ..recipe import Recipe
+from ..remote import checkpoints
 
 KEEP = 2  # the newest is enough to resume; one more in case the disk filled while writing it
 BEST = "best.pt"  # the trainable weights at the lowest eval loss so far (outputs.keep: best)
+COMPLETE = checkpoints.COMPLETE
 
 
 @dataclass
@@ -37,12 +38,6 @@ class State:
     best_eval_loss: float | None = None
     best_step: int = 0
     evals_since_best: int = 0
-
-
-def training_fingerprint(recipe: Recipe) -> str:
-    """What must not change between a run and its resumption (outputs and compute may)."""
-    parts = recipe.model_dump(mode="json", include={"model", "method", "lora", "dataset", "training"})
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -64,11 +59,14 @@ def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State, s
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                partial / "state.pt")
-    (partial / "progress.json").write_text(json.dumps({**asdict(state), "recipe": training_fingerprint(recipe)}))
+    (partial / "progress.json").write_text(json.dumps({**asdict(state), "recipe": recipe.training_fingerprint()}))
     shutil.rmtree(final, ignore_errors=True)
-    os.rename(partial, final)  # only complete checkpoints carry the step-N name
-    for old in complete(out)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    os.rename(partial, final)
+    _write_marker(final)
+    kept = complete(out)[-KEEP:]
+    for old in sorted(root.glob("step-*")):  # older complete ones, and any half-copied folder before the newest
+        if old not in kept and (not kept or old < kept[-1]):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -100,10 +98,17 @@ def _write_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(partial, path)
 
 
+def _write_marker(folder: Path) -> None:
+    marker = folder / COMPLETE
+    with marker.open("w") as handle:
+        handle.write("complete\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def complete(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = out / "checkpoints"
-    return sorted(root.glob("step-*")) if root.is_dir() else []
+    """Complete checkpoints (those with their marker), oldest first."""
+    return checkpoints.complete(out)
 
 
 def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler, scaler=None) -> State | None:
@@ -113,7 +118,7 @@ def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler, scale
     path = found[-1]
     progress = json.loads((path / "progress.json").read_text())
     made_by = progress.pop("recipe", None)
-    if made_by != training_fingerprint(recipe):
+    if made_by != recipe.training_fingerprint():
         raise CloudtuneError(f"{path} was made with different model/method/lora/dataset/training settings, "
                              "so resuming from it would not continue that run.",
                              "Resume with the recipe the run started with, or train into a new --out directory.")

@@ -205,6 +205,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                     break
                 if state.step < steps and budget_clock.spent():
                     budget_stop = budget_clock.stop_record(state.step, steps)
+                    # so that `cloudtune run --resume` can train on from here with more budget
+                    checkpoint.save(out, recipe, model, optimizer, scheduler, state, step_context.scaler)
                     break
                 due = bool(spec.checkpoint_steps) and state.step % spec.checkpoint_steps == 0
                 if state.step < steps and (due or stop_requested()):
@@ -231,7 +233,8 @@ def encode_data(recipe: Recipe, tokenizer) -> tuple[Encoded, Encoded | None]:
     encoded = encode(recipe, tokenizer, rows)
     for note in encoded.notes:
         say(f"note: {note}")
-    say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.trained_tokens} trained tokens per epoch")
+    say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.tokens:,} tokens per epoch, "
+        f"{encoded.trained_tokens:,} of them trained (carry a loss)")
     if not held:
         return encoded, None
     eval_encoded = encode(recipe, tokenizer, held, fmt=encoded.format, part="eval")
