@@ -386,7 +386,12 @@ def report(run_ref: str, open_it: bool) -> None:
 def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:
     """Write RUN's merged model as GGUF files (llama.cpp, Ollama, LM Studio) beside its outputs, each read back."""
     from .report import output_dir_of
-    from .train.gguf import export_run
+
+    try:
+        from .train.gguf import export_run
+    except ImportError as exc:  # the laptop install has no torch; the export merges weights here
+        raise CloudtuneError(f"cloudtune export needs the training packages ({exc.name} is missing).",
+                             "pip install 'cloudtune[train]'") from None
 
     for written in export_run(output_dir_of(run_ref), list(dict.fromkeys(kinds))):
         console.print(f"{escape(written['file'])}: {written['bytes']:,} bytes, {written['tensors']} tensors read back")

@@ -71,7 +71,8 @@ class Evaluation:
         row.update(eval_loss=round(loss, 5), eval_seconds=round(seconds, 3))
         if self._record(state, loss) and self.recipe.outputs.keep == "best":
             checkpoint.save_best(out, model)
-        row.update(best_eval_loss=round(state.best_eval_loss, 5), best_step=state.best_step)
+        if state.best_eval_loss is not None:  # None while every loss so far was NaN or inf
+            row.update(best_eval_loss=round(state.best_eval_loss, 5), best_step=state.best_step)
         return self._should_stop(state)
 
     def _record(self, state: checkpoint.State, loss: float) -> bool:

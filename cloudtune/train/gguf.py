@@ -235,6 +235,11 @@ def _check_fields(path: Path, reader, config, tokenizer) -> None:
 
 def export_gguf(model, tokenizer, out: Path, kinds: list[str], name: str) -> list[dict]:
     """Write and verify one GGUF file per kind under out/gguf/; what run.json says of each."""
+    try:
+        import gguf  # noqa: F401 - its writer and reader are used below, one function each
+    except ImportError:
+        raise CloudtuneError("outputs.gguf needs the gguf package.", "pip install 'cloudtune[train]' (or gguf)") \
+            from None
     written = []
     for kind in kinds:
         path = write_gguf(model, tokenizer, out / GGUF_DIR / f"{name}-{kind}.gguf", kind, name)

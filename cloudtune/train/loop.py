@@ -262,8 +262,8 @@ def _report_step(row: dict, steps: int, print_every: int) -> None:
     evaluated = row.get("eval_loss") is not None
     if step % print_every == 0 or step in (1, steps) or evaluated:
         say(f"step {step}/{steps} loss {row['loss']:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f}"
-            + (f" eval_loss {row['eval_loss']:.4f} (best {row['best_eval_loss']:.4f} at step {row['best_step']})"
-               if evaluated else ""))
+            + (f" eval_loss {row['eval_loss']:.4f}" if evaluated else "")
+            + (f" (best {row['best_eval_loss']:.4f} at step {row['best_step']})" if "best_eval_loss" in row else ""))
 
 
 @dataclass
