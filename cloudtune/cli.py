@@ -116,6 +116,8 @@ def validate(recipe_path: Path, as_json: bool) -> None:
     if report.truncated_rows:
         table.add_row("truncated", f"{report.truncated_rows:,} rows longer than max_seq_len "
                                    f"{recipe.training.max_seq_len} (longest {report.longest_row_tokens:,})")
+    if report.eval_rows:
+        table.add_row("eval", f"{report.eval_rows:,} rows, {report.eval_tokens:,} tokens ({report.eval_source})")
     console.print(table)
 
 
@@ -362,6 +364,37 @@ def pull(run_ref: str, as_json: bool) -> None:
         _print_json(result.receipt)
     else:
         console.print(receipt_table(result.receipt))
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN", default="last")
+@click.option("--open", "open_it", is_flag=True, help="Open the page in the browser.")
+def report(run_ref: str, open_it: bool) -> None:
+    """Draw RUN's training (loss, eval loss, learning rate, tokens/s) and write an HTML page beside its outputs."""
+    from .report import output_dir_of, write_report
+
+    written = write_report(output_dir_of(run_ref))
+    console.print(f"wrote [bold]{escape(str(written.html))}[/] and {escape(written.png.name)}")
+    if open_it:
+        click.launch(written.html.as_uri())
+
+
+@cli.command(name="export")
+@click.argument("run_ref", metavar="RUN", default="last")
+@click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(["f16", "q8_0"]),
+              help="Write the merged model as GGUF of this type (repeat for several); needs cloudtune[train].")
+def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:
+    """Write RUN's merged model as GGUF files (llama.cpp, Ollama, LM Studio) beside its outputs, each read back."""
+    from .report import output_dir_of
+
+    try:
+        from .train.gguf import export_run
+    except ImportError as exc:  # the laptop install has no torch; the export merges weights here
+        raise CloudtuneError(f"cloudtune export needs the training packages ({exc.name} is missing).",
+                             "pip install 'cloudtune[train]'") from None
+
+    for written in export_run(output_dir_of(run_ref), list(dict.fromkeys(kinds))):
+        console.print(f"{escape(written['file'])}: {written['bytes']:,} bytes, {written['tensors']} tensors read back")
 
 
 class Terminated(KeyboardInterrupt):

@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import manifest, receipt
+from . import manifest, receipt, report
 from .backends import registry
 from .backends.base import BUNDLE_FILE, Backend, Bundle, Quote, RunContext, build_bundle
 from .backends.capabilities import DryRuns, KeepsCheckpoints, ListsMachines
@@ -318,7 +318,7 @@ class Launch:
         wall_seconds = round(time.time() - self.started, 1)
         made = receipt.build(pulled, run_id=self.run_id, backend=self.backend.name, machine=self.ctx.machine,
                              wall_seconds=wall_seconds, output_dir=self.output_dir, price=self.price)
-        receipt.write(made, self.output_dir)
+        write_receipt_and_report(made, self.output_dir, self.events)
         self.ledger.update_run(self.run_id, **receipt.ledger_columns(made))
         self.stopped_early = bool(made.get("budget_stop"))
         return RunResult(run_id=self.run_id, status="succeeded", receipt=made)
@@ -436,6 +436,15 @@ def fetch_outputs(backend: Backend, ctx: RunContext, output_dir: Path) -> dict[s
 # after a run: pull again, tear down
 
 
+def write_receipt_and_report(made: dict[str, Any], output_dir: Path, events: Events) -> None:
+    """The receipt, naming the report drawn from the outputs just installed."""
+    try:
+        made["report"] = str(report.write_report(output_dir, made).html)
+    except Exception as exc:  # noqa: BLE001 - a picture must never cost the run its receipt
+        events.warn(f"no report: {type(exc).__name__}: {exc}; `cloudtune report {made['run_id']}` tries again")
+    receipt.write(made, output_dir)
+
+
 def pull_again(run_ref: str, events: Events, *, ledger: Ledger | None = None,
                backend_for: BackendFor | None = None) -> RunResult:
     """`cloudtune pull RUN`: fetch the outputs of a run whose pull failed, then tear its machine down."""
@@ -453,7 +462,7 @@ def pull_again(run_ref: str, events: Events, *, ledger: Ledger | None = None,
     made = receipt.build(pulled, run_id=run_row["id"], backend=backend.name, machine=ctx.machine,
                          wall_seconds=run_row["wall_seconds"], output_dir=output_dir,
                          price=receipt.estimate_columns(run_row) or None)
-    receipt.write(made, output_dir)
+    write_receipt_and_report(made, output_dir, events)
     ledger.update_run(run_row["id"], status="succeeded", error=None, **receipt.ledger_columns(made))
     ctx.state.pull_failed = False
     teardown_one(backend, ctx, ledger, events)

@@ -42,8 +42,10 @@ def _rows(model: type[BaseModel], prefix: str, sections: list) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            sections.append((f"{prefix}{name}", annotation))
+        # an optional section (`X | None`) lists its fields as a required one does
+        for member in (annotation, *typing.get_args(annotation)):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                sections.append((f"{prefix}{name}", member))
         rows.append(f"| `{prefix}{name}` | {_type_name(annotation)} | {_default(field)} | "
                     f"{(field.description or '').replace('|', '/')} |")
     return rows

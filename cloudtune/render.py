@@ -75,6 +75,9 @@ def receipt_table(receipt: dict) -> Table:
     table.add_row("tokens trained", f"{receipt.get('tokens', 0):,} over {receipt.get('steps')} steps")
     table.add_row("tokens/s", f"{receipt.get('tokens_per_s', 0):,.0f}")
     table.add_row("final loss", f"{receipt.get('final_loss', float('nan')):.4f}")
+    evaluation = receipt.get("eval")
+    if evaluation:
+        table.add_row("eval loss", eval_summary(evaluation, receipt.get("steps")))
     if receipt.get("peak_gpu_gib") is not None:
         table.add_row("peak GPU memory", f"{receipt['peak_gpu_gib']:.1f} GiB")
     estimate = receipt.get("estimate")
@@ -95,12 +98,32 @@ def receipt_table(receipt: dict) -> Table:
                                 f"train on: cloudtune run --resume {receipt['run_id']} --max-cost USD")
     table.add_row("adapter" if receipt.get("weights_dir") == "adapter" else "model", receipt["weights_path"])
     table.add_row("outputs", receipt["output_dir"])
+    if receipt.get("report"):
+        table.add_row("report", receipt["report"])
+    sample = receipt.get("sample")
+    if sample:
+        table.add_row("sample", f"{escape(sample['prompt'])}\n  before: {escape(sample['base'])}\n"
+                                f"  after:  {escape(sample['tuned'])}")
     return table
+
+
+def eval_summary(evaluation: dict, steps: int | None) -> str:
+    """The eval loss in one line: the best and where, the last, what was kept and whether it stopped early."""
+    if evaluation.get("best_loss") is None:
+        return "no evaluation ran"
+    text = (f"{evaluation['best_loss']:.4f} best at step {evaluation['best_step']}, {evaluation['loss']:.4f} last "
+            f"({evaluation['evaluations']} evaluations of {evaluation['rows']} rows)")
+    if evaluation.get("stopped_early"):
+        text += f"; stopped early after step {steps}"
+    if evaluation.get("kept") == "best":
+        text += f"; weights of step {evaluation['kept_step']} kept"
+    return text
 
 
 def runs_table(runs: list[dict]) -> Table:
     table = Table(title="runs", title_justify="left")
-    for column in ("run", "name", "backend", "status", "started", "wall", "est time", "tokens", "est $", "actual $"):
+    for column in ("run", "name", "backend", "status", "started", "wall", "est time", "tokens", "est $", "actual $",
+                   "eval loss"):
         table.add_column(column)
     for run in runs:
         colour = STATUS_COLOURS.get(run["status"], "cyan")
@@ -114,8 +137,12 @@ def runs_table(runs: list[dict]) -> Table:
                       _hours(run["est_hours_low"], run["est_hours_high"]) if run.get("est_hours_low") is not None
                       else "-",
                       f"{run['tokens']:,}" if run.get("tokens") else "-",
-                      estimate, actual)
+                      estimate, actual, _eval_cell(run.get("meta") or {}))
     return table
+
+
+def _eval_cell(meta: dict) -> str:
+    return f"{meta['eval_loss']:.4f} @{meta['eval_step']}" if meta.get("eval_loss") is not None else "-"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ FORBIDDEN = {
     "cloudtune.train": ["cloudtune.cli", "cloudtune.render", "cloudtune.backends", "cloudtune.lifecycle",
                         "cloudtune.ledger"],
     "cloudtune.render": ["cloudtune.backends", "cloudtune.lifecycle", "cloudtune.train"],
+    "cloudtune.report": ["cloudtune.cli", "cloudtune.render", "cloudtune.backends", "cloudtune.lifecycle",
+                         "cloudtune.train"],
 }
 # third-party package -> the only modules (prefixes) allowed to import it
 CONFINED = {
@@ -39,6 +41,8 @@ CONFINED = {
     "transformers": ["cloudtune.train", "cloudtune.datasets"],
     "sky": ["cloudtune.backends.skypilot", "cloudtune.backends.skypilot_sdk", "cloudtune.planning.sky_catalog"],
     "paramiko": ["cloudtune.backends.ssh"],
+    "matplotlib": ["cloudtune.report"],
+    "gguf": ["cloudtune.train"],
 }
 
 

@@ -167,7 +167,8 @@ def test_missing_secret_is_a_user_error(tmp_path, monkeypatch):
 def test_cli_stays_light(command, tmp_path):
     code = (f"import sys; from cloudtune.cli import main; sys.argv=['cloudtune', *{command!r}]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'sky', 'peft', 'paramiko') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'sky', 'peft', 'paramiko', 'matplotlib', 'gguf')\n"
+            "         if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ}).stdout

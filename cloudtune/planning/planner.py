@@ -128,7 +128,8 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
                           setup.lora_targets if recipe.uses_lora else ())
     tps_low, tps_high = gpu_tokens_per_second(offer.gpu, step, setup.impl.fused_loss)
     checkpointing = checkpointing_note(recomputed, model.shape.layers)
-    train_low, train_high = (seconds / 3600 for seconds in train_seconds(processed_range(work), (tps_low, tps_high)))
+    train_low, train_high = (seconds / 3600 for seconds in train_seconds(processed_range(work, step.passes),
+                                                                              (tps_low, tps_high)))
     over_low, over_high, over_what = overhead_hours(recipe, model, setup, offer.cloud)
     hours_low, hours_high = train_low + over_low, train_high + over_high
     spot = spot and offer.spot_price_per_hour is not None
@@ -188,6 +189,9 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     work = plan_work(recipe, report)
     if work.note:
         notes.append(work.note)
+    if work.evaluations and report.eval_tokens:
+        notes.append(f"dataset.eval: {work.evaluations} evaluations of {report.eval_tokens:,} held-out tokens, "
+                     "priced as forward passes (no gradients)")
     if not model.exact:
         notes.append(f"model shape {model.source}")
     estimates = [estimate_offer(recipe, report, model, offer, spot) for offer in candidates]
