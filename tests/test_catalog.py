@@ -76,11 +76,11 @@ def test_offers_are_read_through_skypilot_offline_then_from_the_cache(tmp_path, 
     assert {o["cloud"] for o in data["offers"]} == set(bundled_clouds())
     assert {"lambda", "vast", "runpod", "aws", "gcp", "azure"} <= set(bundled_clouds())
     assert all(s == {"origin": "bundled snapshot", "date": snapshot_date()} for s in data["sources"].values())
-    prices = [o["price_per_hour"] for o in data["offers"]]
+    prices = [o["usd_per_hour"] for o in data["offers"]]
     assert prices == sorted(prices)
     # SkyPilot prices a GCP GPU as accelerator + host VM; cloudtune shows SkyPilot's sum
     gcp_a100 = next(o for o in data["offers"] if o["cloud"] == "gcp" and o["instance_type"] == "a2-highgpu-1g")
-    assert gcp_a100["gpu"] == "A100" and gcp_a100["price_per_hour"] > 0.81406  # more than the host alone
+    assert gcp_a100["gpu"] == "A100" and gcp_a100["usd_per_hour"] > 0.81406  # more than the host alone
     # each catalog row keeps the name SkyPilot uses, while `gpu` is cloudtune's normalised one
     runpod_h100 = next(o for o in data["offers"] if o["instance_type"] == "1x_H100-SXM_SECURE")
     assert (runpod_h100["gpu"], runpod_h100["accelerator"]) == ("H100", "H100-SXM")
@@ -115,7 +115,7 @@ def test_a_catalog_skypilot_already_has_is_used_not_overwritten(tmp_path, ct_hom
     assert "0.55" in (catalogs / "lambda" / "vms.csv").read_text()
     result = cli(sky_env(home, ct_home), "gpus", "--json", "--cloud", "lambda", "--gpu", "A10")
     data = json.loads(result.stdout)
-    assert [o["price_per_hour"] for o in data["offers"] if o["instance_type"] == "gpu_1x_a10"] == [0.55]
+    assert [o["usd_per_hour"] for o in data["offers"] if o["instance_type"] == "gpu_1x_a10"] == [0.55]
     assert data["sources"]["lambda"]["origin"] == "SkyPilot catalog"
     assert "0.55" in (catalogs / "lambda" / "vms.csv").read_text()
 
