@@ -21,8 +21,10 @@ from .backends import registry
 from .errors import handle
 from .secrets import redact
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# no emoji codes: a message quoting `--gpu A10:x` must not print a red cross
+console = Console(highlight=False, emoji=False)
+err_console = Console(stderr=True, highlight=False, emoji=False)
+
 
 def _show_error(message: str, hint: str | None) -> None:
     # soft_wrap keeps paths and commands whole for copy-paste
@@ -96,7 +98,7 @@ def _backend(_ctx, _param, name: str) -> str:
 
 gpu_option = click.option("--gpu", callback=_gpu, metavar="NAME[:COUNT]",
                           help="GPU to rent (A10, A100-80GB, H100, ...; A10 also matches A10G, A100 and H100 "
-                               "their variants); NAME:COUNT also sets compute.gpu_count.")
+                               "match their variants); NAME:COUNT also sets compute.gpu_count.")
 clouds_option = click.option("--cloud", "clouds", multiple=True, callback=_clouds, metavar="CLOUD[,CLOUD]",
                              help="Only these clouds (comma-separated, or repeat the option).")
 

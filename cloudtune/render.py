@@ -96,7 +96,7 @@ def widest_that_fits(width: int, *tables: Table) -> Table:
     """The first of `tables` (the most columns first) that shows every value of its unwrapped columns,
     and every word of the others, whole in `width` columns; the last one (the fewest columns) otherwise."""
     for table in tables[:-1]:
-        probe = Console(width=width, file=io.StringIO(), record=True, color_system=None)
+        probe = Console(width=width, file=io.StringIO(), record=True, color_system=None, emoji=False)
         probe.print(table)
         shown = probe.export_text()
         cells = [Text.from_markup(str(cell)).plain for column in table.columns if column.no_wrap
