@@ -177,7 +177,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 
 
 @cli.command(cls=registry.BackendFlagsCommand)
-@click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.argument("recipe_path", metavar="RECIPE", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
               callback=_backend, help=registry.backend_help())
 @gpu_option
@@ -188,22 +188,34 @@ def validate(recipe_path: Path, as_json: bool) -> None:
               help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
 @click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
                                               "rent nothing.")
+@click.option("--resume", "resume_ref", metavar="RUN",
+              help="Continue RUN (an id, a prefix, or 'last') from the checkpoint it kept when it stopped, on a new "
+                   "machine; RECIPE defaults to RUN's recipe, --backend to RUN's backend.")
 @json_option
-def run(recipe_path: Path, backend: str, gpu: tuple[str | None, int | None], clouds: list[str] | None,
-        spot: bool | None, max_cost: float | None, dry_run: bool, as_json: bool, **backend_flags) -> None:
+def run(recipe_path: Path | None, backend: str, gpu: tuple[str | None, int | None], clouds: list[str] | None,
+        spot: bool | None, max_cost: float | None, dry_run: bool, resume_ref: str | None, as_json: bool,
+        **backend_flags) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
     from . import lifecycle
     from .recipe import load_recipe, with_compute_overrides
     from .render import RichEvents, receipt
 
+    continues = lifecycle.continuation(resume_ref) if resume_ref else None
+    if continues is not None:
+        recipe_path = recipe_path or (Path(continues.recipe_path) if continues.recipe_path else None)
+        if click.get_current_context().get_parameter_source("backend") == click.core.ParameterSource.DEFAULT:
+            backend = continues.backend
+    if recipe_path is None:
+        raise click.UsageError("Missing argument 'RECIPE'" + (" (the run to resume has no recipe file on record)"
+                                                             if continues is not None else "") + ".")
     recipe = with_compute_overrides(load_recipe(recipe_path), gpu=gpu[0], gpu_count=gpu[1], cloud=clouds, spot=spot,
                                     max_cost=max_cost)
     events = RichEvents(err_console if as_json else console)
     chosen = registry.create(backend, backend_flags, events, launching=not dry_run)
     if dry_run:
-        _show_dry_run(lifecycle.preview(recipe, chosen, events), as_json)
+        _show_dry_run(lifecycle.preview(recipe, chosen, events, continues), as_json)
         return
-    result = lifecycle.run(recipe, chosen, events)
+    result = lifecycle.run(recipe, chosen, events, continues=continues)
     if as_json:
         _print_json(result.receipt)
     else:

@@ -7,6 +7,7 @@ happens in `finally` whatever went wrong, so nothing cloudtune starts can be for
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -23,18 +24,21 @@ from pydantic import ValidationError
 from . import manifest, receipt, units
 from .backends import registry
 from .backends.base import BUNDLE_FILE, Backend, Quote, RunContext, build_bundle
-from .backends.capabilities import DryRuns, ListsMachines
+from .backends.capabilities import DryRuns, KeepsCheckpoints, ListsMachines
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
 from .events import Events
 from .ledger import FINAL_RUN_STATUSES, LEDGER_FILE, Ledger, LedgerError, machine_name
 from .paths import home, runs_dir
 from .recipe import Recipe
+from .remote import checkpoints
 from .remote.budget import budget_for
+from .remote.checkpoints import RESUME_FROM_ENV
 from .remote.watchdog import process_alive
 from .secrets import Redactor, collect, redact
 
 LOG_TAIL_LINES = 25
+CARRIED_CHECKPOINT = "checkpoint"  # in a run's work dir (kept from its machine) and in a resumed run's bundle
 MIN_FREE_BYTES = 100 * 2**20  # logs, the ledger, receipts, a small adapter
 BUNDLE_OVERHEAD_BYTES = 2**20  # the bundle beyond its dataset: recipe, scripts
 
@@ -99,24 +103,27 @@ def context_for(backend: Backend, machine: Machine, recipe: Recipe | None = None
 # before anything starts
 
 
-def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport | None = None
-         ) -> tuple[Quote, DatasetReport]:
+def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport | None = None,
+         continues: Continuation | None = None) -> tuple[Quote, DatasetReport]:
     """Read and count the data, then let the backend say where the run goes and what it costs."""
     report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
     events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens ({report.format})")
     quote = backend.quote(recipe, report)
+    if continues is not None:
+        continues.check(quote.recipe)  # the recipe as it will train, fitted to the chosen offer
     events.phase("plan", quote.summary)
     for note in quote.notes:
         events.note(note)
     return quote, report
 
 
-def preview(recipe: Recipe, backend: Backend, events: Events) -> dict[str, Any]:
+def preview(recipe: Recipe, backend: Backend, events: Events, continues: Continuation | None = None
+            ) -> dict[str, Any]:
     """`run --dry-run`: the plan and what would be launched; nothing is rented."""
     if not isinstance(backend, DryRuns):
         raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend.name} backend rents "
                              "nothing.", "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
-    quote, _ = plan(recipe, backend, events)
+    quote, _ = plan(recipe, backend, events, continues=continues)
     return backend.dry_run(quote)
 
 
@@ -125,18 +132,60 @@ def preview(recipe: Recipe, backend: Backend, events: Events) -> dict[str, Any]:
 
 
 def run(recipe: Recipe, backend: Backend, events: Events | None = None, *, ledger: Ledger | None = None,
-        report: DatasetReport | None = None, resume: bool = False) -> RunResult:
-    """Plan, then run on the backend end to end; raises RunFailed/PullFailed with what to do."""
+        report: DatasetReport | None = None, continues: Continuation | None = None) -> RunResult:
+    """Plan, then run on the backend end to end; raises RunFailed/PullFailed with what to do.
+    `continues`: an earlier run's kept checkpoint to train on from (`run --resume`)."""
     events = events or backend.events
-    quote, _ = plan(recipe, backend, events, report)
-    return Launch(quote, backend, events, ledger or Ledger()).execute(resume=resume)
+    quote, _ = plan(recipe, backend, events, report, continues)
+    return Launch(quote, backend, events, ledger or Ledger(), continues).execute()
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A stopped run's checkpoint, kept on this machine, that a new run carries and resumes from."""
+    run_id: str
+    checkpoint: Path
+    recipe_path: str | None  # what the run trained, the default recipe of its continuation
+    backend: str
+
+    def check(self, recipe: Recipe) -> None:
+        """Refused before anything is rented when the recipe no longer trains what the checkpoint was made by."""
+        progress = self.checkpoint / "progress.json"
+        try:
+            made_by = json.loads(progress.read_text()).get("recipe")
+        except (OSError, ValueError, AttributeError):
+            raise CloudtuneError(f"run {self.run_id}: its checkpoint {self.checkpoint} is missing or damaged.",
+                                 "Start the run anew without --resume.") from None
+        if made_by != recipe.training_fingerprint():
+            raise CloudtuneError(f"{recipe.source or 'the recipe'} no longer trains what run {self.run_id} trained: "
+                                 "its model, method, lora, dataset or training settings changed since, so resuming "
+                                 "would not continue that run.",
+                                 "Resume with the recipe (and data) as they were, or start a new run without --resume.")
+
+    def bundle_files(self) -> dict[str, Path]:
+        return {f"{CARRIED_CHECKPOINT}/{self.checkpoint.name}/{path.relative_to(self.checkpoint)}": path
+                for path in sorted(self.checkpoint.rglob("*")) if path.is_file()}
+
+
+def continuation(run_ref: str, ledger: Ledger | None = None) -> Continuation:
+    """The run `run --resume RUN` continues and the checkpoint it kept; refused when it kept none."""
+    run_row = (ledger or Ledger()).get_run(run_ref)
+    if not run_row["meta"].get("checkpoint"):
+        raise CloudtuneError(f"run {run_row['id']} ({run_row['status']}) kept no checkpoint to resume from.",
+                             "An interrupted run or one max_cost stopped keeps one; a failed run only when "
+                             "training.checkpoint_steps saved one before it failed. Start it anew without --resume.")
+    return Continuation(run_id=run_row["id"], checkpoint=Path(run_row["meta"]["checkpoint"]),
+                        recipe_path=run_row["recipe_path"] or None, backend=run_row["backend"])
 
 
 class Launch:
     """One run of one recipe on one backend, from its ledger row to its teardown."""
 
-    def __init__(self, quote: Quote, backend: Backend, events: Events, ledger: Ledger):
+    def __init__(self, quote: Quote, backend: Backend, events: Events, ledger: Ledger,
+                 continues: Continuation | None = None):
         self.recipe = quote.recipe
+        self.continues = continues
+        self.stopped_early = False  # the training ended before its last step: its checkpoint is kept
         self.price = quote.price
         self.backend = backend
         self.events = events
@@ -155,14 +204,14 @@ class Launch:
         self.machine_status = status or self.machine_status
         self.ledger.set_machine(self.ctx.machine, self.machine_status, **self.ctx.state.model_dump(mode="json"))
 
-    def execute(self, resume: bool = False) -> RunResult:
+    def execute(self) -> RunResult:
         check_free_space(self.recipe, outputs_base(self.recipe))
         self.open()
         status, keep_machine = "failed", False
         try:
             self.provision()
             self.sync()
-            self.start(resume)
+            self.start()
             self.train()
             try:
                 result = self.pull()
@@ -200,7 +249,10 @@ class Launch:
         self.ctx = RunContext(run_id=self.run_id, machine=machine_name(self.run_id),
                               work_dir=runs_dir() / self.run_id, state=self.backend.new_state(), recipe=recipe)
         self.ledger.update_run(self.run_id, output_dir=str(self.output_dir),
-                               meta={"secret_names": list(recipe.secrets), "launcher": launcher_identity()})
+                               meta={"secret_names": list(recipe.secrets), "launcher": launcher_identity(),
+                                     **({"continues": self.continues.run_id} if self.continues else {})})
+        if self.continues:
+            self.ledger.update_run(self.continues.run_id, meta={"continued_by": self.run_id})
         self.events.phase("run", f"{self.run_id} ({self.backend.name})")
         self.ledger.add_machine(self.ctx.machine, self.run_id, self.backend.name)
 
@@ -212,18 +264,23 @@ class Launch:
 
     def sync(self) -> None:
         self.transition("syncing")
-        bundle = build_bundle(self.recipe, self.ctx.work_dir / BUNDLE_FILE, self.backend.bundle_files(self.ctx))
+        files = self.backend.bundle_files(self.ctx) | (self.continues.bundle_files() if self.continues else {})
+        bundle = build_bundle(self.recipe, self.ctx.work_dir / BUNDLE_FILE, files)
         self.events.phase("sync", f"bundle {bundle.path.stat().st_size / 1024:.0f} KiB, sha256 {bundle.sha256[:12]}")
         self.backend.sync(self.ctx, bundle, self.secrets)
 
-    def start(self, resume: bool) -> None:
+    def start(self) -> None:
         price_per_hour = (self.price or {}).get("price_per_hour")
         budget = budget_for(self.recipe.compute.max_cost, price_per_hour, time.time() - self.started)
         if budget is not None:
             self.ctx.train_env.update(budget.env())
             self.events.note(f"max_cost {units.money(budget.max_cost)} at {units.per_hour(budget.price_per_hour)}: "
                              f"the training stops with its outputs so far after {units.duration(budget.train_seconds)}")
-        self.backend.start(self.ctx, resume=resume)
+        if self.continues:
+            self.ctx.train_env[RESUME_FROM_ENV] = f"bundle/{CARRIED_CHECKPOINT}/{self.continues.checkpoint.name}"
+            self.events.note(f"continuing run {self.continues.run_id} from its checkpoint "
+                             f"{self.continues.checkpoint.name}")
+        self.backend.start(self.ctx, resume=self.continues is not None)
         self.transition("running")
 
     def train(self) -> None:
@@ -236,7 +293,8 @@ class Launch:
         if code != 0 and self.torn_down_elsewhere():
             raise StoppedByDown(f"run {self.run_id}: stopped by `cloudtune down` (from another terminal) before "
                                 "its training ended; nothing was pulled.",
-                                f"Its log so far: cloudtune logs {self.run_id}")
+                                f"Its log so far: `cloudtune logs {self.run_id}`; where `down` kept its checkpoint, "
+                                f"`cloudtune run --resume {self.run_id}` trains on from it.")
         if code != 0:
             why = (f"exited with status {code}" if code is not None else
                    "ended without an exit status (killed, or its disk was too full to write one?)")
@@ -260,6 +318,7 @@ class Launch:
                              wall_seconds=wall_seconds, output_dir=self.output_dir, price=self.price)
         receipt.write(made, self.output_dir)
         self.ledger.update_run(self.run_id, **receipt.ledger_columns(made))
+        self.stopped_early = bool(made.get("budget_stop"))
         return RunResult(run_id=self.run_id, status="succeeded", receipt=made)
 
     def remove_secrets(self) -> None:
@@ -287,7 +346,28 @@ class Launch:
             self.save_machine("up")
             self.events.warn(f"{self.ctx.machine} is left up with the outputs on it. " + retry_pull_hint(self.run_id))
         else:
+            if status != "succeeded" or self.stopped_early:
+                keep_checkpoint(self.backend, self.ctx, self.ledger, self.events)
             teardown_one(self.backend, self.ctx, self.ledger, self.events)
+
+
+def keep_checkpoint(backend: Backend, ctx: RunContext, ledger: Ledger, events: Events) -> Path | None:
+    """A run that ended before its last step keeps its newest checkpoint here, off the machine that is
+    about to go, so `run --resume` can train on from it anywhere. Never raises: teardown comes next."""
+    if not isinstance(backend, KeepsCheckpoints):
+        return None
+    try:
+        kept = backend.fetch_checkpoint(ctx, ctx.work_dir / CARRIED_CHECKPOINT)
+        if kept is not None:
+            ledger.update_run(ctx.run_id, meta={"checkpoint": str(kept)})
+    except Exception as exc:  # noqa: BLE001 - reported; the teardown that follows must still run
+        events.warn(f"could not keep the newest checkpoint of {ctx.machine} ({type(exc).__name__}: {exc}); "
+                    "the run cannot be resumed")
+        return None
+    if kept is not None:
+        events.note(f"checkpoint of step {checkpoints.step_of(kept)} kept in {kept}: "
+                    f"`cloudtune run --resume {ctx.run_id}` trains on from it")
+    return kept
 
 
 class StoppedByDown(RunFailed):
@@ -535,6 +615,11 @@ def _tear_down_machine(machine: Machine, ledger: Ledger, events: Events, backend
         if not ledger.machine_for_run(machine.run_id):  # a machine only its backend knew: give it a row
             _adopt(ledger, machine)
         ctx = context_for(backend, machine)
+        if ledger.get_run(machine.run_id)["status"] != "succeeded":
+            # said first, so that a CLI still watching this run reads why its training stopped
+            ledger.set_machine(machine.name, "terminating")
+            backend.stop(ctx)  # the training saves a checkpoint as it stops, which is then kept
+            keep_checkpoint(backend, ctx, ledger, events)
     except Exception as exc:  # noqa: BLE001 - reported like a failed teardown, and the loop goes on
         problem = f"cannot tear down {machine.name}: {getattr(exc, 'message', exc)}"
         ledger.set_machine(machine.name, "unknown")

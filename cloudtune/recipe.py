@@ -330,6 +330,15 @@ class Recipe(Strict):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def training_fingerprint(self) -> str:
+        """What must not change between a run and its resumption (outputs and compute may). A local dataset
+        counts by its content, not where it lies: the laptop and every machine the run moves to agree."""
+        parts = self.model_dump(mode="json", include={"model", "method", "lora", "dataset", "training"})
+        dataset_file = self.dataset_file()
+        if dataset_file is not None and dataset_file.is_file():
+            parts["dataset"]["path"] = _content_hash(dataset_file)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
@@ -562,3 +571,19 @@ def with_compute_overrides(recipe: Recipe, **overrides: Any) -> Recipe:
         flag = "--" + str(problem["loc"][0]).replace("_", "-") if problem["loc"] else "an option"
         raise CloudtuneError(f"{flag}: {problem['msg']}.", "Fix the option, or set compute in the recipe.") from None
     return recipe.model_copy(update={"compute": compute})
+
+
+_content_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a file, read once per process for a given size and mtime (a checkpoint is saved every N steps)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _content_hashes:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+        _content_hashes[key] = digest.hexdigest()
+    return _content_hashes[key]

@@ -142,7 +142,7 @@ def receipt(console: Console, made: dict) -> None:
     if stop:
         rows.append(("budget", f"max_cost {units.money(stop['max_cost'])} spent: stopped after step "
                                f"{stop['stopped_at_step']} of {stop['planned_steps']}, outputs so far kept; to "
-                               "train on, raise --max-cost and run again"))
+                               f"train on: cloudtune run --resume {made['run_id']} --max-cost USD"))
     rows += [("adapter" if made.get("weights_dir") == "adapter" else "model", made["weights_path"]),
              ("outputs", made["output_dir"])]
     facts(console, "receipt", rows)

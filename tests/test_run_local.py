@@ -106,6 +106,7 @@ def test_ctrl_c_sigterm_and_sighup_cancel_stop_the_training_and_are_recorded(tmp
     run = Ledger().get_run(run["id"])
     assert run["status"] == "cancelled"
     assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
+    assert (Path(run["meta"]["checkpoint"]) / "state.pt").is_file(), "the stopped run keeps what it trained"
 
 
 def test_a_killed_cli_takes_its_training_down_and_down_cleans_up(tmp_path, ct_home):
@@ -120,6 +121,7 @@ def test_a_killed_cli_takes_its_training_down_and_down_cleans_up(tmp_path, ct_ho
     down = CliRunner().invoke(cli, ["down", run["id"], "--yes"])
     assert down.exit_code == 0 and "terminated" in down.output, down.output
     assert Ledger().get_run(run["id"])["status"] == "cancelled"
+    assert f"cloudtune run --resume {run['id']}" in " ".join(down.output.split()), "down keeps its checkpoint too"
 
 
 def test_run_ids_never_collide_in_one_ledger(ct_home, monkeypatch):
@@ -186,3 +188,42 @@ def test_max_cost_stops_the_training_with_its_outputs_so_far(tmp_path, monkeypat
     receipt = json.loads((out / "receipt.json").read_text())
     assert receipt["estimate"]["usd_per_hour"] == 3600 and receipt["actual_cost_usd"] > 0
     assert run["status"] == "succeeded" and Ledger().machine_for_run(run["id"])["status"] == "terminated"
+
+
+def test_a_run_max_cost_stopped_resumes_from_its_kept_checkpoint_on_a_new_machine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = demo_recipe_text(max_steps=100000) + "compute:\n  price_per_hour: 3600\n  max_cost: 4\n"
+    recipe = write_recipe(tmp_path, text)
+    first = CliRunner().invoke(cli, ["run", "--backend", "local", str(recipe)], env={"COLUMNS": "200"})
+    assert first.exit_code == 0, first.output
+    earlier = Ledger().runs(1)[0]
+    stopped_at = json.loads((Path(earlier["output_dir"]) / "run.json").read_text())["budget_stop"]["stopped_at_step"]
+    kept = Path(earlier["meta"]["checkpoint"])
+    assert kept.name == f"step-{stopped_at:08d}" and (kept / "state.pt").is_file()
+    assert not (kept.parent.parent / "machine" / "out").exists(), "the machine itself is cleaned as usual"
+    assert f"cloudtune run --resume {earlier['id']}" in " ".join(first.output.split())
+
+    changed = write_recipe(tmp_path, text.replace("learning_rate: 0.01", "learning_rate: 0.02"), "changed.yaml")
+    refused = CliRunner().invoke(cli, ["run", "--resume", earlier["id"], str(changed)])
+    assert refused.exit_code == 2 and "no longer trains what run" in refused.output, refused.output
+    assert len(Ledger().runs(10)) == 1, "nothing was started for a resume that cannot work"
+
+    again = CliRunner().invoke(cli, ["run", "--resume", earlier["id"][:12], "--max-cost", "4"], env={"COLUMNS": "200"})
+    assert again.exit_code == 0, again.output
+    later = Ledger().runs(1)[0]
+    assert later["id"] != earlier["id"] and later["meta"]["continues"] == earlier["id"]
+    assert Ledger().get_run(earlier["id"])["meta"]["continued_by"] == later["id"]
+    log = CliRunner().invoke(cli, ["logs", later["id"]]).output
+    assert f"resumed from step {stopped_at}\n" in log, log
+    out = Path(later["output_dir"])
+    assert json.loads((out / "run.json").read_text())["budget_stop"]["stopped_at_step"] > stopped_at
+    first_step = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    assert first_step == stopped_at + 1, "the continuation trains on from the kept step, not from zero"
+
+
+def test_resume_of_a_run_that_kept_no_checkpoint_is_refused(tmp_path, monkeypatch):
+    ledger = Ledger()
+    run_id = ledger.add_new_run(name="done", backend="local", recipe_path="", recipe_hash="x")
+    ledger.update_run(run_id, status="succeeded")
+    result = CliRunner().invoke(cli, ["run", "--resume", run_id])
+    assert result.exit_code == 2 and "kept no checkpoint" in result.output, result.output

@@ -17,9 +17,11 @@ from pathlib import Path
 from pydantic import Field
 
 from ..manifest import NOT_PULLED
+from ..remote import checkpoints
 from ..remote.stop_group import group_alive, stop_group
 from ..remote.watchdog import LAUNCHER_ENV
 from .base import EXIT_FILE, LOG_FILE, SECRETS_FILE, Backend, Bundle, MachineState, Quote, RunContext, secrets_env
+from .capabilities import KeepsCheckpoints
 from .common import tail
 
 STOP_GRACE_SECONDS = 10
@@ -31,7 +33,7 @@ class LocalState(MachineState):
     pid: int | None = Field(None, description="The run script's process, leader of the training's process group.")
 
 
-class LocalBackend(Backend):
+class LocalBackend(Backend, KeepsCheckpoints):
     name = "local"
     State = LocalState
 
@@ -111,6 +113,13 @@ class LocalBackend(Backend):
     def pull(self, ctx: RunContext, staging: Path) -> None:
         shutil.copytree(self.root(ctx) / "out", staging, ignore=shutil.ignore_patterns(*NOT_PULLED),
                         dirs_exist_ok=True)
+
+    def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
+        found = checkpoints.complete(self.root(ctx) / "out")
+        if not found:
+            return None
+        shutil.copytree(found[-1], dest / found[-1].name, dirs_exist_ok=True)
+        return dest / found[-1].name
 
     def stop(self, ctx: RunContext) -> None:
         if ctx.state.pid:

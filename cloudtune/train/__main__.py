@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import CloudtuneError
 from ..recipe import load_recipe
+from ..remote.checkpoints import seed_from_carried
 from ..remote.watchdog import watch_launcher
 from . import Stopped
 from .redacted_output import redacted_output, secret_values
@@ -46,6 +47,8 @@ def _train(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, here=False)
         from .loop import train  # heavy imports only once the recipe is known to be good
 
+        if args.resume and seed_from_carried(args.out):
+            print("cloudtune: resuming from the checkpoint this run carried from the one it continues", flush=True)
         train(recipe, args.out, resume=args.resume)
     except CloudtuneError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -5,7 +5,6 @@ data order, so a recovered run trains what an uninterrupted one would have.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -17,6 +16,7 @@ import torch
 
 from ..errors import CloudtuneError
 from ..recipe import Recipe
+from ..remote import checkpoints
 
 KEEP = 2  # the newest is enough to resume; one more in case the disk filled while writing it
 
@@ -29,12 +29,6 @@ class State:
     tokens: int = 0
     trained_tokens: int = 0
     train_seconds: float = 0.0
-
-
-def training_fingerprint(recipe: Recipe) -> str:
-    """What must not change between a run and its resumption (outputs and compute may)."""
-    parts = recipe.model_dump(mode="json", include={"model", "method", "lora", "dataset", "training"})
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -53,7 +47,7 @@ def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State, s
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                partial / "state.pt")
-    (partial / "progress.json").write_text(json.dumps({**asdict(state), "recipe": training_fingerprint(recipe)}))
+    (partial / "progress.json").write_text(json.dumps({**asdict(state), "recipe": recipe.training_fingerprint()}))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(partial, final)  # only complete checkpoints carry the step-N name
     for old in complete(out)[:-KEEP]:
@@ -63,8 +57,7 @@ def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State, s
 
 def complete(out: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = out / "checkpoints"
-    return sorted(root.glob("step-*")) if root.is_dir() else []
+    return checkpoints.complete(out)
 
 
 def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler, scaler=None) -> State | None:
@@ -74,7 +67,7 @@ def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler, scale
     path = found[-1]
     progress = json.loads((path / "progress.json").read_text())
     made_by = progress.pop("recipe", None)
-    if made_by != training_fingerprint(recipe):
+    if made_by != recipe.training_fingerprint():
         raise CloudtuneError(f"{path} was made with different model/method/lora/dataset/training settings, "
                              "so resuming from it would not continue that run.",
                              "Resume with the recipe the run started with, or train into a new --out directory.")

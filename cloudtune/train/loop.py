@@ -195,6 +195,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                 _report_step(row, steps, print_every)
                 if state.step < steps and budget_clock.spent():
                     budget_stop = budget_clock.stop_record(state.step, steps)
+                    # so that `cloudtune run --resume` can train on from here with more budget
+                    checkpoint.save(out, recipe, model, optimizer, scheduler, state, step_context.scaler)
                     break
                 due = bool(spec.checkpoint_steps) and state.step % spec.checkpoint_steps == 0
                 if state.step < steps and (due or stop_requested()):

@@ -26,8 +26,10 @@ from pathlib import Path
 from ... import manifest
 from ...errors import CloudtuneError
 from ...events import Events
+from ...remote import checkpoints
 from ...wheel import build_wheel, train_requirements
 from ..base import EXIT_FILE, LOG_FILE, SECRETS_FILE, Backend, Bundle, RunContext, secrets_env
+from ..capabilities import KeepsCheckpoints
 from ..common import LogCopy, bundle_wheel, saved_log, tail
 from . import commands, remote_env, transfer
 from .commands import MARK
@@ -47,7 +49,7 @@ LIVENESS_SECONDS = 5.0  # between process checks (the exit_code file, which is c
 KEEP_BUNDLES = 3
 
 
-class SSHBackend(Backend):
+class SSHBackend(Backend, KeepsCheckpoints):
     name = "ssh"
     Options = SSHOptions
     State = SSHState
@@ -190,6 +192,20 @@ class SSHBackend(Backend):
             state.keep_remote = True  # the machine holds the only copy now: teardown must not delete it
             raise CloudtuneError(exc.message, f"Nothing was moved into your output directory. The outputs stay on "
                                               f"{state.where} in {out} for you to inspect.") from None
+
+    def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
+        state = ctx.state
+        if not state.started or state.host is None:
+            return None
+        conn = self._conn(state, ctx.run_id)
+        root = f"{state.remote_dir}/out/{checkpoints.CHECKPOINTS}"
+        if not transfer.exists(conn, root):
+            return None
+        names = sorted(name for name in conn.files().listdir(root) if name.startswith(checkpoints.STEP_PREFIX))
+        if not names:
+            return None
+        transfer.download_tree(conn, f"{root}/{names[-1]}", dest / names[-1], self.events.progress)
+        return dest / names[-1]
 
     def stop(self, ctx: RunContext) -> None:
         state = ctx.state
