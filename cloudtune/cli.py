@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from . import units
 from .backends import registry
-from .errors import handle
+from .errors import CloudtuneError, handle
 from .secrets import redact
 
 # no emoji codes: a message quoting `--gpu A10:x` must not print a red cross
@@ -165,7 +165,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
             ("method", recipe.method + (f" (r={recipe.lora.r}, targets {recipe.lora.target_modules})"
                                         if recipe.uses_lora else "")),
             ("dataset", f"{report.source} ({report.format})"), ("rows", units.count(report.rows)),
-            ("tokens", f"{units.count(report.tokens)} ({exactness}; tokenizer: {report.tokenizer})")]
+            ("tokens", f"{units.count(report.tokens)} per epoch ({exactness}; tokenizer: {report.tokenizer})")]
     if report.truncated_rows:
         rows.append(("truncated", f"{units.count(report.truncated_rows)} rows longer than max_seq_len "
                                   f"{recipe.training.max_seq_len} (longest {units.count(report.longest_row_tokens)})"))
@@ -295,6 +295,34 @@ def down(run_ref: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
     check_all_gone(results)
 
 
+@cli.command()
+@click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
+              help=registry.backend_help())
+@json_option
+def check(backend: str, as_json: bool) -> None:
+    """Which clouds can be rented on, what each other one is missing, and where SkyPilot's API server runs."""
+    from .backends.capabilities import ChecksSetup
+    from .render import RichEvents, check_table
+
+    chosen = registry.create(backend, {}, RichEvents(err_console))
+    if not isinstance(chosen, ChecksSetup):
+        raise CloudtuneError(f"the {backend} backend rents nothing, so there is nothing to check.",
+                             "Leave out --backend: `cloudtune check` checks SkyPilot's clouds.")
+    report = chosen.check_setup()
+    if as_json:
+        _print_json(report)
+        return
+    console.print("[bold]clouds SkyPilot can rent on[/] [dim](`sky check`, run now)[/]")
+    console.print(check_table(report["clouds"]))
+    server = report["server"]
+    where = "local" if server["local"] else "remote"
+    console.print(f"SkyPilot API server: {where} at {escape(server['url'])} "
+                  f"({'answering' if server['healthy'] else 'not answering'}; {escape(server['stop'])})")
+    if not any(cloud["enabled"] for cloud in report["clouds"].values()):
+        console.print("[yellow]no cloud is enabled:[/] set up one cloud's credentials and install its extra, "
+                      "then run [bold]cloudtune check[/] again")
+
+
 # ----------------------------------------------------------------------------------------------
 # cost / gpus: dollars per run before renting
 
@@ -320,7 +348,8 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
         _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
     else:
         exactness = "exact" if plan.tokens_exact else "estimated"
-        console.print(f"[bold]{escape(str(recipe_path))}[/]: {units.count(plan.tokens)} tokens ({exactness}), "
+        console.print(f"[bold]{escape(str(recipe_path))}[/]: {units.count(plan.tokens)} tokens over the run "
+                      f"({exactness}), "
                       f"{recipe.method}, model shape from {escape(plan.model_source)}", soft_wrap=True)
         console.print(f"[dim]{escape(plan.catalog.get('prices', plan.snapshot_date))}[/]")
         console.print(cost_table(plan, top, console.width))
@@ -367,8 +396,7 @@ def _show_dry_run(shown: dict, as_json: bool) -> None:
     if as_json:
         _print_json({key: value for key, value in shown.items() if key != "yaml"})
         return
-    console.print(f"[bold]launch order[/]: cheapest run first, then fallbacks [dim](prices of "
-                  f"{escape(shown['snapshot_date'])})[/]")
+    console.print(f"[bold]launch order[/]: cheapest run first, then fallbacks [dim]({escape(shown['prices'])})[/]")
     console.print(launch_order_table(shown, console.width))
     for note in shown["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")

@@ -11,14 +11,15 @@ import io
 import itertools
 import json
 from array import array
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import formats
 from .errors import CloudtuneError
 from .inputs import open_regular
+from .packing import layout
 from .recipe import DatasetSpec, Recipe
 
 # Llama-family tokenizers average about 3.6 characters per token on English prose.
@@ -39,9 +40,22 @@ class DatasetReport:
     tokenizer: str
     # Row lengths (after truncation) at percentiles 0..100: how much padding unpacked batches carry.
     length_percentiles: list[int] = field(default_factory=list)
+    # Every row's length, in file order: planning packs and orders them as the trainer will, so the
+    # tokens it prices are the ones trained. Not shown (`validate --json`) nor cached.
+    row_lengths: Sequence[int] | None = field(default=None, repr=False, compare=False)
+    _layouts: dict = field(default_factory=dict, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+
+    def rows_as_trained(self, max_seq_len: int, packing: bool) -> list[list[int]] | None:
+        """The trainer's rows of documents for these settings; None when the lengths are not known here."""
+        if self.row_lengths is None:
+            return None
+        key = (max_seq_len, packing)
+        if key not in self._layouts:  # a plan asks once per offer and micro-batch size
+            self._layouts[key] = layout(self.row_lengths, max_seq_len, packing)
+        return self._layouts[key]
 
 
 def iter_rows(path: Path) -> Iterator[tuple[str, dict]]:
@@ -235,7 +249,7 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
         raise CloudtuneError(f"{file}: the dataset has no rows.", "Add training examples to the file.")
     return DatasetReport(source=str(file), format=fmt, rows=rows, tokens=tokens, tokens_exact=exact,
                          truncated_rows=truncated, longest_row_tokens=longest, tokenizer=tokenizer_name,
-                         length_percentiles=percentiles(lengths))
+                         length_percentiles=percentiles(lengths), row_lengths=lengths)
 
 
 def percentiles(values) -> list[int]:

@@ -107,7 +107,7 @@ def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport
          continues: Continuation | None = None) -> tuple[Quote, DatasetReport]:
     """Read and count the data, then let the backend say where the run goes and what it costs."""
     report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
-    events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens ({report.format})")
+    events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens per epoch ({report.format})")
     quote = backend.quote(recipe, report)
     if continues is not None:
         continues.check(quote.recipe)  # the recipe as it will train, fitted to the chosen offer
@@ -578,11 +578,14 @@ def _listed_by_backends(ledger: Ledger, known: list[Machine], backend_for: Backe
             continue
         try:
             listed = backend.list_machines()
+            shared = backend.shared_machines()
         except Exception as exc:  # noqa: BLE001 - one backend's trouble must not block tearing down the rest
             if problems is not None:
                 problems.append(f"could not list the {name} backend's machines ({type(exc).__name__}: "
                                 f"{str(exc)[:300]}); {backend.check_by_hand}")
             continue
+        if problems is not None:
+            problems += [f"{machine}: {what}" for machine, what in sorted(shared.items())]
         for machine, status in sorted(listed.items()):
             if machine in known_names:
                 continue

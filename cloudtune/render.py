@@ -310,6 +310,15 @@ def _launch_order_table(shown: dict, wide: bool) -> Table:
     return table
 
 
+def check_table(clouds: dict[str, dict]) -> Table:
+    """`cloudtune check`: each cloud, enabled or what it is missing, and the pip extra with its libraries."""
+    table = grid(whole("cloud"), whole("enabled"), text("missing"), text("libraries"))
+    for name, cloud in sorted(clouds.items(), key=lambda item: (not item[1]["enabled"], item[0])):
+        table.add_row(name, "[green]yes[/]" if cloud["enabled"] else "[red]no[/]", escape(cloud["missing"] or ""),
+                      escape(cloud["extra"] or ""), style=None if cloud["enabled"] else "dim")
+    return table
+
+
 # ----------------------------------------------------------------------------------------------
 # Terminals that cannot show Unicode
 

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
+os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")  # its usage logging posts to a public host
 # MKL picks its sgemm path by the memory alignment of each array, so the same CPU run can differ in the
 # last bits between two processes; its reproducible mode keeps resume tests comparing like with like.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")

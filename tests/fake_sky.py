@@ -19,10 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cloudtune.backends.skypilot import launched
+from cloudtune.backends.skypilot_sdk import cloud_report
 from cloudtune.planning.offers import Offer
 from cloudtune.planning.planner import Estimate, Plan
 
 POLL_SECONDS = 0.1
+JOBS_CONTROLLER = "sky-jobs-controller-fake0000"
 
 
 def make_image(root: Path) -> Path:
@@ -91,6 +93,14 @@ class FakeCloud:
 
     def enabled_clouds(self) -> list[str]:
         return list(self.enabled)
+
+    def check(self, clouds: list[str]) -> dict:
+        """As SkyClient.check reports a real `sky check`: a cloud's missing part is what SkyPilot prints
+        for it (here its missing credentials, as SkyPilot words them for a cloud whose libraries are in)."""
+        reasons = {cloud: f"{cloud} credentials are not set up; run `sky check {cloud}`." for cloud in clouds}
+        return {"clouds": cloud_report(self.enabled, reasons, clouds),
+                "server": {"url": "http://127.0.0.1:46580", "local": True, "healthy": True,
+                           "started_by_cloudtune": False, "stop": "`sky api stop` stops it"}}
 
     def launch(self, task, cluster: str, *, autostop_minutes: int) -> dict:
         first = list(task.resources)[0]  # SkyPilot tries `ordered` alternatives in order; the first has capacity
@@ -204,6 +214,10 @@ class FakeCloud:
                     storage=sorted(task.storage_mounts or {}))
         self._job_tasks[name] = task
         self._recoveries[name] = 0
+        controller = self.cluster_dir(JOBS_CONTROLLER)
+        if not controller.exists():  # SkyPilot's jobs controller: launched with the first managed job, then kept
+            (controller / "home").mkdir(parents=True)
+            self._save(JOBS_CONTROLLER, {"status": "UP", "launched": {}, "jobs": {}})
         self._start_job(name)
         return 1
 

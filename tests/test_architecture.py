@@ -38,7 +38,7 @@ CONFINED = {
     "bitsandbytes": ["cloudtune.train"],
     # the tokenizer counts a dataset's tokens before anything is rented
     "transformers": ["cloudtune.train", "cloudtune.datasets"],
-    "sky": ["cloudtune.backends.skypilot", "cloudtune.planning.sky_catalog"],
+    "sky": ["cloudtune.backends.skypilot", "cloudtune.backends.skypilot_sdk", "cloudtune.planning.sky_catalog"],
     "paramiko": ["cloudtune.backends.ssh"],
 }
 

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from cloudtune.backends.skypilot import script
+from cloudtune.remote.watchdog import process_alive
+from cloudtune.train.checkpoint import COMPLETE
 
 REPO = Path(__file__).resolve().parent.parent
 # A python3 that records how it was called, and what a secret looked like inside it, then exits $STUB_EXIT.
@@ -76,7 +83,7 @@ def test_skypilot_setup_checks_the_upload_and_installs_the_named_wheel(tmp_path)
     assert done.returncode != 0  # a corrupted upload stops the setup before anything is installed
 
 
-def test_skypilot_run_resumes_when_a_checkpoint_is_there(tmp_path):
+def test_skypilot_run_resumes_only_from_a_complete_checkpoint(tmp_path):
     home = tmp_path / "home"
     (home / "cloudtune").mkdir(parents=True)
     bin_dir = tmp_path / "bin"
@@ -85,8 +92,115 @@ def test_skypilot_run_resumes_when_a_checkpoint_is_there(tmp_path):
            "CLOUDTUNE_IMAGE": "img", "CLOUDTUNE_IMAGE_DIGEST": "img@sha256:0"}
     subprocess.run(["bash", "-c", script("skypilot_run.sh")], env=env, check=True, capture_output=True)
     assert (tmp_path / "calls").read_text().splitlines()[0].endswith("--out out")
-    (home / "cloudtune" / "out" / "checkpoints" / "step-4").mkdir(parents=True)
+    step = home / "cloudtune" / "out" / "checkpoints" / "step-4"
+    step.mkdir(parents=True)  # half copied onto the bucket when the machine was taken away: no marker yet
+    done = subprocess.run(["bash", "-c", script("skypilot_run.sh")], env=env, check=True, capture_output=True,
+                          text=True)
+    assert "resuming" not in done.stdout and (tmp_path / "calls").read_text().splitlines()[-3].endswith("--out out")
+    (step / COMPLETE).write_text("complete\n")
     done = subprocess.run(["bash", "-c", script("skypilot_run.sh")], env=env, check=True, capture_output=True,
                           text=True)
     assert "resuming from the newest checkpoint" in done.stdout
     assert (tmp_path / "calls").read_text().splitlines()[-3].endswith("--out out --resume")
+
+
+# ----------------------------------------------------------------------------------------------
+# The run step as SkyPilot 0.14.1 runs it: its own wrapper around the script (its bash prologue, the
+# MOUNT_CACHED upload wait appended after the last line), run with `bash -i` in a session of its own.
+
+# A stand-in trainer in Python with the real launcher watchdog: it says when it started, answers
+# SIGTERM as the trainer does (a checkpoint, exit 143), or exits $STUB_EXIT.
+TRAINER = """#!{python}
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {repo!r})
+from cloudtune.remote.watchdog import watch_launcher
+log = Path(os.environ["STUB_LOG"])
+def stop(signum, frame):
+    with log.open("a") as handle:
+        handle.write("stopped by SIGTERM\\n")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+if os.environ.get("STUB_MODE") != "wait":
+    print("trainer output", flush=True)
+    sys.exit(int(os.environ.get("STUB_EXIT", "0")))
+watch_launcher()
+log.write_text(f"pid {{os.getpid()}}\\n")
+while True:
+    time.sleep(0.1)
+"""
+
+
+@pytest.fixture(scope="module")
+def sky_wrapper(tmp_path_factory) -> str:
+    """SkyPilot's wrapper with RUN where the task's run script goes (made in a process of its own: sky
+    reads HOME when imported, and this test's HOME is not the one sky must use elsewhere)."""
+    home = tmp_path_factory.mktemp("sky-import-home")
+    code = ("from sky.backends.task_codegen import TaskCodeGen\n"
+            "from sky.skylet import log_lib\n"
+            "print(log_lib.make_task_bash_script(TaskCodeGen.build_task_bash_script('RUN', env_prefix='unset X')))")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HOME": str(home)}, check=True,
+                          capture_output=True, text=True)
+    assert "__skypilot_user_exit_code=$?" in done.stdout and "; RUN\n" in done.stdout
+    return done.stdout
+
+
+def sky_job(tmp_path: Path, wrapper: str, **env: str) -> tuple[list[str], dict[str, str], Path]:
+    """The wrapped run step, a machine's HOME under a cached bucket mount that has finished uploading."""
+    home = tmp_path / "home"
+    (home / "cloudtune").mkdir(parents=True)
+    (home / ".sky" / "rclone_log").mkdir(parents=True)
+    (home / ".sky" / "rclone_log" / "out.log").write_text("INFO  : vfs cache: cleaned: objects 3 (was 3) in use 0, "
+                                                         "to upload 0, uploading 0, total size 1k\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {"python3": TRAINER.format(python=sys.executable, repo=str(REPO)),
+             "findmnt": "#!/bin/sh\necho '/home/u/cloudtune/out ct-bucket fuse.rclone rw'\n",
+             "sleep": "#!/bin/sh\nexit 0\n"}  # SkyPilot's upload wait polls every 10 s
+    for name, text in stubs.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    job = tmp_path / "sky_app_job"
+    job.write_text(wrapper.replace("; RUN\n", "; " + script("skypilot_run.sh") + "\n"))
+    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(home), "STUB_LOG": str(tmp_path / "calls"),
+                "CLOUDTUNE_IMAGE": "img", "CLOUDTUNE_IMAGE_DIGEST": "img@sha256:0", **env}
+    return ["/bin/bash", "-i", str(job)], full_env, tmp_path / "calls"
+
+
+def test_skypilot_run_keeps_skypilots_upload_wait_and_the_trainers_exit_status(tmp_path, sky_wrapper):
+    command, env, _ = sky_job(tmp_path, sky_wrapper, STUB_EXIT="3")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, start_new_session=True)
+    assert done.returncode == 3, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    # The bucket's last uploads are waited for after the trainer ended, not skipped by an `exec`.
+    assert lines.index("trainer output") < next(i for i, line in enumerate(lines)
+                                                 if "cached mount upload complete" in line)
+
+
+def _started(calls: Path, job: subprocess.Popen) -> int:
+    deadline = time.time() + 30
+    while not (calls.exists() and calls.read_text().startswith("pid ")):
+        assert job.poll() is None and time.time() < deadline, "the stand-in trainer did not start"
+        time.sleep(0.1)
+    return int(calls.read_text().split()[1])
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_sky_cancel_stops_the_trainer(tmp_path, sky_wrapper, how):
+    """`sky cancel` SIGTERMs the job's shell (SkyPilot's job driver and its process-tree daemon): the
+    trainer is stopped with a checkpoint and the shell waits for it; a shell killed outright leaves the
+    trainer to its watchdog, which stops it within seconds."""
+    command, env, calls = sky_job(tmp_path, sky_wrapper, STUB_MODE="wait")
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    trainer = _started(calls, job)
+    job.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    output = job.communicate(timeout=30)[0]
+    deadline = time.time() + 15
+    while process_alive(trainer):
+        assert time.time() < deadline, "the trainer outlived its cancelled job"
+        time.sleep(0.1)
+    assert "stopped by SIGTERM" in calls.read_text()
+    if how == "sigterm":
+        assert job.returncode == 143, output  # the trainer's own status, after SkyPilot's upload wait
+        assert "cached mount upload complete" in output

@@ -1,4 +1,5 @@
-"""GPU names, and offers read through SkyPilot's own catalog API offline from the bundled snapshot.
+"""GPU names, and offers read through SkyPilot's own catalog API: from SkyPilot's own catalog files
+where it has them, from the bundled snapshot otherwise, never writing into SkyPilot's folder.
 
 Everything that imports sky runs in a subprocess whose HOME is a fresh directory: SkyPilot fixes
 its catalog directory when it is imported, and no test may touch the real ~/.sky.
@@ -15,9 +16,11 @@ import pytest
 
 from cloudtune.errors import CloudtuneError
 from cloudtune.planning.gpus import canonical_gpu, match_gpus
-from cloudtune.planning.sky_catalog import SEED_RECORD, SNAPSHOT_DIR, bundled_clouds, snapshot_date
+from cloudtune.planning.sky_catalog import OLD_SEED_RECORD, SNAPSHOT_DIR, bundled_clouds, snapshot_date
 
-from .conftest import cli, sky_env
+from .conftest import REPO, cli, sky_env
+
+GUANACO = str(REPO / "tasks" / "llama2-7b-qlora-guanaco.yaml")
 
 
 @pytest.mark.parametrize("spelling,canonical", [
@@ -85,11 +88,7 @@ def test_offers_are_read_through_skypilot_offline_then_from_the_cache(tmp_path, 
     runpod_h100 = next(o for o in data["offers"] if o["instance_type"] == "1x_H100-SXM_SECURE")
     assert (runpod_h100["gpu"], runpod_h100["accelerator"]) == ("H100", "H100-SXM")
     assert "K80" in data["skipped"]  # old GPUs are listed as skipped, never planned on
-
-    catalogs = home / ".sky" / "catalogs" / "v8"
-    for cloud in bundled_clouds():
-        assert (catalogs / cloud / "vms.csv").read_bytes() == (SNAPSHOT_DIR / cloud / "vms.csv").read_bytes()
-    assert not list(catalogs.glob(".meta/**/*.md5"))  # without an md5 SkyPilot never re-downloads them
+    assert not (home / ".sky" / "catalogs").exists(), "SkyPilot's catalog folder is SkyPilot's to fill"
 
     second = cli(env, "gpus", "--json", "--gpu", "A10")
     again = json.loads(second.stdout)
@@ -99,50 +98,101 @@ def test_offers_are_read_through_skypilot_offline_then_from_the_cache(tmp_path, 
                             "c = load_offers(); print(c.from_cache, 'sky' in sys.modules, len(c.offers))"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.split() == ["True", "False", str(len(data["offers"]))]
-    # a catalog file that changes invalidates the cache
-    lambda_csv = catalogs / "lambda" / "vms.csv"
-    os.utime(lambda_csv, ns=(lambda_csv.stat().st_atime_ns, lambda_csv.stat().st_mtime_ns + 10**9))
-    assert not json.loads(cli(env, "gpus", "--json", "--cloud", "lambda").stdout)["from_cache"]
-
-
-def test_a_catalog_skypilot_already_has_is_used_not_overwritten(tmp_path, ct_home):
-    home = tmp_path / "home"
+    # a catalog file SkyPilot fetches later invalidates the cache, and its prices win
     catalogs = home / ".sky" / "catalogs" / "v8"
     (catalogs / "lambda").mkdir(parents=True)
-    text = (SNAPSHOT_DIR / "lambda" / "vms.csv").read_text()
-    (catalogs / "lambda" / "vms.csv").write_text(text.replace("gpu_1x_a10,A10,1.0,30.0,200.0,1.29",
-                                                              "gpu_1x_a10,A10,1.0,30.0,200.0,0.55"))
-    assert "0.55" in (catalogs / "lambda" / "vms.csv").read_text()
-    result = cli(sky_env(home, ct_home), "gpus", "--json", "--cloud", "lambda", "--gpu", "A10")
-    data = json.loads(result.stdout)
-    assert [o["usd_per_hour"] for o in data["offers"] if o["instance_type"] == "gpu_1x_a10"] == [0.55]
-    assert data["sources"]["lambda"]["origin"] == "SkyPilot catalog"
-    assert "0.55" in (catalogs / "lambda" / "vms.csv").read_text()
+    (catalogs / "lambda" / "vms.csv").write_bytes((SNAPSHOT_DIR / "lambda" / "vms.csv").read_bytes())
+    fetched = json.loads(cli(env, "gpus", "--json", "--cloud", "lambda").stdout)
+    assert not fetched["from_cache"] and fetched["sources"]["lambda"]["origin"] == "SkyPilot catalog"
 
 
-def test_a_newer_bundled_snapshot_replaces_an_untouched_older_seed_and_the_table_lists_it(tmp_path, ct_home):
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cost_and_dry_run_read_skypilots_own_catalog_where_it_has_one_and_write_nothing_there(tmp_path, ct_home):
+    """SkyPilot holds a fetched Lambda catalog (with the .md5 of its own downloads), nothing else: Lambda
+    is priced from it, every other cloud from the snapshot, the output says which with its date, and
+    neither `cost` nor `run --dry-run` adds, changes or touches a file in SkyPilot's folder."""
+    home = tmp_path / "home"
+    sky_dir = home / ".sky"
+    catalogs = sky_dir / "catalogs" / "v8"
+    (catalogs / "lambda").mkdir(parents=True)
+    (catalogs / ".meta" / "lambda").mkdir(parents=True)
+    text = (SNAPSHOT_DIR / "lambda" / "vms.csv").read_text().replace("gpu_1x_a10,A10,1.0,30.0,200.0,1.29",
+                                                                     "gpu_1x_a10,A10,1.0,30.0,200.0,0.55")
+    (catalogs / "lambda" / "vms.csv").write_text(text)
+    (catalogs / ".meta" / "lambda" / "vms.csv.md5").write_text(hashlib.md5(text.encode()).hexdigest())
+    fetched_at = 1795000000  # 2026-11-18 UTC
+    os.utime(catalogs / "lambda" / "vms.csv", (fetched_at, fetched_at))
+    before = _files(catalogs)
+    env = {**sky_env(home, ct_home), "HF_TOKEN": "hf_" + "catalogTestValue" * 2}
+    env.pop("CLOUDTUNE_BACKEND", None)  # the default backend: SkyPilot
+
+    data = json.loads(cli(env, "cost", "--json", "--gpu", "A10", GUANACO).stdout)
+    sources = data["catalog"]["sources"]
+    assert sources["lambda"] == {"origin": "SkyPilot catalog", "date": "2026-11-18"}
+    assert sources["aws"] == {"origin": "bundled snapshot", "date": snapshot_date()}
+    assert data["chosen"]["offer"]["instance_type"] == "gpu_1x_a10" and data["chosen"]["usd_per_hour"] == 0.55
+    said = f"prices: SkyPilot catalog fetched lambda 2026-11-18; others bundled snapshot of {snapshot_date()}"
+    table = cli(env, "cost", "--gpu", "A10", GUANACO)
+    assert table.returncode == 0 and said in " ".join(table.stdout.split()), table.stdout + table.stderr
+    dry = cli(env, "run", "--dry-run", "--gpu", "A10", GUANACO)
+    assert dry.returncode == 0, dry.stderr
+    assert said in " ".join(dry.stdout.split()) and "gpu_1x_a10" in dry.stdout
+    assert "hyperbolic left out: SkyPilot cannot do docker_image" in " ".join(dry.stdout.split())
+    assert _files(catalogs) == before
+    assert sorted(p.name for p in sky_dir.iterdir() if p.name.startswith("catalogs")) == ["catalogs"]
+
+
+def test_offers_on_clouds_where_skypilot_cannot_run_the_plan_are_left_out_saying_why(tmp_path, ct_home):
+    """Hyperbolic runs no Docker image and cannot tear itself down; RunPod and Vast mount no bucket, which
+    a spot run keeps its checkpoints on. SkyPilot's own feature table says so, read once with the offers."""
     home = tmp_path / "home"
     home.mkdir()
     env = sky_env(home, ct_home)
-    assert cli(env, "gpus", "--json", "--cloud", "lambda").returncode == 0
-    catalogs = home / ".sky" / "catalogs" / "v8"
-    record_path = catalogs / SEED_RECORD
-    # as an older cloudtune would have left them: an older seeded file, and one SkyPilot downloaded
-    older = (SNAPSHOT_DIR / "lambda" / "vms.csv").read_text().replace("gpu_1x_a10,A10,1.0,30.0,200.0,1.29",
-                                                                      "gpu_1x_a10,A10,1.0,30.0,200.0,0.99")
-    (catalogs / "lambda" / "vms.csv").write_text(older)
-    record = json.loads(record_path.read_text())
-    record["lambda/vms.csv"]["sha256"] = hashlib.sha256(older.encode()).hexdigest()
-    record_path.write_text(json.dumps(record))
-    (catalogs / "vast").mkdir(exist_ok=True)
-    downloaded = (SNAPSHOT_DIR / "vast" / "vms.csv").read_text() + "\n"
-    (catalogs / "vast" / "vms.csv").write_text(downloaded)
+    plan = json.loads(cli(env, "cost", "--json", "--top", "1000", GUANACO).stdout)
+    assert "docker_image" in plan["left_out"]["hyperbolic"] and "autodown" in plan["left_out"]["hyperbolic"]
+    assert {e["offer"]["cloud"] for e in plan["estimates"]} >= {"aws", "lambda", "runpod"}
+    assert "hyperbolic" not in {e["offer"]["cloud"] for e in plan["estimates"]}
+    spot = json.loads(cli(env, "cost", "--json", "--spot", "--top", "1000", GUANACO).stdout)
+    assert {"runpod", "vast", "hyperbolic"} <= set(spot["left_out"]) and "aws" not in spot["left_out"]
+    assert "storage_mounting" in spot["left_out"]["runpod"]
+    assert not {"runpod", "vast"} & {e["offer"]["cloud"] for e in spot["estimates"]}
+    only = cli(env, "cost", "--cloud", "hyperbolic", GUANACO)
+    assert only.returncode == 2 and "SkyPilot cannot run this plan on hyperbolic" in only.stderr
+    assert "docker_image (Docker images not supported)" in " ".join(only.stderr.split())
+    # all of it from the cache: the table was read with the offers, and sky is not imported again
+    probe = subprocess.run([sys.executable, "-c", "import sys; from cloudtune.planning.offers import load_offers; "
+                            "c = load_offers(); print(c.from_cache, 'sky' in sys.modules, "
+                            "sorted(c.unsupported['hyperbolic']['on-demand']))"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip().split(maxsplit=2) == ["True", "False",
+                                              "['AUTODOWN', 'DOCKER_IMAGE', 'SPOT_INSTANCE', 'STORAGE_MOUNTING']"]
 
-    table = cli({**env, "COLUMNS": "200"}, "gpus", "--gpu", "A10", "--cloud", "lambda", "--cloud", "vast")
-    assert table.returncode == 0, table.stderr
-    assert "gpu_1x_a10" in table.stdout and "1.29" in table.stdout and "0.99" not in table.stdout
-    assert (catalogs / "lambda" / "vms.csv").read_bytes() == (SNAPSHOT_DIR / "lambda" / "vms.csv").read_bytes()
-    assert (catalogs / "vast" / "vms.csv").read_text() == downloaded, "SkyPilot's own download stays"
+
+def test_what_an_older_cloudtune_seeded_into_skypilots_folder_is_removed_unless_changed(tmp_path, ct_home):
+    """cloudtune 0.1 copied the snapshot into SkyPilot's folder without .md5 files, so SkyPilot never
+    refreshed them: those copies go (SkyPilot then fetches its full catalogs), edited ones stay."""
+    home = tmp_path / "home"
+    catalogs = home / ".sky" / "catalogs" / "v8"
+    record = {}
+    for cloud in ("lambda", "vast"):
+        (catalogs / cloud).mkdir(parents=True)
+        (catalogs / cloud / "vms.csv").write_bytes((SNAPSHOT_DIR / cloud / "vms.csv").read_bytes())
+        record[f"{cloud}/vms.csv"] = {"sha256": hashlib.sha256((SNAPSHOT_DIR / cloud / "vms.csv").read_bytes())
+                                      .hexdigest(), "snapshot_date": "2026-01-01"}
+    edited = (catalogs / "vast" / "vms.csv").read_text() + "\n"
+    (catalogs / "vast" / "vms.csv").write_text(edited)
+    (catalogs / OLD_SEED_RECORD).write_text(json.dumps(record))
+
+    result = cli(sky_env(home, ct_home), "gpus", "--json", "--cloud", "lambda", "--cloud", "vast")
+    assert result.returncode == 0, result.stderr
+    assert not (catalogs / "lambda" / "vms.csv").exists() and not (catalogs / OLD_SEED_RECORD).exists()
+    assert (catalogs / "vast" / "vms.csv").read_text() == edited, "a file changed since it was seeded stays"
+    sources = json.loads(result.stdout)["sources"]
+    assert sources["lambda"]["origin"] == "bundled snapshot" and sources["vast"]["origin"] == "SkyPilot catalog"
 
 
 def test_refresh_without_network_changes_nothing(tmp_path, ct_home):
@@ -153,5 +203,4 @@ def test_refresh_without_network_changes_nothing(tmp_path, ct_home):
     result = subprocess.run([sys.executable, "-c", code], env=sky_env(home, ct_home), capture_output=True,
                             text=True, timeout=120)
     assert result.stdout.strip() == "[('lambda', False, 'no network')]", result.stderr
-    seeded = home / ".sky" / "catalogs" / "v8" / "lambda" / "vms.csv"
-    assert seeded.read_bytes() == (SNAPSHOT_DIR / "lambda" / "vms.csv").read_bytes()
+    assert not (home / ".sky" / "catalogs").exists()

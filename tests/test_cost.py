@@ -216,7 +216,7 @@ def test_cost_cli_json_schema_and_cache(tmp_path, ct_home):
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
     assert set(data) == {"recipe", "tokens", "tokens_exact", "snapshot_date", "model_source", "notes", "catalog",
-                         "chosen", "estimates", "offers_total"}
+                         "left_out", "chosen", "estimates", "offers_total"}
     assert data["tokens"] > 0 and data["tokens_exact"] is False  # no Llama tokenizer offline: estimated
     assert data["catalog"]["from_cache"] is False and "2026" in data["catalog"]["prices"]
     assert len(data["estimates"]) == 5 < data["offers_total"]
@@ -315,3 +315,21 @@ def test_each_measured_run_is_predicted_from_the_others():
         assert time_error == pytest.approx(0, abs=0.20), row["source"]
         checked += 1
     assert checked >= 6
+
+
+def test_a_spot_estimate_includes_skypilots_jobs_controller_vm(tmp_path):
+    """A spot run is a managed job, and its controller is a VM billed from the job's start until it
+    stops itself 10 idle minutes after: the estimate adds it on top of the GPU's spot price."""
+    from cloudtune.planning.overheads import CONTROLLER_EXTRA_MINUTES, CONTROLLER_PRICE_PER_HOUR
+
+    _, plan = plan_for(recipe_file(tmp_path, method="qlora"), gpu="A10G", spot=True)
+    spot = plan.chosen
+    assert spot.spot and spot.offer.instance_type == "g5.xlarge"
+    gpu_low, gpu_high = spot.hours_low * 0.45, spot.hours_high * 0.45
+    controller_high = CONTROLLER_PRICE_PER_HOUR * (spot.hours_high + CONTROLLER_EXTRA_MINUTES[1] / 60)
+    assert spot.cost_high == pytest.approx(gpu_high + controller_high, abs=0.01)
+    assert spot.cost_low > gpu_low + CONTROLLER_PRICE_PER_HOUR * spot.hours_low
+    assert "SkyPilot's jobs controller VM" in spot.why
+    _, on_demand = plan_for(recipe_file(tmp_path, method="qlora"), gpu="A10G", spot=False)
+    assert on_demand.chosen.cost_high == pytest.approx(on_demand.chosen.hours_high * 1.01, abs=0.01)
+    assert "controller" not in on_demand.chosen.why

@@ -27,6 +27,7 @@ def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monk
     command = init.output.strip().splitlines()[-1].split()  # init's last line: the run command, whole
     assert command == ["cloudtune", "run", "--backend", "local", str(recipe)]
     recipe.write_text(recipe.read_text().replace("max_steps: 300", "max_steps: 60"))
+    priced = json.loads(CliRunner().invoke(cli, ["cost", "--json", str(recipe)]).stdout)
     result = CliRunner().invoke(cli, [*command[1:-1], "--json", command[-1]])
     assert result.exit_code == 0, result.output
     receipt = json.loads(result.stdout[result.stdout.index("{"):])
@@ -40,6 +41,7 @@ def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monk
     assert len(losses) == 60
     assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:5]) / 5, "loss did not go down"
     assert receipt["tokens"] > 0 and receipt["tokens_per_s"] > 0
+    assert priced["tokens_exact"] and receipt["tokens"] == priced["tokens"], "cost priced the tokens that were trained"
 
     from cloudtune.train.model import tiny_llama_dir
     from cloudtune.train.verify import max_logit_difference

@@ -1,8 +1,9 @@
 """The SkyPilot backend, offline: SkyPilot's own loader, schema, catalog and optimizer judge the tasks,
 and a fake cloud (tests/fake_sky.py) stands in for the SDK calls that would reach a cloud.
 
-SkyPilot reads ~/.sky when imported, so this module points HOME at a directory of its own, seeded
-with the bundled price snapshot, before anything imports sky.
+SkyPilot reads ~/.sky when imported, so this module points HOME at a directory of its own before
+anything imports sky; SkyPilot has no catalog there, so it reads the bundled snapshot (through
+cloudtune's view, planning/sky_catalog.py).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import json
 import os
 import pwd
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +26,7 @@ import yaml
 
 from cloudtune.backends.base import Quote
 from cloudtune.backends.skypilot import (
+    SKYPILOT_VERSION,
     SkyPilotBackend,
     check_image,
     disk_size_gib,
@@ -42,9 +43,8 @@ from cloudtune.recipe import DEFAULT_IMAGE, load_recipe
 from cloudtune.remote.watchdog import process_alive as pid_alive
 
 from .conftest import REPO, demo_recipe_text, write_recipe
-from .fake_sky import FakeCloud, a10_plan, make_image
+from .fake_sky import JOBS_CONTROLLER, FakeCloud, a10_plan, make_image
 
-SNAPSHOT = REPO / "cloudtune" / "data" / "catalog" / "v8"
 SECRET = "hf_" + "Sk7pilotSecretValue" * 2
 DISK_GIB = {"llama2-7b-qlora-guanaco": 70, "llama2-7b-lora-r8": 80, "llama2-7b-full": 160}
 
@@ -55,9 +55,9 @@ DISK_GIB = {"llama2-7b-qlora-guanaco": 70, "llama2-7b-lora-r8": 80, "llama2-7b-f
 
 @pytest.fixture(scope="module", autouse=True)
 def sky_home(tmp_path_factory):
-    """A HOME for SkyPilot with the price snapshot where SkyPilot 0.14 reads its catalog."""
+    """A HOME of its own for SkyPilot, with no catalog of SkyPilot's: it prices and validates from the
+    bundled snapshot, as on a laptop SkyPilot has never fetched one on."""
     home = tmp_path_factory.mktemp("sky-home")
-    shutil.copytree(SNAPSHOT, home / ".sky" / "catalogs" / "v8")
     saved = {key: os.environ.get(key) for key in ("HOME", "SKY_RUNTIME_DIR")}
     os.environ["HOME"] = str(home)
     os.environ.pop("SKY_RUNTIME_DIR", None)
@@ -66,8 +66,6 @@ def sky_home(tmp_path_factory):
     real_home = pwd.getpwuid(os.getuid()).pw_dir
     assert not common._ABSOLUTE_VERSIONED_CATALOG_DIR.startswith(real_home + "/"), \
         "sky was imported under the real HOME before this module; its state must stay out of ~/.sky"
-    if not Path(common._ABSOLUTE_VERSIONED_CATALOG_DIR).is_relative_to(home):
-        shutil.copytree(SNAPSHOT, common._ABSOLUTE_VERSIONED_CATALOG_DIR, dirs_exist_ok=True)
     yield home
     for key, value in saved.items():
         if value is None:
@@ -351,6 +349,8 @@ def test_interrupt_or_lost_connection_while_training_tears_down(tmp_path, image,
     calls = [c["call"] for c in cloud.calls()]
     assert calls[-1] == "down" and ("cancel" in calls) == (trouble == "interrupt")
     assert cloud.status() == {}
+    if trouble == "interrupt":  # the cancelled training checkpoints as it stops; that is kept for --resume
+        assert (Path(run["meta"]["checkpoint"]) / "COMPLETE").is_file(), run["meta"]
     assert not any(pid_alive(p) for p in _training_pids(cloud)), "training outlived its cluster"
 
 
@@ -484,6 +484,19 @@ def test_registry_digest_with_token_auth(registry):
     assert main([f"{registry}/cloudtune/train:nope"]) == 1
 
 
+def test_the_log_copy_keeps_what_a_terminal_shows_of_progress_bars(tmp_path):
+    from cloudtune.backends.base import LOG_FILE, MachineState, RunContext
+    from cloudtune.backends.common import LogCopy, saved_log
+
+    ctx = RunContext(run_id="r", machine="ct-r", work_dir=tmp_path, state=MachineState())
+    with LogCopy(ctx, {"HF_TOKEN": SECRET}) as copy:
+        copy.write("step 1/8 loss 2.1")
+        copy.write(f"download  10%|#  |\rdownload  50%|#####  |\rdownload 100%|##########| {SECRET}\r")
+        copy.write("step 2/8 loss 1.9\r")
+    assert "\r" not in (tmp_path / LOG_FILE).read_text()
+    assert list(saved_log(ctx)) == ["step 1/8 loss 2.1", "download 100%|##########| <redacted>", "step 2/8 loss 1.9"]
+
+
 def test_dry_run_yaml_never_shows_secret_values():
     config = task_config("ct-x", {"accelerators": {"A10G": 1}}, secrets={"HF_TOKEN": SECRET, "WANDB_API_KEY": SECRET})
     text = to_yaml(config)
@@ -512,8 +525,14 @@ def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image
     metrics = (Path(result.receipt["output_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == list(range(1, 9))
     assert [c["call"] for c in cloud.calls()][-1] == "storage_delete"
-    assert not cloud.bucket(f"ct-{result.run_id}").exists() and cloud.status() == {}
+    assert not cloud.bucket(f"ct-{result.run_id}").exists() and cloud.status() == {JOBS_CONTROLLER: "UP"}
     assert Ledger().machine_for_run(result.run_id)["status"] == "terminated"
+    # `down` names SkyPilot's jobs controller and leaves it to its autostop (other managed jobs may need it)
+    problems: list[str] = []
+    backends = {"skypilot": SkyPilotBackend(client=cloud)}
+    assert find_machines(None, backend_for=backends.__getitem__, problems=problems) == []
+    assert any(p.startswith(f"{JOBS_CONTROLLER}: SkyPilot's jobs controller is UP") and f"sky down {JOBS_CONTROLLER}"
+               in p for p in problems), problems
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,29 +616,160 @@ def test_cli_user_errors_for_dry_run_pull_and_down(monkeypatch):
 # The real SDK against a real local API server (no cloud behind it)
 
 
+def _api_servers(port: int) -> list[int]:
+    """Pids of SkyPilot API server processes on this port."""
+    import psutil
+
+    return [proc.pid for proc in psutil.process_iter(attrs=["cmdline"]) if proc.info["cmdline"]
+            and "-m sky.server.server" in " ".join(proc.info["cmdline"]) and str(port) in proc.info["cmdline"]]
+
+
+def _stop_api_server(env: dict) -> None:
+    subprocess.run([sys.executable, "-c", "from sky.client import sdk; sdk.api_stop()"], env=env,
+                   capture_output=True, timeout=120)
+
+
 def test_real_client_against_a_local_skypilot_api_server(tmp_path, monkeypatch):
     """SkyPilot's own client and a local API server it starts, for the calls that need no cloud: no
-    credentials here, so SkyPilot's check enables nothing, and cloudtune says so naming `sky check`."""
+    credentials here and no cached check results, so cloudtune runs SkyPilot's check, which enables
+    nothing, and says so naming `cloudtune check`. The server it started is stopped when it is done."""
     from sky import global_user_state
     from sky.client import sdk
     from sky.clouds import cloud as cloud_lib
 
     from cloudtune.backends.skypilot import SkyClient
 
+    from .conftest import free_port
+
     config = tmp_path / "sky-config.yaml"
     config.write_text("allowed_clouds: [aws, lambda]\n")  # SkyPilot's check then looks at these two only
+    port = free_port()
     monkeypatch.setenv("SKYPILOT_CONFIG", str(config))
+    monkeypatch.setenv("SKYPILOT_API_SERVER_LOCAL_PORT", str(port))  # never another test's or the user's server
     global_user_state.set_enabled_clouds([], cloud_lib.CloudCapability.COMPUTE, "default")  # nothing cached
     monkeypatch.delenv("SKYPILOT_DISABLE_LOCAL_API_SERVER")
     client = SkyClient(progress=open(os.devnull, "w"))  # noqa: SIM115
     try:
         with pytest.raises(CloudtuneError) as failed:
             SkyPilotBackend(client=client, plan=a10_plan()).usable_candidates()
-        assert "no cloud enabled" in failed.value.message and "sky check" in failed.value.hint
+        assert "no cloud enabled" in failed.value.message and "cloudtune check" in failed.value.hint
+        assert "pip install 'cloudtune[aws]'" in failed.value.hint
+        assert client.server.started and _api_servers(port), "cloudtune started the server, and knows it"
         assert client.status() == {} and SkyPilotBackend(client=client).list_machines() == {}
         client.down("ct-never-launched")  # SkyPilot's ClusterDoesNotExist means: already gone
+        with pytest.raises(CloudtuneError) as gone:  # a SkyPilot error from a generator, translated too
+            list(client.tail_logs("ct-never-launched", 1, follow=False))
+        assert "ct-never-launched" in gone.value.message and gone.value.hint
+        client.server.release()
+        deadline = time.time() + 60
+        while _api_servers(port) and time.time() < deadline:
+            time.sleep(1)
+        assert not _api_servers(port), "the API server cloudtune started must not outlive it"
     finally:
         sdk.api_stop()
+
+
+def test_check_runs_skypilots_check_prints_clean_json_and_stops_the_server_it_started(tmp_path, ct_home):
+    """`cloudtune check --json` in a fresh HOME: SkyPilot's check runs now (nothing is cached), each
+    cloud says what is missing and which extra adds its libraries, stdout is only the JSON although
+    SkyPilot prints while it starts its server, and no server is left once the command ends. `run
+    --dry-run` needs no server at all."""
+    from .conftest import free_port, sky_env
+
+    home = tmp_path / "home"
+    home.mkdir()
+    config = tmp_path / "sky-config.yaml"
+    config.write_text("allowed_clouds: [aws, lambda]\n")
+    port = free_port()
+    env = {**sky_env(home, ct_home), "SKYPILOT_CONFIG": str(config), "SKYPILOT_API_SERVER_LOCAL_PORT": str(port),
+           "HF_TOKEN": SECRET}
+    env.pop("SKYPILOT_DISABLE_LOCAL_API_SERVER")
+    env.pop("CLOUDTUNE_BACKEND", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cloudtune.cli", *args], env=env, capture_output=True,
+                              text=True, timeout=580)
+
+    try:
+        dry = cli("run", "--dry-run", "--gpu", "A10", str(REPO / "tasks" / "llama2-7b-qlora-guanaco.yaml"))
+        assert dry.returncode == 0, dry.stderr
+        assert not _api_servers(port) and "API server" not in dry.stdout + dry.stderr
+
+        checked = cli("check", "--json")
+        assert checked.returncode == 0, checked.stderr
+        report = json.loads(checked.stdout)
+        aws, lam = report["clouds"]["aws"], report["clouds"]["lambda"]
+        assert not aws["enabled"] and not lam["enabled"]
+        assert "AWS" in aws["missing"] and aws["extra"] == "pip install 'cloudtune[aws]'"
+        assert "lambda_keys" in lam["missing"] and lam["extra"] == "pip install 'cloudtune[lambda]'"
+        assert "allowed_clouds" in report["clouds"]["gcp"]["missing"]  # not checked: outside allowed_clouds
+        server = report["server"]
+        assert server["local"] and server["started_by_cloudtune"] and server["url"].endswith(f":{port}")
+        assert "API server" in checked.stderr  # what SkyPilot printed went to stderr
+        assert not _api_servers(port), "the API server cloudtune started must not outlive it"
+    finally:
+        if _api_servers(port):
+            _stop_api_server(env)
+
+
+def test_check_shows_each_cloud_and_what_it_lacks_at_80_and_120_columns(cloud):
+    """What `cloudtune check` renders, from the report a SkyClient gives (the fake: no cloud here)."""
+    from rich.console import Console
+
+    from cloudtune.render import check_table
+
+    report = SkyPilotBackend(client=cloud).check_setup()
+    assert report["clouds"]["aws"] == {"enabled": True, "missing": None, "extra": "pip install 'cloudtune[aws]'"}
+    assert not report["clouds"]["azure"]["enabled"] and "azure credentials" in report["clouds"]["azure"]["missing"]
+    assert {"slurm", "hyperbolic", "nebius"} <= set(report["clouds"])
+    for width in (80, 120):
+        console = Console(width=width, record=True)
+        console.print(check_table(report["clouds"]))
+        text = console.export_text()
+        assert all(name in text for name in report["clouds"]), text
+        assert "cloudtune[azure]" in "".join(text.split()), text  # folded, never cut off
+
+
+def test_every_client_call_turns_skypilots_errors_into_one_message_and_keeps_stdout_clean(capfd):
+    """The real client with no API server to reach (conftest forbids starting one): every call, the
+    log streams included, fails inside SkyPilot, and each failure is a CloudtuneError with a hint;
+    SkyPilot's own printing lands on stderr."""
+    from sky import exceptions, sky_logging
+
+    from cloudtune.backends.skypilot import SkyClient
+    from cloudtune.backends.skypilot_sdk import output_to_stderr, translate
+
+    client = SkyClient()
+    task = to_task(task_config("ct-x", {"infra": "aws", "instance_type": "g5.xlarge"}))
+    calls = {
+        "launch": lambda: client.launch(task, "ct-x", autostop_minutes=5),
+        "exec": lambda: client.exec(task, "ct-x"),
+        "tail_logs": lambda: list(client.tail_logs("ct-x", 1, False)),
+        "job_status": lambda: client.job_status("ct-x", 1),
+        "cancel": lambda: client.cancel("ct-x", 1),
+        "down": lambda: client.down("ct-x"),
+        "status": client.status,
+        "jobs_launch": lambda: client.jobs_launch(task, "ct-x"),
+        "jobs_tail_logs": lambda: list(client.jobs_tail_logs(1, False)),
+        "jobs_status": lambda: client.jobs_status(1),
+        "jobs_cancel": lambda: client.jobs_cancel(1),
+        "storage_delete": lambda: client.storage_delete("ct-x"),
+        "enabled_clouds": client.enabled_clouds,
+        "check": lambda: client.check(["aws"]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(CloudtuneError) as failed:
+            call()
+        assert "API server" in failed.value.message and failed.value.hint, name
+    with output_to_stderr():
+        sky_logging.init_logger("sky.cloudtune_test").info("SkyPilot says hello")
+    out, err = capfd.readouterr()
+    assert out == "" and "SkyPilot says hello" in err
+
+    assert "retry later" in translate("launch", exceptions.ResourcesUnavailableError("no capacity")).hint
+    assert "cloudtune check" in translate("launch", exceptions.NoCloudAccessError("none")).hint
+    assert "not supported" in translate("launch", exceptions.NotSupportedError("docker_image")).message
+    assert "not up" in translate("exec", exceptions.ClusterNotUpError("ct-x is INIT", cluster_status=None)).message
 
 
 def test_every_sdk_call_matches_skypilot_0_14_1():
@@ -657,3 +807,26 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
     assert storage.StoreType.S3.store_prefix() == "s3://"
     caught = (exceptions.ClusterDoesNotExist, exceptions.NoCloudAccessError, exceptions.ResourcesUnavailableError)
     assert all(issubclass(kind, Exception) for kind in caught)
+
+
+def test_each_cloud_extra_names_skypilots_own_extra_of_that_cloud():
+    """`pip install 'cloudtune[aws]'` installs what SkyPilot 0.14.1's `skypilot[aws]` does, for every cloud
+    the hints name, and `[all-clouds]` all of them."""
+    from importlib.metadata import metadata
+
+    import tomllib
+
+    from cloudtune.backends.skypilot_sdk import ALL_CLOUDS_EXTRA, CLOUD_EXTRAS, install_hint
+
+    ours = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    skypilots = set(metadata("skypilot").get_all("Provides-Extra"))
+    assert set(ours) - {"train", "dev"} == {*CLOUD_EXTRAS, ALL_CLOUDS_EXTRA}
+    for cloud in CLOUD_EXTRAS:
+        assert ours[cloud] == [f"skypilot[{cloud}]=={SKYPILOT_VERSION}"] and cloud in skypilots
+        assert install_hint(cloud) == f"pip install 'cloudtune[{cloud}]'"
+    [everything] = ours[ALL_CLOUDS_EXTRA]
+    assert everything == f"skypilot[{','.join(CLOUD_EXTRAS)}]=={SKYPILOT_VERSION}"
+    assert install_hint("hyperbolic") == f"pip install 'cloudtune[{ALL_CLOUDS_EXTRA}]'"
+    assert SKYPILOT_VERSION == metadata("skypilot")["Version"]
+    assert f"skypilot=={SKYPILOT_VERSION}" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "dependencies"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -381,6 +382,32 @@ def test_sigterm_checkpoints_at_once_and_resumes_to_the_same_adapter(tmp_path, r
 
     assert train_main([str(recipe), "--out", str(out), "--resume"]) == 0
     assert_same_run(out, reference)
+
+
+def test_a_checkpoint_without_its_marker_is_skipped_on_resume(tmp_path, capsys):
+    """A bucket mount copies a checkpoint folder file by file: a preempted machine leaves a step-N folder
+    without its marker (written last), which neither resume nor the "earlier run" check may take."""
+    from cloudtune.train import checkpoint
+
+    recipe = make_recipe(tmp_path, ALPACA, training={"max_steps": 6, "checkpoint_steps": 2})
+    out = tmp_path / "out"
+    run(recipe, out)
+    saved = checkpoint.complete(out)
+    assert [p.name for p in saved] == ["step-00000002", "step-00000004"]
+    assert all((p / checkpoint.COMPLETE).is_file() for p in saved)
+    half = out / "checkpoints" / "step-00000005"
+    shutil.copytree(saved[-1], half)
+    (half / checkpoint.COMPLETE).unlink()
+    (half / "state.pt").write_bytes((half / "state.pt").read_bytes()[:100])  # cut off mid-copy
+    capsys.readouterr()
+
+    summary = run(recipe, out, resume=True)
+    assert "resumed from step 4" in capsys.readouterr().out and summary["steps"] == 6
+    assert [row["step"] for row in metrics(out)] == list(range(1, 7))
+
+    fresh = tmp_path / "fresh"
+    shutil.copytree(half, fresh / "checkpoints" / half.name)
+    assert run(recipe, fresh)["steps"] == 6  # only a half-copied folder: no earlier run to protect
 
 
 def test_push_needs_a_token_up_front_and_a_failed_push_keeps_the_outputs(tmp_path, monkeypatch, capsys):

@@ -18,9 +18,10 @@ from cloudtune.cli import cli
 from cloudtune.datasets import inspect_dataset
 from cloudtune.errors import CloudtuneError
 from cloudtune.formats import ALPACA_HEADER
+from cloudtune.packing import pack
 from cloudtune.recipe import load_recipe
 from cloudtune.train.__main__ import main as train_main
-from cloudtune.train.data import IGNORE, Batcher, encode, load_rows, pack
+from cloudtune.train.data import IGNORE, Batcher, encode, load_rows
 
 from .conftest import module_home, write_recipe
 

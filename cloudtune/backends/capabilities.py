@@ -30,6 +30,10 @@ class ListsMachines(ABC):
     def list_machines(self) -> dict[str, str]:
         """Every machine this backend holds that cloudtune named (`ct-...`), with the backend's status word."""
 
+    def shared_machines(self) -> dict[str, str]:
+        """Machines the backend runs for cloudtune's runs and others alike (SkyPilot's jobs controller):
+        name -> what to know about it. `down` lists them and leaves them alone."""
+        return {}
 
 
 class KeepsCheckpoints(ABC):
@@ -40,3 +44,12 @@ class KeepsCheckpoints(ABC):
     def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
         """The newest complete checkpoint under the machine's out/checkpoints, copied to dest/<its name>;
         None when the training saved none."""
+
+
+class ChecksSetup(ABC):
+    """Can say what it can rent on and what is missing for the rest (`cloudtune check`)."""
+
+    @abstractmethod
+    def check_setup(self) -> dict[str, Any]:
+        """`clouds`: name -> {enabled, missing (what to set up), extra (the pip install that adds its
+        libraries)}; `server`: where the backend's service runs and whether it answers."""

@@ -66,7 +66,9 @@ class LogCopy:
             self._handle = None
 
     def write(self, line: str) -> None:
-        self._handle.write(self.redact(line) + "\n")
+        # A progress bar redraws its line after each \r: the copy keeps what a terminal ends up showing.
+        shown = line.rstrip("\r").rsplit("\r", 1)[-1]
+        self._handle.write(self.redact(shown) + "\n")
         self._handle.flush()
 
     def write_text(self, text: str) -> None:

@@ -1,8 +1,8 @@
 """The SkyPilot backend: rent the cheapest GPU that fits through SkyPilot, train there, bring the outputs back.
 
 Built against skypilot==0.14.1 (its client SDK talks to a local API server; calls return request
-ids). Apart from planning/sky_catalog.py, which reads SkyPilot's price catalogs, this is the only
-module that imports sky, and only inside functions.
+ids). Apart from planning/sky_catalog.py, which reads SkyPilot's price catalogs, and skypilot_sdk.py,
+what every SDK call shares, this is the only module that imports sky, and only inside functions.
 
 How the lifecycle maps onto SkyPilot (on-demand):
   provision  sky.launch of a task that holds only resources: the plan's fitting offers, cheapest
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import math
 import re
@@ -45,14 +46,25 @@ from ..manifest import NOT_PULLED, sha256_file
 from ..planning.planner import Estimate, Plan
 from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
+from ..remote import checkpoints
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
 from .base import Backend, Bundle, MachineState, Quote, RunContext
-from .capabilities import DryRuns, ListsMachines
+from .capabilities import ChecksSetup, DryRuns, KeepsCheckpoints, ListsMachines
 from .common import LogCopy, bundle_wheel, saved_log
+from .skypilot_sdk import (
+    ALL_CLOUDS_EXTRA,
+    LocalServer,
+    cloud_report,
+    install_hint,
+    parse_check,
+    sdk_calls,
+    server_info,
+)
 
 SKYPILOT_VERSION = "0.14.1"
 CLUSTER_PREFIX = "ct-"
+JOBS_CONTROLLER_PREFIX = "sky-jobs-controller-"  # sky.utils.common.JOB_CONTROLLER_PREFIX
 # The layout on the machine; scripts/skypilot_*.sh spell the same names.
 REMOTE_DIR = "cloudtune"  # under the remote user's home: upload/, bundle/, out/
 UPLOAD = "upload"
@@ -68,6 +80,7 @@ RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
 JOB_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "FAILED_SETUP": 1, "FAILED_DRIVER": 1, "FAILED_PRECHECKS": 1,
             "FAILED_NO_RESOURCE": 1, "FAILED_CONTROLLER": 1, "CANCELLED": None}
 CANCEL_WAIT_SECONDS = 120
+RSYNC_SOURCE_MISSING = 23  # rsync's "partial transfer": here, no checkpoints folder on the machine
 
 # ----------------------------------------------------------------------------------------------
 # The task, as plain data: what `--dry-run` prints and what SkyPilot validates
@@ -212,7 +225,11 @@ def to_yaml(config: dict[str, Any]) -> str:
 
 
 def to_task(config: dict[str, Any]):
-    """A sky.Task, validated by SkyPilot's own task schema and resource checks."""
+    """A sky.Task, validated by SkyPilot's own task schema and resource checks (against SkyPilot's
+    catalogs, or the bundled snapshot where it has none: planning/sky_catalog.py)."""
+    from ..planning.sky_catalog import use_catalog_view
+
+    use_catalog_view()
     import sky
     from sky.utils import common_utils, schemas
 
@@ -253,33 +270,50 @@ def bucket_name(cluster: str) -> str:
 # The seam: every call that reaches SkyPilot's API server (and through it, a cloud)
 
 
+@sdk_calls
 class SkyClient:
-    """SkyPilot's SDK, reduced to what cloudtune needs; the tests stand in a fake for this class only."""
+    """SkyPilot's SDK, reduced to what cloudtune needs; the tests stand in a fake for this class only.
+
+    Every method goes through `sdk_calls` (backends/skypilot_sdk.py): SkyPilot's exceptions become one
+    message with a hint, its printing goes to stderr, and a local API server it starts is stopped at exit.
+    """
 
     def __init__(self, progress=None):
         # SkyPilot's provisioning log goes to stderr, so `--json` output on stdout stays clean.
         self.progress = progress or sys.stderr
+        self.server = LocalServer()
 
     def enabled_clouds(self) -> list[str]:
+        """The clouds SkyPilot can use. Its cached check results, or a check run now when there are none:
+        a fresh API server runs its first check in the background, and reading before it ends finds none."""
         import sky
         from sky.client import sdk
 
-        return [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())]
+        enabled = [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())]
+        if enabled:
+            return enabled
+        return self._run_check(io.StringIO())
+
+    def _run_check(self, output) -> list[str]:
+        import sky
+        from sky.client import sdk
+
+        by_workspace = sky.stream_and_get(sdk.check(None, False), output_stream=output) or {}
+        return sorted({cloud.lower() for clouds in by_workspace.values() for cloud, capabilities in clouds.items()
+                       if "compute" in capabilities})
+
+    def check(self, clouds: list[str]) -> dict[str, Any]:
+        """`sky check` run now: each of `clouds` (and every enabled one) with what is missing, and the API server."""
+        output = io.StringIO()
+        enabled = self._run_check(output)
+        return {"clouds": cloud_report(enabled, parse_check(output.getvalue()), clouds),
+                "server": server_info(self.server)}
 
     def launch(self, task, cluster: str, *, autostop_minutes: int) -> dict[str, Any]:
         import sky
-        from sky import exceptions
 
-        try:
-            request = sky.launch(task, cluster_name=cluster, idle_minutes_to_autostop=autostop_minutes, down=True)
-            _, handle = sky.stream_and_get(request, output_stream=self.progress)
-        except exceptions.NoCloudAccessError:
-            raise CloudtuneError("SkyPilot has no cloud credentials set up.",
-                                 "Run `sky check` to see which clouds are enabled and what is missing.") from None
-        except exceptions.ResourcesUnavailableError as exc:
-            raise CloudtuneError(f"no offer in the plan could be provisioned: {str(exc)[:1500]}",
-                                 "Capacity comes and goes: retry later, or widen the plan (no --gpu, more clouds).") \
-                from None
+        request = sky.launch(task, cluster_name=cluster, idle_minutes_to_autostop=autostop_minutes, down=True)
+        _, handle = sky.stream_and_get(request, output_stream=self.progress)
         return launched(handle.launched_resources)
 
     def exec(self, task, cluster: str) -> int:
@@ -399,7 +433,7 @@ class SkyPilotState(MachineState):
     job_id: int | None = Field(None, description="SkyPilot's job id of the training (cluster job or managed job).")
 
 
-class SkyPilotBackend(Backend, DryRuns, ListsMachines):
+class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpoints):
     name = "skypilot"
     State = SkyPilotState
 
@@ -416,6 +450,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
         # and always asks SkyPilot.)
         self._provisioning: set[str] = set()
         self._requested: set[str] = set()
+        self._listed: dict[str, str] | None = None  # every cluster SkyPilot listed for `down`
 
     def quote(self, recipe: Recipe, report) -> Quote:
         """The cheapest offer that fits, priced for the whole run; refused when none fits or over budget."""
@@ -466,6 +501,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
         return {"chosen": candidates[0].as_dict() if candidates else None,
                 "fallbacks": [e.as_dict() for e in candidates[1:]], "task": redacted(config), "yaml": to_yaml(config),
                 "managed_job": recipe.compute.spot, "notes": notes, "snapshot_date": self.plan.snapshot_date,
+                "prices": self.plan.catalog.get("prices", f"prices of {self.plan.snapshot_date}"),
+                "left_out": self.plan.left_out,
                 "task_title": f"SkyPilot task ({kind}; secrets shown as <redacted>)"}
 
     # what the task is made of ---------------------------------------------------------------------
@@ -497,24 +534,21 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
         return ctx.state.managed_job or (ctx.recipe is not None and ctx.recipe.compute.spot)
 
     def usable_candidates(self) -> list[Estimate]:
-        """The plan's offers on clouds SkyPilot can use; a clear error naming `sky check` when none."""
+        """The plan's offers on clouds SkyPilot can use; a clear error naming `cloudtune check` when none."""
         candidates = self._candidates()
-        try:  # the first call that needs SkyPilot's API server (it starts a local one on demand)
-            enabled = set(self.client.enabled_clouds())
-        except (RuntimeError, OSError) as exc:  # how SkyPilot reports a server it cannot reach or start
-            raise CloudtuneError(f"cannot reach SkyPilot's API server: {str(exc)[:500]}",
-                                 "`sky api status` shows the server; `sky check` which clouds it can use.") from None
+        enabled = set(self.client.enabled_clouds())  # the first call that needs SkyPilot's API server
         wanted = sorted({e.offer.cloud for e in candidates})
         if not enabled:
             raise CloudtuneError("SkyPilot has no cloud enabled: no credentials were found for any cloud.",
-                                 f"Run `sky check` to see what each cloud needs; the plan's offers are on "
-                                 f"{', '.join(wanted)}.")
+                                 f"`cloudtune check` (or `sky check`) says what each cloud needs; the plan's offers "
+                                 f"are on {', '.join(wanted)}. Each cloud's libraries come with its pip extra, e.g. "
+                                 f"{install_hint(wanted[0])} (or [{ALL_CLOUDS_EXTRA}] for every cloud).")
         usable = [e for e in candidates if e.offer.cloud.lower() in enabled]
         if not usable:
             raise CloudtuneError(f"the plan's offers are on {', '.join(wanted)}, but SkyPilot has only "
                                  f"{', '.join(sorted(enabled))} enabled.",
-                                 f"Set up credentials for one of {', '.join(wanted)} and run `sky check`, or pass "
-                                 f"--cloud {sorted(enabled)[0]} to plan on an enabled cloud.")
+                                 f"Set up credentials for one of {', '.join(wanted)} (`cloudtune check` says what "
+                                 f"is missing), or pass --cloud {sorted(enabled)[0]} to plan on an enabled cloud.")
         return usable
 
     # lifecycle -----------------------------------------------------------------------------------
@@ -631,6 +665,29 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
             raise CloudtuneError(f"copying the outputs from {ctx.machine} failed (exit {done.returncode}): "
                                  f"{done.stderr.strip()[-1000:]}")
 
+    def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
+        if self._managed(ctx) or ctx.machine not in self.client.status([ctx.machine]):
+            return None  # a spot run resumes by itself from its bucket; a cluster that is gone holds nothing
+        fetched = dest / ".fetching"
+        shutil.rmtree(fetched, ignore_errors=True)
+        (fetched / checkpoints.CHECKPOINTS).mkdir(parents=True)
+        source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/{checkpoints.CHECKPOINTS}/")
+        done = subprocess.run(["rsync", "-a", source, f"{fetched / checkpoints.CHECKPOINTS}/"],
+                              capture_output=True, text=True)
+        try:
+            if done.returncode not in (0, RSYNC_SOURCE_MISSING):
+                raise CloudtuneError(f"copying the checkpoint from {ctx.machine} failed (exit {done.returncode}): "
+                                     f"{done.stderr.strip()[-500:]}")
+            found = checkpoints.complete(fetched)
+            if not found:
+                return None
+            kept = dest / found[-1].name
+            shutil.rmtree(kept, ignore_errors=True)
+            found[-1].rename(kept)
+            return kept
+        finally:
+            shutil.rmtree(fetched, ignore_errors=True)
+
     def stop(self, ctx: RunContext) -> None:
         job_id = ctx.state.job_id
         if self._managed(ctx):
@@ -666,7 +723,26 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines):
 
     def list_machines(self) -> dict[str, str]:
         """Every SkyPilot cluster cloudtune named (ct-...), with its status."""
-        return {name: status for name, status in self.client.status().items() if name.startswith(CLUSTER_PREFIX)}
+        self._listed = self.client.status()
+        return {name: status for name, status in self._listed.items() if name.startswith(CLUSTER_PREFIX)}
+
+    def shared_machines(self) -> dict[str, str]:
+        """SkyPilot's jobs controller, which spot runs launch and which other managed jobs share."""
+        from ..planning.overheads import CONTROLLER_PRICE_PER_HOUR
+
+        listed = self._listed if self._listed is not None else self.client.status()
+        return {name: f"SkyPilot's jobs controller is {status}: it watches spot runs (managed jobs), costs about "
+                      f"${CONTROLLER_PRICE_PER_HOUR:.2f}/h while UP and stops itself 10 idle minutes after the last "
+                      f"job (its disk still costs while STOPPED); `sky down {name}` removes it once no managed job "
+                      "needs it" for name, status in sorted(listed.items()) if name.startswith(JOBS_CONTROLLER_PREFIX)}
+
+    # for `cloudtune check` ---------------------------------------------------------------------------
+
+    def check_setup(self) -> dict[str, Any]:
+        """SkyPilot's check run now, for every cloud cloudtune prices and Slurm."""
+        from ..planning.sky_catalog import bundled_clouds
+
+        return self.client.check([*bundled_clouds(), "slurm"])
 
 
 if __name__ == "__main__":

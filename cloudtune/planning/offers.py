@@ -1,9 +1,10 @@
 """GPU offers: one cloud's instance type in a region at its catalog price, read through SkyPilot's catalog.
 
 Offers come from `sky.catalog.list_accelerators` (planning/sky_catalog.py), so cloudtune and SkyPilot's
-optimizer read the same prices. Importing sky costs seconds, so the flattened offers are cached in
-$CLOUDTUNE_HOME keyed by the catalog files' size and mtime: a repeated `cloudtune cost` does not
-import sky at all.
+optimizer read the same prices: SkyPilot's own catalog files where it has them, the bundled snapshot
+otherwise. Importing sky costs seconds, so the flattened offers, and what SkyPilot cannot do on each
+cloud, are cached in $CLOUDTUNE_HOME keyed by the catalog files' size and mtime: a repeated
+`cloudtune cost` does not import sky at all.
 """
 from __future__ import annotations
 
@@ -49,11 +50,14 @@ class Catalog:
     sources: dict[str, dict[str, str]]  # cloud -> {"origin": "bundled snapshot" | "SkyPilot catalog", "date"}
     problems: list[str] = field(default_factory=list)  # clouds SkyPilot could not read
     skipped: dict[str, str] = field(default_factory=dict)  # catalog GPU name -> why it is never planned on
+    # cloud -> "on-demand" | "spot" -> SkyPilot feature (sky_catalog.FEATURES) it lacks there -> SkyPilot's reason
+    unsupported: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     from_cache: bool = False
 
     def as_dict(self) -> dict:
         return {"snapshot_date": self.snapshot_date, "sources": self.sources, "problems": self.problems,
-                "skipped": self.skipped, "from_cache": self.from_cache, "offers": [asdict(o) for o in self.offers]}
+                "skipped": self.skipped, "unsupported": self.unsupported, "from_cache": self.from_cache,
+                "offers": [asdict(o) for o in self.offers]}
 
     def describe(self) -> str:
         return describe_sources(self.sources, self.snapshot_date)
@@ -66,14 +70,13 @@ def load_offers(clouds: Sequence[str] | None = None, region: str | None = None) 
     file changes.
     """
     wanted = _check_clouds(clouds)
-    sky_catalog.seed_sky_catalog()
     key = _cache_key(region)
     cache_path = home() / "cache" / CACHE_FILE
     cached = read_json(cache_path)
     if cached and cached.get("key") == key:
         catalog = Catalog(offers=[Offer(**row) for row in cached["offers"]], snapshot_date=cached["snapshot_date"],
                           sources=cached["sources"], problems=cached["problems"], skipped=cached["skipped"],
-                          from_cache=True)
+                          unsupported=cached["unsupported"], from_cache=True)
     else:
         catalog = _read_skypilot(sky_catalog.bundled_clouds(), region)
         cache_path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +100,7 @@ def _only_clouds(catalog: Catalog, clouds: list[str]) -> Catalog:
     keep = set(clouds)
     catalog.offers = [o for o in catalog.offers if o.cloud in keep]
     catalog.sources = {c: s for c, s in catalog.sources.items() if c in keep}
+    catalog.unsupported = {c: u for c, u in catalog.unsupported.items() if c in keep}
     catalog.snapshot_date = _oldest(catalog.sources) or catalog.snapshot_date
     return catalog
 
@@ -119,7 +123,7 @@ def describe_sources(sources: dict[str, dict[str, str]], date: str) -> str:
 def _cache_key(region: str | None) -> str:
     """Changes whenever a catalog file, the bundled snapshot or the code that reads rows into offers changes."""
     target = sky_catalog.sky_catalog_dir()
-    parts = [sky_catalog.CATALOG_VERSION, str(region)]
+    parts = [sky_catalog.CATALOG_VERSION, str(region), sky_catalog.snapshot_date()]
     parts += [str(Path(module).stat().st_mtime_ns) for module in (__file__, gpus.__file__, sky_catalog.__file__)]
     for cloud in sky_catalog.bundled_clouds():
         path = target / cloud / "vms.csv"
@@ -129,18 +133,19 @@ def _cache_key(region: str | None) -> str:
 
 
 def _read_skypilot(clouds: list[str], region: str | None) -> Catalog:
-    record = sky_catalog.seed_record()
     offers: list[Offer] = []
     sources: dict[str, dict[str, str]] = {}
     problems: list[str] = []
     skipped: dict[str, str] = {}
+    unsupported: dict[str, dict[str, dict[str, str]]] = {}
     for cloud in clouds:
         try:  # one cloud at a time, so one unreadable file cannot hide the others' offers
             found = sky_catalog.list_gpu_rows(cloud, region)
+            unsupported[cloud] = sky_catalog.unsupported_features(cloud)
         except Exception as exc:  # noqa: BLE001 - SkyPilot raises anything from pandas to requests
             problems.append(f"{cloud}: SkyPilot could not read its catalog ({type(exc).__name__}: {exc})")
             continue
-        sources[cloud] = sky_catalog.catalog_origin(cloud, record)
+        sources[cloud] = sky_catalog.catalog_origin(cloud)
         for accelerator, infos in found.items():
             for info in infos:
                 offer = _offer(cloud, accelerator, info)
@@ -150,7 +155,7 @@ def _read_skypilot(clouds: list[str], region: str | None) -> Catalog:
                     offers.append(offer)
     offers.sort(key=lambda o: (o.price_per_hour, o.cloud, o.instance_type))
     return Catalog(offers=offers, snapshot_date=_oldest(sources) or sky_catalog.snapshot_date(), sources=sources,
-                   problems=problems, skipped=skipped)
+                   problems=problems, skipped=skipped, unsupported=unsupported)
 
 
 def _offer(cloud: str, accelerator: str, info) -> Offer | str | None:
@@ -201,18 +206,16 @@ def refresh_catalogs(clouds: Sequence[str] | None = None, probe_host: str = "raw
     `probe_host` is where SkyPilot's catalogs are hosted; when it cannot be reached nothing is touched.
     """
     wanted = _check_clouds(clouds)
-    sky_catalog.seed_sky_catalog()
     if not network_available(probe_host):
         return [RefreshResult(cloud, False, "no network") for cloud in wanted]
     results = []
     for cloud in wanted:
         try:
-            rows = sky_catalog.redownload(cloud)
+            what = sky_catalog.redownload(cloud)
         except Exception as exc:  # noqa: BLE001 - SkyPilot raises anything from pandas to requests
             results.append(RefreshResult(cloud, False, f"{type(exc).__name__}: {exc}"))
             continue
-        sky_catalog.forget_seed(cloud)
-        results.append(RefreshResult(cloud, True, f"{rows} rows"))
+        results.append(RefreshResult(cloud, not what.startswith("kept"), what))
     return results
 
 

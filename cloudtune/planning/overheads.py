@@ -18,6 +18,18 @@ HUB_DOWNLOAD_BYTES_PER_S = (400e6, 100e6)  # from the Hugging Face hub to a clou
 LOAD_BYTES_PER_S = (2e9, 0.5e9)  # safetensors into GPU memory (quantising on the way)
 UPLOAD_BYTES_PER_S = (20e6, 5e6)  # the dataset bundle from here
 PULL_BYTES_PER_S = (50e6, 10e6)  # outputs back to here
+# A spot run is a SkyPilot managed job, watched by SkyPilot's jobs controller: a VM of its own with
+# 4+ vCPUs and 4x as much memory (sky/jobs/constants.py CONTROLLER_RESOURCES), about $0.19/h
+# on-demand on AWS, GCP or Azure (m6i.xlarge, n2-standard-4, D4s_v5), up from its own provisioning
+# until 10 idle minutes after the job (CONTROLLER_AUTOSTOP), when it stops itself.
+CONTROLLER_PRICE_PER_HOUR = 0.20
+CONTROLLER_EXTRA_MINUTES = (10 + 4, 10 + 10)  # its idle autostop, plus its provisioning
+
+
+def controller_cost(hours_low: float, hours_high: float) -> tuple[float, float]:
+    """Dollars for SkyPilot's jobs controller VM while it watches a spot run of these hours."""
+    return tuple(CONTROLLER_PRICE_PER_HOUR * (hours + extra / 60)  # type: ignore[return-value]
+                 for hours, extra in zip((hours_low, hours_high), CONTROLLER_EXTRA_MINUTES, strict=True))
 
 
 def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: str) -> tuple[float, float, str]:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from ..datasets import DatasetReport
 from ..errors import CloudtuneError
 from ..recipe import Recipe
-from ..units import gib, gpus, hours_range, si, tokens_per_second
+from ..units import gib, gpus, hours_range, money_range, si, tokens_per_second
 from .flops import StepConditions
 from .gpus import SPECS, match_gpus, usable_gib
 from .memory import (
@@ -29,7 +29,7 @@ from .memory import (
 )
 from .models import ModelInfo, resolve_model
 from .offers import Offer, load_offers
-from .overheads import overhead_hours
+from .overheads import controller_cost, overhead_hours
 from .throughput import gpu_tokens_per_second, train_seconds
 from .work import Work, hub_report, plan_work, processed_range
 
@@ -77,6 +77,7 @@ class Plan:
     model_source: str = ""  # where the model's shape came from
     catalog: dict = field(default_factory=dict)  # price sources per cloud, cache use, unreadable clouds
     micro_batch_size: int = 0  # the recipe's, which an offer's estimate may have had to lower
+    left_out: dict[str, str] = field(default_factory=dict)  # cloud -> why SkyPilot cannot run the plan there
 
     @property
     def chosen(self) -> Estimate | None:
@@ -89,7 +90,7 @@ class Plan:
     def as_dict(self, limit: int | None = None) -> dict:
         return {"tokens": self.tokens, "tokens_exact": self.tokens_exact, "snapshot_date": self.snapshot_date,
                 "model_source": self.model_source, "notes": self.notes, "catalog": self.catalog,
-                "chosen": self.chosen.as_dict() if self.chosen else None,
+                "left_out": self.left_out, "chosen": self.chosen.as_dict() if self.chosen else None,
                 "estimates": [e.as_dict() for e in self.estimates[:limit]]}
 
 
@@ -149,13 +150,18 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
     refused = precision_problem(recipe, offer.gpu)
     if refused:
         fits, why = False, refused
+    cost_low, cost_high = hours_low * price, hours_high * price
+    if spot:
+        extra = controller_cost(hours_low, hours_high)
+        cost_low, cost_high = cost_low + extra[0], cost_high + extra[1]
+        why += f" + {money_range(*extra)} for SkyPilot's jobs controller VM"
     return Estimate(offer=offer, spot=spot, fits=fits,
                     peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=recomputed > 0,
                     checkpointed_layers=recomputed, needs_gib=round(needs, 2),
                     tokens=work.tokens, tokens_per_s_low=round(tps_low * real, 1),
                     tokens_per_s_high=round(tps_high * real, 1), hours_low=round(hours_low, 3),
-                    hours_high=round(hours_high, 3), cost_low=round(hours_low * price, 2),
-                    cost_high=round(hours_high * price, 2), why=why)
+                    hours_high=round(hours_high, 3), cost_low=round(cost_low, 2),
+                    cost_high=round(cost_high, 2), why=why)
 
 
 def _usable_bytes(recipe: Recipe, offer: Offer) -> float:
@@ -181,6 +187,8 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     spot = recipe.compute.spot if spot is None else spot
     notes: list[str] = []
     offers, snapshot, catalog_info = _read_offers(recipe, clouds, offers, notes)
+    offers, left_out = runnable_offers(offers, catalog_info.get("unsupported", {}), spot)
+    notes += [f"{cloud} left out: {why}" for cloud, why in left_out.items()]
     candidates = _matching_offers(recipe, offers, gpu, clouds, spot, notes)
     report = _priced_report(recipe, report, notes)
     work = plan_work(recipe, report)
@@ -191,8 +199,33 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     estimates = [estimate_offer(recipe, report, model, offer, spot) for offer in candidates]
     estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.offer.cloud, e.offer.instance_type))
     return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
-                notes=notes, model_source=model.source, catalog=catalog_info,
+                notes=notes, model_source=model.source, catalog=catalog_info, left_out=left_out,
                 micro_batch_size=recipe.training.micro_batch_size)
+
+
+# What a plan asks of SkyPilot on a cloud (sky.clouds.CloudImplementationFeatures names): every run
+# trains in compute.image; a cluster tears itself down when idle; a spot run is a managed job on spot
+# machines with its outputs on a mounted bucket.
+NEEDED_FEATURES = {False: ("DOCKER_IMAGE", "AUTODOWN"), True: ("DOCKER_IMAGE", "SPOT_INSTANCE", "STORAGE_MOUNTING")}
+
+
+def runnable_offers(offers: list[Offer], unsupported: dict[str, dict[str, dict[str, str]]], spot: bool
+                    ) -> tuple[list[Offer], dict[str, str]]:
+    """The offers on clouds where SkyPilot can do all the plan needs, and why each other cloud is left
+    out: one offer SkyPilot cannot run would fail the whole launch, not just fall through."""
+    kind = "spot" if spot else "on-demand"
+    left_out: dict[str, str] = {}
+    for cloud in sorted({o.cloud for o in offers}):
+        missing = unsupported.get(cloud, {}).get(kind, {})
+        lacking = [f"{name.lower()} ({missing[name].rstrip('.')})" for name in NEEDED_FEATURES[spot] if name in missing]
+        if lacking:
+            left_out[cloud] = f"SkyPilot cannot do {'; '.join(lacking)} there"
+    runnable = [o for o in offers if o.cloud not in left_out]
+    if offers and not runnable:
+        raise CloudtuneError(f"SkyPilot cannot run this plan on {', '.join(left_out)}: "
+                             + "; ".join(f"{cloud}: {why}" for cloud, why in left_out.items()) + ".",
+                             f"Plan on other clouds (--cloud, compute.cloud){' or drop --spot' if spot else ''}.")
+    return runnable, left_out
 
 
 def _read_offers(recipe: Recipe, clouds: list[str] | None, offers: list[Offer] | None,
@@ -206,7 +239,7 @@ def _read_offers(recipe: Recipe, clouds: list[str] | None, offers: list[Offer] |
     catalog = load_offers(clouds, recipe.compute.region)
     notes += catalog.problems
     info = {"prices": catalog.describe(), "sources": catalog.sources, "from_cache": catalog.from_cache,
-            "problems": catalog.problems}
+            "problems": catalog.problems, "unsupported": catalog.unsupported}
     return catalog.offers, catalog.snapshot_date, info
 
 

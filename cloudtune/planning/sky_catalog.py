@@ -1,33 +1,44 @@
-"""SkyPilot's own catalog files: seeded offline from the bundled snapshot, read and re-downloaded through sky.
+"""SkyPilot's price catalogs, read through SkyPilot's own code and never written to.
 
 This is the only module in cloudtune.planning that imports sky, always inside a function: importing
 it costs seconds, and a cached `cloudtune cost` must not pay them.
 
-Offline, SkyPilot's catalog directory is seeded from the dated snapshot bundled in
-`cloudtune/data/catalog/v8` (SkyPilot never re-downloads a catalog file that has no `.md5` beside
-it). Which seeded files are still the bundled ones is kept in a record beside them, so a price can
-say whether it is the snapshot's or SkyPilot's own.
+SkyPilot keeps its catalogs in ~/.sky/catalogs/v8 and refreshes each file whose `.md5` beside it
+says it is its own download. That folder is SkyPilot's state: cloudtune only reads it. To price
+offline, this process's SkyPilot reads a *view*, a folder of links in $CLOUDTUNE_HOME: SkyPilot's
+own file wherever it has one, the dated snapshot bundled in `cloudtune/data/catalog/v8` otherwise.
+The launch itself happens in SkyPilot's API server, which reads and fetches its own catalogs.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
-from .jsonfile import read_json, write_json
+from ..paths import home
+from .jsonfile import read_json
 
 SNAPSHOT_DIR = Path(__file__).parent.parent / "data" / "catalog" / "v8"
 CATALOG_VERSION = "v8"  # sky.skylet.constants.CATALOG_SCHEMA_VERSION in skypilot 0.14
-SEED_RECORD = ".cloudtune-seed.json"
+# What cloudtune 0.1 wrote into SkyPilot's folder (md5-less copies of the snapshot, which SkyPilot
+# then never refreshed) and the record of those copies; removed again by `undo_old_seed`.
+OLD_SEED_RECORD = ".cloudtune-seed.json"
+# The SkyPilot features a plan needs, by the names of sky.clouds.CloudImplementationFeatures.
+FEATURES = ("DOCKER_IMAGE", "AUTODOWN", "SPOT_INSTANCE", "STORAGE_MOUNTING")
+
+_view_in_use = False
 
 
 def sky_catalog_dir() -> Path:
-    """Where SkyPilot 0.14 reads catalogs: $SKY_RUNTIME_DIR (default ~) /.sky/catalogs/v8."""
+    """Where SkyPilot 0.14 keeps its catalogs: $SKY_RUNTIME_DIR (default ~) /.sky/catalogs/v8."""
     root = Path(os.path.expanduser(os.environ.get("SKY_RUNTIME_DIR") or "~"))
     return root / ".sky" / "catalogs" / CATALOG_VERSION
+
+
+def view_dir() -> Path:
+    return home() / "cache" / "sky-catalog" / CATALOG_VERSION
 
 
 def bundled_clouds() -> list[str]:
@@ -41,90 +52,125 @@ def snapshot_date() -> str:
     return found.group(1) if found else "unknown date"
 
 
+def catalog_origin(cloud: str) -> dict[str, str]:
+    """Where one cloud's prices come from, and of when: SkyPilot's own file, else the snapshot."""
+    path = sky_catalog_dir() / cloud / "vms.csv"
+    if path.is_file():
+        return {"origin": "SkyPilot catalog", "date": time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))}
+    return {"origin": "bundled snapshot", "date": snapshot_date()}
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def seed_sky_catalog() -> Path:
-    """Copy each bundled catalog file SkyPilot does not have yet into its catalog directory, and
-    replace an earlier seeded copy, untouched since, when this cloudtune bundles a newer snapshot.
+def undo_old_seed() -> None:
+    """Remove the snapshot copies an older cloudtune put into SkyPilot's folder, where still untouched,
+    so SkyPilot fetches its full catalogs again. Files anyone changed since are left alone."""
+    folder = sky_catalog_dir()
+    record_path = folder / OLD_SEED_RECORD
+    record = read_json(record_path)
+    if record is None:
+        return
+    for relative, seeded in record.items():
+        path = folder / relative
+        if path.is_file() and isinstance(seeded, dict) and _sha256(path) == seeded.get("sha256"):
+            path.unlink()
+    record_path.unlink(missing_ok=True)
 
-    Other files already there (SkyPilot's own downloads, a user's edits) are left alone. A seeded
-    file has no `.md5` in `.meta/`, which SkyPilot reads as "modified locally": it never tries to
-    download that file again, so nothing here waits on the network.
+
+def _view_sources() -> dict[str, Path]:
+    """Catalog file (relative path) -> the file the view links to."""
+    sources = {p.relative_to(SNAPSHOT_DIR).as_posix(): p for p in SNAPSHOT_DIR.glob("*/*.csv")}
+    own = sky_catalog_dir()
+    if own.is_dir():
+        sources |= {p.relative_to(own).as_posix(): p for p in own.glob("*/*.csv") if p.parent.name != ".meta"}
+    return sources
+
+
+def build_view() -> Path:
+    """The folder of links SkyPilot reads here, brought up to date (links replaced atomically, so a
+    concurrent cloudtune reads either link whole)."""
+    view = view_dir()
+    sources = _view_sources()
+    for relative, source in sources.items():
+        link = view / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() and os.readlink(link) == str(source):
+            continue
+        scratch = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+        scratch.unlink(missing_ok=True)
+        scratch.symlink_to(source)
+        os.replace(scratch, link)
+    for link in view.glob("*/*.csv"):
+        if link.relative_to(view).as_posix() not in sources:
+            link.unlink(missing_ok=True)
+    return view
+
+
+def use_catalog_view() -> None:
+    """Point this process's SkyPilot catalog reads at the view, before sky reads any cloud's catalog.
+
+    SkyPilot 0.14 takes its catalog folder from `sky.catalog.common._ABSOLUTE_VERSIONED_CATALOG_DIR`
+    each time a cloud's catalog module is first loaded; the view has no `.md5` files, so SkyPilot
+    never tries to download into it either.
     """
-    target = sky_catalog_dir()
-    record_path = target / SEED_RECORD
-    record = read_json(record_path) or {}
-    changed = False
-    for source in sorted(SNAPSHOT_DIR.glob("*/*.csv")):
-        relative = source.relative_to(SNAPSHOT_DIR).as_posix()
-        dest = target / relative
-        if dest.exists():
-            seeded = record.get(relative)
-            bundled = _sha256(source)
-            if not seeded or seeded["sha256"] == bundled or _sha256(dest) != seeded["sha256"]:
-                continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        scratch = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, scratch)
-        os.replace(scratch, dest)  # atomic: a concurrent reader sees all of it or nothing
-        record[relative] = {"sha256": _sha256(dest), "snapshot_date": snapshot_date()}
-        changed = True
-    if changed:
-        write_json(record_path, record)
-    return target
+    global _view_in_use
+    if _view_in_use:
+        return
+    undo_old_seed()
+    view = build_view()
+    from sky.catalog import common  # heavy (seconds): only on a cache miss
 
-
-def catalog_origin(cloud: str, record: dict) -> dict[str, str]:
-    """Where one cloud's catalog prices come from, and of when; `record` as `seed_record` returns it."""
-    relative = f"{cloud}/vms.csv"
-    path = sky_catalog_dir() / relative
-    seeded = record.get(relative)
-    if seeded and path.exists() and _sha256(path) == seeded["sha256"]:
-        return {"origin": "bundled snapshot", "date": seeded["snapshot_date"]}
-    return {"origin": "SkyPilot catalog", "date": time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))}
-
-
-def seed_record() -> dict:
-    """Relative catalog path -> {"sha256", "snapshot_date"} of each file seeded from the snapshot."""
-    return read_json(sky_catalog_dir() / SEED_RECORD) or {}
+    common._ABSOLUTE_VERSIONED_CATALOG_DIR = str(view)
+    _view_in_use = True
 
 
 def list_gpu_rows(cloud: str, region: str | None) -> dict[str, list]:
     """SkyPilot's catalog rows of one cloud's GPU instances, by accelerator name (cheapest region only)."""
-    import sky.catalog as sky_catalog  # heavy (seconds): only on a cache miss
+    use_catalog_view()
+    import sky.catalog as sky_catalog
 
     return sky_catalog.list_accelerators(gpus_only=True, clouds=cloud, all_regions=False,
                                          region_filter=re.escape(region) if region else None)
 
 
-def redownload(cloud: str) -> int:
-    """Have SkyPilot download one cloud's catalog afresh; the number of rows it got.
+def unsupported_features(cloud: str) -> dict[str, dict[str, str]]:
+    """What SkyPilot cannot do on one cloud, of what a plan needs: {"on-demand"|"spot": {feature: reason}}.
 
-    The current file is restored when that fails, and the exception passes on.
+    Asked of the cloud's own class (`_unsupported_features_for_resources`, which its public
+    `check_features_are_supported` reads), so the answer is the one SkyPilot's optimizer will give.
     """
-    from sky.catalog import common as sky_common  # heavy
+    use_catalog_view()
+    from sky import resources as resources_lib
+    from sky.utils import registry
 
-    path = sky_catalog_dir() / cloud / "vms.csv"
-    backup = path.with_name("vms.csv.cloudtune-backup")
-    if path.exists():
-        os.replace(path, backup)
+    cloud_class = type(registry.CLOUD_REGISTRY.from_str(cloud))
+    table = {}
+    for kind, spot in (("on-demand", False), ("spot", True)):
+        unsupported = cloud_class._unsupported_features_for_resources(
+            resources_lib.Resources(infra=cloud, use_spot=spot))
+        table[kind] = {feature.name: str(reason) for feature, reason in unsupported.items()
+                       if feature.name in FEATURES}
+    return table
+
+
+def redownload(cloud: str) -> str:
+    """Have SkyPilot refresh one cloud's catalog in its own folder, as it does on its own; what it did.
+
+    A file SkyPilot holds without its `.md5` counts as edited by hand there, and SkyPilot keeps it.
+    """
+    use_catalog_view()
+    from sky.catalog import common as sky_common
+
+    filename = f"{cloud}/vms.csv"
+    path = sky_catalog_dir() / filename
+    view, sky_common._ABSOLUTE_VERSIONED_CATALOG_DIR = sky_common._ABSOLUTE_VERSIONED_CATALOG_DIR, \
+        str(sky_catalog_dir())
     try:
-        # A missing file is what makes SkyPilot download it (and write the .md5 that marks it as
-        # its own, so from then on SkyPilot refreshes it by itself).
-        frame = sky_common.read_catalog(f"{cloud}/vms.csv", pull_frequency_hours=0)
-    except Exception:
-        if backup.exists():
-            os.replace(backup, path)
-        raise
-    backup.unlink(missing_ok=True)
-    return len(frame.index)
-
-
-def forget_seed(cloud: str) -> None:
-    """One cloud's catalog is SkyPilot's own from now on, not the bundled snapshot's."""
-    record_path = sky_catalog_dir() / SEED_RECORD
-    record = read_json(record_path) or {}
-    record.pop(f"{cloud}/vms.csv", None)
-    write_json(record_path, record)
+        if path.is_file() and sky_common.is_catalog_modified(filename):
+            return "kept: SkyPilot's file has no .md5, so it counts as edited by hand and is never replaced"
+        frame = sky_common.read_catalog(filename, pull_frequency_hours=0)
+        return f"{len(frame.index)} rows"
+    finally:
+        sky_common._ABSOLUTE_VERSIONED_CATALOG_DIR = view

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 
 from ..datasets import DatasetReport, percentiles
+from ..packing import tokens_read
 from ..recipe import Recipe
 
 PACKING_FILL = 0.97  # first-fit-decreasing packing leaves about 3 % of each row empty
@@ -23,7 +24,7 @@ HUB_DATASET_ROWS = {"mlabonne/guanaco-llama2-1k": 1000, "timdettmers/openassista
 
 @dataclass(frozen=True)
 class Work:
-    tokens: int  # trained tokens (what receipts count)
+    tokens: int  # tokens the trainer reads, its "tokens" in run.json and the receipt
     processed: float  # tokens the GPU computes on, padding included
     row_tokens: int  # widest row a micro-batch can hold: the peak memory's sequence length
     width: float  # average padded row width
@@ -73,8 +74,9 @@ def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | Non
         return Work(int(tokens), tokens, cap, per_row, False,
                     f"hub dataset: assumed {per_row:.0f} tokens per row over {spec.max_steps} steps")
     span = document_attention_span(report, cap) if attends_per_document(recipe) else 0.0
+    as_trained = report.rows_as_trained(cap, spec.packing)
     if spec.packing:
-        rows = max(1, math.ceil(report.tokens / (cap * PACKING_FILL)))
+        rows = len(as_trained) if as_trained else max(1, math.ceil(report.tokens / (cap * PACKING_FILL)))
         width = min(cap, report.tokens / rows / PACKING_FILL)
         processed_per_epoch = rows * width
         row_tokens = min(cap, math.ceil(report.tokens / PACKING_FILL))
@@ -86,12 +88,14 @@ def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | Non
     micro_batches = max(1, math.ceil(rows / mb))
     if spec.max_steps:
         total_micro_batches = spec.max_steps * spec.gradient_accumulation
-        epochs = total_micro_batches / micro_batches
     else:
-        epochs = spec.epochs or 1.0
-        steps = math.ceil(epochs * math.ceil(micro_batches / spec.gradient_accumulation))
-        epochs = steps * spec.gradient_accumulation / micro_batches
-    return Work(tokens=int(report.tokens * epochs), processed=processed_per_epoch * epochs, row_tokens=row_tokens,
+        steps = math.ceil((spec.epochs or 1.0) * math.ceil(micro_batches / spec.gradient_accumulation))
+        total_micro_batches = steps * spec.gradient_accumulation
+    epochs = total_micro_batches / micro_batches
+    # The trainer's own packing and seeded order over the counted lengths: the tokens it will read.
+    tokens = (tokens_read(report.row_lengths, as_trained, mb, spec.seed, total_micro_batches) if as_trained
+              else int(report.tokens * epochs))
+    return Work(tokens=tokens, processed=processed_per_epoch * epochs, row_tokens=row_tokens,
                 width=width, exact=report.tokens_exact, attention_span=span)
 
 

@@ -10,15 +10,21 @@ import shutil
 from pathlib import Path
 
 CHECKPOINTS = "checkpoints"  # under the trainer's --out
-STEP_PREFIX = "step-"  # only a complete checkpoint carries this name (see cloudtune.train.checkpoint.save)
+STEP_PREFIX = "step-"
+# Written last, into a checkpoint whose every other file is in place. The rename in
+# cloudtune.train.checkpoint.save is atomic on a local disk but a copy-then-delete on a bucket mount
+# (SkyPilot's MOUNT_CACHED), where a preempted machine can leave a step-N folder half copied: only a
+# folder with this file counts. The SkyPilot run script (backends/scripts/skypilot_run.sh) tests for
+# the same name.
+COMPLETE = "COMPLETE"
 # Where a checkpoint carried in the bundle lies, relative to the directory the trainer starts in.
 RESUME_FROM_ENV = "CLOUDTUNE_RESUME_FROM"
 
 
 def complete(out: Path) -> list[Path]:
-    """Complete checkpoints under out/checkpoints, oldest first."""
+    """Complete checkpoints under out/checkpoints (those with their marker), oldest first."""
     root = out / CHECKPOINTS
-    return sorted(root.glob(f"{STEP_PREFIX}*")) if root.is_dir() else []
+    return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if (p / COMPLETE).is_file()) if root.is_dir() else []
 
 
 def step_of(checkpoint: Path) -> int:

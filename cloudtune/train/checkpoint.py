@@ -19,6 +19,7 @@ from ..recipe import Recipe
 from ..remote import checkpoints
 
 KEEP = 2  # the newest is enough to resume; one more in case the disk filled while writing it
+COMPLETE = checkpoints.COMPLETE
 
 
 @dataclass
@@ -49,14 +50,25 @@ def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State, s
                partial / "state.pt")
     (partial / "progress.json").write_text(json.dumps({**asdict(state), "recipe": recipe.training_fingerprint()}))
     shutil.rmtree(final, ignore_errors=True)
-    os.rename(partial, final)  # only complete checkpoints carry the step-N name
-    for old in complete(out)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    os.rename(partial, final)
+    _write_marker(final)
+    kept = complete(out)[-KEEP:]
+    for old in sorted(root.glob("step-*")):  # older complete ones, and any half-copied folder before the newest
+        if old not in kept and (not kept or old < kept[-1]):
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _write_marker(folder: Path) -> None:
+    marker = folder / COMPLETE
+    with marker.open("w") as handle:
+        handle.write("complete\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def complete(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints (those with their marker), oldest first."""
     return checkpoints.complete(out)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import torch
 from .. import formats
 from ..datasets import dataset_rows, render_rows
 from ..errors import CloudtuneError
+from ..packing import epoch_order, layout
 from ..recipe import Recipe
 from .attention import document_offsets
 
@@ -32,6 +32,11 @@ class Encoded:
     trained_tokens: int = 0  # tokens that carry a loss, summed over documents
     rows: int = 0
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        """Every token the model reads in one epoch, as `validate` and `cost` count them."""
+        return sum(len(ids) for ids, _ in self.examples)
 
 
 def load_rows(recipe: Recipe) -> list[tuple[str, dict]]:
@@ -124,27 +129,6 @@ def encode(recipe: Recipe, tokenizer, rows: list[tuple[str, dict]]) -> Encoded:
     return out
 
 
-def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Best-fit decreasing: group document indices into rows of at most `capacity` tokens.
-
-    Deterministic for a given dataset, so every epoch (and a resumed run) has the same rows.
-    O(n log n) with a sorted list of free room, so a million documents pack in seconds.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, bin index), sorted
-    for i in order:
-        at = bisect.bisect_left(free, (lengths[i], -1))
-        if at < len(free):
-            room, b = free.pop(at)
-            bins[b].append(i)
-        else:
-            room, b = capacity, len(bins)
-            bins.append([i])
-        bisect.insort(free, (room - lengths[i], b))
-    return bins
-
-
 @dataclass
 class Batcher:
     """Yields the micro-batches of an epoch in a seeded order; resumable by batch index."""
@@ -158,16 +142,14 @@ class Batcher:
     document_offsets: bool = False  # for attention.document_attention, in place of any padding mask
 
     def __post_init__(self) -> None:
-        lengths = [len(ids) for ids, _ in self.encoded.examples]
-        self.rows = pack(lengths, self.max_seq_len) if self.packing else [[i] for i in range(len(lengths))]
+        self.rows = layout([len(ids) for ids, _ in self.encoded.examples], self.max_seq_len, self.packing)
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.micro_batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[dict, int]]:
         """(batch, real tokens in it) for each micro-batch of `epoch`, from batch index `start` on."""
-        order = list(range(len(self.rows)))
-        random.Random(self.seed * 1000003 + epoch).shuffle(order)
+        order = epoch_order(len(self.rows), self.seed, epoch)
         for b in range(start, len(self)):
             picked = [self.rows[i] for i in order[b * self.micro_batch_size:(b + 1) * self.micro_batch_size]]
             yield self.collate(picked)

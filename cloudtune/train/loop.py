@@ -133,7 +133,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     encoded = encode(recipe, tokenizer, load_rows(recipe))
     for note in encoded.notes:
         say(f"note: {note}")
-    say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.trained_tokens} trained tokens per epoch")
+    say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.tokens:,} tokens per epoch, "
+        f"{encoded.trained_tokens:,} of them trained (carry a loss)")
 
     base = model_lib.load_base(recipe, device)
     fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout

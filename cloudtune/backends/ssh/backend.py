@@ -202,10 +202,11 @@ class SSHBackend(Backend, KeepsCheckpoints):
         if not transfer.exists(conn, root):
             return None
         names = sorted(name for name in conn.files().listdir(root) if name.startswith(checkpoints.STEP_PREFIX))
-        if not names:
+        newest = next((n for n in reversed(names) if transfer.exists(conn, f"{root}/{n}/{checkpoints.COMPLETE}")), None)
+        if newest is None:
             return None
-        transfer.download_tree(conn, f"{root}/{names[-1]}", dest / names[-1], self.events.progress)
-        return dest / names[-1]
+        transfer.download_tree(conn, f"{root}/{newest}", dest / newest, self.events.progress)
+        return dest / newest
 
     def stop(self, ctx: RunContext) -> None:
         state = ctx.state
