@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import manifest, receipt, report
+from . import manifest, receipt, report, units
 from .backends import registry
 from .backends.base import BUNDLE_FILE, Backend, Bundle, Quote, RunContext, build_bundle
 from .backends.capabilities import DryRuns, KeepsCheckpoints, ListsMachines
@@ -51,6 +51,7 @@ class RunResult:
     run_id: str
     status: str
     receipt: dict[str, Any]
+    already_pulled: bool = False  # `pull` of a run whose outputs had arrived: nothing was done
 
 
 @dataclass
@@ -246,6 +247,10 @@ class Launch:
             self.events.warn(f"interrupted: stopping run {self.run_id}")
             self.stop_training()
             raise
+        except StoppedByDown as exc:
+            status = "cancelled"
+            self.record(error=exc.message)
+            raise
         except BaseException as exc:
             self.record(error=str(exc))
             raise
@@ -289,8 +294,8 @@ class Launch:
         budget = budget_for(self.recipe.compute.max_cost, price_per_hour, time.time() - self.started)
         if budget is not None:
             self.ctx.train_env.update(budget.env())
-            self.events.note(f"max_cost ${budget.max_cost:.2f} at ${budget.price_per_hour:.2f}/h: the training "
-                             f"stops with its outputs so far after {budget.train_seconds / 3600:.2f} h")
+            self.events.note(f"max_cost {units.money(budget.max_cost)} at {units.per_hour(budget.price_per_hour)}: "
+                             f"the training stops with its outputs so far after {units.duration(budget.train_seconds)}")
         if self.continues:
             self.ctx.train_env[RESUME_FROM_ENV] = f"bundle/{CARRIED_CHECKPOINT}/{self.continues.checkpoint.name}"
             self.events.note(f"continuing run {self.continues.run_id} from its checkpoint "
@@ -305,11 +310,24 @@ class Launch:
             self.tail.append(line)
             self.events.log(line)
         code = self.backend.exit_code(self.ctx)
+        if code != 0 and self.torn_down_elsewhere():
+            raise StoppedByDown(f"run {self.run_id}: stopped by `cloudtune down` (from another terminal) before "
+                                "its training ended; nothing was pulled.",
+                                f"Its log so far: `cloudtune logs {self.run_id}`; where `down` kept its checkpoint, "
+                                f"`cloudtune run --resume {self.run_id}` trains on from it.")
         if code != 0:
             why = (f"exited with status {code}" if code is not None else
                    "ended without an exit status (killed, or its disk was too full to write one?)")
             raise RunFailed(f"run {self.run_id}: training {why}. Last lines of its log:\n" + "\n".join(self.tail),
                             f"Full log: cloudtune logs {self.run_id}")
+
+    def torn_down_elsewhere(self) -> bool:
+        """Whether another cloudtune process (`down`) has begun tearing this run's machine down."""
+        try:
+            row = self.ledger.machine_for_run(self.run_id)
+        except LedgerError:
+            return False
+        return bool(row) and row["status"] in ("terminating", "terminated")
 
     def pull(self) -> RunResult:
         self.transition("pulling")
@@ -379,6 +397,10 @@ def keep_checkpoint(backend: Backend, ctx: RunContext, ledger: Ledger, events: E
         events.note(f"checkpoint of step {checkpoints.step_of(kept)} kept in {kept}: "
                     f"`cloudtune run --resume {ctx.run_id}` trains on from it")
     return kept
+
+
+class StoppedByDown(RunFailed):
+    """The run's machine was torn down by `cloudtune down` from elsewhere while it trained."""
 
 
 def launcher_identity() -> dict[str, Any]:
@@ -451,6 +473,9 @@ def pull_again(run_ref: str, events: Events, *, ledger: Ledger | None = None,
     ledger = ledger or Ledger()
     run_row = ledger.get_run(run_ref)
     row = ledger.machine_for_run(run_row["id"])
+    arrived = receipt.read_receipt(Path(run_row["output_dir"])) if run_row.get("output_dir") else None
+    if run_row["status"] == "succeeded" and arrived is not None:
+        return RunResult(run_id=run_row["id"], status="succeeded", receipt=arrived, already_pulled=True)
     if row is None or row["status"] == "terminated":
         raise CloudtuneError(f"run {run_row['id']}: its machine is gone, and its outputs with it.",
                              "`cloudtune status` shows the runs whose outputs arrived.")
@@ -469,8 +494,25 @@ def pull_again(run_ref: str, events: Events, *, ledger: Ledger | None = None,
     return RunResult(run_id=run_row["id"], status="succeeded", receipt=made)
 
 
+@dataclass
+class TrainingLog:
+    """`cloudtune logs`: the lines, and for a log that turns out empty, why it is."""
+
+    run_id: str
+    lines: Iterator[str]
+    run_row: dict[str, Any]
+
+    def why_empty(self) -> str:
+        status, error = self.run_row["status"], (self.run_row.get("error") or "").strip()
+        if status in FINAL_RUN_STATUSES:
+            ended = f"run {self.run_id} {status} before its training wrote a line"
+            return f"{ended}: {error.splitlines()[0]}" if error else f"{ended}."
+        return (f"run {self.run_id} is {status}: its training has not written a line yet "
+                f"(`cloudtune logs {self.run_id} -f` follows it).")
+
+
 def training_log(run_ref: str, *, follow: bool = False, ledger: Ledger | None = None,
-                 backend_for: BackendFor | None = None) -> Iterator[str]:
+                 backend_for: BackendFor | None = None) -> TrainingLog:
     """`cloudtune logs RUN`: a run's log from wherever it is, redacted with the secrets this shell holds."""
     ledger = ledger or Ledger()
     run_row = ledger.get_run(run_ref)
@@ -480,8 +522,8 @@ def training_log(run_ref: str, *, follow: bool = False, ledger: Ledger | None = 
                              "`cloudtune status` shows why it ended.")
     backend = (backend_for or _backend_for(Events()))(run_row["backend"])
     hide = Redactor([os.environ[name] for name in run_row["meta"].get("secret_names", []) if os.environ.get(name)])
-    for line in backend.logs(context_for(backend, Machine.from_row(row)), follow=follow):
-        yield hide(line)
+    lines = backend.logs(context_for(backend, Machine.from_row(row)), follow=follow)
+    return TrainingLog(run_row["id"], (hide(line) for line in lines), run_row)
 
 
 def sweep_dead_runs(ledger: Ledger | None = None) -> int:
@@ -615,6 +657,8 @@ def _tear_down_machine(machine: Machine, ledger: Ledger, events: Events, backend
             _adopt(ledger, machine)
         ctx = context_for(backend, machine)
         if ledger.get_run(machine.run_id)["status"] != "succeeded":
+            # said first, so that a CLI still watching this run reads why its training stopped
+            ledger.set_machine(machine.name, "terminating")
             backend.stop(ctx)  # the training saves a checkpoint as it stops, which is then kept
             keep_checkpoint(backend, ctx, ledger, events)
     except Exception as exc:  # noqa: BLE001 - reported like a failed teardown, and the loop goes on

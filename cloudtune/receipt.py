@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .planning.budget import PriceFields
+from .units import with_units
 
 RECEIPT = "receipt.json"
 RUN_JSON = "run.json"
@@ -44,7 +45,15 @@ def build(pulled: dict[str, Any], *, run_id: str, backend: str, machine: str, wa
 
 
 def write(made: dict[str, Any], output_dir: Path) -> None:
-    (output_dir / RECEIPT).write_text(json.dumps(made, indent=1))
+    (output_dir / RECEIPT).write_text(json.dumps(with_units(made), indent=1))
+
+
+def read_receipt(output_dir: Path) -> dict[str, Any] | None:
+    """The receipt of outputs that arrived (its fields named as --json names them), or None."""
+    try:
+        return json.loads((output_dir / RECEIPT).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def ledger_columns(made: dict[str, Any]) -> dict[str, Any]:

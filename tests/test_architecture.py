@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cloudtune"
 FORBIDDEN = {
     "cloudtune.errors": ["cloudtune."],
     "cloudtune.events": ["cloudtune."],
+    "cloudtune.units": ["cloudtune."],
     "cloudtune.remote": ["cloudtune."],  # runs on the training machine, maybe before cloudtune's packages
     "cloudtune.planning": ["cloudtune.backends", "cloudtune.lifecycle", "cloudtune.cli", "cloudtune.render",
                            "cloudtune.train"],

@@ -657,7 +657,7 @@ def test_dry_run_is_the_default_backend_and_matches_cloudtune_cost(monkeypatch):
     best, cheapest = task.best_resources, cost["chosen"]["offer"]
     assert (str(best.cloud).lower(), best.instance_type, best.region) == \
            (cheapest["cloud"], cheapest["instance_type"], cheapest["region"])
-    assert best.get_cost(3600) == pytest.approx(cheapest["price_per_hour"])
+    assert best.get_cost(3600) == pytest.approx(cheapest["usd_per_hour"])
 
     spot = _json_out(runner.invoke(cli, ["run", "--dry-run", "--spot", "--json", recipe]))
     assert spot["managed_job"] and spot["task"]["resources"]["use_spot"] is True

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..events import Events
 from ..recipe import Recipe
+from ..units import per_hour
 
 if TYPE_CHECKING:
     from ..datasets import DatasetReport
@@ -116,7 +117,7 @@ class Backend(ABC):
         if price is None:
             return Quote(summary=f"a machine you provide ({self.name} backend): cloudtune rents nothing, so it "
                                  "has no price (set compute.price_per_hour to count it)", recipe=recipe)
-        return Quote(summary=f"a machine you provide ({self.name} backend) at ${price:.2f}/h "
+        return Quote(summary=f"a machine you provide ({self.name} backend) at {per_hour(price)} "
                              "(compute.price_per_hour)", recipe=recipe,
                      price={"gpu": self.name, "price_per_hour": price})
 
