@@ -481,13 +481,13 @@ def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
     assert find_machines(None, backend_for=backends.__getitem__) == []
 
 
-def test_missing_credentials_name_sky_check_and_the_enabled_clouds(tmp_path, image):
+def test_missing_credentials_name_cloudtune_check_and_the_enabled_clouds(tmp_path, image):
     recipe = tiny_recipe(tmp_path)
     for enabled, expected in (((), "no cloud enabled"), (("azure",), "only azure enabled")):
         cloud = FakeCloud(tmp_path / f"cloud-{len(enabled)}", image, enabled=enabled)
         with pytest.raises(CloudtuneError) as failed:
             execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan()), Recorder())
-        assert expected in failed.value.message and "sky check" in failed.value.hint
+        assert expected in failed.value.message and "cloudtune check" in failed.value.hint
         assert cloud.calls() == []  # nothing asked for, so nothing to tear down
         assert Ledger().machine_for_run(Ledger().runs(1)[0]["id"])["status"] == "terminated"
 
@@ -698,8 +698,12 @@ def _api_servers(port: int) -> list[int]:
     """Pids of SkyPilot API server processes on this port."""
     import psutil
 
-    return [proc.pid for proc in psutil.process_iter(attrs=["cmdline"]) if proc.info["cmdline"]
-            and "-m sky.server.server" in " ".join(proc.info["cmdline"]) and str(port) in proc.info["cmdline"]]
+    found = []
+    for proc in psutil.process_iter(attrs=["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if "-m sky.server.server" in line and re.search(rf"--port[= ]{port}\b", line):
+            found.append(proc.pid)
+    return found
 
 
 def _stop_api_server(env: dict) -> None:
@@ -714,6 +718,7 @@ def test_real_client_against_a_local_skypilot_api_server(tmp_path, monkeypatch):
     from sky import global_user_state
     from sky.client import sdk
     from sky.clouds import cloud as cloud_lib
+    from sky.server import common as server_common
 
     from cloudtune.backends.skypilot import SkyClient
 
@@ -724,6 +729,7 @@ def test_real_client_against_a_local_skypilot_api_server(tmp_path, monkeypatch):
     port = free_port()
     monkeypatch.setenv("SKYPILOT_CONFIG", str(config))
     monkeypatch.setenv("SKYPILOT_API_SERVER_LOCAL_PORT", str(port))  # never another test's or the user's server
+    server_common.get_server_url.cache_clear()  # SkyPilot keeps the URL it read first for the process
     global_user_state.set_enabled_clouds([], cloud_lib.CloudCapability.COMPUTE, "default")  # nothing cached
     monkeypatch.delenv("SKYPILOT_DISABLE_LOCAL_API_SERVER")
     client = SkyClient(progress=open(os.devnull, "w"))  # noqa: SIM115
@@ -735,16 +741,20 @@ def test_real_client_against_a_local_skypilot_api_server(tmp_path, monkeypatch):
         assert client.server.started and _api_servers(port), "cloudtune started the server, and knows it"
         assert client.status() == {} and SkyPilotBackend(client=client).list_machines() == {}
         client.down("ct-never-launched")  # SkyPilot's ClusterDoesNotExist means: already gone
-        with pytest.raises(CloudtuneError) as gone:  # a SkyPilot error from a generator, translated too
-            list(client.tail_logs("ct-never-launched", 1, follow=False))
-        assert "ct-never-launched" in gone.value.message and gone.value.hint
+        task = to_task(task_config("ct-never-launched", {"accelerators": {"A10G": 1}}, run=True))
+        with pytest.raises(CloudtuneError) as gone:  # SkyPilot's own error from exec (whichever), translated
+            client.exec(task, "ct-never-launched")
+        assert gone.value.message.startswith("SkyPilot exec") and gone.value.hint
         client.server.release()
         deadline = time.time() + 60
         while _api_servers(port) and time.time() < deadline:
             time.sleep(1)
         assert not _api_servers(port), "the API server cloudtune started must not outlive it"
     finally:
+        client.server.release()
         sdk.api_stop()
+        monkeypatch.undo()
+        server_common.get_server_url.cache_clear()
 
 
 def test_check_runs_skypilots_check_prints_clean_json_and_stops_the_server_it_started(tmp_path, ct_home):
@@ -839,6 +849,11 @@ def test_every_client_call_turns_skypilots_errors_into_one_message_and_keeps_std
         with pytest.raises(CloudtuneError) as failed:
             call()
         assert "API server" in failed.value.message and failed.value.hint, name
+    client.server.checked = True  # past the start: the SDK's own call fails inside the log stream
+    for stream in (client.tail_logs("ct-x", 1, False), client.jobs_tail_logs(1, False)):
+        with pytest.raises(CloudtuneError) as failed:
+            next(stream)
+        assert "SkyPilot" in failed.value.message and "API server" in failed.value.message and failed.value.hint
     with output_to_stderr():
         sky_logging.init_logger("sky.cloudtune_test").info("SkyPilot says hello")
     out, err = capfd.readouterr()
@@ -855,10 +870,16 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
     import inspect
 
     import sky
-    from sky import exceptions
+    from sky import clouds, exceptions
+    from sky.catalog import common as catalog_common
     from sky.client import sdk
     from sky.data import storage
+    from sky.server import common as server_common
+    from sky.server import daemons
     from sky.utils import common
+
+    from cloudtune.backends.skypilot import JOBS_CONTROLLER_PREFIX
+    from cloudtune.planning.sky_catalog import FEATURES
 
     task, stream = object(), object()
     calls = [
@@ -879,11 +900,26 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
         (sky.jobs.tail_logs, (), {"job_id": 1, "follow": True, "preload_content": False}),
         (sky.jobs.queue_v2, (), {"refresh": False, "job_ids": [1]}),
         (sky.jobs.cancel, (), {"job_ids": [1]}),
+        (sdk.check, (None, False), {}),
+        (sdk.api_status, (), {}),
+        (sdk.api_stop, (), {}),
+        (server_common.check_server_healthy_or_start_fn, (), {}),
+        (server_common.get_api_server_status, (), {}),
+        (server_common.is_api_server_local, (), {}),
+        (server_common.get_server_url, (), {}),
+        (catalog_common.read_catalog, ("aws/vms.csv",), {"pull_frequency_hours": 0}),
+        (catalog_common.is_catalog_modified, ("aws/vms.csv",), {}),
+        (clouds.AWS._unsupported_features_for_resources, (object(),), {}),
     ]
     for store in (storage.S3Store, storage.R2Store, storage.NebiusStore, storage.CoreWeaveStore, storage.GcsStore):
         calls.append((store, (), {"name": "ct-x", "source": None, "sync_on_reconstruction": False}))
     for function, args, kwargs in calls:
         inspect.signature(function).bind(*args, **kwargs)
+    # what skypilot_sdk.py and planning/sky_catalog.py rely on besides calls
+    assert {d.id for d in daemons.INTERNAL_REQUEST_DAEMONS} and server_common.ApiServerStatus.UNHEALTHY
+    assert isinstance(catalog_common._ABSOLUTE_VERSIONED_CATALOG_DIR, str)
+    assert set(FEATURES) <= {f.name for f in clouds.CloudImplementationFeatures}
+    assert common.JOB_CONTROLLER_PREFIX == JOBS_CONTROLLER_PREFIX
     assert storage.StoreType.S3.store_prefix() == "s3://"
     caught = (exceptions.ClusterDoesNotExist, exceptions.NoCloudAccessError, exceptions.ResourcesUnavailableError)
     assert all(issubclass(kind, Exception) for kind in caught)
