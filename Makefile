@@ -21,13 +21,21 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# sshd for the SSH backend's tests, a Docker engine for its Docker mode, rsync for SkyPilot's local dry runs.
+# sshd for the SSH backend's tests, a Docker engine for its Docker mode, rsync for SkyPilot's local dry runs;
+# munge, slurmctld, slurmd and patchelf for the one-node Slurm the real SkyPilot client launches on
+# (tests/slurm_cluster.py).
 system-packages:
 	@if ! command -v sshd >/dev/null 2>&1 && ! test -x /usr/sbin/sshd || ! command -v rsync >/dev/null 2>&1 \
 			|| ! command -v docker >/dev/null 2>&1 || ! command -v dockerd >/dev/null 2>&1; then \
 		echo "installing openssh-server, rsync and docker.io with apt"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client \
 			rsync docker.io >/dev/null; \
+	fi
+	@if ! test -x /usr/sbin/slurmctld || ! test -x /usr/sbin/slurmd || ! command -v sinfo >/dev/null 2>&1 \
+			|| ! test -x /usr/sbin/munged || ! command -v patchelf >/dev/null 2>&1; then \
+		echo "installing slurmctld, slurmd, slurm-client, munge and patchelf with apt"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			slurmctld slurmd slurm-client munge patchelf >/dev/null; \
 	fi
 
 demo: setup

@@ -33,6 +33,10 @@ FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUN_NAME = re.compile(r"^\w[\w.+=@ -]{0,99}$")
+# compute.python goes into a shell script on the machine: a command name or a path, nothing a shell reads
+MACHINE_PYTHON = re.compile(r"^[\w~/.+-]{1,300}$")
+# Clouds of machines the user already has, which run no image: the training uses the cluster's Python.
+OWN_CLUSTERS = ("slurm",)
 # The planner walks a model layer by layer per offer (an assumed shape of 1e300 parameters never ends,
 # 2T takes a minute); 500B is past the largest dense model published.
 MIN_PARAMS, MAX_PARAMS = 1e6, 5e11
@@ -289,6 +293,9 @@ class ComputeSpec(Strict):
     remote_env: Literal["python", "docker"] = Field(
         "python", description="ssh backend: the machine's Python (packages in a cached venv) or Docker with "
                               "compute.image")
+    python: str | None = Field(None, description="slurm: the Python on the cluster that trains (a command or a "
+                                                 "path; default python3); packages it lacks go into a venv built "
+                                                 "once and reused")
     disk_gb: int | None = Field(None, gt=0, le=10**6, description="disk size; default from model + data + outputs")
     autostop_minutes: int = Field(30, gt=0, le=10**6, description="idle minutes before the machine tears itself down")
 
@@ -296,6 +303,29 @@ class ComputeSpec(Strict):
     @classmethod
     def _one_cloud(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("cloud")
+    @classmethod
+    def _own_cluster_alone(cls, value: list[str]) -> list[str]:
+        # A cluster of one's own runs no image, the clouds do: one task cannot be both.
+        own = [c for c in value if c.lower() in OWN_CLUSTERS]
+        if own and len(value) > 1:
+            raise ValueError(f"{own[0]} trains on your cluster's own Python, the clouds in a Docker image: "
+                             f"name {own[0]} alone, or only clouds")
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _machine_python(cls, value: str | None) -> str | None:
+        if value is not None and not MACHINE_PYTHON.fullmatch(value):
+            raise ValueError("a command (python3.11) or a path (/opt/venv/bin/python): letters, digits and "
+                             "_ ~ / . + - only, no spaces or shell characters")
+        return value
+
+    @property
+    def own_cluster(self) -> str | None:
+        """The cloud of a cluster the user has (slurm) when this trains on one, else None."""
+        return next((c.lower() for c in self.cloud if c.lower() in OWN_CLUSTERS), None)
 
 
 class Recipe(Strict):

@@ -324,6 +324,9 @@ class FakeCloud:
             return str(damaged) + "/"
         return str(source) + "/"
 
+    def rsync_ssh(self, cluster: str, work_dir: Path) -> list[str]:
+        return []  # the fake cluster's files are on this machine
+
 
 def _group_alive(pgid: int) -> bool:
     """Any live (not zombie) process left in the job's process group."""

@@ -28,7 +28,9 @@ import functools
 import io
 import json
 import math
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -48,6 +50,8 @@ from ..planning.planner import Estimate, Plan
 from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
 from ..remote import checkpoints
+from ..remote import source as remote_source
+from ..remote.make_venv import venv_key
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
 from .base import Backend, Bundle, MachineState, Quote, RunContext
@@ -72,6 +76,7 @@ UPLOAD = "upload"
 WHEEL_NAME = f"cloudtune-{__version__}-py3-none-any.whl"  # what build_wheel makes of this checkout
 CHECKSUMS = "SHA256SUMS"
 REQUIREMENTS = "requirements-train.txt"
+UPLOADED_HELPERS = ("missing_requirements", "make_venv")
 MAX_ALTERNATIVES = 8
 # Disk: image + [train] packages + OS, then the model, its outputs and the data on top.
 BASE_DISK_GIB = 40
@@ -85,6 +90,8 @@ CANCEL_WAIT_SECONDS = 120
 REATTACH_SECONDS = 15 * 60
 REATTACH_MAX_DELAY = 30.0
 RSYNC_SOURCE_MISSING = 23  # rsync's "partial transfer": here, no checkpoints folder on the machine
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+JOB_LINE_PREFIX = re.compile(r"(?m)^\([^()\s]+, pid=\d+\) ")
 
 # ----------------------------------------------------------------------------------------------
 # The task, as plain data: what `--dry-run` prints and what SkyPilot validates
@@ -145,7 +152,7 @@ def resources_config(candidates: list[Estimate], compute: ComputeSpec, disk_gib:
         raise CloudtuneError("no GPU offer in the plan fits this fine-tune.",
                              "See `cloudtune cost RECIPE` for why; try another --gpu, a smaller micro_batch_size "
                              "or method qlora.")
-    config: dict[str, Any] = {"image_id": check_image(compute.image)}
+    config: dict[str, Any] = image_resources(compute)
     if disk_gib:
         config["disk_size"] = disk_gib
     if compute.spot:
@@ -173,12 +180,43 @@ def script(name: str) -> str:
     return resources.files("cloudtune.backends").joinpath("scripts", name).read_text()
 
 
-def image_envs(image: str) -> dict[str, str]:
-    envs = {"CLOUDTUNE_IMAGE": image, "PYTHONUNBUFFERED": "1"}
-    ref = parse_image(image)
+def image_envs(compute: ComputeSpec) -> dict[str, str]:
+    python = cluster_python(compute)
+    if python is not None:
+        return {"CLOUDTUNE_PYTHON": python, "PYTHONUNBUFFERED": "1"}
+    envs = {"CLOUDTUNE_IMAGE": compute.image, "PYTHONUNBUFFERED": "1"}
+    ref = parse_image(compute.image)
     if ref.digest:
         envs["CLOUDTUNE_IMAGE_DIGEST"] = ref.pinned(ref.digest)
     return envs
+
+
+# Clusters of the user's own (Slurm) -------------------------------------------------------------
+
+
+def cluster_python(compute: ComputeSpec) -> str | None:
+    """The cluster's Python the training uses where SkyPilot runs no image, else None (the image's).
+
+    SkyPilot cannot run an `image_id` on Slurm without Pyxis, so there the setup step checks the
+    cluster's Python for the training's packages and puts what it lacks in a venv over it, built once
+    under the user's home and reused, as the SSH backend does (cloudtune/remote/make_venv.py).
+    """
+    return (compute.python or "python3") if compute.own_cluster else None
+
+
+def image_resources(compute: ComputeSpec) -> dict[str, Any]:
+    return {} if compute.own_cluster else {"image_id": check_image(compute.image)}
+
+
+def cluster_setup_envs(compute: ComputeSpec, upload: Path) -> dict[str, str]:
+    """What the setup step needs to prepare the cluster's Python: which one, and the name of the venv for it
+    and this requirement set (kept under the login user's home, not SkyPilot's per-cluster HOME, so that
+    later runs find it). Nothing where an image runs."""
+    python = cluster_python(compute)
+    if python is None:
+        return {}
+    requirements = (upload / REQUIREMENTS).read_text().splitlines()
+    return {"CLOUDTUNE_PYTHON": python, "CLOUDTUNE_VENV_KEY": venv_key(python, requirements)}
 
 
 def task_config(name: str, resources: dict[str, Any], *, upload_dir: Path | None = None, wheel_name: str | None = None,
@@ -260,7 +298,10 @@ def prepare_upload(work_dir: Path, bundle: Bundle) -> tuple[Path, str]:
     upload.mkdir(parents=True)
     shutil.copy2(bundle.path, upload / "bundle.tar.gz")
     (upload / REQUIREMENTS).write_text("\n".join(train_requirements(build_wheel())) + "\n")
-    sums = [f"{sha256_file(upload / name)}  {name}" for name in ("bundle.tar.gz", REQUIREMENTS)]
+    for helper in UPLOADED_HELPERS:  # for a cluster without an image, which checks its own Python
+        (upload / f"{helper}.py").write_text(remote_source(helper))
+    names = ("bundle.tar.gz", REQUIREMENTS, *(f"{helper}.py" for helper in UPLOADED_HELPERS))
+    sums = [f"{sha256_file(upload / name)}  {name}" for name in names]
     (upload / CHECKSUMS).write_text("\n".join(sums) + "\n")
     return upload, wheel
 
@@ -338,25 +379,39 @@ class SkyClient:
     def wait_launched(self, request_id: str) -> dict[str, Any]:
         import sky
 
-        _, handle = sky.stream_and_get(request_id, output_stream=self.progress)
+        job_id, handle = sky.stream_and_get(request_id, output_stream=self.progress)
+        if job_id is not None:  # a launch with a setup step: SkyPilot runs it detached
+            self._wait_for_setup(handle.cluster_name, job_id)
         return launched(handle.launched_resources)
+
+    def _wait_for_setup(self, cluster: str, job_id: int) -> None:
+        """SkyPilot runs a launch's setup detached, as a job of its own, and returns before it is done: a
+        job exec'd next would start on a half-prepared machine. Its log is shown until it ends."""
+        for line in self.tail_logs(cluster, job_id, follow=True):
+            self.progress.write(line if line.endswith("\n") else line + "\n")
+        status = self.job_status(cluster, job_id)
+        if status != "SUCCEEDED":
+            raise RuntimeError(f"the setup step on {cluster} ended {status} (its output is above)")
 
     def exec(self, task, cluster: str) -> int:
         import sky
 
-        job_id, _ = sky.stream_and_get(sky.exec(task, cluster_name=cluster), output_stream=self.progress)
+        with contextlib.redirect_stdout(self.progress):  # as in launch
+            request = sky.exec(task, cluster_name=cluster)
+        job_id, _ = sky.stream_and_get(request, output_stream=self.progress)
         return job_id
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
-        """The job's log lines. A stream that drops ends, or raises ConnectionError (not translated by
-        `sdk_calls`, so the backend can tell it from SkyPilot's verdicts and reattach: `_reattached`)."""
+        """The job's log lines, without SkyPilot's colours and its `(task, pid=N) ` before every line. A
+        stream that drops ends, or raises ConnectionError (not translated by `sdk_calls`, so the backend can
+        tell it from SkyPilot's verdicts and reattach: `_reattached`)."""
         import sky
         from sky import exceptions
 
         try:
             for line in sky.tail_logs(cluster, job_id, follow=follow, preload_content=False):
                 if line is not None:
-                    yield line
+                    yield JOB_LINE_PREFIX.sub("", ANSI_COLOUR.sub("", line))
         except (exceptions.ApiServerConnectionError, OSError) as exc:  # OSError: requests' transport errors
             raise ConnectionError(str(exc)) from exc
 
@@ -392,6 +447,26 @@ class SkyClient:
     def rsync_remote(self, cluster: str, path: str) -> str:
         # SkyPilot writes an SSH config entry named after each cluster (~/.sky/generated/ssh/).
         return f"{cluster}:{path}"
+
+    def rsync_ssh(self, cluster: str, work_dir: Path) -> list[str]:
+        """rsync's `-e` for the cluster: SkyPilot's SSH config entry for it, with `~` read as $HOME.
+
+        SkyPilot keeps its state under $HOME, but OpenSSH reads `~` (its config, the key SkyPilot names) as
+        the passwd entry's home; the two differ under `sudo -E`, in CI, or with a HOME of a test's own.
+        The entry is (re)written first, as `sky status CLUSTER` does: a launch through the SDK leaves only
+        the API server's own entry, which on Slurm reaches the login node rather than the job's allocation,
+        and with a remote API server none at all.
+        """
+        from sky.client.cli import command  # skypilot 0.14.1; the SDK has no public call for this
+
+        command._get_cluster_records_and_set_ssh_config([cluster])
+        entry = Path(os.path.expanduser(f"~/.sky/generated/ssh/{cluster}"))
+        if not entry.is_file():
+            return []
+        config = work_dir / "ssh_config"
+        home = os.path.expanduser("~")
+        config.write_text(re.sub(r"(?m)^(\s*\w+\s+)~/", lambda m: f"{m.group(1)}{home}/", entry.read_text()))
+        return ["-e", f"ssh -F {shlex.quote(str(config))}"]
 
     # managed jobs, for spot ----------------------------------------------------------------------
 
@@ -560,7 +635,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
                                  f"See `cloudtune cost` for every offer; try {hint}.")
         check_budget(plan, recipe.compute.max_cost)
         offer = chosen.offer
-        summary = (f"{offer.gpu}×{offer.gpu_count} on {offer.cloud} {offer.region} ({offer.instance_type}) at "
+        where = " ".join(filter(None, (offer.cloud, offer.region, offer.instance_type and f"({offer.instance_type})")))
+        summary = (f"{offer.gpu}×{offer.gpu_count} on {where} at "
                    f"${chosen.price_per_hour:.2f}/h{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–"
                    f"{chosen.hours_high:.2f} h, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} "
                    f"(prices of {plan.snapshot_date})")
@@ -603,7 +679,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         resources = resources_config(self._candidates() if candidates is None else candidates, recipe.compute,
                                      disk_size_gib(recipe, self.model_bytes), managed=spot)
         return task_config(ctx.machine, resources, upload_dir=upload_dir or ctx.work_dir / UPLOAD,
-                           wheel_name=wheel_name, run=True, envs=image_envs(recipe.compute.image) | ctx.train_env,
+                           wheel_name=wheel_name, run=True, envs=image_envs(recipe.compute) | ctx.train_env,
                            secrets=secrets if secrets is not None else {name: REDACTED for name in recipe.secrets},
                            outputs_bucket=bucket_name(ctx.machine) if spot else None)
 
@@ -692,7 +768,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         recipe = self._recipe(ctx)
         chosen = ctx.state.launched
         resources = {"infra": "/".join(p for p in (chosen["cloud"], chosen["region"]) if p),
-                     "accelerators": chosen["accelerators"], "image_id": check_image(recipe.compute.image),
+                     "accelerators": chosen["accelerators"], **image_resources(recipe.compute),
                      "autostop": {"idle_minutes": recipe.compute.autostop_minutes, "down": True}}
         if chosen.get("instance_type"):
             resources["instance_type"] = chosen["instance_type"]
@@ -707,7 +783,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         self._secrets[ctx.run_id] = dict(secrets)
         if self._managed(ctx):
             return  # the managed job carries the upload itself
-        config = task_config(ctx.machine, self._pinned_resources(ctx), upload_dir=upload, wheel_name=wheel_name)
+        config = task_config(ctx.machine, self._pinned_resources(ctx), upload_dir=upload, wheel_name=wheel_name,
+                             envs=cluster_setup_envs(self._recipe(ctx).compute, upload))
         try:
             self._launch(ctx, config, "setting up")
         finally:
@@ -730,7 +807,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             return
         # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
         resources = {"accelerators": ctx.state.launched["accelerators"]}
-        config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute.image) | ctx.train_env,
+        config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute) | ctx.train_env,
                              secrets=secrets)
         ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
 
@@ -813,8 +890,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             return
         source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/")
         excludes = [f"--exclude=/{name}" for name in NOT_PULLED]
-        done = subprocess.run(["rsync", "-a", "--partial", *excludes, source, f"{staging}/"],
-                              capture_output=True, text=True)
+        done = subprocess.run(["rsync", "-a", "--partial", *self.client.rsync_ssh(ctx.machine, ctx.work_dir),
+                               *excludes, source, f"{staging}/"], capture_output=True, text=True)
         if done.returncode != 0:
             raise CloudtuneError(f"copying the outputs from {ctx.machine} failed (exit {done.returncode}): "
                                  f"{done.stderr.strip()[-1000:]}")
@@ -837,8 +914,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         shutil.rmtree(fetched, ignore_errors=True)
         (fetched / checkpoints.CHECKPOINTS).mkdir(parents=True)
         source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/{checkpoints.CHECKPOINTS}/")
-        done = subprocess.run(["rsync", "-a", source, f"{fetched / checkpoints.CHECKPOINTS}/"],
-                              capture_output=True, text=True)
+        done = subprocess.run(["rsync", "-a", *self.client.rsync_ssh(ctx.machine, ctx.work_dir), source,
+                               f"{fetched / checkpoints.CHECKPOINTS}/"], capture_output=True, text=True)
         try:
             if done.returncode not in (0, RSYNC_SOURCE_MISSING):
                 raise CloudtuneError(f"copying the checkpoint from {ctx.machine} failed (exit {done.returncode}): "

@@ -201,7 +201,9 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     if not model.exact:
         notes.append(f"model shape {model.source}")
     estimates = [estimate_offer(recipe, report, model, offer, spot) for offer in candidates]
-    estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.offer.cloud, e.offer.instance_type))
+    # at equal cost (a cluster of one's own costs $0 on every GPU), the faster run first
+    estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.hours_high, e.offer.cloud,
+                                  e.offer.instance_type))
     return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
                 notes=notes, model_source=model.source, catalog=catalog_info, left_out=left_out,
                 micro_batch_size=recipe.training.micro_batch_size)
