@@ -10,7 +10,6 @@ import atexit
 import contextlib
 import functools
 import inspect
-import io
 import logging
 import re
 import sys
@@ -170,7 +169,6 @@ class LocalServer:
     def __init__(self) -> None:
         self.started = False
         self.checked = False
-        self.left_running: str | None = None
 
     def ensure(self) -> None:
         """Start the local server when none answers (what every SDK call would do), remembering it."""
@@ -178,10 +176,9 @@ class LocalServer:
             return
         from sky.server import common as server_common
 
-        self.checked = True
-        if not server_common.is_api_server_local():
-            return
-        if server_common.get_api_server_status().status != server_common.ApiServerStatus.UNHEALTHY:
+        if not server_common.is_api_server_local() or \
+                server_common.get_api_server_status().status != server_common.ApiServerStatus.UNHEALTHY:
+            self.checked = True  # remote, or already up: not ours to stop
             return
         try:
             server_common.check_server_healthy_or_start_fn()
@@ -189,7 +186,7 @@ class LocalServer:
             raise CloudtuneError(f"cannot start SkyPilot's local API server: {_message(exc, 500)}",
                                  "`sky api start` starts it by hand and says why it fails; `sky api status` shows "
                                  "a running one.") from exc
-        self.started = True
+        self.started = self.checked = True
         atexit.register(self.release)
 
     def release(self) -> None:
@@ -197,20 +194,25 @@ class LocalServer:
         if not self.started:
             return
         self.started = False
+        with contextlib.suppress(ValueError, OSError):  # at interpreter exit stderr may be closed already
+            self._stop_unless_used()
+
+    def _stop_unless_used(self) -> None:
         from sky.client import sdk
         from sky.server import daemons
 
         daemon_ids = {daemon.id for daemon in daemons.INTERNAL_REQUEST_DAEMONS}
-        with contextlib.suppress(Exception), output_to_stderr():
-            others = [r for r in sdk.api_status() if r.request_id not in daemon_ids
-                      and r.status in ("PENDING", "RUNNING")]
+        with output_to_stderr():
+            try:
+                others = [r.name for r in sdk.api_status() if r.request_id not in daemon_ids
+                          and r.status in ("PENDING", "RUNNING")]
+            except Exception as exc:  # noqa: BLE001 - at exit, say it and leave the server be
+                others = [f"unknown: {type(exc).__name__}"]
             if others:
-                self.left_running = (f"SkyPilot's API server, which cloudtune started, is left running: it still "
-                                     f"serves {len(others)} request(s) ({', '.join(r.name for r in others[:3])}). "
-                                     "`sky api stop` stops it.")
-                sys.stderr.write(self.left_running + "\n")
+                sys.stderr.write(f"SkyPilot's API server, which cloudtune started, is left running: it still serves "
+                                 f"{len(others)} request(s) ({', '.join(others[:3])}). `sky api stop` stops it.\n")
                 return
-            with contextlib.redirect_stderr(io.StringIO()):
+            with contextlib.suppress(Exception):  # at exit: a server that is gone already is what we wanted
                 sdk.api_stop()
 
 

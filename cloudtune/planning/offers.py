@@ -252,13 +252,18 @@ class GpuOffers:
     note: str | None = None
 
 
-def gpu_offers(gpu: str | None = None, clouds: Sequence[str] | None = None, refresh: bool = False) -> GpuOffers:
+def gpu_offers(gpu: str | None = None, clouds: Sequence[str] | None = None, refresh: bool = False, *,
+               count: int | None = None, spot: bool = False) -> GpuOffers:
+    """The offers `cloudtune gpus` lists: of one GPU (family), of `count` GPUs, with a spot price (then
+    cheapest spot price first)."""
     from .gpus import match_gpus
 
     refreshed = refresh_catalogs(clouds) if refresh else []
     catalog = load_offers(clouds)
-    if not gpu:
-        return GpuOffers(catalog, refreshed)
-    match = match_gpus(gpu)
-    catalog.offers = [offer for offer in catalog.offers if offer.gpu in match.names]
-    return GpuOffers(catalog, refreshed, match.note)
+    match = match_gpus(gpu) if gpu else None
+    catalog.offers = [offer for offer in catalog.offers
+                      if (match is None or offer.gpu in match.names) and count in (None, offer.gpu_count)
+                      and (not spot or offer.spot_price_per_hour is not None)]
+    if spot:
+        catalog.offers.sort(key=lambda o: (o.spot_price_per_hour, o.cloud, o.instance_type))
+    return GpuOffers(catalog, refreshed, match.note if match else None)
