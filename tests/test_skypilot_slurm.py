@@ -129,7 +129,7 @@ def test_slurm_costs_nothing_and_the_plan_still_says_how_long_on_each_gpu(tmp_pa
     assert "slurm: your own cluster, $0" in plan["catalog"]["prices"]
     fitting = [e for e in plan["estimates"] if e["fits"]]
     assert len({e["offer"]["gpu"] for e in fitting}) > 10
-    assert all(e["offer"]["cloud"] == "slurm" and e["cost_high"] == 0 for e in fitting)
+    assert all(e["offer"]["cloud"] == "slurm" and e["cost_usd_high"] == 0 for e in fitting)
     assert all(0 < e["hours_low"] <= e["hours_high"] for e in fitting)
     assert [e["hours_high"] for e in fitting] == sorted(e["hours_high"] for e in fitting)  # at $0, fastest first
 
