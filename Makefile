@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO_DIR := demo-out
 
-.PHONY: setup demo test lint clean system-packages
+.PHONY: setup demo test test-slurm lint clean system-packages
 
 setup: $(STAMP)
 
@@ -47,6 +47,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The real-SkyPilot launches on a localhost Slurm (tests/slurm_cluster.py): minutes each, so apart.
+test-slurm: setup
+	$(BIN)/python -m pytest -q -m slurm tests/test_skypilot_slurm.py
 
 lint: setup
 	$(BIN)/ruff check .

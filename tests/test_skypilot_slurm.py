@@ -6,6 +6,10 @@ own SkyPilot API server and port, never the real ~/.sky). The node has no GPU; i
 (Slurm GRES on /dev/null), so the task asks for a GPU as on a real cluster and the training falls back
 to the CPU. Only one SkyPilot cluster lives on the node at a time (a second stops the first's skylet),
 so the tests run one after another and each ends with its cluster gone.
+
+The tests that launch (marked `slurm`) run with `make test-slurm`, not in `make test`: on this 2-core
+machine a first launch with its setup takes minutes, and they have not yet passed often enough to gate
+every change. The others (planning and task shape for Slurm) run in `make test`.
 """
 from __future__ import annotations
 
@@ -206,6 +210,7 @@ def slurm_run(slurm_sky, tmp_path_factory, shared_home) -> SlurmRun:
         yield SlurmRun(folder, ct_home, cli.returncode, log.read_text(), log.with_suffix(".out").read_text(), watcher)
 
 
+@pytest.mark.slurm
 def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_run):
     """Provision, upload, setup (the wheel beside the cluster's Python), training with the log streamed
     live, pull with checksums, outputs that reload, `sky down`, and the ledger's `terminated` once
@@ -228,6 +233,7 @@ def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_ru
     allocation_released(slurm_sky)
 
 
+@pytest.mark.slurm
 @pytest.mark.xfail(strict=True, reason="seen on the localhost Slurm: the training's environment (read from /proc "
                    "as root) held no HF_TOKEN; and SkyPilot 0.14.1 hands task secrets to a Slurm job as plain env "
                    "vars on its executor's command line (`--env-vars=`, backends/task_codegen.py), so `ps` shows "
@@ -244,6 +250,7 @@ def test_a_forwarded_secret_reaches_the_training_and_is_stored_nowhere(slurm_sky
     assert not [line for line in slurm_run.watcher.command_lines if SECRET in line], "the secret showed in `ps`"
 
 
+@pytest.mark.slurm
 def test_a_killed_cli_leaves_its_cluster_set_to_tear_itself_down_and_down_removes_it(slurm_sky, tmp_path,
                                                                                       ct_home):
     """A CLI killed with SIGKILL mid-training runs no handler: the cluster stays up (cloud runs outlive
@@ -275,6 +282,7 @@ def test_a_killed_cli_leaves_its_cluster_set_to_tear_itself_down_and_down_remove
         slurm_sky.sky("down", "--yes", name, timeout=600)  # the next test needs the node to itself
 
 
+@pytest.mark.slurm
 def test_ctrl_c_while_provisioning_leaves_no_allocation_and_no_cluster(slurm_sky, tmp_path, ct_home):
     """Ctrl-C while SkyPilot provisions: once the CLI has exited, Slurm holds no allocation for it and
     SkyPilot lists no cluster."""
