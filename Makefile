@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 DEMO_DIR := demo-out
 
-.PHONY: setup demo test lint clean system-packages
+.PHONY: setup demo test test-slurm lint clean system-packages
 
 setup: $(STAMP)
 
@@ -21,13 +21,21 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# sshd for the SSH backend's tests, a Docker engine for its Docker mode, rsync for SkyPilot's local dry runs.
+# sshd for the SSH backend's tests, a Docker engine for its Docker mode, rsync for SkyPilot's local dry runs;
+# munge, slurmctld, slurmd and patchelf for the one-node Slurm the real SkyPilot client launches on
+# (tests/slurm_cluster.py).
 system-packages:
 	@if ! command -v sshd >/dev/null 2>&1 && ! test -x /usr/sbin/sshd || ! command -v rsync >/dev/null 2>&1 \
 			|| ! command -v docker >/dev/null 2>&1 || ! command -v dockerd >/dev/null 2>&1; then \
 		echo "installing openssh-server, rsync and docker.io with apt"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client \
 			rsync docker.io >/dev/null; \
+	fi
+	@if ! test -x /usr/sbin/slurmctld || ! test -x /usr/sbin/slurmd || ! command -v sinfo >/dev/null 2>&1 \
+			|| ! test -x /usr/sbin/munged || ! command -v patchelf >/dev/null 2>&1; then \
+		echo "installing slurmctld, slurmd, slurm-client, munge and patchelf with apt"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			slurmctld slurmd slurm-client munge patchelf >/dev/null; \
 	fi
 
 demo: setup
@@ -39,6 +47,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The real-SkyPilot launches on a localhost Slurm (tests/slurm_cluster.py): minutes each, so apart.
+test-slurm: setup
+	$(BIN)/python -m pytest -q -m slurm tests/test_skypilot_slurm.py
 
 lint: setup
 	$(BIN)/ruff check .

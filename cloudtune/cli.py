@@ -5,45 +5,62 @@ Heavy libraries (torch, transformers, sky, paramiko) are never imported at modul
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from . import units
 from .backends import registry
-from .errors import CloudtuneError
+from .errors import CloudtuneError, handle
 from .secrets import redact
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# no emoji codes: a message quoting `--gpu A10:x` must not print a red cross
+console = Console(highlight=False, emoji=False)
+err_console = Console(stderr=True, highlight=False, emoji=False)
+
+
+def _show_error(message: str, hint: str | None) -> None:
+    # soft_wrap keeps paths and commands whole for copy-paste
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    if hint:
+        err_console.print(f"[yellow]hint:[/] {escape(hint)}", soft_wrap=True)
+
 
 class CloudtuneGroup(click.Group):
-    """Turns user mistakes into one red paragraph and exit 2; tracebacks only with --debug."""
+    """Every error of every command goes through errors.handle: a message and a hint, exit 2 for user
+    mistakes, a traceback only with --debug. Messages quote user data (column names, paths, a training's
+    log), so the one redaction rule applies here and no command can echo a secret."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except CloudtuneError as exc:
-            if ctx.params.get("debug"):
-                sys.stderr.write(redact(traceback.format_exc()))
-            # Messages quote user data (column names, paths, a training's log): the one redaction rule
-            # applies here, so no command can echo a secret. soft_wrap keeps paths whole for copy-paste.
-            err_console.print(f"[bold red]error:[/] {escape(redact(exc.message))}", soft_wrap=True)
-            if exc.hint:
-                err_console.print(f"[yellow]hint:[/] {escape(redact(exc.hint))}", soft_wrap=True)
-            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except KeyboardInterrupt as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
             err_console.print(f"[yellow]interrupted ({signal.Signals(signum).name})[/]")
             ctx.exit(128 + signum)
+        except Exception as exc:  # noqa: BLE001 - the boundary: every error ends here as a message
+            ctx.exit(handle(exc, debug=bool(ctx.params.get("debug")), show=_show_error, redact=redact))
 
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            guess = difflib.get_close_matches(name, self.list_commands(ctx), n=2, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(guess)}?" if guess else ""
+            raise click.UsageError(f"No such command '{name}'.{hint}", ctx)
+        return super().resolve_command(ctx, args)
+
+
+NOTHING_FITS = 1  # `cost`: no offer can run the recipe
+GPUS_SHOWN = 20  # `gpus` without --top
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 
@@ -59,7 +76,31 @@ def cli(debug: bool) -> None:
 
 
 def _print_json(data) -> None:
-    click.echo(json.dumps(data, indent=1, default=str))
+    click.echo(json.dumps(units.with_units(data), indent=1, default=str))
+
+
+def _clouds(_ctx, _param, given: tuple[str, ...]) -> list[str] | None:
+    """--cloud aws --cloud gcp, or SkyPilot's --cloud aws,gcp."""
+    return [cloud.strip() for value in given for cloud in value.split(",") if cloud.strip()] or None
+
+
+def _gpu(_ctx, _param, given: str | None) -> tuple[str | None, int | None]:
+    """--gpu A10, or SkyPilot's --gpu A10:1 / H100:8 (the count sets compute.gpu_count)."""
+    from .planning.gpus import split_gpu_count
+
+    return split_gpu_count(given) if given else (None, None)
+
+
+def _backend(_ctx, _param, name: str) -> str:
+    registry.entry(name)  # an unknown name is refused before the recipe is read or a plan printed
+    return name
+
+
+gpu_option = click.option("--gpu", callback=_gpu, metavar="NAME[:COUNT]",
+                          help="GPU to rent (A10, A100-80GB, H100, ...; A10 also matches A10G, A100 and H100 "
+                               "match their variants); NAME:COUNT also sets compute.gpu_count.")
+clouds_option = click.option("--cloud", "clouds", multiple=True, callback=_clouds, metavar="CLOUD[,CLOUD]",
+                             help="Only these clouds (comma-separated, or repeat the option).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,19 +113,31 @@ def _print_json(data) -> None:
               help="Which ready recipe to start from (see --list).")
 @click.option("--list", "list_only", is_flag=True, help="List the templates and exit.")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
-def init(path: Path, template: str, list_only: bool, force: bool) -> None:
+@json_option
+def init(path: Path, template: str, list_only: bool, force: bool, as_json: bool) -> None:
     """Write a commented recipe to PATH from a ready template."""
     from . import templates
+    from .render import grid, text, whole
 
     if list_only:
+        if as_json:
+            _print_json(templates.summaries())
+            return
+        table = grid(whole("template"), text("what it trains"))
         for name, summary in templates.summaries().items():
-            console.print(f"[bold]{name}[/]  {escape(summary)}")
+            table.add_row(name, escape(summary))
+        console.print(table)
         return
     written = templates.write(path, template, force)
-    copied = f" (+ {', '.join(written.copied)})" if written.copied else ""
-    console.print(f"wrote [bold]{path}[/] from template {template}{copied}")
-    console.print(f"next: [bold]cloudtune validate {path}[/], then [bold]cloudtune cost {path}[/] "
-                  f"or [bold]{escape(written.run_command)}[/]")
+    if as_json:
+        _print_json(written.as_dict())
+        return
+    console.print(f"wrote [bold]{escape(str(path))}[/] from template {template}", soft_wrap=True)
+    for note in written.notes:
+        console.print(f"  [dim]{escape(note)}[/]", soft_wrap=True)
+    console.print("next:")
+    for command in written.next_commands:  # one per line, whole: each is copied as it is
+        console.print(f"  [bold]{escape(command)}[/]", soft_wrap=True)
 
 
 @cli.command()
@@ -105,18 +158,21 @@ def validate(recipe_path: Path, as_json: bool) -> None:
     if as_json:
         _print_json({"recipe": str(recipe_path), "fingerprint": recipe.fingerprint(), "dataset": report.as_dict()})
         return
-    table = Table(title=f"{recipe_path}: valid", show_header=False, title_justify="left")
-    table.add_row("model", recipe.model.name or f"init: {recipe.model.init}")
-    table.add_row("method", recipe.method + (f" (r={recipe.lora.r}, targets {recipe.lora.target_modules})"
-                                             if recipe.uses_lora else ""))
-    table.add_row("dataset", f"{report.source} ({report.format})")
-    table.add_row("rows", f"{report.rows:,}")
+    from .render import facts
+
     exactness = "exact" if report.tokens_exact else "estimated"
-    table.add_row("tokens", f"{report.tokens:,} per epoch ({exactness}; tokenizer: {report.tokenizer})")
+    rows = [("model", recipe.model.name or f"init: {recipe.model.init}"),
+            ("method", recipe.method + (f" (r={recipe.lora.r}, targets {recipe.lora.target_modules})"
+                                        if recipe.uses_lora else "")),
+            ("dataset", f"{report.source} ({report.format})"), ("rows", units.count(report.rows)),
+            ("tokens", f"{units.count(report.tokens)} per epoch ({exactness}; tokenizer: {report.tokenizer})")]
     if report.truncated_rows:
-        table.add_row("truncated", f"{report.truncated_rows:,} rows longer than max_seq_len "
-                                   f"{recipe.training.max_seq_len} (longest {report.longest_row_tokens:,})")
-    console.print(table)
+        rows.append(("truncated", f"{units.count(report.truncated_rows)} rows longer than max_seq_len "
+                                  f"{recipe.training.max_seq_len} (longest {units.count(report.longest_row_tokens)})"))
+    if report.eval_rows:
+        rows.append(("eval", f"{units.count(report.eval_rows)} rows, {units.count(report.eval_tokens)} tokens "
+                             f"({report.eval_source})"))
+    facts(console, f"{recipe_path}: valid", rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,10 +182,9 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 @cli.command(cls=registry.BackendFlagsCommand)
 @click.argument("recipe_path", metavar="RECIPE", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
-              help=registry.backend_help())
-@click.option("--gpu", help="GPU to rent (A10, A100-80GB, H100, ...); overrides compute.gpu.")
-@click.option("--cloud", "clouds", multiple=True,
-              help="Only these clouds (repeat for several); overrides compute.cloud.")
+              callback=_backend, help=registry.backend_help())
+@gpu_option
+@clouds_option
 @click.option("--spot/--on-demand", default=None,
               help="Spot machines, run as a managed job that resumes after preemption; overrides compute.spot.")
 @click.option("--max-cost", type=click.FloatRange(min=0, min_open=True), metavar="USD",
@@ -140,12 +195,13 @@ def validate(recipe_path: Path, as_json: bool) -> None:
               help="Continue RUN (an id, a prefix, or 'last') from the checkpoint it kept when it stopped, on a new "
                    "machine; RECIPE defaults to RUN's recipe, --backend to RUN's backend.")
 @json_option
-def run(recipe_path: Path | None, backend: str, gpu: str | None, clouds: tuple[str, ...], spot: bool | None,
-        max_cost: float | None, dry_run: bool, resume_ref: str | None, as_json: bool, **backend_flags) -> None:
+def run(recipe_path: Path | None, backend: str, gpu: tuple[str | None, int | None], clouds: list[str] | None,
+        spot: bool | None, max_cost: float | None, dry_run: bool, resume_ref: str | None, as_json: bool,
+        **backend_flags) -> None:
     """Train RECIPE end to end: rent, sync, train, stream logs, pull outputs, tear down."""
     from . import lifecycle
     from .recipe import load_recipe, with_compute_overrides
-    from .render import RichEvents, receipt_table
+    from .render import RichEvents, receipt
 
     continues = lifecycle.continuation(resume_ref) if resume_ref else None
     if continues is not None:
@@ -155,7 +211,7 @@ def run(recipe_path: Path | None, backend: str, gpu: str | None, clouds: tuple[s
     if recipe_path is None:
         raise click.UsageError("Missing argument 'RECIPE'" + (" (the run to resume has no recipe file on record)"
                                                              if continues is not None else "") + ".")
-    recipe = with_compute_overrides(load_recipe(recipe_path), gpu=gpu, cloud=list(clouds) or None, spot=spot,
+    recipe = with_compute_overrides(load_recipe(recipe_path), gpu=gpu[0], gpu_count=gpu[1], cloud=clouds, spot=spot,
                                     max_cost=max_cost)
     events = RichEvents(err_console if as_json else console)
     chosen = registry.create(backend, backend_flags, events, launching=not dry_run)
@@ -166,7 +222,7 @@ def run(recipe_path: Path | None, backend: str, gpu: str | None, clouds: tuple[s
     if as_json:
         _print_json(result.receipt)
     else:
-        console.print(receipt_table(result.receipt))
+        receipt(console, result.receipt)
 
 
 @cli.command()
@@ -183,46 +239,62 @@ def status(limit: int, as_json: bool) -> None:
     elif not runs:
         console.print("no runs yet: try [bold]cloudtune init[/] then [bold]cloudtune run recipe.yaml[/]")
     else:
-        console.print(runs_table(runs))
+        console.print(runs_table(runs, console.width))
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN", default="last")
+@click.argument("run_ref", metavar="[RUN]", default="last")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the training ends.")
-def logs(run_ref: str, follow: bool) -> None:
-    """Print a run's training log (RUN is an id, a prefix of one, or 'last')."""
+@json_option
+def logs(run_ref: str, follow: bool, as_json: bool) -> None:
+    """Print a run's training log (RUN is an id, a prefix of one, or 'last', the default)."""
     from .lifecycle import training_log
 
-    for line in training_log(run_ref, follow=follow):
-        click.echo(line)
+    found = training_log(run_ref, follow=follow)
+    empty = True
+    for line in found.lines:
+        click.echo(json.dumps({"run_id": found.run_id, "line": line}) if as_json else line)
+        empty = False
+    if empty:
+        err_console.print(f"[yellow]no log:[/] {escape(found.why_empty())}", soft_wrap=True)
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN", required=False)
+@click.argument("run_ref", metavar="[RUN]", required=False)
 @click.option("--dry-run", is_flag=True, help="List what would be torn down; change nothing.")
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def down(run_ref: str | None, dry_run: bool, yes: bool) -> None:
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed with --json).")
+@json_option
+def down(run_ref: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
     """Find and remove every machine cloudtune started that is still up (or only RUN's)."""
     from .lifecycle import check_all_gone, find_machines, tear_down
-    from .render import RichEvents
+    from .render import RichEvents, grid, text, whole
 
     problems: list[str] = []
     machines = find_machines(run_ref, problems=problems)
     for problem in problems:
         err_console.print(f"[yellow]warning:[/] {escape(problem)}")
+    if as_json and (dry_run or not machines):
+        _print_json({"machines": [vars(machine) for machine in machines], "torn_down": [], "problems": problems})
+        return
     if not machines:
         console.print("nothing to tear down: every machine in the ledger is terminated")
         return
+    table = grid(whole("machine"), text("backend"), text("status"))
     for machine in machines:
-        console.print(f"{machine.name}  run {machine.run_id}  backend {machine.backend}  status {machine.status}")
+        table.add_row(machine.name, machine.backend, escape(machine.status))
+    (err_console if as_json else console).print(table)
     if dry_run:
         return
-    if not yes and not click.confirm(f"tear down {len(machines)} machine(s)?", default=True):
+    if not yes and (as_json or not click.confirm(f"tear down {len(machines)} machine(s)?", default=False)):
+        err_console.print("nothing torn down" + (": --json needs --yes" if as_json else ""))
         return
-    results = tear_down(machines, RichEvents(console))
+    results = tear_down(machines, RichEvents(err_console if as_json else console))
+    if as_json:
+        _print_json({"machines": [vars(machine) for machine in machines], "problems": problems,
+                     "torn_down": [vars(result) for result in results]})
     for result in results:
         verdict = "[green]terminated[/]" if result.verified else "[red]not verified gone[/]"
-        console.print(f"{result.machine}: {verdict}")
+        (err_console if as_json else console).print(f"{result.machine}: {verdict}")
     check_all_gone(results)
 
 
@@ -243,6 +315,7 @@ def check(backend: str, as_json: bool) -> None:
     if as_json:
         _print_json(report)
         return
+    console.print("[bold]clouds SkyPilot can rent on[/] [dim](`sky check`, run now)[/]")
     console.print(check_table(report["clouds"]))
     server = report["server"]
     where = "local" if server["local"] else "remote"
@@ -259,77 +332,61 @@ def check(backend: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--gpu", help="Only this GPU (A10 also matches A10G; A100 and H100 match their variants).")
+@gpu_option
 @click.option("--spot/--on-demand", default=None, help="Price spot instances (default: compute.spot).")
-@click.option("--cloud", "clouds", multiple=True, help="Only these clouds (repeat the option for several).")
+@clouds_option
 @click.option("--top", default=15, show_default=True, type=click.IntRange(min=1), help="How many offers to show.")
 @json_option
-def cost(recipe_path: Path, gpu: str | None, spot: bool | None, clouds: tuple[str, ...], top: int,
-         as_json: bool) -> None:
-    """Dollars for the whole run of RECIPE on every GPU offer, cheapest that fits first."""
+def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | None, clouds: list[str] | None,
+         top: int, as_json: bool) -> None:
+    """Dollars for the whole run of RECIPE on every GPU offer, cheapest that fits first (exit 1: none fits)."""
     from .datasets import inspect_dataset
     from .planning.planner import make_plan
-    from .recipe import load_recipe
-    from .render import cost_table
+    from .recipe import load_recipe, with_compute_overrides
+    from .render import cost_footer, cost_table
 
-    recipe = load_recipe(recipe_path)
-    plan = make_plan(recipe, inspect_dataset(recipe), gpu=gpu, clouds=list(clouds) or None, spot=spot)
+    recipe = with_compute_overrides(load_recipe(recipe_path), gpu_count=gpu[1])
+    plan = make_plan(recipe, inspect_dataset(recipe), gpu=gpu[0], clouds=clouds, spot=spot)
     if as_json:
         _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
-        return
-    exactness = "exact" if plan.tokens_exact else "estimated"
-    title = (f"{recipe_path}: {plan.tokens:,} tokens over the run ({exactness}), {recipe.method}, "
-             f"model shape from {plan.model_source}\n{plan.catalog.get('prices', plan.snapshot_date)}")
-    console.print(cost_table(plan, title, top))
-    chosen = plan.chosen
-    if chosen:
-        console.print(f"[bold green]cheapest that fits:[/] {chosen.offer.gpu}×{chosen.offer.gpu_count} on "
-                      f"{chosen.offer.cloud}, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} for the whole run")
-        console.print(f"  [dim]{escape(chosen.why)}[/]")
     else:
-        console.print(f"[bold red]no offer fits:[/] {escape(plan.estimates[0].why)}")
-    hidden = len(plan.estimates) - top
-    misfits = [e for e in plan.estimates if not e.fits]
-    if hidden > 0:
-        console.print(f"[dim]{hidden} more offer(s) not shown (--top); {len(misfits)} of {len(plan.estimates)} "
-                      "do not fit[/]")
-    for note in plan.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        exactness = "exact" if plan.tokens_exact else "estimated"
+        console.print(f"[bold]{escape(str(recipe_path))}[/]: {units.count(plan.tokens)} tokens over the run "
+                      f"({exactness}), "
+                      f"{recipe.method}, model shape from {escape(plan.model_source)}", soft_wrap=True)
+        console.print(f"[dim]{escape(plan.catalog.get('prices', plan.snapshot_date))}[/]")
+        console.print(cost_table(plan, top, console.width))
+        cost_footer(console, plan, top)
+        for note in plan.notes:
+            console.print(f"[yellow]note:[/] {escape(note)}")
+    if plan.chosen is None:
+        click.get_current_context().exit(NOTHING_FITS)
 
 
 @cli.command()
-@click.option("--gpu", help="Only this GPU (family names match every variant).")
-@click.option("--cloud", "clouds", multiple=True, help="Only these clouds.")
+@gpu_option
+@clouds_option
+@click.option("--spot", is_flag=True, help="Only offers with a spot price, cheapest spot price first.")
+@click.option("--top", default=GPUS_SHOWN, show_default=True, type=click.IntRange(min=1),
+              help="How many offers to show.")
 @click.option("--refresh", is_flag=True, help="Ask SkyPilot for fresh price catalogs first (needs network).")
 @json_option
-def gpus(gpu: str | None, clouds: tuple[str, ...], refresh: bool, as_json: bool) -> None:
+def gpus(gpu: tuple[str | None, int | None], clouds: list[str] | None, spot: bool, top: int, refresh: bool,
+         as_json: bool) -> None:
     """GPU offers and their prices, cheapest first."""
     from .planning.gpus import SPECS
     from .planning.offers import gpu_offers
-    from .render import gpus_table
+    from .render import gpus_footer, gpus_table, refresh_report
 
-    found = gpu_offers(gpu, list(clouds) or None, refresh)
-    catalog, refreshed, note = found.catalog, found.refreshed, found.note
+    found = gpu_offers(gpu[0], clouds, refresh, count=gpu[1], spot=spot)
+    catalog = found.catalog
     if as_json:
-        _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in refreshed], "note": note})
+        _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in found.refreshed], "note": found.note})
         return
-    out = err_console
-    if refreshed and all(r.message == "no network" for r in refreshed):
-        out.print("[yellow]no network: SkyPilot's catalog repository cannot be reached; "
-                  f"showing the prices of {catalog.snapshot_date}[/]")
-    for result in refreshed:
-        if result.message != "no network":
-            colour = "green" if result.ok else "red"
-            out.print(f"[{colour}]{result.cloud}: {'refreshed' if result.ok else 'not refreshed'}[/] "
-                      f"({escape(result.message)})")
-    console.print(gpus_table(catalog, f"GPU offers, cheapest first · {catalog.describe()}", SPECS))
-    if note:
-        console.print(f"[yellow]note:[/] {escape(note)}")
-    for problem in catalog.problems:
-        console.print(f"[red]{escape(problem)}[/]")
-    if catalog.skipped:
-        console.print("[dim]not planned on: " + "; ".join(f"{name} ({why})" for name, why in
-                                                         sorted(catalog.skipped.items())) + "[/]")
+    refresh_report(err_console, found.refreshed, catalog.snapshot_date)
+    console.print(f"[bold]GPU offers, cheapest {'spot price' if spot else 'first'}[/] [dim]· {catalog.describe()}[/]")
+    console.print(gpus_table(catalog.offers[:top], SPECS, console.width))
+    gpus_footer(console, found, top, filtered=bool(gpu[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,7 +399,8 @@ def _show_dry_run(shown: dict, as_json: bool) -> None:
     if as_json:
         _print_json({key: value for key, value in shown.items() if key != "yaml"})
         return
-    console.print(launch_order_table(shown, shown["prices"]))
+    console.print(f"[bold]launch order[/]: cheapest run first, then fallbacks [dim]({escape(shown['prices'])})[/]")
+    console.print(launch_order_table(shown, console.width))
     for note in shown["notes"]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"[bold]{escape(shown['task_title'])}[/]:")
@@ -355,13 +413,46 @@ def _show_dry_run(shown: dict, as_json: bool) -> None:
 def pull(run_ref: str, as_json: bool) -> None:
     """Fetch the outputs of a run whose pull failed (its machine was left up), then tear the machine down."""
     from .lifecycle import pull_again
-    from .render import RichEvents, receipt_table
+    from .render import RichEvents, receipt
 
     result = pull_again(run_ref, RichEvents(err_console if as_json else console))
     if as_json:
-        _print_json(result.receipt)
+        _print_json({**result.receipt, "already_pulled": result.already_pulled})
+    elif result.already_pulled:
+        console.print(f"already pulled: outputs at {escape(result.receipt['output_dir'])}", soft_wrap=True)
     else:
-        console.print(receipt_table(result.receipt))
+        receipt(console, result.receipt)
+
+
+@cli.command()
+@click.argument("run_ref", metavar="RUN", default="last")
+@click.option("--open", "open_it", is_flag=True, help="Open the page in the browser.")
+def report(run_ref: str, open_it: bool) -> None:
+    """Draw RUN's training (loss, eval loss, learning rate, tokens/s) and write an HTML page beside its outputs."""
+    from .report import output_dir_of, write_report
+
+    written = write_report(output_dir_of(run_ref))
+    console.print(f"wrote [bold]{escape(str(written.html))}[/] and {escape(written.png.name)}")
+    if open_it:
+        click.launch(written.html.as_uri())
+
+
+@cli.command(name="export")
+@click.argument("run_ref", metavar="RUN", default="last")
+@click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(["f16", "q8_0"]),
+              help="Write the merged model as GGUF of this type (repeat for several); needs cloudtune[train].")
+def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:
+    """Write RUN's merged model as GGUF files (llama.cpp, Ollama, LM Studio) beside its outputs, each read back."""
+    from .report import output_dir_of
+
+    try:
+        from .train.gguf import export_run
+    except ImportError as exc:  # the laptop install has no torch; the export merges weights here
+        raise CloudtuneError(f"cloudtune export needs the training packages ({exc.name} is missing).",
+                             "pip install 'cloudtune[train]'") from None
+
+    for written in export_run(output_dir_of(run_ref), list(dict.fromkeys(kinds))):
+        console.print(f"{escape(written['file'])}: {written['bytes']:,} bytes, {written['tensors']} tensors read back")
 
 
 class Terminated(KeyboardInterrupt):
@@ -379,8 +470,11 @@ def _terminate(signum: int, _frame) -> None:
 
 
 def main() -> None:
+    from .render import degrade_to_ascii
+
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _terminate)
+    degrade_to_ascii()
     cli(prog_name="cloudtune")
 
 

@@ -10,6 +10,7 @@ import csv
 import io
 import itertools
 import json
+import random
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -40,6 +41,10 @@ class DatasetReport:
     tokenizer: str
     # Row lengths (after truncation) at percentiles 0..100: how much padding unpacked batches carry.
     length_percentiles: list[int] = field(default_factory=list)
+    # Held-out rows (dataset.eval), not counted in rows and tokens above; longest_row_tokens covers them.
+    eval_rows: int = 0
+    eval_tokens: int = 0
+    eval_source: str = ""
     # Every row's length, in file order: planning packs and orders them as the trainer will, so the
     # tokens it prices are the ones trained. Not shown (`validate --json`) nor cached.
     row_lengths: Sequence[int] | None = field(default=None, repr=False, compare=False)
@@ -75,6 +80,37 @@ def dataset_rows(recipe: Recipe) -> Iterator[tuple[str, dict]]:
     file = recipe.dataset_file()
     rows = iter_rows(file) if file is not None else iter(())
     return itertools.islice(rows, recipe.dataset.max_rows)
+
+
+def held_out(recipe: Recipe, rows: int) -> set[int]:
+    """Indices of the rows dataset.eval.split holds out of `rows`: the same for `validate` and the trainer
+    (seeded by training.seed alone, not by the data order), never trained on."""
+    split = recipe.dataset.eval.split if recipe.dataset.eval else None
+    if split is None:
+        return set()
+    count = max(1, round(split * rows)) if split < 1 else int(split)
+    if count >= rows:
+        raise CloudtuneError(f"dataset.eval.split {split:g} holds out {count} of the {rows} rows, leaving "
+                             f"{'none' if count == rows else 'fewer than none'} to train on.",
+                             "Hold out a smaller share or fewer rows, or give an eval file as dataset.eval.path.")
+    return set(random.Random(f"cloudtune eval split {recipe.training.seed}").sample(range(rows), count))
+
+
+def eval_file_rows(path: Path) -> list[tuple[str, dict]]:
+    rows = list(iter_rows(path))
+    if not rows:
+        raise CloudtuneError(f"{path}: the eval file has no rows.",
+                             "Add rows, or hold out a share of the training data instead (dataset.eval: 0.1).")
+    return rows
+
+
+def split_eval(recipe: Recipe, rows: list) -> tuple[list, list]:
+    """(training rows, eval rows) of the rows the training reads, as dataset.eval says."""
+    eval_file = recipe.eval_file()
+    if eval_file is not None:
+        return rows, eval_file_rows(eval_file)
+    held = held_out(recipe, len(rows))
+    return [row for i, row in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
 def _decode(path: Path, raw: bytes, line: int = 1) -> str:
@@ -229,27 +265,44 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
                              tokens_exact=False, truncated_rows=0, longest_row_tokens=0,
                              tokenizer="checked on the training machine")
     count, exact, tokenizer_name = token_counter(recipe)
-    fmt = recipe.dataset.format
-    rows = tokens = truncated = longest = 0
-    lengths = array("I")
-    cap = recipe.training.max_seq_len
-    for detected, pieces in render_rows(dataset_rows(recipe), recipe.dataset, formats.fallback_chat):
-        fmt = detected
-        n = count("".join(text for text, _trained in pieces))
-        longest = max(longest, n)
-        if n > cap:
-            truncated += 1
-            n = cap
-        tokens += n
-        lengths.append(n)
-        rows += 1
-        if progress is not None:
-            progress(rows)
-    if rows == 0:
+    fmt, lengths = _token_lengths(dataset_rows(recipe), recipe.dataset, count, progress)
+    if not lengths:
         raise CloudtuneError(f"{file}: the dataset has no rows.", "Add training examples to the file.")
-    return DatasetReport(source=str(file), format=fmt, rows=rows, tokens=tokens, tokens_exact=exact,
-                         truncated_rows=truncated, longest_row_tokens=longest, tokenizer=tokenizer_name,
-                         length_percentiles=percentiles(lengths), row_lengths=lengths)
+    trained, held, eval_source = _eval_lengths(recipe, fmt, lengths, count)
+    cap = recipe.training.max_seq_len
+    capped = [min(n, cap) for n in trained]
+    return DatasetReport(source=str(file), format=fmt, rows=len(trained), tokens=sum(capped), tokens_exact=exact,
+                         truncated_rows=sum(n > cap for n in trained), longest_row_tokens=max(trained + held),
+                         tokenizer=tokenizer_name, length_percentiles=percentiles(capped), eval_rows=len(held),
+                         eval_tokens=sum(min(n, cap) for n in held), eval_source=eval_source, row_lengths=capped)
+
+
+def _token_lengths(rows: Iterable[tuple[str, dict]], spec: DatasetSpec, count: Tokenize,
+                   progress: Callable[[int], None] | None = None) -> tuple[str, list[int]]:
+    """(format, tokens of each row before truncation)."""
+    fmt = spec.format
+    lengths = array("I")
+    for detected, pieces in render_rows(rows, spec, formats.fallback_chat):
+        fmt = detected
+        lengths.append(count("".join(text for text, _trained in pieces)))
+        if progress is not None:
+            progress(len(lengths))
+    return fmt, list(lengths)
+
+
+def _eval_lengths(recipe: Recipe, fmt: str, lengths: list[int], count: Tokenize) -> tuple[list[int], list[int], str]:
+    """(training rows' lengths, eval rows' lengths, where the eval rows come from)."""
+    eval_file = recipe.eval_file()
+    if eval_file is not None:  # read in the training data's format, as the trainer reads it
+        _, held = _token_lengths(eval_file_rows(eval_file), recipe.dataset.model_copy(update={"format": fmt}), count)
+        return lengths, held, str(eval_file)
+    indices = held_out(recipe, len(lengths))
+    if not indices:
+        return lengths, [], ""
+    split = recipe.dataset.eval.split
+    share = f"{split:.0%}" if split < 1 else f"{int(split)} rows"
+    return ([n for i, n in enumerate(lengths) if i not in indices], [lengths[i] for i in sorted(indices)],
+            f"{share} of the data, held out with seed {recipe.training.seed}")
 
 
 def percentiles(values) -> list[int]:

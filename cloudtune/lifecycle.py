@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -21,9 +22,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import manifest, receipt
+from . import manifest, receipt, report, units
 from .backends import registry
-from .backends.base import BUNDLE_FILE, Backend, Quote, RunContext, build_bundle
+from .backends.base import BUNDLE_FILE, Backend, Bundle, Quote, RunContext, build_bundle
 from .backends.capabilities import DryRuns, KeepsCheckpoints, ListsMachines
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
@@ -50,6 +51,7 @@ class RunResult:
     run_id: str
     status: str
     receipt: dict[str, Any]
+    already_pulled: bool = False  # `pull` of a run whose outputs had arrived: nothing was done
 
 
 @dataclass
@@ -123,7 +125,25 @@ def preview(recipe: Recipe, backend: Backend, events: Events, continues: Continu
         raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend.name} backend rents "
                              "nothing.", "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
     quote, _ = plan(recipe, backend, events, continues=continues)
-    return backend.dry_run(quote)
+    shown = backend.dry_run(quote)
+    with tempfile.TemporaryDirectory(prefix="cloudtune-dry-run-") as scratch:
+        # The same bundle a run makes before it rents anything (the wheel included), so a dry run fails
+        # where the run would; nothing of it is kept.
+        ctx = RunContext(run_id="dry-run", machine=machine_name("dry-run"), work_dir=Path(scratch),
+                         state=backend.new_state(), recipe=quote.recipe)
+        bundle = make_bundle(backend, ctx, continues)
+        size = bundle.path.stat().st_size
+    shown["bundle"] = {"bytes": size, "sha256": bundle.sha256, "files": bundle.files}
+    shown["notes"] = [*shown.get("notes", []), f"the bundle it ships: {size / 1024:.0f} KiB, "
+                      f"{', '.join(name.removeprefix('bundle/') for name in bundle.files)}"]
+    return shown
+
+
+def make_bundle(backend: Backend, ctx: RunContext, continues: Continuation | None = None) -> Bundle:
+    """The one archive a run ships: recipe, data, what the backend adds (the cloudtune wheel) and the
+    checkpoint a continued run resumes from."""
+    files = backend.bundle_files(ctx) | (continues.bundle_files() if continues else {})
+    return build_bundle(ctx.recipe, ctx.work_dir / BUNDLE_FILE, files)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +228,8 @@ class Launch:
         self.open()
         status, keep_machine = "failed", False
         try:
+            # What can fail here fails before anything is rented.
+            self.bundle = make_bundle(self.backend, self.ctx, self.continues)
             self.provision()
             self.sync()
             self.start()
@@ -223,7 +245,11 @@ class Launch:
         except KeyboardInterrupt:
             status = "cancelled"
             self.events.warn(f"interrupted: stopping run {self.run_id}")
-            self.backend.stop(self.ctx)
+            self.stop_training()
+            raise
+        except StoppedByDown as exc:
+            status = "cancelled"
+            self.record(error=exc.message)
             raise
         except BaseException as exc:
             self.record(error=str(exc))
@@ -259,8 +285,7 @@ class Launch:
 
     def sync(self) -> None:
         self.transition("syncing")
-        files = self.backend.bundle_files(self.ctx) | (self.continues.bundle_files() if self.continues else {})
-        bundle = build_bundle(self.recipe, self.ctx.work_dir / BUNDLE_FILE, files)
+        bundle = self.bundle
         self.events.phase("sync", f"bundle {bundle.path.stat().st_size / 1024:.0f} KiB, sha256 {bundle.sha256[:12]}")
         self.backend.sync(self.ctx, bundle, self.secrets)
 
@@ -269,8 +294,8 @@ class Launch:
         budget = budget_for(self.recipe.compute.max_cost, price_per_hour, time.time() - self.started)
         if budget is not None:
             self.ctx.train_env.update(budget.env())
-            self.events.note(f"max_cost ${budget.max_cost:.2f} at ${budget.price_per_hour:.2f}/h: the training "
-                             f"stops with its outputs so far after {budget.train_seconds / 3600:.2f} h")
+            self.events.note(f"max_cost {units.money(budget.max_cost)} at {units.per_hour(budget.price_per_hour)}: "
+                             f"the training stops with its outputs so far after {units.duration(budget.train_seconds)}")
         if self.continues:
             self.ctx.train_env[RESUME_FROM_ENV] = f"bundle/{CARRIED_CHECKPOINT}/{self.continues.checkpoint.name}"
             self.events.note(f"continuing run {self.continues.run_id} from its checkpoint "
@@ -285,11 +310,24 @@ class Launch:
             self.tail.append(line)
             self.events.log(line)
         code = self.backend.exit_code(self.ctx)
+        if code != 0 and self.torn_down_elsewhere():
+            raise StoppedByDown(f"run {self.run_id}: stopped by `cloudtune down` (from another terminal) before "
+                                "its training ended; nothing was pulled.",
+                                f"Its log so far: `cloudtune logs {self.run_id}`; where `down` kept its checkpoint, "
+                                f"`cloudtune run --resume {self.run_id}` trains on from it.")
         if code != 0:
             why = (f"exited with status {code}" if code is not None else
                    "ended without an exit status (killed, or its disk was too full to write one?)")
             raise RunFailed(f"run {self.run_id}: training {why}. Last lines of its log:\n" + "\n".join(self.tail),
                             f"Full log: cloudtune logs {self.run_id}")
+
+    def torn_down_elsewhere(self) -> bool:
+        """Whether another cloudtune process (`down`) has begun tearing this run's machine down."""
+        try:
+            row = self.ledger.machine_for_run(self.run_id)
+        except LedgerError:
+            return False
+        return bool(row) and row["status"] in ("terminating", "terminated")
 
     def pull(self) -> RunResult:
         self.transition("pulling")
@@ -298,10 +336,19 @@ class Launch:
         wall_seconds = round(time.time() - self.started, 1)
         made = receipt.build(pulled, run_id=self.run_id, backend=self.backend.name, machine=self.ctx.machine,
                              wall_seconds=wall_seconds, output_dir=self.output_dir, price=self.price)
-        receipt.write(made, self.output_dir)
+        write_receipt_and_report(made, self.output_dir, self.events)
         self.ledger.update_run(self.run_id, **receipt.ledger_columns(made))
         self.stopped_early = bool(made.get("budget_stop"))
         return RunResult(run_id=self.run_id, status="succeeded", receipt=made)
+
+    def stop_training(self) -> None:
+        """On Ctrl-C: the backend's failure to stop (a machine still provisioning, an API server gone) is
+        reported, never raised over the interrupt; teardown follows either way."""
+        try:
+            self.backend.stop(self.ctx)
+        except Exception as exc:  # noqa: BLE001 - whatever the backend raised, the run is still torn down
+            self.events.warn(f"could not stop the training on {self.ctx.machine} ({type(exc).__name__}: "
+                             f"{str(exc)[:300]}); tearing the machine down")
 
     def remove_secrets(self) -> None:
         """First thing once the training has ended, before anything that can fail (a full disk under the
@@ -350,6 +397,10 @@ def keep_checkpoint(backend: Backend, ctx: RunContext, ledger: Ledger, events: E
         events.note(f"checkpoint of step {checkpoints.step_of(kept)} kept in {kept}: "
                     f"`cloudtune run --resume {ctx.run_id}` trains on from it")
     return kept
+
+
+class StoppedByDown(RunFailed):
+    """The run's machine was torn down by `cloudtune down` from elsewhere while it trained."""
 
 
 def launcher_identity() -> dict[str, Any]:
@@ -407,12 +458,24 @@ def fetch_outputs(backend: Backend, ctx: RunContext, output_dir: Path) -> dict[s
 # after a run: pull again, tear down
 
 
+def write_receipt_and_report(made: dict[str, Any], output_dir: Path, events: Events) -> None:
+    """The receipt, naming the report drawn from the outputs just installed."""
+    try:
+        made["report"] = str(report.write_report(output_dir, made).html)
+    except Exception as exc:  # noqa: BLE001 - a picture must never cost the run its receipt
+        events.warn(f"no report: {type(exc).__name__}: {exc}; `cloudtune report {made['run_id']}` tries again")
+    receipt.write(made, output_dir)
+
+
 def pull_again(run_ref: str, events: Events, *, ledger: Ledger | None = None,
                backend_for: BackendFor | None = None) -> RunResult:
     """`cloudtune pull RUN`: fetch the outputs of a run whose pull failed, then tear its machine down."""
     ledger = ledger or Ledger()
     run_row = ledger.get_run(run_ref)
     row = ledger.machine_for_run(run_row["id"])
+    arrived = receipt.read_receipt(Path(run_row["output_dir"])) if run_row.get("output_dir") else None
+    if run_row["status"] == "succeeded" and arrived is not None:
+        return RunResult(run_id=run_row["id"], status="succeeded", receipt=arrived, already_pulled=True)
     if row is None or row["status"] == "terminated":
         raise CloudtuneError(f"run {run_row['id']}: its machine is gone, and its outputs with it.",
                              "`cloudtune status` shows the runs whose outputs arrived.")
@@ -424,15 +487,32 @@ def pull_again(run_ref: str, events: Events, *, ledger: Ledger | None = None,
     made = receipt.build(pulled, run_id=run_row["id"], backend=backend.name, machine=ctx.machine,
                          wall_seconds=run_row["wall_seconds"], output_dir=output_dir,
                          price=receipt.estimate_columns(run_row) or None)
-    receipt.write(made, output_dir)
+    write_receipt_and_report(made, output_dir, events)
     ledger.update_run(run_row["id"], status="succeeded", error=None, **receipt.ledger_columns(made))
     ctx.state.pull_failed = False
     teardown_one(backend, ctx, ledger, events)
     return RunResult(run_id=run_row["id"], status="succeeded", receipt=made)
 
 
+@dataclass
+class TrainingLog:
+    """`cloudtune logs`: the lines, and for a log that turns out empty, why it is."""
+
+    run_id: str
+    lines: Iterator[str]
+    run_row: dict[str, Any]
+
+    def why_empty(self) -> str:
+        status, error = self.run_row["status"], (self.run_row.get("error") or "").strip()
+        if status in FINAL_RUN_STATUSES:
+            ended = f"run {self.run_id} {status} before its training wrote a line"
+            return f"{ended}: {error.splitlines()[0]}" if error else f"{ended}."
+        return (f"run {self.run_id} is {status}: its training has not written a line yet "
+                f"(`cloudtune logs {self.run_id} -f` follows it).")
+
+
 def training_log(run_ref: str, *, follow: bool = False, ledger: Ledger | None = None,
-                 backend_for: BackendFor | None = None) -> Iterator[str]:
+                 backend_for: BackendFor | None = None) -> TrainingLog:
     """`cloudtune logs RUN`: a run's log from wherever it is, redacted with the secrets this shell holds."""
     ledger = ledger or Ledger()
     run_row = ledger.get_run(run_ref)
@@ -442,8 +522,8 @@ def training_log(run_ref: str, *, follow: bool = False, ledger: Ledger | None = 
                              "`cloudtune status` shows why it ended.")
     backend = (backend_for or _backend_for(Events()))(run_row["backend"])
     hide = Redactor([os.environ[name] for name in run_row["meta"].get("secret_names", []) if os.environ.get(name)])
-    for line in backend.logs(context_for(backend, Machine.from_row(row)), follow=follow):
-        yield hide(line)
+    lines = backend.logs(context_for(backend, Machine.from_row(row)), follow=follow)
+    return TrainingLog(run_row["id"], (hide(line) for line in lines), run_row)
 
 
 def sweep_dead_runs(ledger: Ledger | None = None) -> int:
@@ -577,6 +657,8 @@ def _tear_down_machine(machine: Machine, ledger: Ledger, events: Events, backend
             _adopt(ledger, machine)
         ctx = context_for(backend, machine)
         if ledger.get_run(machine.run_id)["status"] != "succeeded":
+            # said first, so that a CLI still watching this run reads why its training stopped
+            ledger.set_machine(machine.name, "terminating")
             backend.stop(ctx)  # the training saves a checkpoint as it stops, which is then kept
             keep_checkpoint(backend, ctx, ledger, events)
     except Exception as exc:  # noqa: BLE001 - reported like a failed teardown, and the loop goes on

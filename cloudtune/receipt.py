@@ -9,15 +9,29 @@ from pathlib import Path
 from typing import Any
 
 from .planning.budget import PriceFields
+from .units import with_units
 
 RECEIPT = "receipt.json"
 RUN_JSON = "run.json"
 ESTIMATE_COLUMNS = tuple(PriceFields.__annotations__)
 
 
+SAMPLES = "samples.jsonl"
+
+
 def read_run_json(output_dir: Path) -> dict[str, Any]:
     run = json.loads((output_dir / RUN_JSON).read_text())
-    return {**run, "weights_path": str(output_dir / run["weights_dir"])}
+    return {**run, "weights_path": str(output_dir / run["weights_dir"]), "sample": first_sample(output_dir)}
+
+
+def first_sample(output_dir: Path) -> dict[str, str] | None:
+    """The first of outputs.samples, before and after training, for the receipt to show."""
+    path = output_dir / SAMPLES
+    if not path.is_file():
+        return None
+    with path.open() as handle:
+        line = handle.readline()
+    return json.loads(line) if line.strip() else None
 
 
 def build(pulled: dict[str, Any], *, run_id: str, backend: str, machine: str, wall_seconds: float | None,
@@ -31,7 +45,15 @@ def build(pulled: dict[str, Any], *, run_id: str, backend: str, machine: str, wa
 
 
 def write(made: dict[str, Any], output_dir: Path) -> None:
-    (output_dir / RECEIPT).write_text(json.dumps(made, indent=1))
+    (output_dir / RECEIPT).write_text(json.dumps(with_units(made), indent=1))
+
+
+def read_receipt(output_dir: Path) -> dict[str, Any] | None:
+    """The receipt of outputs that arrived (its fields named as --json names them), or None."""
+    try:
+        return json.loads((output_dir / RECEIPT).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def ledger_columns(made: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +62,11 @@ def ledger_columns(made: dict[str, Any]) -> dict[str, Any]:
                "wall_seconds": made.get("wall_seconds")}
     if made.get("actual_cost") is not None:
         columns["actual_cost"] = made["actual_cost"]
-    return {key: value for key, value in columns.items() if value is not None}
+    kept = {key: value for key, value in columns.items() if value is not None}
+    evaluation = made.get("eval")
+    if evaluation and evaluation.get("best_loss") is not None:  # for `status`; runs without eval have none
+        kept["meta"] = {"eval_loss": evaluation["best_loss"], "eval_step": evaluation["best_step"]}
+    return kept
 
 
 def estimate_columns(price: dict[str, Any] | None) -> dict[str, Any]:

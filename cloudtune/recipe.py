@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,10 @@ FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUN_NAME = re.compile(r"^\w[\w.+=@ -]{0,99}$")
+# compute.python goes into a shell script on the machine: a command name or a path, nothing a shell reads
+MACHINE_PYTHON = re.compile(r"^[\w~/.+-]{1,300}$")
+# Clouds of machines the user already has, which run no image: the training uses the cluster's Python.
+OWN_CLUSTERS = ("slurm",)
 # The planner walks a model layer by layer per offer (an assumed shape of 1e300 parameters never ends,
 # 2T takes a minute); 500B is past the largest dense model published.
 MIN_PARAMS, MAX_PARAMS = 1e6, 5e11
@@ -131,6 +136,28 @@ class ColumnMap(Strict):
     response: str = Field("response", description="llama2-inst format: the answer")
 
 
+class EvalSpec(Strict):
+    """Held-out data the trainer measures its loss on, never trained on."""
+
+    split: float | None = Field(None, gt=0, le=10**12,
+                                description="hold out this share (0.1) or this many rows (200) of the training data, "
+                                            "picked at random with training.seed")
+    path: str | None = Field(None, description="a separate eval file in the training data's format and columns, "
+                                               "relative to the recipe")
+
+    @field_validator("split")
+    @classmethod
+    def _share_or_rows(cls, value: float | None) -> float | None:
+        if value is not None and value >= 1 and value != int(value):
+            raise ValueError("is a share below 1 (0.1) or a whole number of rows (200)")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        return _path_text(value)
+
+
 class DatasetSpec(Strict):
     path: str | None = Field(None, description="local .jsonl/.json/.csv/.parquet file, relative to the recipe")
     hub: str | None = Field(None, description="hub dataset id (or anything datasets.load_dataset takes: a builder "
@@ -145,11 +172,30 @@ class DatasetSpec(Strict):
     columns: ColumnMap = Field(ColumnMap(), description="dataset column names per format")
     completions_only: bool = Field(False, description="train only on answers: prompt tokens get no loss")
     max_rows: int | None = Field(None, gt=0, le=10**12, description="use only the first N rows")
+    eval: EvalSpec | None = Field(None, description="held-out data for an eval loss: a share or row count of the "
+                                                    "training data (0.1, 200) or a file (eval.jsonl)")
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
         return _path_text(value)
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _eval_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML's `eval: yes` is no share and no file
+            return value
+        if isinstance(value, int | float):
+            return {"split": value}
+        return {"path": value} if isinstance(value, str) else value
+
+
+DEFAULT_EVALUATIONS = 10  # evaluations per run when training.eval_steps is not set, the last one at the end
+
+
+class EarlyStoppingSpec(Strict):
+    patience: int = Field(3, gt=0, le=10**6, description="evaluations in a row without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0, le=1e6, description="how much lower the eval loss must be to count as better")
 
 
 class TrainingSpec(Strict):
@@ -182,7 +228,20 @@ class TrainingSpec(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, le=1e9, description="gradient clipping; null turns it off")
     checkpoint_steps: int | None = Field(None, gt=0, le=10**9, description="save a resumable checkpoint every N steps")
     # numpy and CUDA take 32-bit unsigned seeds; anything else fails inside the trainer
-    seed: int = Field(42, ge=0, lt=2**32, description="seeds weights init, data order and dropout")
+    seed: int = Field(42, ge=0, lt=2**32, description="seeds weights init, data order, dropout and the eval split")
+    eval_steps: int | None = Field(None, gt=0, le=10**9, description="evaluate every N steps and after the last; "
+                                                                     f"default: {DEFAULT_EVALUATIONS} times per run")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="stop when the eval loss has not improved for `patience` evaluations (needs dataset.eval)")
+
+    def eval_interval(self, steps: int) -> int:
+        """Steps between evaluations of a run of `steps` steps; one more comes after the last step."""
+        return self.eval_steps or max(1, math.ceil(steps / DEFAULT_EVALUATIONS))
+
+    def evaluations(self, steps: int) -> int:
+        """How many evaluations a run of `steps` steps makes if nothing stops it early."""
+        every = self.eval_interval(steps)
+        return steps // every + (steps % every != 0)
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -199,6 +258,11 @@ class OutputsSpec(Strict):
     push_to_hub: str | None = Field(None, description="hub repo id (owner/name); needs HF_TOKEN in secrets")
     samples: list[str] = Field(default_factory=list, description="prompts to generate from after training")
     sample_max_new_tokens: int = Field(64, gt=0, le=4096, description="length of each sample generation")
+    gguf: list[Literal["f16", "q8_0"]] = Field(
+        default_factory=list, description="also write the merged model as GGUF files (llama.cpp, Ollama) of these "
+                                          "types; Llama-layout models")
+    keep: Literal["last", "best"] = Field("last", description="which weights to save: after the last step, or at the "
+                                                              "lowest eval loss (needs dataset.eval)")
 
     @field_validator("dir")
     @classmethod
@@ -229,6 +293,9 @@ class ComputeSpec(Strict):
     remote_env: Literal["python", "docker"] = Field(
         "python", description="ssh backend: the machine's Python (packages in a cached venv) or Docker with "
                               "compute.image")
+    python: str | None = Field(None, description="slurm: the Python on the cluster that trains (a command or a "
+                                                 "path; default python3); packages it lacks go into a venv built "
+                                                 "once and reused")
     disk_gb: int | None = Field(None, gt=0, le=10**6, description="disk size; default from model + data + outputs")
     autostop_minutes: int = Field(30, gt=0, le=10**6, description="idle minutes before the machine tears itself down")
 
@@ -236,6 +303,29 @@ class ComputeSpec(Strict):
     @classmethod
     def _one_cloud(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator("cloud")
+    @classmethod
+    def _own_cluster_alone(cls, value: list[str]) -> list[str]:
+        # A cluster of one's own runs no image, the clouds do: one task cannot be both.
+        own = [c for c in value if c.lower() in OWN_CLUSTERS]
+        if own and len(value) > 1:
+            raise ValueError(f"{own[0]} trains on your cluster's own Python, the clouds in a Docker image: "
+                             f"name {own[0]} alone, or only clouds")
+        return value
+
+    @field_validator("python")
+    @classmethod
+    def _machine_python(cls, value: str | None) -> str | None:
+        if value is not None and not MACHINE_PYTHON.fullmatch(value):
+            raise ValueError("a command (python3.11) or a path (/opt/venv/bin/python): letters, digits and "
+                             "_ ~ / . + - only, no spaces or shell characters")
+        return value
+
+    @property
+    def own_cluster(self) -> str | None:
+        """The cloud of a cluster the user has (slurm) when this trains on one, else None."""
+        return next((c.lower() for c in self.cloud if c.lower() in OWN_CLUSTERS), None)
 
 
 class Recipe(Strict):
@@ -305,16 +395,27 @@ class Recipe(Strict):
 
     def dataset_file(self) -> Path | None:
         """The local dataset as an absolute path, or None for a hub dataset."""
-        if self.dataset.path is None:
+        return self._data_file(self.dataset.path, "dataset.path")
+
+    def eval_file(self) -> Path | None:
+        """dataset.eval's own file as an absolute path, or None when eval rows are split off (or no eval)."""
+        return self._data_file(self.dataset.eval.path if self.dataset.eval else None, "dataset.eval.path")
+
+    @property
+    def evaluates(self) -> bool:
+        return self.dataset.eval is not None
+
+    def _data_file(self, value: str | None, field: str) -> Path | None:
+        if value is None:
             return None
-        path = Path(self.dataset.path).expanduser()
+        path = Path(value).expanduser()
         if not path.is_absolute() and self._source is not None:
             path = self._source.parent / path
         try:
             return path.resolve()
         except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python 3.11
-            raise CloudtuneError(f"dataset.path {path}: cannot be followed ({exc}).",
-                                 "Point dataset.path at the data file itself.") from None
+            raise CloudtuneError(f"{field} {path}: cannot be followed ({exc}).",
+                                 f"Point {field} at the data file itself.") from None
 
     def local_model_dir(self) -> Path | None:
         """model.name as a local directory, found as the planner finds it; None for a hub id."""
@@ -470,7 +571,8 @@ def _allowed_keys(section: tuple) -> list[str]:
 
 def _cross_check(recipe: Recipe) -> list[tuple[tuple, str]]:
     """Rules that span fields; each names the field to change."""
-    return _training_problems(recipe) + _source_problems(recipe) + _publishing_problems(recipe)
+    return (_training_problems(recipe) + _source_problems(recipe) + _eval_problems(recipe)
+            + _publishing_problems(recipe))
 
 
 def _training_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
@@ -498,7 +600,7 @@ def _source_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("dataset", "data_files"), "data_files goes with `hub` (e.g. hub: json); "
                                                     "for one local file use `path` instead."))
     elif dataset.path is not None:
-        problems += _dataset_file_problems(recipe)
+        problems += _data_file_problems(("dataset", "path"), recipe.dataset_file)
     if recipe.model.name is None and recipe.model.init is None:
         problems.append((("model",), "give `name` (hub id or local path) or `init: tiny-llama`."))
     if recipe.model.name is not None and recipe.model.init is not None:
@@ -520,21 +622,40 @@ def _publishing_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     return problems
 
 
-def _dataset_file_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+def _data_file_problems(field: tuple, resolve: Callable[[], Path | None]) -> list[tuple[tuple, str]]:
+    """What is wrong with the data file at `field`, which `resolve` turns into a path."""
+    name = ".".join(field)
     try:
-        file = recipe.dataset_file()
+        file = resolve()
     except CloudtuneError as exc:
-        return [(("dataset", "path"), f"{exc.message.removeprefix('dataset.path ')} {exc.hint}")]
+        return [(field, f"{exc.message.removeprefix(name + ' ')} {exc.hint}")]
     problem = regular_file_problem(file)
     if problem == "no such file":
-        return [(("dataset", "path"), f"file not found: {file}. Paths are relative to the recipe file.")]
+        return [(field, f"file not found: {file}. Paths are relative to the recipe file.")]
     if problem:
-        return [(("dataset", "path"), f"{file} {problem}: point it at the data file itself.")]
+        return [(field, f"{file} {problem}: point it at the data file itself.")]
     if file.suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet"):
-        return [(("dataset", "path"), f"unsupported file type '{file.suffix}': use .jsonl, .json, .csv or .parquet.")]
+        return [(field, f"unsupported file type '{file.suffix}': use .jsonl, .json, .csv or .parquet.")]
     problem = path_problem(str(file))  # shown on success: the resolved path must print too
     if problem:
-        return [(("dataset", "path"), f"the resolved path {problem}; rename the folders on the way.")]
+        return [(field, f"the resolved path {problem}; rename the folders on the way.")]
+    return []
+
+
+def _eval_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """Settings that need an eval loss, and the eval section itself."""
+    evaluation = recipe.dataset.eval
+    if evaluation is None:
+        needs = [(("training", "eval_steps"), recipe.training.eval_steps is not None),
+                 (("training", "early_stopping"), recipe.training.early_stopping is not None),
+                 (("outputs", "keep"), recipe.outputs.keep == "best")]
+        return [(field, "needs an eval loss: add dataset.eval (a share like 0.1, a row count, or a file).")
+                for field, given in needs if given]
+    if (evaluation.split is None) == (evaluation.path is None):
+        return [(("dataset", "eval"), "give exactly one of `split` (a share or row count of the training data) "
+                                      "or `path` (an eval file).")]
+    if evaluation.path is not None:
+        return _data_file_problems(("dataset", "eval", "path"), recipe.eval_file)
     return []
 
 

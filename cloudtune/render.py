@@ -1,14 +1,24 @@
-"""Rich rendering for the CLI: live run events, the receipt, run tables. No logic, only looks."""
+"""Rich rendering for the CLI: live run events, the receipt, every table. No logic, only looks.
+
+One table style (`grid`) and one way of writing key-value facts (`facts`) for every command; every
+figure is written by `units`. Narrow terminals get fewer columns, never cut ones:
+what a user copies (run ids, paths, commands) is printed whole, and long paths go on lines of their own.
+"""
 from __future__ import annotations
 
+import io
+import sys
 import time
 
 from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
+from . import units
 from .events import Events
 
 STATUS_COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
@@ -57,153 +67,323 @@ class RichEvents(Events):
             self._bar = None
 
 
-def _seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    minutes, seconds = divmod(int(round(value)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+# ----------------------------------------------------------------------------------------------
+# The pieces every command is printed with
 
 
-def receipt_table(receipt: dict) -> Table:
-    table = Table(title="receipt", show_header=False, title_justify="left", title_style="bold green")
-    table.add_row("run", receipt["run_id"])
-    table.add_row("backend", f"{receipt['backend']} ({receipt['machine']}, torn down)")
-    table.add_row("device", str(receipt.get("device")))
-    table.add_row("wall time", _seconds(receipt.get("wall_seconds")))
-    table.add_row("train time", _seconds(receipt.get("train_seconds")))
-    table.add_row("tokens trained", f"{receipt.get('tokens', 0):,} over {receipt.get('steps')} steps")
-    table.add_row("tokens/s", f"{receipt.get('tokens_per_s', 0):,.0f}")
-    table.add_row("final loss", f"{receipt.get('final_loss', float('nan')):.4f}")
-    if receipt.get("peak_gpu_gib") is not None:
-        table.add_row("peak GPU memory", f"{receipt['peak_gpu_gib']:.1f} GiB")
-    estimate = receipt.get("estimate")
-    if estimate:
-        if estimate.get("est_hours_low") is not None:
-            table.add_row("time: estimate / actual", f"{_hours(estimate['est_hours_low'], estimate['est_hours_high'])}"
-                                                     f" / {_seconds(receipt.get('wall_seconds'))}")
-        actual = receipt.get("actual_cost")
-        estimated = (_dollars(estimate["est_cost_low"], estimate["est_cost_high"])
-                     if estimate.get("est_cost_low") is not None else "-")
-        table.add_row("cost: estimate / actual",
-                      f"{estimated} / " + (f"${actual:,.2f}" if actual is not None else "-")
-                      + (f" ({estimate['gpu']} at ${estimate['price_per_hour']:.2f}/h)" if estimate.get("gpu") else ""))
-    stop = receipt.get("budget_stop")
+def text(header: str) -> Column:
+    """Words that may wrap between words (a word longer than the column folds rather than vanish)."""
+    return Column(header, overflow="fold")
+
+
+def figure(header: str) -> Column:
+    return Column(header, justify="right", no_wrap=True)
+
+
+def whole(header: str) -> Column:
+    """Something a user copies (a run id, a GPU name): never wrapped, never cut."""
+    return Column(header, no_wrap=True)
+
+
+def grid(*columns: Column) -> Table:
+    """The one table style."""
+    return Table(*columns, box=box.SIMPLE_HEAD, header_style="bold", padding=(0, 1, 0, 0), pad_edge=False,
+                 show_edge=False)
+
+
+def widest_that_fits(width: int, *tables: Table) -> Table:
+    """The first of `tables` (the most columns first) that shows every value of its unwrapped columns,
+    and every word of the others, whole in `width` columns; the last one (the fewest columns) otherwise."""
+    for table in tables[:-1]:
+        probe = Console(width=width, file=io.StringIO(), record=True, color_system=None, emoji=False)
+        probe.print(table)
+        shown = probe.export_text()
+        cells = [Text.from_markup(str(cell)).plain for column in table.columns if column.no_wrap
+                 for cell in [column.header, *column.cells]]
+        words = [word for column in table.columns if not column.no_wrap
+                 for cell in [column.header, *column.cells] for word in Text.from_markup(str(cell)).plain.split()]
+        if all(piece in shown for piece in cells + words):
+            return table
+    return tables[-1]
+
+
+def facts(console: Console, title: str | None, rows: list[tuple[str, str]]) -> None:
+    """Key-value facts as aligned lines. Values are never cut: a long one (a path) runs on, as the
+    terminal wraps it, so that it can be copied whole."""
+    if title:
+        console.print(f"[bold]{escape(title)}[/]")
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        console.print(f"  [dim]{escape(key.ljust(width))}[/]  {escape(value)}", soft_wrap=True)
+
+
+def indented(message: str, style: str = "dim") -> Padding:
+    """A paragraph whose wrapped lines keep its indent."""
+    return Padding(f"[{style}]{escape(message)}[/]", (0, 0, 0, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+
+
+def receipt(console: Console, made: dict) -> None:
+    rows = [("run", made["run_id"]), ("backend", f"{made['backend']} ({made['machine']}, torn down)"),
+            ("device", str(made.get("device"))),
+            ("wall time", units.duration(made.get("wall_seconds"))),
+            ("train time", units.duration(made.get("train_seconds"))),
+            ("tokens trained", f"{units.count(made.get('tokens', 0))} over {made.get('steps')} steps"),
+            ("tokens/s", units.count(round(made.get("tokens_per_s", 0)))),
+            ("final loss", f"{made.get('final_loss', float('nan')):.4f}")]
+    if made.get("eval"):
+        rows.append(("eval loss", eval_summary(made["eval"], made.get("steps"))))
+    if made.get("peak_gpu_gib") is not None:
+        rows.append(("peak GPU memory", units.gib(made["peak_gpu_gib"])))
+    rows += _estimate_rows(made)
+    stop = made.get("budget_stop")
     if stop:
-        table.add_row("budget", f"max_cost ${stop['max_cost']:,.2f} spent: stopped after step "
-                                f"{stop['stopped_at_step']} of {stop['planned_steps']}, outputs so far kept; to "
-                                f"train on: cloudtune run --resume {receipt['run_id']} --max-cost USD")
-    table.add_row("adapter" if receipt.get("weights_dir") == "adapter" else "model", receipt["weights_path"])
-    table.add_row("outputs", receipt["output_dir"])
-    return table
+        rows.append(("budget", f"max_cost {units.money(stop['max_cost'])} spent: stopped after step "
+                               f"{stop['stopped_at_step']} of {stop['planned_steps']}, outputs so far kept; to "
+                               f"train on: cloudtune run --resume {made['run_id']} --max-cost USD"))
+    rows += [("adapter" if made.get("weights_dir") == "adapter" else "model", made["weights_path"]),
+             ("outputs", made["output_dir"])]
+    if made.get("report"):
+        rows.append(("report", made["report"]))
+    facts(console, "receipt", rows)
+    sample = made.get("sample")
+    if sample:
+        console.print(indented(f"sample: {sample['prompt']}\n  before: {sample['base']}\n  after:  {sample['tuned']}",
+                               style="none"))
 
 
-def runs_table(runs: list[dict]) -> Table:
-    table = Table(title="runs", title_justify="left")
-    for column in ("run", "name", "backend", "status", "started", "wall", "est time", "tokens", "est $", "actual $"):
-        table.add_column(column)
+def _estimate_rows(made: dict) -> list[tuple[str, str]]:
+    estimate = made.get("estimate")
+    if not estimate:
+        return []
+    rows = []
+    if estimate.get("est_hours_low") is not None:
+        planned = units.hours_range(estimate["est_hours_low"], estimate["est_hours_high"])
+        rows.append(("time: estimate / actual", f"{planned} / {units.duration(made.get('wall_seconds'))}"))
+    priced = f" ({estimate['gpu']} at {units.per_hour(estimate['price_per_hour'])})" if estimate.get("gpu") else ""
+    planned = units.money_range(estimate.get("est_cost_low"), estimate.get("est_cost_high"))
+    rows.append(("cost: estimate / actual", f"{planned} / {units.money(made.get('actual_cost'))}{priced}"))
+    return rows
+
+
+def eval_summary(evaluation: dict, steps: int | None) -> str:
+    """The eval loss in one line: the best and where, the last, what was kept and whether it stopped early."""
+    if evaluation.get("best_loss") is None:
+        return "no evaluation ran"
+    text = (f"{evaluation['best_loss']:.4f} best at step {evaluation['best_step']}, {evaluation['loss']:.4f} last "
+            f"({evaluation['evaluations']} evaluations of {evaluation['rows']} rows)")
+    if evaluation.get("stopped_early"):
+        text += f"; stopped early after step {steps}"
+    if evaluation.get("kept") == "best":
+        text += f"; weights of step {evaluation['kept_step']} kept"
+    return text
+
+
+def runs_table(runs: list[dict], width: int) -> Table:
+    """`cloudtune status`: the run id whole in every width; backend, tokens and estimates when wide."""
+    return widest_that_fits(width, _runs_table(runs, wide=True), _runs_table(runs, wide=False))
+
+
+def _runs_table(runs: list[dict], wide: bool) -> Table:
+    """Narrow: the name goes under the run id, so that both stay whole."""
+    columns = [whole("run"), text("name"), text("backend")] if wide else [whole("run / name")]
+    columns += [text("status"), whole("started")]
+    columns += [figure("wall"), figure("tokens"), figure("est. $"), figure("eval loss")] if wide else []
+    table = grid(*columns, figure("$"))
     for run in runs:
         colour = STATUS_COLOURS.get(run["status"], "cyan")
-        estimate = (f"{run['est_cost_low']:.2f}–{run['est_cost_high']:.2f}"
-                    if run.get("est_cost_low") is not None else "-")
-        actual = f"{run['actual_cost']:.2f}" if run.get("actual_cost") is not None else "-"
         status = run["status"] + (" (its CLI is gone)" if run.get("launcher_alive") is False else "")
-        table.add_row(run["id"], run["name"], run["backend"], f"[{colour}]{status}[/]",
-                      time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created_at"])),
-                      _seconds(run.get("wall_seconds")),
-                      _hours(run["est_hours_low"], run["est_hours_high"]) if run.get("est_hours_low") is not None
-                      else "-",
-                      f"{run['tokens']:,}" if run.get("tokens") else "-",
-                      estimate, actual)
+        name = escape(run["name"])
+        cells = [run["id"], name, run["backend"]] if wide else [f"{run['id']}\n[dim]{name}[/]"]
+        cells += [f"[{colour}]{status}[/]", time.strftime("%m-%d %H:%M", time.localtime(run["created_at"]))]
+        if wide:
+            cells += [units.duration(run.get("wall_seconds")), units.count(run.get("tokens")),
+                      units.money_range(run.get("est_cost_low"), run.get("est_cost_high")),
+                      _eval_cell(run.get("meta") or {})]
+        table.add_row(*cells, units.money(run.get("actual_cost")))
     return table
+
+
+def _eval_cell(meta: dict) -> str:
+    return f"{meta['eval_loss']:.4f} @{meta['eval_step']}" if meta.get("eval_loss") is not None else "-"
 
 
 # ----------------------------------------------------------------------------------------------
 # Plans and offers
 
 
-def _hours(low: float, high: float) -> str:
-    if high < 1:
-        return f"{low * 60:.0f}–{high * 60:.0f} min"
-    return f"{low:.1f}–{high:.1f} h"
+def offer_where(offer) -> str:
+    return f"{offer.cloud} ({offer.region}; {offer.instance_type})"
 
 
-def _dollars(low: float, high: float) -> str:
-    return f"${low:,.2f}–{high:,.2f}"
+FITS_NOTE = ("* fits only with gradient checkpointing or a smaller micro-batch (the line under the table says "
+             "which for the cheapest)")
 
 
-def cost_table(plan, title: str, top: int) -> Table:
-    """The plan's offers, cheapest run first; the chosen (cheapest that fits) one highlighted."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    # figures never shrink; the offer's names fold onto a second line on a narrow terminal
-    table.add_column("offer", overflow="fold", max_width=24)
-    table.add_column("GPU", overflow="fold", min_width=6)
-    for column, width in (("$/h", 4), ("est. time", 9), ("est. $ (run)", 11)):
-        table.add_column(column, justify="right", no_wrap=True, min_width=width)
-    table.add_column("fits (peak)", no_wrap=True, min_width=8)
+def cost_table(plan, top: int, width: int) -> Table:
+    """The plan's offers, cheapest run first; the chosen (cheapest that fits) one highlighted; region
+    and instance type where they fit."""
+    return widest_that_fits(width, _cost_table(plan, top, wide=True), _cost_table(plan, top, wide=False))
+
+
+def _cost_table(plan, top: int, wide: bool) -> Table:
+    spot = any(e.spot for e in plan.estimates)
+    columns = [whole("GPU"), whole("cloud")] + ([whole("region"), whole("instance")] if wide else [])
+    table = grid(*columns, figure("spot $/h" if spot else "$/h"), figure("time"), figure("$ per run"),
+                 figure("needs"), whole("fits"))
     chosen = plan.chosen
     for estimate in plan.estimates[:top]:
         offer = estimate.offer
-        if estimate.fits:
-            fits = "[green]yes[/]" + (f" ckpt mb{estimate.micro_batch_size}" if estimate.gradient_checkpointing else "")
-        else:
-            fits = "[red]no[/]"
+        adjusted = estimate.gradient_checkpointing or estimate.micro_batch_size != plan.micro_batch_size
+        fits = ("[green]yes[/]" + ("*" if adjusted else "")) if estimate.fits else "[red]no[/]"
         style = "bold green" if estimate is chosen else ("dim" if not estimate.fits else None)
-        price = f"{estimate.price_per_hour:.2f}" + (" spot" if estimate.spot else "")
-        table.add_row(f"{offer.cloud} {escape(offer.region)} [dim]{escape(offer.instance_type)}[/]",
-                      f"{offer.gpu}×{offer.gpu_count}", price, _hours(estimate.hours_low, estimate.hours_high),
-                      _dollars(estimate.cost_low, estimate.cost_high), f"{fits} {estimate.peak_gib:.0f}G",
+        where = [escape(offer.region), escape(offer.instance_type)] if wide else []
+        table.add_row(units.gpus(offer.gpu, offer.gpu_count), offer.cloud, *where,
+                      units.money(estimate.price_per_hour), units.hours_range(estimate.hours_low, estimate.hours_high),
+                      units.money_range(estimate.cost_low, estimate.cost_high), units.gib(estimate.needs_gib), fits,
                       style=style)
     return table
 
 
-def gpus_table(catalog, title: str, specs: dict) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("GPU", overflow="fold", min_width=6)
-    table.add_column("memory", justify="right", no_wrap=True, min_width=6)
-    table.add_column("TFLOP/s", justify="right", no_wrap=True, min_width=4)
-    table.add_column("offer", overflow="fold", max_width=30)
-    table.add_column("$/h", justify="right", no_wrap=True, min_width=5)
-    table.add_column("spot $/h", justify="right", no_wrap=True, min_width=5)
-    for offer in catalog.offers:
+def cost_footer(console: Console, plan, top: int) -> None:
+    """Under the cost table: the legend when needed, the chosen offer in full, what was left out."""
+    shown = plan.estimates[:top]
+    if any(e.fits and (e.gradient_checkpointing or e.micro_batch_size != plan.micro_batch_size) for e in shown):
+        console.print(f"[dim]{escape(FITS_NOTE)}[/]")
+    chosen = plan.chosen
+    if chosen:
+        offer = chosen.offer
+        console.print(f"[bold green]cheapest that fits:[/] {units.gpus(offer.gpu, offer.gpu_count)} on "
+                      f"{escape(offer_where(offer))}: {units.money_range(chosen.cost_low, chosen.cost_high)} for "
+                      "the whole run")
+        console.print(indented(chosen.why))
+    else:
+        console.print(f"[bold red]no offer fits:[/] {escape(plan.estimates[0].why)}")
+    hidden = len(plan.estimates) - len(shown)
+    if hidden > 0:
+        misfits = sum(not e.fits for e in plan.estimates)
+        console.print(f"[dim]{hidden} more offer(s) not shown; --top {len(plan.estimates)} shows all. "
+                      f"{misfits} of {len(plan.estimates)} do not fit.[/]")
+
+
+def gpus_table(offers: list, specs: dict, width: int) -> Table:
+    return widest_that_fits(width, _gpus_table(offers, specs, wide=True), _gpus_table(offers, specs, wide=False))
+
+
+def _gpus_table(offers: list, specs: dict, wide: bool) -> Table:
+    columns = [whole("GPU"), figure("memory"), figure("TFLOP/s"), whole("cloud")]
+    columns += [whole("region"), whole("instance")] if wide else []
+    table = grid(*columns, figure("$/h"), figure("spot $/h"))
+    for offer in offers:
         spec = specs[offer.gpu]
-        spot = f"{offer.spot_price_per_hour:.2f}" if offer.spot_price_per_hour is not None else "-"
-        table.add_row(f"{offer.gpu}×{offer.gpu_count}", f"{offer.gpu_memory_gib:.0f} GiB",
-                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"),
-                      f"{offer.cloud} {escape(offer.region)} [dim]{escape(offer.instance_type)}[/]",
-                      f"{offer.price_per_hour:.2f}", spot)
+        where = [escape(offer.region), escape(offer.instance_type)] if wide else []
+        table.add_row(units.gpus(offer.gpu, offer.gpu_count), units.gib(offer.gpu_memory_gib),
+                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"), offer.cloud, *where,
+                      units.money(offer.price_per_hour), units.money(offer.spot_price_per_hour))
     return table
 
 
-def launch_order_table(shown: dict, prices: str) -> Table:
-    """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks;
-    `prices` says where the prices come from and of when."""
-    table = Table(title=f"launch order: cheapest run first, then fallbacks ({prices})",
-                  title_justify="left")
-    table.add_column("try", justify="right", no_wrap=True)
-    table.add_column("offer", overflow="fold", max_width=34)
-    table.add_column("GPU", no_wrap=True)
-    for column in ("$/h", "est. hours", "est. $ per run"):
-        table.add_column(column, justify="right", no_wrap=True)
+def refresh_report(console: Console, refreshed: list, snapshot_date: str) -> None:
+    """What `gpus --refresh` did, cloud by cloud."""
+    if refreshed and all(r.message == "no network" for r in refreshed):
+        console.print("[yellow]no network: SkyPilot's catalog repository cannot be reached; "
+                      f"showing the prices of {snapshot_date}[/]")
+    for result in refreshed:
+        if result.message != "no network":
+            colour = "green" if result.ok else "red"
+            console.print(f"[{colour}]{result.cloud}: {'refreshed' if result.ok else 'not refreshed'}[/] "
+                          f"({escape(result.message)})")
+
+
+def gpus_footer(console: Console, found, top: int, filtered: bool) -> None:
+    """Under the offers: how many were left out and how to see them; the GPUs never planned on, when
+    the list was not narrowed to one GPU anyway."""
+    catalog = found.catalog
+    hidden = len(catalog.offers) - top
+    if hidden > 0:
+        console.print(f"[dim]{hidden} more offer(s) not shown; --top {len(catalog.offers)} shows all, "
+                      "--gpu NAME or --cloud C narrows the list.[/]")
+    if found.note:
+        console.print(f"[yellow]note:[/] {escape(found.note)}")
+    for problem in catalog.problems:
+        console.print(f"[red]{escape(problem)}[/]")
+    if catalog.skipped and not filtered:
+        console.print(indented("not planned on: " + "; ".join(f"{name} ({why})" for name, why in
+                                                               sorted(catalog.skipped.items()))))
+
+
+def launch_order_table(shown: dict, width: int) -> Table:
+    """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks."""
+    return widest_that_fits(width, _launch_order_table(shown, wide=True), _launch_order_table(shown, wide=False))
+
+
+def _launch_order_table(shown: dict, wide: bool) -> Table:
+    columns = [figure("try"), whole("GPU"), whole("cloud")] + ([whole("region"), whole("instance")] if wide else [])
+    table = grid(*columns, figure("$/h"), figure("time"), figure("$ per run"))
     rows = ([shown["chosen"]] if shown["chosen"] else []) + shown["fallbacks"]
     for i, estimate in enumerate(rows, start=1):
         offer = estimate["offer"]
-        table.add_row(str(i), f"{offer['cloud']} {escape(offer['region'])} [dim]{escape(offer['instance_type'])}[/]",
-                      f"{offer['gpu']}×{offer['gpu_count']}", f"{estimate['price_per_hour']:.2f}",
-                      f"{estimate['hours_low']:.2f}–{estimate['hours_high']:.2f}",
-                      f"${estimate['cost_low']:.2f}–{estimate['cost_high']:.2f}",
+        where = [escape(offer["region"]), escape(offer["instance_type"])] if wide else []
+        table.add_row(str(i), units.gpus(offer["gpu"], offer["gpu_count"]), offer["cloud"], *where,
+                      units.money(estimate["price_per_hour"]),
+                      units.hours_range(estimate["hours_low"], estimate["hours_high"]),
+                      units.money_range(estimate["cost_low"], estimate["cost_high"]),
                       style="bold green" if i == 1 else None)
     return table
 
 
 def check_table(clouds: dict[str, dict]) -> Table:
     """`cloudtune check`: each cloud, enabled or what it is missing, and the pip extra with its libraries."""
-    table = Table(title="clouds SkyPilot can rent on (`sky check`, run now)", title_justify="left")
-    table.add_column("cloud", no_wrap=True)
-    table.add_column("enabled", no_wrap=True)
-    table.add_column("missing", overflow="fold")
-    table.add_column("libraries", overflow="fold")
+    table = grid(whole("cloud"), whole("enabled"), text("missing"), text("libraries"))
     for name, cloud in sorted(clouds.items(), key=lambda item: (not item[1]["enabled"], item[0])):
         table.add_row(name, "[green]yes[/]" if cloud["enabled"] else "[red]no[/]", escape(cloud["missing"] or ""),
                       escape(cloud["extra"] or ""), style=None if cloud["enabled"] else "dim")
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Terminals that cannot show Unicode
+
+
+ASCII = str.maketrans({"×": "x", "–": "-", "—": "-", "…": "...", "▸": ">", "│": "|", "·": "-", "≥": ">=",
+                       "≤": "<=", "→": "->", "’": "'", "‘": "'", "“": '"', "”": '"', "≈": "~", "±": "+/-"})
+
+
+class AsciiText(io.TextIOBase):
+    """A text stream for a terminal whose encoding has no `×` (PYTHONIOENCODING=ascii, a C locale):
+    our own symbols become their ASCII look-alikes, anything else a `?`, instead of a crash."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    @property
+    def encoding(self) -> str:  # rich reads it: an ASCII one draws its tables with ASCII lines
+        return self.stream.encoding
+
+    def write(self, text: str) -> int:
+        encoding = self.stream.encoding or "ascii"
+        self.stream.write(text.translate(ASCII).encode(encoding, "replace").decode(encoding))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def degrade_to_ascii() -> None:
+    """Wrap stdout and stderr where they cannot encode the symbols cloudtune prints."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            "×–…".encode(stream.encoding or "ascii")
+        except (UnicodeEncodeError, LookupError):
+            setattr(sys, name, AsciiText(stream))

@@ -22,6 +22,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("SKYPILOT_DISABLE_LOCAL_API_SERVER", "1")
+os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")  # its usage logging posts to a public host
 # MKL picks its sgemm path by the memory alignment of each array, so the same CPU run can differ in the
 # last bits between two processes; its reproducible mode keeps resume tests comparing like with like.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
@@ -214,3 +215,39 @@ def process_group_alive(pgid: int) -> bool:
     """Any process of the group still running (zombies have ended; they wait only to be reaped)."""
     out = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True).stdout
     return any(int(p) == pgid and not s.startswith("Z") for p, s in (line.split() for line in out.splitlines()))
+
+
+# ------------------------------------------------------------------------------------------------
+# A one-node Slurm on 127.0.0.1 and a HOME for the real SkyPilot client (test_skypilot_slurm.py)
+
+
+@pytest.fixture(scope="session")
+def slurm_sky():
+    """The localhost Slurm (tests/slurm_cluster.py), started once a session, with a SkyPilot client HOME
+    that has checked it; at the end every cluster of that HOME goes down, its API server stops, and the
+    node user's jobs, processes and the daemons stop by their PIDs."""
+    import tempfile
+
+    from .slurm_cluster import SkyHome, SlurmCluster, missing_packages
+
+    if os.geteuid() != 0:
+        pytest.skip("the localhost Slurm needs root (slurmd, a user of its own); `make test` runs as root in CI")
+    if missing_packages():
+        pytest.fail(f"missing {', '.join(missing_packages())}: run `make system-packages` (apt-get install -y "
+                    "slurmctld slurmd slurm-client munge patchelf).")
+    scratch = Path(tempfile.mkdtemp(prefix="cloudtune-slurm-"))
+    cluster = SlurmCluster(scratch)
+    client = SkyHome(cluster, scratch / "client-home")
+    started = time.time()
+    try:
+        cluster.start()
+        client.start()
+        print(f"\nlocalhost Slurm and SkyPilot client ready in {time.time() - started:.0f} s ({scratch}): "
+              f"{cluster.timings}")
+        yield client
+    finally:
+        try:
+            client.stop()
+        finally:
+            cluster.stop()
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -41,21 +41,28 @@ def make_image(root: Path) -> Path:
 class FakeCloud:
     """Duck-types `cloudtune.backends.skypilot.SkyClient`."""
 
+    made: list[FakeCloud] = []  # every fake cloud of this process, for `down_every_cluster`
+
     def __init__(self, root: Path, image: Path, *, enabled: tuple[str, ...] = ("aws", "lambda", "runpod", "gcp"),
                  corrupt_on_pull: bool = False, interrupt_after_lines: int | None = None,
-                 fail_after_lines: int | None = None, preempt_on: str | None = None):
+                 fail_after_lines: int | None = None, drop_after_lines: int | None = None,
+                 interrupt_launch: bool = False, preempt_on: str | None = None):
         self.root = root
         self.image = image
         self.enabled = list(enabled)
         self.corrupt_on_pull = corrupt_on_pull
         self.interrupt_after_lines = interrupt_after_lines
-        self.fail_after_lines = fail_after_lines
+        self.fail_after_lines = fail_after_lines  # the API server is gone: every stream breaks after N lines
+        self.drop_after_lines = drop_after_lines  # one stream ends quietly after N lines, the job runs on
+        self.interrupt_launch = interrupt_launch  # Ctrl-C while the cluster is provisioned (INIT)
+        self._requests: dict[str, tuple] = {}
         self.preempt_on = preempt_on  # a log line with this text: the spot machine is taken away
         self._job_tasks: dict[str, object] = {}  # managed jobs live in this process only
         self._job_cluster: dict[int, str] = {}
         self._recoveries: dict[str, int] = {}
         self._job_final: dict[int, str] = {}
         (root / "clusters").mkdir(parents=True, exist_ok=True)
+        FakeCloud.made.append(self)
 
     # bookkeeping ---------------------------------------------------------------------------------
 
@@ -102,13 +109,26 @@ class FakeCloud:
                 "server": {"url": "http://127.0.0.1:46580", "local": True, "healthy": True,
                            "started_by_cloudtune": False, "stop": "`sky api stop` stops it"}}
 
-    def launch(self, task, cluster: str, *, autostop_minutes: int) -> dict:
-        first = list(task.resources)[0]  # SkyPilot tries `ordered` alternatives in order; the first has capacity
+    def launch(self, task, cluster: str, *, autostop_minutes: int) -> str:
         self.record("launch", cluster=cluster, autostop_minutes=autostop_minutes,
                     resources=[str(r) for r in task.resources], file_mounts=sorted(task.file_mounts or {}),
                     has_setup=bool(task.setup), has_run=bool(task.run), secrets=sorted(task.secrets))
+        request = f"request-{len(self._requests) + 1}"
+        self._requests[request] = (task, cluster)
+        return request
+
+    def cancel_request(self, request_id: str) -> None:
+        self.record("cancel_request", request=request_id)
+        self._requests.pop(request_id, None)
+
+    def wait_launched(self, request_id: str) -> dict:
+        task, cluster = self._requests.pop(request_id)
+        first = list(task.resources)[0]  # SkyPilot tries `ordered` alternatives in order; the first has capacity
         if not self.cluster_dir(cluster).exists():
             self.home(cluster).mkdir(parents=True)
+            self._save(cluster, {"status": "INIT", "launched": None, "jobs": {}})  # the record comes first
+            if self.interrupt_launch:
+                raise KeyboardInterrupt
             self._save(cluster, {"status": "UP", "launched": launched(first), "jobs": {}})
         for remote, local in (task.file_mounts or {}).items():
             target = self.home(cluster) / remote.removeprefix("~/")
@@ -173,6 +193,10 @@ class FakeCloud:
                         raise KeyboardInterrupt
                     if self.fail_after_lines is not None and count > self.fail_after_lines:
                         raise ConnectionError("lost the API server while streaming logs")
+                    if self.drop_after_lines is not None and count > self.drop_after_lines:
+                        self.drop_after_lines = None
+                        self.record("stream_dropped", cluster=cluster, after_lines=count - 1)
+                        return
                     yield line
                     continue
                 if not follow or self.job_status(cluster, job_id) != "RUNNING":
@@ -182,8 +206,12 @@ class FakeCloud:
                 time.sleep(POLL_SECONDS)
 
     def cancel(self, cluster: str, job_id: int | None) -> None:
+        from sky import exceptions
+
         self.record("cancel", cluster=cluster, job_id=job_id)
         state = self._state(cluster)
+        if state["status"] != "UP":  # as SkyPilot's cancel does on a cluster still provisioning
+            raise exceptions.ClusterNotUpError(f"{cluster} is {state['status']}", cluster_status=None)
         for key, job in state["jobs"].items():
             if job_id is None or key == str(job_id):
                 _kill(job["pid"])
@@ -212,6 +240,14 @@ class FakeCloud:
         self.record("jobs_launch", name=name, resources=[str(r) for r in task.resources],
                     spot=[r.use_spot for r in task.resources], secrets=sorted(task.secrets),
                     storage=sorted(task.storage_mounts or {}))
+        # As SkyPilot's controller does, the local file mounts are uploaded once, at launch: a recovery
+        # on a new machine needs nothing of the laptop's.
+        uploaded = {}
+        for index, (remote, local) in enumerate(sorted((task.file_mounts or {}).items())):
+            copy = self.root / "job-uploads" / name / str(index)
+            (shutil.copytree if Path(local).is_dir() else shutil.copy2)(local, copy)
+            uploaded[remote] = str(copy)
+        task.set_file_mounts(uploaded or None)
         self._job_tasks[name] = task
         self._recoveries[name] = 0
         controller = self.cluster_dir(JOBS_CONTROLLER)
@@ -224,7 +260,7 @@ class FakeCloud:
     def _start_job(self, name: str) -> None:
         cluster = f"{name}-{self._recoveries[name]}"
         task = self._job_tasks[name]
-        self.launch(task, cluster, autostop_minutes=0)
+        self.wait_launched(self.launch(task, cluster, autostop_minutes=0))
         self.exec(task, cluster)
         self._job_cluster[1] = cluster
 
@@ -259,8 +295,18 @@ class FakeCloud:
         self.record("jobs_cancel", job_id=job_id)
         self.down(self._job_cluster[job_id])
 
-    def bucket_sync_command(self, bucket: str, destination: Path) -> str:
-        return f"rsync -a {self.bucket(bucket)}/ {destination}/"
+    def bucket_objects(self, bucket: str):
+        """The bucket's files as a store lists objects (keys, no folders), each downloaded on demand."""
+        root = self.bucket(bucket)
+
+        def download(key: str, path: Path) -> None:
+            self.record("download", bucket=bucket, key=key)
+            shutil.copy2(root / key, path)
+
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                key = path.relative_to(root).as_posix()
+                yield key, lambda dest, key=key: download(key, dest)
 
     def storage_delete(self, bucket: str) -> None:
         self.record("storage_delete", bucket=bucket)
@@ -278,6 +324,9 @@ class FakeCloud:
             return str(damaged) + "/"
         return str(source) + "/"
 
+    def rsync_ssh(self, cluster: str, work_dir: Path) -> list[str]:
+        return []  # the fake cluster's files are on this machine
+
 
 def _group_alive(pgid: int) -> bool:
     """Any live (not zombie) process left in the job's process group."""
@@ -289,6 +338,15 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+def down_every_cluster() -> None:
+    """After a test, pass or fail: no training of a fake cluster outlives it (a failed assert skips the
+    test's own teardown)."""
+    while FakeCloud.made:
+        cloud = FakeCloud.made.pop()
+        for name in cloud.status() if (cloud.root / "clusters").is_dir() else {}:
+            cloud.down(name)
 
 
 def _kill(pgid: int) -> None:

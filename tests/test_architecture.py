@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cloudtune"
 FORBIDDEN = {
     "cloudtune.errors": ["cloudtune."],
     "cloudtune.events": ["cloudtune."],
+    "cloudtune.units": ["cloudtune."],
     "cloudtune.remote": ["cloudtune."],  # runs on the training machine, maybe before cloudtune's packages
     "cloudtune.planning": ["cloudtune.backends", "cloudtune.lifecycle", "cloudtune.cli", "cloudtune.render",
                            "cloudtune.train"],
@@ -28,6 +29,8 @@ FORBIDDEN = {
     "cloudtune.train": ["cloudtune.cli", "cloudtune.render", "cloudtune.backends", "cloudtune.lifecycle",
                         "cloudtune.ledger"],
     "cloudtune.render": ["cloudtune.backends", "cloudtune.lifecycle", "cloudtune.train"],
+    "cloudtune.report": ["cloudtune.cli", "cloudtune.render", "cloudtune.backends", "cloudtune.lifecycle",
+                         "cloudtune.train"],
 }
 # third-party package -> the only modules (prefixes) allowed to import it
 CONFINED = {
@@ -39,6 +42,8 @@ CONFINED = {
     "transformers": ["cloudtune.train", "cloudtune.datasets"],
     "sky": ["cloudtune.backends.skypilot", "cloudtune.backends.skypilot_sdk", "cloudtune.planning.sky_catalog"],
     "paramiko": ["cloudtune.backends.ssh"],
+    "matplotlib": ["cloudtune.report"],
+    "gguf": ["cloudtune.train"],
 }
 
 

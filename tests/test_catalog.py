@@ -79,11 +79,11 @@ def test_offers_are_read_through_skypilot_offline_then_from_the_cache(tmp_path, 
     assert {o["cloud"] for o in data["offers"]} == set(bundled_clouds())
     assert {"lambda", "vast", "runpod", "aws", "gcp", "azure"} <= set(bundled_clouds())
     assert all(s == {"origin": "bundled snapshot", "date": snapshot_date()} for s in data["sources"].values())
-    prices = [o["price_per_hour"] for o in data["offers"]]
+    prices = [o["usd_per_hour"] for o in data["offers"]]
     assert prices == sorted(prices)
     # SkyPilot prices a GCP GPU as accelerator + host VM; cloudtune shows SkyPilot's sum
     gcp_a100 = next(o for o in data["offers"] if o["cloud"] == "gcp" and o["instance_type"] == "a2-highgpu-1g")
-    assert gcp_a100["gpu"] == "A100" and gcp_a100["price_per_hour"] > 0.81406  # more than the host alone
+    assert gcp_a100["gpu"] == "A100" and gcp_a100["usd_per_hour"] > 0.81406  # more than the host alone
     # each catalog row keeps the name SkyPilot uses, while `gpu` is cloudtune's normalised one
     runpod_h100 = next(o for o in data["offers"] if o["instance_type"] == "1x_H100-SXM_SECURE")
     assert (runpod_h100["gpu"], runpod_h100["accelerator"]) == ("H100", "H100-SXM")
@@ -134,7 +134,7 @@ def test_cost_and_dry_run_read_skypilots_own_catalog_where_it_has_one_and_write_
     sources = data["catalog"]["sources"]
     assert sources["lambda"] == {"origin": "SkyPilot catalog", "date": "2026-11-18"}
     assert sources["aws"] == {"origin": "bundled snapshot", "date": snapshot_date()}
-    assert data["chosen"]["offer"]["instance_type"] == "gpu_1x_a10" and data["chosen"]["price_per_hour"] == 0.55
+    assert data["chosen"]["offer"]["instance_type"] == "gpu_1x_a10" and data["chosen"]["usd_per_hour"] == 0.55
     said = f"prices: SkyPilot catalog fetched lambda 2026-11-18; others bundled snapshot of {snapshot_date()}"
     table = cli(env, "cost", "--gpu", "A10", GUANACO)
     assert table.returncode == 0 and said in " ".join(table.stdout.split()), table.stdout + table.stderr

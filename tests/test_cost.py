@@ -220,16 +220,17 @@ def test_cost_cli_json_schema_and_cache(tmp_path, ct_home):
     assert data["tokens"] > 0 and data["tokens_exact"] is False  # no Llama tokenizer offline: estimated
     assert data["catalog"]["from_cache"] is False and "2026" in data["catalog"]["prices"]
     assert len(data["estimates"]) == 5 < data["offers_total"]
-    estimate_keys = {"offer", "spot", "fits", "peak_gib", "micro_batch_size", "gradient_checkpointing", "tokens",
-                     "tokens_per_s_low", "tokens_per_s_high", "hours_low", "hours_high", "cost_low", "cost_high",
-                     "why", "price_per_hour", "checkpointed_layers"}
-    offer_keys = {"cloud", "region", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "price_per_hour",
-                  "spot_price_per_hour", "accelerator"}
+    # every figure's field names its unit
+    estimate_keys = {"offer", "spot", "fits", "peak_gib", "needs_gib", "micro_batch_size", "gradient_checkpointing",
+                     "tokens", "tokens_per_s_low", "tokens_per_s_high", "hours_low", "hours_high", "cost_usd_low",
+                     "cost_usd_high", "why", "usd_per_hour", "checkpointed_layers"}
+    offer_keys = {"cloud", "region", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "usd_per_hour",
+                  "spot_usd_per_hour", "accelerator"}
     for e in [data["chosen"], *data["estimates"]]:
         assert set(e) == estimate_keys and set(e["offer"]) == offer_keys
-        assert e["cost_low"] <= e["cost_high"] and e["fits"]
+        assert e["cost_usd_low"] <= e["cost_usd_high"] and e["fits"] and e["needs_gib"] > e["peak_gib"]
     assert data["chosen"] == data["estimates"][0]
-    assert [e["cost_high"] for e in data["estimates"]] == sorted(e["cost_high"] for e in data["estimates"])
+    assert [e["cost_usd_high"] for e in data["estimates"]] == sorted(e["cost_usd_high"] for e in data["estimates"])
 
     again = subprocess.run([sys.executable, "-m", "cloudtune.cli", "cost", str(path), "--gpu", "A10"],
                            env=env, capture_output=True, text=True, timeout=300)
@@ -253,9 +254,9 @@ def test_local_run_is_this_machine_at_zero_dollars_in_plan_receipt_and_status(tm
     assert "cost: estimate / actual" in result.output
     status = runner.invoke(cli, ["status", "--json"])
     run = json.loads(status.output)[0]
-    assert run["status"] == "succeeded" and run["est_cost_high"] == 0.0 and run["actual_cost"] == 0.0
+    assert run["status"] == "succeeded" and run["est_cost_usd_high"] == 0.0 and run["actual_cost_usd"] == 0.0
     receipt = json.loads((Path(run["output_dir"]) / "receipt.json").read_text())
-    assert receipt["estimate"]["gpu"] == "local" and receipt["actual_cost"] == 0.0
+    assert receipt["estimate"]["gpu"] == "local" and receipt["actual_cost_usd"] == 0.0
 
 
 def test_plan_dataclasses_keep_their_contract():

@@ -24,7 +24,7 @@ def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monk
     init = CliRunner().invoke(cli, ["init", str(recipe)])
     assert init.exit_code == 0, init.output
     assert (tmp_path / "data" / "demo-chat.jsonl").is_file()
-    command = " ".join(init.output.split()).split(" or ")[-1].split()  # rich may wrap the line
+    command = init.output.strip().splitlines()[-1].split()  # init's last line: the run command, whole
     assert command == ["cloudtune", "run", "--backend", "local", str(recipe)]
     recipe.write_text(recipe.read_text().replace("max_steps: 300", "max_steps: 60"))
     priced = json.loads(CliRunner().invoke(cli, ["cost", "--json", str(recipe)]).stdout)
@@ -32,7 +32,7 @@ def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monk
     assert result.exit_code == 0, result.output
     receipt = json.loads(result.stdout[result.stdout.index("{"):])
     out = Path(receipt["output_dir"])
-    assert out.parent == (tmp_path / "outputs" / "demo-tiny").resolve()
+    assert out.parent == (tmp_path / "outputs" / "demo").resolve()  # named after the user's file
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.jsonl",
                  "run.json", "receipt.json", "manifest.json", "samples.jsonl"):
         assert (out / name).is_file(), name
@@ -167,7 +167,8 @@ def test_missing_secret_is_a_user_error(tmp_path, monkeypatch):
 def test_cli_stays_light(command, tmp_path):
     code = (f"import sys; from cloudtune.cli import main; sys.argv=['cloudtune', *{command!r}]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'sky', 'peft', 'paramiko') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'sky', 'peft', 'paramiko', 'matplotlib', 'gguf')\n"
+            "         if m in sys.modules]\n"
             "print('HEAVY', heavy)")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ}).stdout
@@ -188,7 +189,7 @@ def test_max_cost_stops_the_training_with_its_outputs_so_far(tmp_path, monkeypat
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert "max_cost $6.00 spent: stopped after step" in " ".join(result.output.split())
     receipt = json.loads((out / "receipt.json").read_text())
-    assert receipt["estimate"]["price_per_hour"] == 3600 and receipt["actual_cost"] > 0
+    assert receipt["estimate"]["usd_per_hour"] == 3600 and receipt["actual_cost_usd"] > 0
     assert run["status"] == "succeeded" and Ledger().machine_for_run(run["id"])["status"] == "terminated"
 
 

@@ -43,7 +43,7 @@ from cloudtune.recipe import DEFAULT_IMAGE, load_recipe
 from cloudtune.remote.watchdog import process_alive as pid_alive
 
 from .conftest import REPO, demo_recipe_text, write_recipe
-from .fake_sky import JOBS_CONTROLLER, FakeCloud, a10_plan, make_image
+from .fake_sky import JOBS_CONTROLLER, FakeCloud, a10_plan, down_every_cluster, make_image
 
 SECRET = "hf_" + "Sk7pilotSecretValue" * 2
 DISK_GIB = {"llama2-7b-qlora-guanaco": 70, "llama2-7b-lora-r8": 80, "llama2-7b-full": 160}
@@ -51,6 +51,12 @@ DISK_GIB = {"llama2-7b-qlora-guanaco": 70, "llama2-7b-lora-r8": 80, "llama2-7b-f
 
 # ----------------------------------------------------------------------------------------------
 # Fixtures
+
+
+@pytest.fixture(autouse=True)
+def no_cluster_outlives_its_test():
+    yield
+    down_every_cluster()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -210,7 +216,7 @@ def test_task_loads_in_skypilot(seed, spot, gpu, seed_plans):
         assert all(next(iter(r.accelerators)).startswith("H100") for r in resources)
     assert all(r.use_spot == spot for r in resources)
     assert all(str(r.image_id[None]) == f"docker:{DEFAULT_IMAGE}" for r in resources)
-    assert task.num_nodes == 1 and "python3 -u -m cloudtune.train bundle/recipe.yaml --out out" in task.run
+    assert task.num_nodes == 1 and "-u -m cloudtune.train bundle/recipe.yaml --out out" in task.run
     assert task.secrets["HF_TOKEN"].get_secret_value() == SECRET and "HF_TOKEN" not in task.envs
     if spot:
         assert all(r.job_recovery["max_restarts_on_errors"] == 0 for r in resources)
@@ -319,6 +325,7 @@ def test_run_provisions_syncs_trains_pulls_and_tears_down(tmp_path, cloud, regis
     assert installed and installed[0].read_text() == (REPO / "cloudtune/backends/skypilot.py").read_text()
     local_log = Path(os.environ["CLOUDTUNE_HOME"]) / "runs" / result.run_id / "train.log"
     assert "step 12/12" in local_log.read_text()  # `cloudtune logs` works after the machine is gone
+    assert [p.name for p in local_log.parent.iterdir()] == ["train.log"]  # no copy of the upload left behind
 
 
 def test_failed_training_is_torn_down_and_the_secret_stays_redacted(tmp_path, cloud, monkeypatch):
@@ -340,19 +347,68 @@ def test_failed_training_is_torn_down_and_the_secret_stays_redacted(tmp_path, cl
 
 @pytest.mark.parametrize("trouble", ["interrupt", "connection"])
 def test_interrupt_or_lost_connection_while_training_tears_down(tmp_path, image, trouble, monkeypatch):
+    """A connection that never comes back (every stream breaks, no new line) fails the run once the
+    reattach timeout is spent, here shortened."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("cloudtune.backends.skypilot.REATTACH_SECONDS", 2)
+    monkeypatch.setattr("cloudtune.backends.skypilot.REATTACH_MAX_DELAY", 0.5)
     cloud = FakeCloud(tmp_path / "fake-cloud", image, **{f"{trouble.replace('connection', 'fail')}_after_lines": 3})
     recipe = tiny_recipe(tmp_path, steps=100000)
-    expected = KeyboardInterrupt if trouble == "interrupt" else ConnectionError
-    with pytest.raises(expected):
-        execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan()), Recorder())
+    expected = KeyboardInterrupt if trouble == "interrupt" else RunFailed
+    events = Recorder()
+    with pytest.raises(expected) as raised:
+        execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan(), events=events), events)
+    if trouble == "connection":
+        assert "could not be reattached" in raised.value.message and "RUNNING" in raised.value.message
+        assert any("reattaching" in warning for warning in events.warnings)
     run = Ledger().runs(1)[0]
     assert run["status"] == ("cancelled" if trouble == "interrupt" else "failed")
     assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
     calls = [c["call"] for c in cloud.calls()]
     assert calls[-1] == "down" and ("cancel" in calls) == (trouble == "interrupt")
     assert cloud.status() == {}
+    if trouble == "interrupt":  # the cancelled training checkpoints as it stops; that is kept for --resume
+        assert (Path(run["meta"]["checkpoint"]) / "COMPLETE").is_file(), run["meta"]
     assert not any(pid_alive(p) for p in _training_pids(cloud)), "training outlived its cluster"
+
+
+def test_a_dropped_log_stream_is_reattached_and_the_run_goes_on(tmp_path, image, monkeypatch):
+    """The stream ends mid-run (a laptop that slept) while the job is RUNNING: the log is reopened, no
+    line is shown twice, and the run ends as the training does, not torn down halfway."""
+    monkeypatch.chdir(tmp_path)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, drop_after_lines=4)
+    events = Recorder()
+    result = execute(tiny_recipe(tmp_path, steps=6), SkyPilotBackend(client=cloud, plan=a10_plan(), events=events),
+                     events)
+    assert result.status == "succeeded" and result.receipt["steps"] == 6
+    calls = [c["call"] for c in cloud.calls()]
+    assert calls == ["launch", "launch", "exec", "stream_dropped", "down"]
+    assert any("log stream dropped (the stream ended) while the job is RUNNING: reattaching" in warning
+               for warning in events.warnings)
+    steps = [line.split()[1] for line in events.lines if line.startswith("step ")]
+    assert steps == [f"{n}/6" for n in range(1, 7)]  # each once, in order, through the drop
+
+
+def test_ctrl_c_while_provisioning_cancels_the_request_and_downs_the_cluster(tmp_path, image, monkeypatch):
+    """Ctrl-C while SkyPilot provisions (the cluster is INIT, with no autostop armed yet): the launch
+    request is cancelled on the API server, the cluster downed, exit 130 without a traceback."""
+    from click.testing import CliRunner
+
+    from cloudtune.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, interrupt_launch=True)
+    monkeypatch.setattr("cloudtune.backends.skypilot.SkyClient", lambda *args, **kwargs: cloud)
+    monkeypatch.setattr("cloudtune.planning.planner.make_plan", lambda *args, **kwargs: a10_plan())
+    recipe = write_recipe(tmp_path, demo_recipe_text(max_steps=4) + f"compute:\n  image: {PINNED_IMAGE}\n")
+    result = CliRunner().invoke(cli, ["run", "--backend", "skypilot", str(recipe)])
+    assert result.exit_code == 130, result.output
+    assert "Traceback" not in result.output and "interrupted" in result.output
+    assert "provisions ct-" in result.output and "cancelling its request" in " ".join(result.output.split())
+    assert [c["call"] for c in cloud.calls()] == ["launch", "cancel_request", "down"]
+    assert cloud.calls()[1]["request"] == "request-1" and cloud.status() == {}
+    run = Ledger().runs(1)[0]
+    assert run["status"] == "cancelled" and Ledger().machine_for_run(run["id"])["status"] == "terminated"
 
 
 def _training_pids(cloud: FakeCloud) -> list[int]:
@@ -408,7 +464,7 @@ def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
 
     # `cloudtune logs RUN` from another terminal: the job's log, from the ledger's record of the run.
     reattached = SkyPilotBackend(client=cloud)
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # a loaded machine takes its time to load the model
     while not any("step 1/" in line for line in reattached.logs(
             context_for(reattached, Machine.from_row(Ledger().machine_for_run(run["id"]))), False)):
         assert time.time() < deadline, "no training log through a reattached backend"
@@ -416,8 +472,8 @@ def test_down_all_finds_the_cluster_of_a_killed_cli(tmp_path, image, sky_home):
 
     # A second cluster the ledger never saw (a ledger from another machine, say): SkyPilot's list finds it.
     orphan = "ct-20260101-000000-beef"
-    cloud.launch(to_task(task_config(orphan, {"infra": "aws", "instance_type": "g5.xlarge"})), orphan,
-                 autostop_minutes=5)
+    cloud.wait_launched(cloud.launch(to_task(task_config(orphan, {"infra": "aws", "instance_type": "g5.xlarge"})),
+                                     orphan, autostop_minutes=5))
     backends = {"skypilot": SkyPilotBackend(client=cloud)}
     machines = find_machines(None, backend_for=backends.__getitem__)
     assert {m.name for m in machines} == {f"ct-{run['id']}", orphan}
@@ -525,8 +581,12 @@ def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image
     assert result.receipt["steps"] == 8
     metrics = (Path(result.receipt["output_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == list(range(1, 9))
+    fetched = [c["key"] for c in cloud.calls() if c["call"] == "download"]
+    assert "run.json" in fetched and "adapter/adapter_model.safetensors" in fetched
+    assert not [key for key in fetched if key.startswith("checkpoints/")]  # never downloaded, only deleted
     assert [c["call"] for c in cloud.calls()][-1] == "storage_delete"
     assert not cloud.bucket(f"ct-{result.run_id}").exists() and cloud.status() == {JOBS_CONTROLLER: "UP"}
+    assert not (Path(os.environ["CLOUDTUNE_HOME"]) / "runs" / result.run_id / "upload").exists()
     assert Ledger().machine_for_run(result.run_id)["status"] == "terminated"
     # `down` names SkyPilot's jobs controller and leaves it to its autostop (other managed jobs may need it)
     problems: list[str] = []
@@ -534,6 +594,26 @@ def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image
     assert find_machines(None, backend_for=backends.__getitem__, problems=problems) == []
     assert any(p.startswith(f"{JOBS_CONTROLLER}: SkyPilot's jobs controller is UP") and f"sky down {JOBS_CONTROLLER}"
                in p for p in problems), problems
+
+
+def test_bucket_outputs_skip_checkpoints_and_refuse_keys_outside_the_folder(tmp_path):
+    """What a store lists (S3 keys, GCS blob names), fetched through the seam's download functions."""
+    from cloudtune.backends.skypilot import download_outputs
+
+    def store(*keys: str):
+        return [(key, lambda path, key=key: path.write_text(key)) for key in keys]
+
+    staging = tmp_path / "staging"
+    fetched = download_outputs(store("run.json", "adapter/", "adapter/adapter_model.safetensors",
+                                     "checkpoints/step-00000002/state.pt", "checkpoints/step-00000002/COMPLETE"),
+                               staging)
+    assert fetched == ["run.json", "adapter/adapter_model.safetensors"]
+    assert (staging / "adapter" / "adapter_model.safetensors").read_text() == "adapter/adapter_model.safetensors"
+    assert not (staging / "checkpoints").exists()
+    for key in ("../outside", "adapter/../../outside", "/etc/passwd"):
+        with pytest.raises(CloudtuneError, match="outside the outputs folder"):
+            download_outputs(store(key), tmp_path / "other")
+    assert not (tmp_path / "outside").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,7 +660,7 @@ def test_dry_run_is_the_default_backend_and_matches_cloudtune_cost(monkeypatch):
     best, cheapest = task.best_resources, cost["chosen"]["offer"]
     assert (str(best.cloud).lower(), best.instance_type, best.region) == \
            (cheapest["cloud"], cheapest["instance_type"], cheapest["region"])
-    assert best.get_cost(3600) == pytest.approx(cheapest["price_per_hour"])
+    assert best.get_cost(3600) == pytest.approx(cheapest["usd_per_hour"])
 
     spot = _json_out(runner.invoke(cli, ["run", "--dry-run", "--spot", "--json", recipe]))
     assert spot["managed_job"] and spot["task"]["resources"]["use_spot"] is True
@@ -793,7 +873,7 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
     import inspect
 
     import sky
-    from sky import cloud_stores, clouds, exceptions
+    from sky import clouds, exceptions
     from sky.catalog import common as catalog_common
     from sky.client import sdk
     from sky.data import storage
@@ -815,6 +895,7 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
         (sky.job_status, ("ct-x", [1]), {}),
         (sky.cancel, ("ct-x",), {"job_ids": [1], "all": False}),
         (sky.down, ("ct-x",), {}),
+        (sky.api_cancel, ("request-id",), {"silent": True}),
         (sky.status, (["ct-x"],), {"refresh": common.StatusRefreshMode.AUTO}),
         (sky.storage_ls, (), {}),
         (sky.storage_delete, ("ct-x",), {}),
@@ -822,7 +903,6 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
         (sky.jobs.tail_logs, (), {"job_id": 1, "follow": True, "preload_content": False}),
         (sky.jobs.queue_v2, (), {"refresh": False, "job_ids": [1]}),
         (sky.jobs.cancel, (), {"job_ids": [1]}),
-        (cloud_stores.get_storage_from_path, ("s3://ct-x",), {}),
         (sdk.check, (None, False), {}),
         (sdk.api_status, (), {}),
         (sdk.api_stop, (), {}),
@@ -834,6 +914,8 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
         (catalog_common.is_catalog_modified, ("aws/vms.csv",), {}),
         (clouds.AWS._unsupported_features_for_resources, (object(),), {}),
     ]
+    for store in (storage.S3Store, storage.R2Store, storage.NebiusStore, storage.CoreWeaveStore, storage.GcsStore):
+        calls.append((store, (), {"name": "ct-x", "source": None, "sync_on_reconstruction": False}))
     for function, args, kwargs in calls:
         inspect.signature(function).bind(*args, **kwargs)
     # what skypilot_sdk.py and planning/sky_catalog.py rely on besides calls

@@ -570,7 +570,7 @@ def test_max_cost_holds_on_a_machine_with_a_price(sshd, remote, tmp_path, ct_hom
     assert result.exit_code == 0, result.stderr
     receipt = json.loads(result.stdout)
     assert 1 <= receipt["budget_stop"]["stopped_at_step"] < 100000 and receipt["steps"] < 100000
-    assert receipt["estimate"]["price_per_hour"] == 3600 and receipt["actual_cost"] > 0
+    assert receipt["estimate"]["usd_per_hour"] == 3600 and receipt["actual_cost_usd"] > 0
     assert Path(receipt["weights_path"], "adapter_model.safetensors").is_file()
     assert "is spent after step" in result.stderr
 

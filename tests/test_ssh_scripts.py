@@ -37,7 +37,7 @@ def answer(done: subprocess.CompletedProcess) -> str | None:
 
 def test_every_script_is_a_file_the_package_ships():
     names = sorted(path.name for path in SCRIPTS.iterdir() if path.suffix in (".sh", ".py"))
-    assert {"probe.sh", "probe.py", "make_venv.py", "start_detached.sh", "docker_stop.sh"} <= set(names)
+    assert {"probe.sh", "probe.py", "start_detached.sh", "docker_stop.sh"} <= set(names)
     for name in names:
         assert commands.source(name) == (SCRIPTS / name).read_text()
     assert commands.source("remote:stop_group") == Path(stop_group.__file__).read_text()
@@ -137,7 +137,7 @@ def test_stop_group_usage():
 
 def test_make_venv_builds_once(tmp_path):
     venv = tmp_path / "envs" / "abc"
-    command = commands.python(sys.executable, "make_venv.py", MARK, venv, json.dumps(["pip"]))
+    command = commands.python(sys.executable, "remote:make_venv", MARK, venv, json.dumps(["pip"]))
     first = run_here(command, timeout=300)
     assert answer(first) == f"{venv}/bin/python", first.stdout + first.stderr
     ready = (venv / ".ready").stat().st_mtime_ns

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..events import Events
 from ..recipe import Recipe
+from ..units import per_hour
 
 if TYPE_CHECKING:
     from ..datasets import DatasetReport
@@ -116,7 +117,7 @@ class Backend(ABC):
         if price is None:
             return Quote(summary=f"a machine you provide ({self.name} backend): cloudtune rents nothing, so it "
                                  "has no price (set compute.price_per_hour to count it)", recipe=recipe)
-        return Quote(summary=f"a machine you provide ({self.name} backend) at ${price:.2f}/h "
+        return Quote(summary=f"a machine you provide ({self.name} backend) at {per_hour(price)} "
                              "(compute.price_per_hour)", recipe=recipe,
                      price={"gpu": self.name, "price_per_hour": price})
 
@@ -162,25 +163,32 @@ class Backend(ABC):
         a secrets file overrides it; it must not raise when the file or the machine is already gone."""
 
 
-def bundle_recipe(recipe: Recipe) -> tuple[dict, Path | None]:
-    """The recipe as the training machine sees it: only what the user set, dataset path inside the bundle."""
+def bundle_recipe(recipe: Recipe) -> tuple[dict, dict[str, Path]]:
+    """The recipe as the training machine sees it: only what the user set, data paths inside the bundle;
+    and the data files by their place in the bundle."""
     data = recipe.model_dump(mode="json", exclude_unset=True)
     data["name"] = recipe.run_name
+    files: dict[str, Path] = {}
     dataset_file = recipe.dataset_file()
     if dataset_file is not None:
         data["dataset"]["path"] = f"data/{dataset_file.name}"
-    return data, dataset_file
+        files[data["dataset"]["path"]] = dataset_file
+    eval_file = recipe.eval_file()
+    if eval_file is not None:  # a folder of its own: it may have the training file's name
+        data["dataset"]["eval"] = {"path": f"data/eval/{eval_file.name}"}
+        files[data["dataset"]["eval"]["path"]] = eval_file
+    return data, files
 
 
 def build_bundle(recipe: Recipe, dest: Path, extra_files: dict[str, Path] | None = None) -> Bundle:
     """One reproducible archive (same inputs, same bytes, same sha256), so re-uploads can be skipped."""
-    data, dataset_file = bundle_recipe(recipe)
+    data, data_files = bundle_recipe(recipe)
     members: dict[str, bytes | Path] = {
         "bundle/recipe.yaml": yaml.safe_dump(data, sort_keys=False).encode(),
         "bundle/run.sh": resources.files("cloudtune.backends").joinpath("scripts", "run.sh").read_bytes(),
     }
-    if dataset_file is not None:
-        members[f"bundle/data/{dataset_file.name}"] = dataset_file
+    for name, path in data_files.items():
+        members[f"bundle/{name}"] = path
     for name, path in (extra_files or {}).items():
         members[f"bundle/{name}"] = path
     buffer = io.BytesIO()

@@ -5,6 +5,7 @@ do) and a module of its own; nothing in the CLI or the lifecycle names a backend
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import types
 import typing
@@ -63,7 +64,9 @@ def entries() -> list[BackendEntry]:
 
 def entry(name: str) -> BackendEntry:
     if name not in _ENTRIES:
-        raise CloudtuneError(f"unknown backend '{name}'.", f"Choose one of: {', '.join(_ENTRIES)}.")
+        guess = difflib.get_close_matches(name, list(_ENTRIES), n=1, cutoff=0.5)
+        raise CloudtuneError(f"unknown backend '{name}'.", (f"Did you mean {guess[0]}? " if guess else "")
+                             + f"Choose one of: {', '.join(_ENTRIES)}.")
     return _ENTRIES[name]
 
 

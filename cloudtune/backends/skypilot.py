@@ -16,7 +16,7 @@ How the lifecycle maps onto SkyPilot (on-demand):
   pull       rsync over the SSH alias SkyPilot writes for every cluster.
   teardown   sky.down, then sky.status to verify the cluster is gone.
 Spot (`compute.spot`): one SkyPilot managed job, outputs and checkpoints on a bucket, `--resume`
-after a preemption.
+after a preemption; pull downloads the bucket's outputs (not its checkpoints) with the cloud's SDK.
 
 Everything that reaches SkyPilot's API server goes through `SkyClient`, the seam tests replace.
 """
@@ -24,32 +24,38 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import math
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 from pydantic import Field
 
 from .. import __version__
-from ..errors import CloudtuneError
+from ..errors import CloudtuneError, RunFailed
 from ..manifest import NOT_PULLED, sha256_file
 from ..planning.planner import Estimate, Plan
 from ..recipe import ComputeSpec, Recipe
 from ..registry import parse_image
+from ..remote import checkpoints
+from ..remote import source as remote_source
+from ..remote.make_venv import venv_key
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
 from .base import Backend, Bundle, MachineState, Quote, RunContext
-from .capabilities import ChecksSetup, DryRuns, ListsMachines
+from .capabilities import ChecksSetup, DryRuns, KeepsCheckpoints, ListsMachines
 from .common import LogCopy, bundle_wheel, saved_log
 from .skypilot_sdk import (
     ALL_CLOUDS_EXTRA,
@@ -70,6 +76,7 @@ UPLOAD = "upload"
 WHEEL_NAME = f"cloudtune-{__version__}-py3-none-any.whl"  # what build_wheel makes of this checkout
 CHECKSUMS = "SHA256SUMS"
 REQUIREMENTS = "requirements-train.txt"
+UPLOADED_HELPERS = ("missing_requirements", "make_venv")
 MAX_ALTERNATIVES = 8
 # Disk: image + [train] packages + OS, then the model, its outputs and the data on top.
 BASE_DISK_GIB = 40
@@ -79,6 +86,12 @@ RECOVERY = {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 0}
 JOB_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "FAILED_SETUP": 1, "FAILED_DRIVER": 1, "FAILED_PRECHECKS": 1,
             "FAILED_NO_RESOURCE": 1, "FAILED_CONTROLLER": 1, "CANCELLED": None}
 CANCEL_WAIT_SECONDS = 120
+# A log stream that drops while the job runs is reopened, with backoff, until this long without a line.
+REATTACH_SECONDS = 15 * 60
+REATTACH_MAX_DELAY = 30.0
+RSYNC_SOURCE_MISSING = 23  # rsync's "partial transfer": here, no checkpoints folder on the machine
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+JOB_LINE_PREFIX = re.compile(r"(?m)^\([^()\s]+, pid=\d+\) ")
 
 # ----------------------------------------------------------------------------------------------
 # The task, as plain data: what `--dry-run` prints and what SkyPilot validates
@@ -139,7 +152,7 @@ def resources_config(candidates: list[Estimate], compute: ComputeSpec, disk_gib:
         raise CloudtuneError("no GPU offer in the plan fits this fine-tune.",
                              "See `cloudtune cost RECIPE` for why; try another --gpu, a smaller micro_batch_size "
                              "or method qlora.")
-    config: dict[str, Any] = {"image_id": check_image(compute.image)}
+    config: dict[str, Any] = image_resources(compute)
     if disk_gib:
         config["disk_size"] = disk_gib
     if compute.spot:
@@ -167,12 +180,43 @@ def script(name: str) -> str:
     return resources.files("cloudtune.backends").joinpath("scripts", name).read_text()
 
 
-def image_envs(image: str) -> dict[str, str]:
-    envs = {"CLOUDTUNE_IMAGE": image, "PYTHONUNBUFFERED": "1"}
-    ref = parse_image(image)
+def image_envs(compute: ComputeSpec) -> dict[str, str]:
+    python = cluster_python(compute)
+    if python is not None:
+        return {"CLOUDTUNE_PYTHON": python, "PYTHONUNBUFFERED": "1"}
+    envs = {"CLOUDTUNE_IMAGE": compute.image, "PYTHONUNBUFFERED": "1"}
+    ref = parse_image(compute.image)
     if ref.digest:
         envs["CLOUDTUNE_IMAGE_DIGEST"] = ref.pinned(ref.digest)
     return envs
+
+
+# Clusters of the user's own (Slurm) -------------------------------------------------------------
+
+
+def cluster_python(compute: ComputeSpec) -> str | None:
+    """The cluster's Python the training uses where SkyPilot runs no image, else None (the image's).
+
+    SkyPilot cannot run an `image_id` on Slurm without Pyxis, so there the setup step checks the
+    cluster's Python for the training's packages and puts what it lacks in a venv over it, built once
+    under the user's home and reused, as the SSH backend does (cloudtune/remote/make_venv.py).
+    """
+    return (compute.python or "python3") if compute.own_cluster else None
+
+
+def image_resources(compute: ComputeSpec) -> dict[str, Any]:
+    return {} if compute.own_cluster else {"image_id": check_image(compute.image)}
+
+
+def cluster_setup_envs(compute: ComputeSpec, upload: Path) -> dict[str, str]:
+    """What the setup step needs to prepare the cluster's Python: which one, and the name of the venv for it
+    and this requirement set (kept under the login user's home, not SkyPilot's per-cluster HOME, so that
+    later runs find it). Nothing where an image runs."""
+    python = cluster_python(compute)
+    if python is None:
+        return {}
+    requirements = (upload / REQUIREMENTS).read_text().splitlines()
+    return {"CLOUDTUNE_PYTHON": python, "CLOUDTUNE_VENV_KEY": venv_key(python, requirements)}
 
 
 def task_config(name: str, resources: dict[str, Any], *, upload_dir: Path | None = None, wheel_name: str | None = None,
@@ -254,9 +298,17 @@ def prepare_upload(work_dir: Path, bundle: Bundle) -> tuple[Path, str]:
     upload.mkdir(parents=True)
     shutil.copy2(bundle.path, upload / "bundle.tar.gz")
     (upload / REQUIREMENTS).write_text("\n".join(train_requirements(build_wheel())) + "\n")
-    sums = [f"{sha256_file(upload / name)}  {name}" for name in ("bundle.tar.gz", REQUIREMENTS)]
+    for helper in UPLOADED_HELPERS:  # for a cluster without an image, which checks its own Python
+        (upload / f"{helper}.py").write_text(remote_source(helper))
+    names = ("bundle.tar.gz", REQUIREMENTS, *(f"{helper}.py" for helper in UPLOADED_HELPERS))
+    sums = [f"{sha256_file(upload / name)}  {name}" for name in names]
     (upload / CHECKSUMS).write_text("\n".join(sums) + "\n")
     return upload, wheel
+
+
+def remove_upload(ctx: RunContext) -> None:
+    """The upload folder (a copy of the bundle, the dataset in it) once SkyPilot has sent it, or the run ended."""
+    shutil.rmtree(ctx.work_dir / UPLOAD, ignore_errors=True)
 
 
 def bucket_name(cluster: str) -> str:
@@ -307,25 +359,61 @@ class SkyClient:
         return {"clouds": cloud_report(enabled, parse_check(output.getvalue()), clouds),
                 "server": server_info(self.server)}
 
-    def launch(self, task, cluster: str, *, autostop_minutes: int) -> dict[str, Any]:
+    def launch(self, task, cluster: str, *, autostop_minutes: int) -> str:
+        """Ask for the cluster; returns the API server's request id, which `wait_launched` resolves.
+
+        The autostop (down=True) travels in the request, but SkyPilot arms it on the machine only once
+        the cluster is provisioned (its PRE_EXEC stage): until then only this request, and cancelling
+        it, stands for the machine.
+        """
         import sky
 
-        request = sky.launch(task, cluster_name=cluster, idle_minutes_to_autostop=autostop_minutes, down=True)
-        _, handle = sky.stream_and_get(request, output_stream=self.progress)
+        return sky.launch(task, cluster_name=cluster, idle_minutes_to_autostop=autostop_minutes, down=True)
+
+    def cancel_request(self, request_id: str) -> None:
+        """Abort a request still running on the API server (a launch the user interrupted)."""
+        import sky
+
+        sky.get(sky.api_cancel(request_id, silent=True))
+
+    def wait_launched(self, request_id: str) -> dict[str, Any]:
+        import sky
+
+        job_id, handle = sky.stream_and_get(request_id, output_stream=self.progress)
+        if job_id is not None:  # a launch with a setup step: SkyPilot runs it detached
+            self._wait_for_setup(handle.cluster_name, job_id)
         return launched(handle.launched_resources)
+
+    def _wait_for_setup(self, cluster: str, job_id: int) -> None:
+        """SkyPilot runs a launch's setup detached, as a job of its own, and returns before it is done: a
+        job exec'd next would start on a half-prepared machine. Its log is shown until it ends."""
+        for line in self.tail_logs(cluster, job_id, follow=True):
+            self.progress.write(line if line.endswith("\n") else line + "\n")
+        status = self.job_status(cluster, job_id)
+        if status != "SUCCEEDED":
+            raise RuntimeError(f"the setup step on {cluster} ended {status} (its output is above)")
 
     def exec(self, task, cluster: str) -> int:
         import sky
 
-        job_id, _ = sky.stream_and_get(sky.exec(task, cluster_name=cluster), output_stream=self.progress)
+        with contextlib.redirect_stdout(self.progress):  # as in launch
+            request = sky.exec(task, cluster_name=cluster)
+        job_id, _ = sky.stream_and_get(request, output_stream=self.progress)
         return job_id
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
+        """The job's log lines, without SkyPilot's colours and its `(task, pid=N) ` before every line. A
+        stream that drops ends, or raises ConnectionError (not translated by `sdk_calls`, so the backend can
+        tell it from SkyPilot's verdicts and reattach: `_reattached`)."""
         import sky
+        from sky import exceptions
 
-        for line in sky.tail_logs(cluster, job_id, follow=follow, preload_content=False):
-            if line is not None:
-                yield line
+        try:
+            for line in sky.tail_logs(cluster, job_id, follow=follow, preload_content=False):
+                if line is not None:
+                    yield JOB_LINE_PREFIX.sub("", ANSI_COLOUR.sub("", line))
+        except (exceptions.ApiServerConnectionError, OSError) as exc:  # OSError: requests' transport errors
+            raise ConnectionError(str(exc)) from exc
 
     def job_status(self, cluster: str, job_id: int | None) -> str | None:
         import sky
@@ -360,6 +448,26 @@ class SkyClient:
         # SkyPilot writes an SSH config entry named after each cluster (~/.sky/generated/ssh/).
         return f"{cluster}:{path}"
 
+    def rsync_ssh(self, cluster: str, work_dir: Path) -> list[str]:
+        """rsync's `-e` for the cluster: SkyPilot's SSH config entry for it, with `~` read as $HOME.
+
+        SkyPilot keeps its state under $HOME, but OpenSSH reads `~` (its config, the key SkyPilot names) as
+        the passwd entry's home; the two differ under `sudo -E`, in CI, or with a HOME of a test's own.
+        The entry is (re)written first, as `sky status CLUSTER` does: a launch through the SDK leaves only
+        the API server's own entry, which on Slurm reaches the login node rather than the job's allocation,
+        and with a remote API server none at all.
+        """
+        from sky.client.cli import command  # skypilot 0.14.1; the SDK has no public call for this
+
+        command._get_cluster_records_and_set_ssh_config([cluster])
+        entry = Path(os.path.expanduser(f"~/.sky/generated/ssh/{cluster}"))
+        if not entry.is_file():
+            return []
+        config = work_dir / "ssh_config"
+        home = os.path.expanduser("~")
+        config.write_text(re.sub(r"(?m)^(\s*\w+\s+)~/", lambda m: f"{m.group(1)}{home}/", entry.read_text()))
+        return ["-e", f"ssh -F {shlex.quote(str(config))}"]
+
     # managed jobs, for spot ----------------------------------------------------------------------
 
     def jobs_launch(self, task, name: str) -> int:
@@ -370,10 +478,14 @@ class SkyClient:
 
     def jobs_tail_logs(self, job_id: int, follow: bool) -> Iterator[str]:
         import sky
+        from sky import exceptions
 
-        for line in sky.jobs.tail_logs(job_id=job_id, follow=follow, preload_content=False):
-            if line is not None:
-                yield line
+        try:
+            for line in sky.jobs.tail_logs(job_id=job_id, follow=follow, preload_content=False):
+                if line is not None:
+                    yield line
+        except (exceptions.ApiServerConnectionError, OSError) as exc:  # OSError: requests' transport errors
+            raise ConnectionError(str(exc)) from exc
 
     def jobs_status(self, job_id: int) -> str | None:
         import sky
@@ -386,25 +498,78 @@ class SkyClient:
 
         sky.get(sky.jobs.cancel(job_ids=[job_id]))
 
-    def bucket_sync_command(self, bucket: str, destination: Path) -> str:
+    def bucket_objects(self, bucket: str) -> Iterator[tuple[str, Callable[[Path], None]]]:
+        """Every object of a bucket SkyPilot made: its key, and a function that downloads it to a file.
+
+        Through the cloud's Python SDK, as SkyPilot's own store classes hold it (boto3 for S3 and the
+        S3-compatible stores, google-cloud-storage for GCS: what SkyPilot's cloud extras install), so
+        nothing depends on a shell or on a cloud CLI being on this machine's PATH.
+        """
         import sky
-        from sky import cloud_stores
         from sky.data import storage
 
         record = next((r for r in sky.get(sky.storage_ls()) if r.name == bucket), None)
         if record is None or not record.store:
             raise CloudtuneError(f"the outputs bucket {bucket} does not exist (any more).")
-        store = storage.StoreType(record.store[0])
-        if store == storage.StoreType.AZURE:
-            raise CloudtuneError(f"the outputs are in Azure container {bucket}, which cloudtune cannot fetch.",
-                                 "Fetch them with `az storage blob download-batch`.")
-        url = f"{store.store_prefix()}{bucket}"
-        return cloud_stores.get_storage_from_path(url).make_sync_dir_command(url, str(destination))
+        kind = storage.StoreType(record.store[0])
+        s3_like = {storage.StoreType.S3: storage.S3Store, storage.StoreType.R2: storage.R2Store,
+                   storage.StoreType.NEBIUS: storage.NebiusStore, storage.StoreType.COREWEAVE: storage.CoreWeaveStore}
+        if kind in s3_like:  # sync_on_reconstruction=False: a bucket gone since is an error, never made anew
+            handle = s3_like[kind](name=bucket, source=None, sync_on_reconstruction=False).bucket
+            for item in handle.objects.all():
+                yield item.key, functools.partial(_download_s3_object, handle, item.key)
+        elif kind == storage.StoreType.GCS:
+            handle = storage.GcsStore(name=bucket, source=None, sync_on_reconstruction=False).bucket
+            for blob in handle.list_blobs():
+                yield blob.name, functools.partial(_download_gcs_blob, blob)
+        else:
+            raise CloudtuneError(f"the outputs are in {kind.value} bucket {bucket}, which cloudtune cannot fetch.",
+                                 "Fetch them with that cloud's own tool (leave out checkpoints/), then "
+                                 "`cloudtune down RUN`.")
 
     def storage_delete(self, bucket: str) -> None:
         import sky
 
         sky.get(sky.storage_delete(bucket))
+
+
+def out_of_reach(exc: BaseException) -> bool:
+    """Whether an error says only that SkyPilot's API server cannot be reached now (a laptop that slept,
+    a changed network), raw or as `sdk_calls` translated it, rather than a verdict on the job."""
+    cause = exc.__cause__ if isinstance(exc, CloudtuneError) and exc.__cause__ is not None else exc
+    if isinstance(cause, OSError):
+        return True
+    sky_exceptions = sys.modules.get("sky.exceptions")
+    return sky_exceptions is not None and isinstance(cause, sky_exceptions.ApiServerConnectionError)
+
+
+def _download_s3_object(bucket, key: str, path: Path) -> None:
+    bucket.download_file(key, str(path))
+
+
+def _download_gcs_blob(blob, path: Path) -> None:
+    blob.download_to_filename(str(path))
+
+
+def download_outputs(objects: Iterable[tuple[str, Callable[[Path], None]]], staging: Path) -> list[str]:
+    """A bucket's outputs into staging, checkpoints (NOT_PULLED) left where they are; the keys fetched.
+
+    An object named outside the bucket's folder ('..', an absolute path) stops the pull: it would
+    land outside staging.
+    """
+    fetched = []
+    for key, download in objects:
+        parts = PurePosixPath(key).parts
+        if key.endswith("/") or not parts or parts[0] in NOT_PULLED:
+            continue  # folder markers some stores keep, and the checkpoints
+        if key.startswith("/") or ".." in parts:
+            raise CloudtuneError(f"the outputs bucket holds an object named {key!r}, which would land outside "
+                                 "the outputs folder; nothing was installed.")
+        dest = staging.joinpath(*parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        download(dest)
+        fetched.append(key)
+    return fetched
 
 
 def launched(resources) -> dict[str, Any]:
@@ -431,7 +596,7 @@ class SkyPilotState(MachineState):
     job_id: int | None = Field(None, description="SkyPilot's job id of the training (cluster job or managed job).")
 
 
-class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
+class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpoints):
     name = "skypilot"
     State = SkyPilotState
 
@@ -470,7 +635,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
                                  f"See `cloudtune cost` for every offer; try {hint}.")
         check_budget(plan, recipe.compute.max_cost)
         offer = chosen.offer
-        summary = (f"{offer.gpu}×{offer.gpu_count} on {offer.cloud} {offer.region} ({offer.instance_type}) at "
+        where = " ".join(filter(None, (offer.cloud, offer.region, offer.instance_type and f"({offer.instance_type})")))
+        summary = (f"{offer.gpu}×{offer.gpu_count} on {where} at "
                    f"${chosen.price_per_hour:.2f}/h{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–"
                    f"{chosen.hours_high:.2f} h, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} "
                    f"(prices of {plan.snapshot_date})")
@@ -513,7 +679,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
         resources = resources_config(self._candidates() if candidates is None else candidates, recipe.compute,
                                      disk_size_gib(recipe, self.model_bytes), managed=spot)
         return task_config(ctx.machine, resources, upload_dir=upload_dir or ctx.work_dir / UPLOAD,
-                           wheel_name=wheel_name, run=True, envs=image_envs(recipe.compute.image) | ctx.train_env,
+                           wheel_name=wheel_name, run=True, envs=image_envs(recipe.compute) | ctx.train_env,
                            secrets=secrets if secrets is not None else {name: REDACTED for name in recipe.secrets},
                            outputs_bucket=bucket_name(ctx.machine) if spot else None)
 
@@ -552,6 +718,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
     # lifecycle -----------------------------------------------------------------------------------
 
     def bundle_files(self, ctx: RunContext) -> dict[str, Path]:
+        self._provisioning.add(ctx.run_id)  # the lifecycle's first step: a failure here rented nothing
         wheel = build_wheel()  # the machine trains with exactly the code that planned the run
         return {wheel.name: wheel}
 
@@ -572,7 +739,12 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
         task = to_task(config)
         self._requested.add(ctx.run_id)
         try:
-            return self.client.launch(task, ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
+            request = self.client.launch(task, ctx.machine, autostop_minutes=recipe.compute.autostop_minutes)
+            try:
+                return self.client.wait_launched(request)
+            except KeyboardInterrupt:
+                self._abandon_launch(ctx, request)
+                raise
         except (CloudtuneError, AttributeError, NameError, TypeError):  # ours, or a bug: not SkyPilot's verdict
             raise
         except Exception as exc:  # noqa: BLE001 - SkyPilot raises many kinds; the lifecycle tears down either way
@@ -580,12 +752,23 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
                                  "SkyPilot's output above shows the step that failed; the machine is torn down.") \
                 from None
 
+    def _abandon_launch(self, ctx: RunContext, request: str) -> None:
+        """Ctrl-C while SkyPilot provisions: the request would go on on the API server, renting a machine
+        nobody waits for (its autostop not armed yet), so it is cancelled; teardown then downs whatever
+        cluster it had made."""
+        self.events.warn(f"interrupted while SkyPilot provisions {ctx.machine}: cancelling its request")
+        try:
+            self.client.cancel_request(request)
+        except Exception as exc:  # noqa: BLE001 - teardown still downs the cluster; the interrupt must go on
+            self.events.warn(f"could not cancel SkyPilot's request {request} ({type(exc).__name__}: {exc}); "
+                             f"`sky api cancel {request}` stops it")
+
     def _pinned_resources(self, ctx: RunContext) -> dict[str, Any]:
         """The machine SkyPilot chose, so later launches and execs land on that very cluster."""
         recipe = self._recipe(ctx)
         chosen = ctx.state.launched
         resources = {"infra": "/".join(p for p in (chosen["cloud"], chosen["region"]) if p),
-                     "accelerators": chosen["accelerators"], "image_id": check_image(recipe.compute.image),
+                     "accelerators": chosen["accelerators"], **image_resources(recipe.compute),
                      "autostop": {"idle_minutes": recipe.compute.autostop_minutes, "down": True}}
         if chosen.get("instance_type"):
             resources["instance_type"] = chosen["instance_type"]
@@ -600,8 +783,12 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
         self._secrets[ctx.run_id] = dict(secrets)
         if self._managed(ctx):
             return  # the managed job carries the upload itself
-        config = task_config(ctx.machine, self._pinned_resources(ctx), upload_dir=upload, wheel_name=wheel_name)
-        self._launch(ctx, config, "setting up")
+        config = task_config(ctx.machine, self._pinned_resources(ctx), upload_dir=upload, wheel_name=wheel_name,
+                             envs=cluster_setup_envs(self._recipe(ctx).compute, upload))
+        try:
+            self._launch(ctx, config, "setting up")
+        finally:
+            remove_upload(ctx)
 
     def start(self, ctx: RunContext, resume: bool = False) -> None:
         # `resume` needs no flag here: the run script resumes whenever out/ holds a checkpoint, which is
@@ -613,11 +800,14 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
                                     candidates=self.usable_candidates())
             task = to_task(config)
             self._requested.add(ctx.run_id)
-            ctx.state.job_id = self.client.jobs_launch(task, ctx.machine)
+            try:
+                ctx.state.job_id = self.client.jobs_launch(task, ctx.machine)
+            finally:
+                remove_upload(ctx)
             return
         # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
         resources = {"accelerators": ctx.state.launched["accelerators"]}
-        config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute.image) | ctx.train_env,
+        config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute) | ctx.train_env,
                              secrets=secrets)
         ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
 
@@ -625,12 +815,15 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
         """The job's log from SkyPilot; a redacted copy is kept locally for after the machine is gone."""
         job_id = ctx.state.job_id
         if self._managed(ctx):
-            lines = self.client.jobs_tail_logs(job_id, follow)
+            def stream() -> Iterator[str]:
+                return self.client.jobs_tail_logs(job_id, follow)
         elif ctx.machine in self.client.status([ctx.machine]):
-            lines = self.client.tail_logs(ctx.machine, job_id, follow)
+            def stream() -> Iterator[str]:
+                return self.client.tail_logs(ctx.machine, job_id, follow)
         else:
             yield from saved_log(ctx)
             return
+        lines = self._reattached(ctx, stream) if follow else stream()
         secrets = self._secrets.get(ctx.run_id)
         if secrets is None:  # only the process that launched knows the values to redact
             for line in lines:
@@ -642,37 +835,114 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup):
                     copy.write(part)
                     yield part
 
-    def exit_code(self, ctx: RunContext) -> int | None:
+    def _reattached(self, ctx: RunContext, stream) -> Iterator[str]:
+        """The job's log to the job's end, whatever happens to the stream on the way (a laptop that slept, a
+        changed network): while the job still runs, the stream is opened again, the lines already seen
+        are skipped, and the tries back off; after REATTACH_SECONDS without a new line the run is failed."""
+        seen, delay, dropped_at = 0, 1.0, None
+        while True:
+            count = 0
+            try:
+                for line in stream():
+                    count += 1
+                    if count > seen:
+                        seen, delay, dropped_at = count, 1.0, None
+                        yield line
+                why = "the stream ended"
+            except (OSError, CloudtuneError) as exc:
+                if not out_of_reach(exc):
+                    raise
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+            status = self._job_status(ctx, reachable_only=False)
+            if status is None or status in JOB_EXIT:
+                return
+            dropped_at = dropped_at or time.time()
+            if time.time() - dropped_at > REATTACH_SECONDS:
+                raise RunFailed(f"run {ctx.run_id}: the training's log stream dropped ({why}) and could not be "
+                                f"reattached for {REATTACH_SECONDS / 60:.0f} minutes (the job was last {status}).",
+                                f"`cloudtune logs {ctx.run_id} -f` follows it once SkyPilot answers again.")
+            self.events.warn(f"log stream dropped ({why}) while the job is {status}: reattaching in {delay:.0f} s")
+            time.sleep(delay)
+            delay = min(2 * delay, REATTACH_MAX_DELAY)
+
+    def _job_status(self, ctx: RunContext, reachable_only: bool = True) -> str | None:
+        """SkyPilot's status of the run's job; None once the job or its cluster is gone. With
+        reachable_only=False, an API server out of reach answers UNREACHABLE instead of raising."""
         job_id = ctx.state.job_id
-        status = self.client.jobs_status(job_id) if self._managed(ctx) else self.client.job_status(ctx.machine, job_id)
-        return JOB_EXIT.get(status or "")
+        try:
+            if self._managed(ctx):
+                return self.client.jobs_status(job_id)
+            if ctx.machine not in self.client.status([ctx.machine]):
+                return None
+            return self.client.job_status(ctx.machine, job_id)
+        except (OSError, CloudtuneError) as exc:
+            if reachable_only or not out_of_reach(exc):
+                raise
+            return "UNREACHABLE"
+
+    def exit_code(self, ctx: RunContext) -> int | None:
+        return JOB_EXIT.get(self._job_status(ctx) or "")
 
     def pull(self, ctx: RunContext, staging: Path) -> None:
         staging.mkdir(parents=True, exist_ok=True)
         if self._managed(ctx):
-            command = self.client.bucket_sync_command(ctx.state.bucket, staging)
-            done = subprocess.run(command, shell=True, capture_output=True, text=True)
-            for name in NOT_PULLED:
-                shutil.rmtree(staging / name, ignore_errors=True)
-        else:
-            source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/")
-            excludes = [f"--exclude=/{name}" for name in NOT_PULLED]
-            done = subprocess.run(["rsync", "-a", "--partial", *excludes, source, f"{staging}/"],
-                                  capture_output=True, text=True)
+            self._pull_bucket(ctx.state.bucket, staging)
+            return
+        source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/")
+        excludes = [f"--exclude=/{name}" for name in NOT_PULLED]
+        done = subprocess.run(["rsync", "-a", "--partial", *self.client.rsync_ssh(ctx.machine, ctx.work_dir),
+                               *excludes, source, f"{staging}/"], capture_output=True, text=True)
         if done.returncode != 0:
             raise CloudtuneError(f"copying the outputs from {ctx.machine} failed (exit {done.returncode}): "
                                  f"{done.stderr.strip()[-1000:]}")
+
+    def _pull_bucket(self, bucket: str | None, staging: Path) -> None:
+        if not bucket:
+            raise CloudtuneError("this spot run recorded no outputs bucket, so there is nothing to fetch.")
+        try:
+            download_outputs(self.client.bucket_objects(bucket), staging)
+        except CloudtuneError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the cloud SDK's errors; a PullFailed keeps the bucket for a retry
+            raise CloudtuneError(f"copying the outputs from bucket {bucket} failed: {type(exc).__name__}: "
+                                 f"{str(exc)[:1000]}") from None
+
+    def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
+        if self._managed(ctx) or ctx.machine not in self.client.status([ctx.machine]):
+            return None  # a spot run resumes by itself from its bucket; a cluster that is gone holds nothing
+        fetched = dest / ".fetching"
+        shutil.rmtree(fetched, ignore_errors=True)
+        (fetched / checkpoints.CHECKPOINTS).mkdir(parents=True)
+        source = self.client.rsync_remote(ctx.machine, f"{REMOTE_DIR}/out/{checkpoints.CHECKPOINTS}/")
+        done = subprocess.run(["rsync", "-a", *self.client.rsync_ssh(ctx.machine, ctx.work_dir), source,
+                               f"{fetched / checkpoints.CHECKPOINTS}/"], capture_output=True, text=True)
+        try:
+            if done.returncode not in (0, RSYNC_SOURCE_MISSING):
+                raise CloudtuneError(f"copying the checkpoint from {ctx.machine} failed (exit {done.returncode}): "
+                                     f"{done.stderr.strip()[-500:]}")
+            found = checkpoints.complete(fetched)
+            if not found:
+                return None
+            kept = dest / found[-1].name
+            shutil.rmtree(kept, ignore_errors=True)
+            found[-1].rename(kept)
+            return kept
+        finally:
+            shutil.rmtree(fetched, ignore_errors=True)
 
     def stop(self, ctx: RunContext) -> None:
         job_id = ctx.state.job_id
         if self._managed(ctx):
             if job_id is not None:
                 self.client.jobs_cancel(job_id)
-        elif ctx.machine in self.client.status([ctx.machine]):
+        elif job_id is not None and self.client.status([ctx.machine]).get(ctx.machine) == "UP":
+            # No job yet (interrupted while provisioning) or a cluster not UP (INIT: SkyPilot refuses to
+            # cancel there, ClusterNotUpError): nothing runs to stop, and teardown downs the machine.
             self.client.cancel(ctx.machine, job_id)
 
     def teardown(self, ctx: RunContext) -> bool:
         self._secrets.pop(ctx.run_id, None)
+        remove_upload(ctx)
         if ctx.run_id in self._provisioning and ctx.run_id not in self._requested:
             return True  # stopped before SkyPilot was asked for anything
         if not self._managed(ctx):

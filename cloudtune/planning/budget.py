@@ -6,13 +6,14 @@ from __future__ import annotations
 from typing import TypedDict
 
 from ..errors import CloudtuneError
+from ..units import gpus, hours_range, money, per_hour
 from .planner import Estimate, Plan
 
 
 class PriceFields(TypedDict, total=False):
     """What the ledger and receipts keep of a run's price estimate (the receipt's "estimate")."""
 
-    gpu: str  # "A10Gx1", or "local"
+    gpu: str  # "A10G×1", or "local"
     price_per_hour: float
     est_hours_low: float
     est_hours_high: float
@@ -21,7 +22,7 @@ class PriceFields(TypedDict, total=False):
 
 
 def price_fields(chosen: Estimate) -> PriceFields:
-    return {"gpu": f"{chosen.offer.gpu}x{chosen.offer.gpu_count}", "price_per_hour": chosen.price_per_hour,
+    return {"gpu": gpus(chosen.offer.gpu, chosen.offer.gpu_count), "price_per_hour": chosen.price_per_hour,
             "est_hours_low": chosen.hours_low, "est_hours_high": chosen.hours_high,
             "est_cost_low": chosen.cost_low, "est_cost_high": chosen.cost_high}
 
@@ -39,13 +40,14 @@ def check_budget(plan_or_estimate: Plan | Estimate, max_cost: float | None) -> N
     if chosen is None:
         return
     if isinstance(plan_or_estimate, Plan) and not plan_or_estimate.tokens:
-        raise CloudtuneError(f"max_cost ${max_cost:.2f} cannot be checked: the number of tokens is unknown "
+        raise CloudtuneError(f"max_cost {money(max_cost)} cannot be checked: the number of tokens is unknown "
                              "before the training machine counts the hub dataset.",
                              "Set training.max_steps, or train from a local dataset file.")
     if chosen.cost_high > max_cost:
         raise CloudtuneError(
-            f"the cheapest plan that fits costs up to ${chosen.cost_high:.2f} "
-            f"({chosen.offer.gpu}×{chosen.offer.gpu_count} on {chosen.offer.cloud}, {chosen.hours_low:.1f}–"
-            f"{chosen.hours_high:.1f} h at ${chosen.price_per_hour:.2f}/h), over max_cost ${max_cost:.2f}.",
+            f"the cheapest plan that fits costs up to {money(chosen.cost_high)} "
+            f"({gpus(chosen.offer.gpu, chosen.offer.gpu_count)} on {chosen.offer.cloud}, "
+            f"{hours_range(chosen.hours_low, chosen.hours_high)} at {per_hour(chosen.price_per_hour)}), "
+            f"over max_cost {money(max_cost)}.",
             "Raise compute.max_cost (or --max-cost), train fewer tokens (epochs, max_steps, max_rows), "
             "or see `cloudtune cost` for the options.")

@@ -193,3 +193,14 @@ def match_gpus(query: str) -> GpuMatch:
         members = frozenset(s.name for s in _SPECS if s.family == spec.family)
         return GpuMatch(members, _FAMILY_NOTES[spec.family])
     return GpuMatch(frozenset({name}))
+
+
+def split_gpu_count(text: str, field: str = "--gpu") -> tuple[str, int | None]:
+    """SkyPilot's `NAME:COUNT` (A10:1, H100:8) as (name, count); a bare name has no count."""
+    name, colon, count = text.strip().partition(":")
+    if not colon:
+        return name, None
+    if not count.isdigit() or int(count) < 1:
+        raise CloudtuneError(f"{field} {text}: the count after ':' must be a whole number of GPUs, 1 or more.",
+                             f"Write {field} {name or 'A10'}:1, or leave the count out.")
+    return name, int(count)

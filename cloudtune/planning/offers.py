@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import CloudtuneError
 from ..paths import home
+from ..recipe import OWN_CLUSTERS
 from . import gpus, sky_catalog
 from .gpus import SPECS, canonical_gpu, unsupported_reason
 from .jsonfile import read_json, write_json
@@ -53,6 +54,7 @@ class Catalog:
     # cloud -> "on-demand" | "spot" -> SkyPilot feature (sky_catalog.FEATURES) it lacks there -> SkyPilot's reason
     unsupported: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     from_cache: bool = False
+    own_clusters: list[str] = field(default_factory=list)  # clouds of the user's own machines (slurm), at $0
 
     def as_dict(self) -> dict:
         return {"snapshot_date": self.snapshot_date, "sources": self.sources, "problems": self.problems,
@@ -60,7 +62,8 @@ class Catalog:
                 "offers": [asdict(o) for o in self.offers]}
 
     def describe(self) -> str:
-        return describe_sources(self.sources, self.snapshot_date)
+        own = [f"{cloud}: your own cluster, $0" for cloud in self.own_clusters]
+        return "; ".join(([describe_sources(self.sources, self.snapshot_date)] if self.sources else []) + own)
 
 
 def load_offers(clouds: Sequence[str] | None = None, region: str | None = None) -> Catalog:
@@ -70,24 +73,44 @@ def load_offers(clouds: Sequence[str] | None = None, region: str | None = None) 
     file changes.
     """
     wanted = _check_clouds(clouds)
+    own = [cloud for cloud in wanted if cloud in OWN_CLUSTERS]
+    # a cluster of one's own has no catalog: without a cloud that has one, sky is not even imported
+    catalog = _read_catalogs(region) if len(own) < len(wanted) else \
+        Catalog(offers=[], snapshot_date="your own cluster", sources={})
+    catalog = _only_clouds(catalog, [cloud for cloud in wanted if cloud not in own])
+    catalog.offers += own_cluster_offers(own, region)
+    catalog.own_clusters = own
+    return catalog
+
+
+def _read_catalogs(region: str | None) -> Catalog:
     key = _cache_key(region)
     cache_path = home() / "cache" / CACHE_FILE
     cached = read_json(cache_path)
     if cached and cached.get("key") == key:
-        catalog = Catalog(offers=[Offer(**row) for row in cached["offers"]], snapshot_date=cached["snapshot_date"],
-                          sources=cached["sources"], problems=cached["problems"], skipped=cached["skipped"],
-                          unsupported=cached["unsupported"], from_cache=True)
-    else:
-        catalog = _read_skypilot(sky_catalog.bundled_clouds(), region)
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(cache_path, {"key": key, **catalog.as_dict()})
-    return _only_clouds(catalog, wanted)
+        return Catalog(offers=[Offer(**row) for row in cached["offers"]], snapshot_date=cached["snapshot_date"],
+                       sources=cached["sources"], problems=cached["problems"], skipped=cached["skipped"],
+                       unsupported=cached["unsupported"], from_cache=True)
+    catalog = _read_skypilot(sky_catalog.bundled_clouds(), region)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(cache_path, {"key": key, **catalog.as_dict()})
+    return catalog
+
+
+def own_cluster_offers(clouds: Sequence[str], region: str | None) -> list[Offer]:
+    """A cluster the user has (Slurm) has no catalog and costs nothing more to use: one $0 offer per GPU
+    cloudtune knows and count, so the plan still says how long the run takes on each; which of them the
+    cluster really has is SkyPilot's to find at launch."""
+    return [Offer(cloud=cloud, region=region or "", instance_type="", gpu=spec.name, gpu_count=count,
+                  gpu_memory_gib=spec.memory_gib, price_per_hour=0.0, accelerator=spec.name)
+            for cloud in clouds for spec in SPECS.values() for count in (1, 2, 4, 8)]
 
 
 def _check_clouds(clouds: Sequence[str] | None) -> list[str]:
     available = sky_catalog.bundled_clouds()
     if not clouds:
         return available
+    available = available + list(OWN_CLUSTERS)
     wanted = [c.lower() for c in clouds]
     unknown = [c for c in wanted if c not in available]
     if unknown:
@@ -206,6 +229,7 @@ def refresh_catalogs(clouds: Sequence[str] | None = None, probe_host: str = "raw
     `probe_host` is where SkyPilot's catalogs are hosted; when it cannot be reached nothing is touched.
     """
     wanted = _check_clouds(clouds)
+    wanted = [cloud for cloud in wanted if cloud not in OWN_CLUSTERS]  # they have no catalog
     if not network_available(probe_host):
         return [RefreshResult(cloud, False, "no network") for cloud in wanted]
     results = []
@@ -228,13 +252,18 @@ class GpuOffers:
     note: str | None = None
 
 
-def gpu_offers(gpu: str | None = None, clouds: Sequence[str] | None = None, refresh: bool = False) -> GpuOffers:
+def gpu_offers(gpu: str | None = None, clouds: Sequence[str] | None = None, refresh: bool = False, *,
+               count: int | None = None, spot: bool = False) -> GpuOffers:
+    """The offers `cloudtune gpus` lists: of one GPU (family), of `count` GPUs, with a spot price (then
+    cheapest spot price first)."""
     from .gpus import match_gpus
 
     refreshed = refresh_catalogs(clouds) if refresh else []
     catalog = load_offers(clouds)
-    if not gpu:
-        return GpuOffers(catalog, refreshed)
-    match = match_gpus(gpu)
-    catalog.offers = [offer for offer in catalog.offers if offer.gpu in match.names]
-    return GpuOffers(catalog, refreshed, match.note)
+    match = match_gpus(gpu) if gpu else None
+    catalog.offers = [offer for offer in catalog.offers
+                      if (match is None or offer.gpu in match.names) and count in (None, offer.gpu_count)
+                      and (not spot or offer.spot_price_per_hour is not None)]
+    if spot:
+        catalog.offers.sort(key=lambda o: (o.spot_price_per_hour, o.cloud, o.instance_type))
+    return GpuOffers(catalog, refreshed, match.note if match else None)

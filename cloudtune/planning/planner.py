@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from ..datasets import DatasetReport
 from ..errors import CloudtuneError
 from ..recipe import Recipe
+from ..units import gib, gpus, hours_range, money_range, si, tokens_per_second
 from .flops import StepConditions
 from .gpus import SPECS, match_gpus, usable_gib
 from .memory import (
@@ -52,6 +53,9 @@ class Estimate:
     cost_high: float
     why: str = ""  # one line: what the estimate is made of
     checkpointed_layers: int = 0  # decoder layers recomputed in backward (gradient_checkpointing: any)
+    # what the GPU must have free: the peak plus fragmentation and the CUDA context; when it does not
+    # fit, at the smallest setting tried (micro-batch 1, every layer checkpointed), as `why` says
+    needs_gib: float = 0.0
 
     @property
     def price_per_hour(self) -> float:
@@ -72,6 +76,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # what the user should know about this plan
     model_source: str = ""  # where the model's shape came from
     catalog: dict = field(default_factory=dict)  # price sources per cloud, cache use, unreadable clouds
+    micro_batch_size: int = 0  # the recipe's, which an offer's estimate may have had to lower
     left_out: dict[str, str] = field(default_factory=dict)  # cloud -> why SkyPilot cannot run the plan there
 
     @property
@@ -128,7 +133,8 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
                           setup.lora_targets if recipe.uses_lora else ())
     tps_low, tps_high = gpu_tokens_per_second(offer.gpu, step, setup.impl.fused_loss)
     checkpointing = checkpointing_note(recomputed, model.shape.layers)
-    train_low, train_high = (seconds / 3600 for seconds in train_seconds(processed_range(work), (tps_low, tps_high)))
+    train_low, train_high = (seconds / 3600 for seconds in train_seconds(processed_range(work, step.passes),
+                                                                              (tps_low, tps_high)))
     over_low, over_high, over_what = overhead_hours(recipe, model, setup, offer.cloud)
     hours_low, hours_high = train_low + over_low, train_high + over_high
     spot = spot and offer.spot_price_per_hour is not None
@@ -136,11 +142,12 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
     real = work.tokens / work.processed if work.processed else 1.0  # trained share of processed tokens
     if fits:
         why = (f"{_speed_why(recipe, offer.gpu, work, (tps_low * real, tps_high * real), mb, checkpointing)} "
-               f"+ {over_low * 60:.0f}–{over_high * 60:.0f} min {over_what}")
+               f"+ {hours_range(over_low, over_high)} {over_what}")
+        needs = required_bytes(memory) / GIB
     else:
-        smallest = memory_peak(model.shape, setup, base.row_tokens, recomputed)
-        why = (f"needs {required_bytes(smallest) / GIB:.1f} GiB even at micro-batch 1 with checkpointing "
-               f"{checkpointing}; {offer.gpu} has {usable / GIB:.1f} GiB usable")
+        needs = required_bytes(memory_peak(model.shape, setup, base.row_tokens, recomputed)) / GIB
+        why = (f"needs {gib(needs)} even at micro-batch 1 with checkpointing {checkpointing}; "
+               f"{gpus(offer.gpu, offer.gpu_count)} has {gib(usable / GIB)} usable per GPU")
     refused = precision_problem(recipe, offer.gpu)
     if refused:
         fits, why = False, refused
@@ -148,10 +155,10 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
     if spot:
         extra = controller_cost(hours_low, hours_high)
         cost_low, cost_high = cost_low + extra[0], cost_high + extra[1]
-        why += f" + ${extra[0]:.2f}–{extra[1]:.2f} for SkyPilot's jobs controller VM"
+        why += f" + {money_range(*extra)} for SkyPilot's jobs controller VM"
     return Estimate(offer=offer, spot=spot, fits=fits,
                     peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=recomputed > 0,
-                    checkpointed_layers=recomputed,
+                    checkpointed_layers=recomputed, needs_gib=round(needs, 2),
                     tokens=work.tokens, tokens_per_s_low=round(tps_low * real, 1),
                     tokens_per_s_high=round(tps_high * real, 1), hours_low=round(hours_low, 3),
                     hours_high=round(hours_high, 3), cost_low=round(cost_low, 2),
@@ -168,7 +175,7 @@ def _usable_bytes(recipe: Recipe, offer: Offer) -> float:
 def _speed_why(recipe: Recipe, gpu: str, work: Work, trained_per_s: tuple[float, float], mb: int,
                checkpointing: str) -> str:
     precision = "" if SPECS[gpu].bf16 else " in fp16 with loss scaling"
-    return (f"{_si(work.tokens)} tokens at {_si(trained_per_s[0])}–{_si(trained_per_s[1])} tok/s "
+    return (f"{si(work.tokens)} tokens at {tokens_per_second(*trained_per_s)} "
             f"({recipe.method}{precision}, micro-batch {mb}, checkpointing {checkpointing})")
 
 
@@ -188,12 +195,18 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     work = plan_work(recipe, report)
     if work.note:
         notes.append(work.note)
+    if work.evaluations and report.eval_tokens:
+        notes.append(f"dataset.eval: {work.evaluations} evaluations of {report.eval_tokens:,} held-out tokens, "
+                     "priced as forward passes (no gradients)")
     if not model.exact:
         notes.append(f"model shape {model.source}")
     estimates = [estimate_offer(recipe, report, model, offer, spot) for offer in candidates]
-    estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.offer.cloud, e.offer.instance_type))
+    # at equal cost (a cluster of one's own costs $0 on every GPU), the faster run first
+    estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.hours_high, e.offer.cloud,
+                                  e.offer.instance_type))
     return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
-                notes=notes, model_source=model.source, catalog=catalog_info, left_out=left_out)
+                notes=notes, model_source=model.source, catalog=catalog_info, left_out=left_out,
+                micro_batch_size=recipe.training.micro_batch_size)
 
 
 # What a plan asks of SkyPilot on a cloud (sky.clouds.CloudImplementationFeatures names): every run
@@ -289,9 +302,3 @@ def fitted_recipe(recipe: Recipe, chosen: Estimate) -> tuple[Recipe, list[str]]:
     return fitted, [f"micro-batch × accumulation {spec.micro_batch_size}×{spec.gradient_accumulation} → "
                     f"{training.micro_batch_size}×{training.gradient_accumulation} so it fits {chosen.offer.gpu}"]
 
-
-def _si(value: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= size:
-            return f"{value / size:.1f}{unit}"
-    return f"{value:.0f}"

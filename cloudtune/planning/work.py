@@ -31,17 +31,22 @@ class Work:
     exact: bool
     note: str = ""
     attention_span: float = 0.0  # keys a token attends to on average, for attention FLOPs (0: width / 2)
+    eval_processed: float = 0.0  # tokens the evaluations run forward only, padding included, all of them together
+    evaluations: int = 0
 
     @property
     def span(self) -> float:
         return self.attention_span or self.width / 2
 
 
-def processed_range(work: Work) -> tuple[float, float]:
-    """(low, high) processed tokens: ±15 % when the tokens were counted without the model's tokenizer."""
+def processed_range(work: Work, passes: float) -> tuple[float, float]:
+    """(low, high) processed tokens, each evaluation's counted as the share of a training token its
+    forward-only pass costs (1 of a training step's `passes`); ±15 % when the tokens were counted
+    without the model's tokenizer."""
+    processed = work.processed + work.eval_processed / passes
     if work.exact:
-        return work.processed, work.processed
-    return work.processed * (1 - TOKENS_UNCERTAINTY), work.processed * (1 + TOKENS_UNCERTAINTY)
+        return processed, processed
+    return processed * (1 - TOKENS_UNCERTAINTY), processed * (1 + TOKENS_UNCERTAINTY)
 
 
 def document_attention_span(report: DatasetReport, cap: int) -> float:
@@ -95,8 +100,12 @@ def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | Non
     # The trainer's own packing and seeded order over the counted lengths: the tokens it will read.
     tokens = (tokens_read(report.row_lengths, as_trained, mb, spec.seed, total_micro_batches) if as_trained
               else int(report.tokens * epochs))
+    evaluations = spec.evaluations(total_micro_batches // spec.gradient_accumulation) if recipe.evaluates else 0
+    # held-out rows are batched as the training's are: packed to ~97 %, or padded as wide as training rows
+    padding = 1 / PACKING_FILL if spec.packing else width / max(report.tokens / max(report.rows, 1), 1)
     return Work(tokens=tokens, processed=processed_per_epoch * epochs, row_tokens=row_tokens,
-                width=width, exact=report.tokens_exact, attention_span=span)
+                width=width, exact=report.tokens_exact, attention_span=span,
+                eval_processed=evaluations * getattr(report, "eval_tokens", 0) * padding, evaluations=evaluations)
 
 
 def expected_batch_width(report: DatasetReport, micro_batch_size: int) -> float:

@@ -9,3 +9,8 @@ class Stopped(Exception):
 
     def __init__(self, step: int, saved):
         super().__init__(f"stopped by SIGTERM after step {step}; checkpoint {saved} (continue with --resume)")
+
+
+def say(message: str) -> None:
+    """One line of the training log: stdout, flushed, so the CLI streams it as it happens."""
+    print(message, flush=True)

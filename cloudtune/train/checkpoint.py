@@ -19,6 +19,7 @@ from ..recipe import Recipe
 from ..remote import checkpoints
 
 KEEP = 2  # the newest is enough to resume; one more in case the disk filled while writing it
+BEST = "best.pt"  # the trainable weights at the lowest eval loss so far (outputs.keep: best)
 COMPLETE = checkpoints.COMPLETE
 
 
@@ -30,6 +31,13 @@ class State:
     tokens: int = 0
     trained_tokens: int = 0
     train_seconds: float = 0.0
+    # the eval loss so far (train/evaluation.py): what early stopping and outputs.keep best go on from
+    evaluations: int = 0
+    eval_seconds: float = 0.0
+    eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    best_step: int = 0
+    evals_since_best: int = 0
 
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
@@ -43,7 +51,10 @@ def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State, s
     partial = root / f".partial-{state.step:08d}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
+    best = out / "checkpoints" / BEST
     torch.save({"weights": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                # a resumed run must end with the best weights of the steps before it too
+                "best": torch.load(best, map_location="cpu") if best.exists() else None,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
@@ -57,6 +68,34 @@ def save(out: Path, recipe: Recipe, model, optimizer, scheduler, state: State, s
         if old not in kept and (not kept or old < kept[-1]):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_best(out: Path, model) -> None:
+    """Keep the trainable weights as they are now, as the best so far."""
+    (out / "checkpoints").mkdir(exist_ok=True)
+    _write_atomically(_trainable_state(model), out / "checkpoints" / BEST)
+
+
+def restore_best(out: Path, model) -> None:
+    """Put the best weights kept by save_best back into the model, and drop the file: it was a means."""
+    path = out / "checkpoints" / BEST
+    _load_trainable(model, torch.load(path, map_location="cpu"))
+    path.unlink()
+    if not any(path.parent.iterdir()):  # a run without checkpoint_steps leaves no empty folder behind
+        path.parent.rmdir()
+
+
+def _load_trainable(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(params[name].device))
+
+
+def _write_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    torch.save(tensors, partial)
+    os.replace(partial, path)
 
 
 def _write_marker(folder: Path) -> None:
@@ -84,10 +123,9 @@ def restore_latest(out: Path, recipe: Recipe, model, optimizer, scheduler, scale
                              "so resuming from it would not continue that run.",
                              "Resume with the recipe the run started with, or train into a new --out directory.")
     saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in saved["weights"].items():
-            params[name].copy_(tensor.to(params[name].device))
+    _load_trainable(model, saved["weights"])
+    if saved.get("best") is not None:  # the best file may be from steps after this checkpoint
+        _write_atomically(saved["best"], out / "checkpoints" / BEST)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler"):  # fp16's loss scale, so resuming does not re-learn it

@@ -99,9 +99,11 @@ def tokenize(tokenizer, pieces: list[formats.Segment]) -> tuple[list[int], list[
     return ids, trained
 
 
-def encode(recipe: Recipe, tokenizer, rows: list[tuple[str, dict]]) -> Encoded:
-    """Render, check and tokenize every row before any training; a bad row stops everything here."""
-    spec = recipe.dataset
+def encode(recipe: Recipe, tokenizer, rows: list[tuple[str, dict]], fmt: str | None = None,
+           part: str = "training") -> Encoded:
+    """Render, check and tokenize every row before any training; a bad row stops everything here.
+    `fmt`: read the rows in this format (eval rows take the training data's); `part` names them in messages."""
+    spec = recipe.dataset if fmt is None else recipe.dataset.model_copy(update={"format": fmt})
     cap = recipe.training.max_seq_len
     out = Encoded(examples=[], format=spec.format)
     answerless = 0
@@ -119,7 +121,8 @@ def encode(recipe: Recipe, tokenizer, rows: list[tuple[str, dict]]) -> Encoded:
         out.examples.append((ids, labels))
     out.rows = len(out.examples)
     if out.trained_tokens == 0:
-        raise CloudtuneError(f"no row has an answer token within max_seq_len={cap}: nothing would be trained.",
+        raise CloudtuneError(f"no {part} row has an answer token within max_seq_len={cap}: nothing would be "
+                             f"{'trained' if part == 'training' else 'measured'}.",
                              "Raise training.max_seq_len, or shorten the prompts.")
     if out.truncated:
         out.notes.append(f"{out.truncated} of {out.rows} rows were longer than max_seq_len={cap} and were truncated")

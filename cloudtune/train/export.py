@@ -20,7 +20,7 @@ PROBE_TOKENS = 64
 
 def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Encoded, state, wall_seconds: float,
            epochs: float, final_loss: float, checkpointed_layers: int, fused_kernels: bool, trainable: int,
-           base_samples: list[str], budget_stop: dict | None = None) -> dict:
+           base_samples: list[str], budget_stop: dict | None = None, evaluation: dict | None = None) -> dict:
     model.eval()
     weights_dir = out / ("adapter" if recipe.uses_lora else "model")
     model.save_pretrained(weights_dir)
@@ -34,8 +34,8 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
                 handle.write(json.dumps({"prompt": prompt, "tuned": after, "base": before}) + "\n")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     gc.collect()
-    if recipe.outputs.merge and recipe.uses_lora:
-        merge(recipe, weights_dir, out / "merged")
+    merged = merge(recipe, weights_dir, out / "merged") if recipe.outputs.merge and recipe.uses_lora else None
+    gguf_written = gguf_files(recipe, model, tokenizer, weights_dir, out, merged)
     summary = {
         "cloudtune": __version__,
         "recipe_hash": recipe.fingerprint(),
@@ -67,10 +67,13 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "attention": model.config._attn_implementation,
         "trainable_params": trainable,
         "budget_stop": budget_stop,  # set when max_cost ended the training before its last step
+        "eval": evaluation,  # the eval loss, its best step and which weights were kept (dataset.eval)
+        "gguf": gguf_written,
     }
     if recipe.outputs.push_to_hub:
         summary["push_to_hub"] = push(recipe, out)
     (out / "run.json").write_text(json.dumps(summary, indent=1))
+    (out / "recipe.yaml").write_text(recipe.to_yaml())  # what was trained, for the report and for re-runs
     write_manifest(out)
     return summary
 
@@ -118,22 +121,23 @@ def _generate(model, tokenizer, prompt: str, recipe: Recipe, device) -> str:
     return tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
 
 
-def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path) -> None:
-    """Merge the adapter into a fresh, unquantised copy of the base, saved in the base's own dtype.
-
-    On the host, not the GPU: a 7B base in bf16 needs 14 GB that the GPU may not have beside the
-    trained model. For qlora/8bit this merges into the full-precision base, which is what the
-    adapter is loaded onto at inference too; it is not bit-identical to the quantised training model.
-    """
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_lib.model_source(recipe), dtype="auto",
-                                                revision=recipe.model.revision,
-                                                trust_remote_code=recipe.model.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path):
+    """Save the base with the adapter merged in (model_lib.load_merged says how); returns the merged model."""
+    merged = model_lib.load_merged(recipe.model, adapter_dir)
     merged.save_pretrained(merged_dir)
     model_lib.load_tokenizer(recipe).save_pretrained(merged_dir)
+    return merged
+
+
+def gguf_files(recipe: Recipe, model, tokenizer, weights_dir: Path, out: Path, merged=None) -> list[dict] | None:
+    """outputs.gguf: the merged model (or the fully trained one) as GGUF files, each read back and checked."""
+    if not recipe.outputs.gguf:
+        return None
+    from . import gguf
+
+    if recipe.uses_lora:
+        model = merged if merged is not None else model_lib.load_merged(recipe.model, weights_dir)
+    return gguf.export_gguf(model, tokenizer, out, list(recipe.outputs.gguf), recipe.run_name)
 
 
 def push(recipe: Recipe, out: Path) -> dict:

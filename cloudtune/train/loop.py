@@ -16,21 +16,19 @@ from pathlib import Path
 
 import torch
 
+from ..datasets import split_eval
 from ..errors import CloudtuneError
 from ..planning.memory import GIB, ModelShape, TrainSetup, checkpointing_note, layers_to_checkpoint
 from ..recipe import Recipe
 from ..remote.budget import Budget, read_budget
-from . import Stopped, attention, checkpoint, export, tracking
+from . import Stopped, attention, checkpoint, export, say, tracking
 from . import model as model_lib
-from .data import IGNORE, Batcher, encode, load_rows
+from .data import IGNORE, Batcher, Encoded, encode, load_rows
+from .evaluation import make_evaluation
 
 
 def pick_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def say(message: str) -> None:
-    print(message, flush=True)
 
 
 def preflight(recipe: Recipe, device: torch.device) -> None:
@@ -42,6 +40,13 @@ def preflight(recipe: Recipe, device: torch.device) -> None:
     if recipe.outputs.push_to_hub and not os.environ.get("HF_TOKEN"):
         raise CloudtuneError(f"outputs.push_to_hub '{recipe.outputs.push_to_hub}' needs HF_TOKEN in the environment.",
                              "Add HF_TOKEN to the recipe's secrets and set it where you run cloudtune.")
+    if recipe.outputs.gguf:  # a model the exporter would refuse is refused before it is trained
+        from transformers import AutoConfig
+
+        from .gguf import check_supported
+
+        check_supported(AutoConfig.from_pretrained(model_lib.model_source(recipe), revision=recipe.model.revision,
+                                                   trust_remote_code=recipe.model.trust_remote_code))
 
 
 def limit_memory(recipe: Recipe, device: torch.device) -> None:
@@ -130,17 +135,14 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
         say(f"note: training uses 1 of this machine's {torch.cuda.device_count()} GPUs (single-process trainer)")
 
     tokenizer = model_lib.load_tokenizer(recipe)
-    encoded = encode(recipe, tokenizer, load_rows(recipe))
-    for note in encoded.notes:
-        say(f"note: {note}")
-    say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.tokens:,} tokens per epoch, "
-        f"{encoded.trained_tokens:,} of them trained (carry a loss)")
+    encoded, eval_encoded = encode_data(recipe, tokenizer)
 
     base = model_lib.load_base(recipe, device)
     fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
     precision = model_lib.choose_precision(recipe, device)
     autocast = precision.autocast is not None
-    recomputed = checkpointed_layers(recipe, base.config, device, max(len(ids) for ids, _ in encoded.examples),
+    every_example = encoded.examples + (eval_encoded.examples if eval_encoded else [])
+    recomputed = checkpointed_layers(recipe, base.config, device, max(len(ids) for ids, _ in every_example),
                                      fused_kernels=fused, autocast=autocast)
     model = model_lib.prepare_for_training(recipe, base, recomputed, autocast=autocast)
     layers = len(model_lib.decoder_layers(model))
@@ -152,10 +154,12 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     # Before any step, the model is the base (a fresh LoRA adds zero), so these are the "before" samples.
     base_samples = export.generate_samples(recipe, model, tokenizer, encoded.format, device)
 
+    per_document = base.config._attn_implementation == attention.DOCUMENT_ATTENTION
     batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed,
-                      tokenizer.pad_token_id,
-                      document_offsets=base.config._attn_implementation == attention.DOCUMENT_ATTENTION)
+                      tokenizer.pad_token_id, document_offsets=per_document)
     steps = total_steps(recipe, len(batcher))
+    evaluation = make_evaluation(recipe, eval_encoded, steps, precision, device, fused, tokenizer.pad_token_id,
+                                 per_document)
     optimizer = make_optimizer(recipe, trainable, device)
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=int(spec.warmup_ratio * steps),
                               num_training_steps=steps)
@@ -168,7 +172,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
 
     say(f"training: {steps} steps of {spec.gradient_accumulation}×{spec.micro_batch_size} rows "
-        f"(≤{spec.max_seq_len} tokens each), {len(batcher)} micro-batches per epoch")
+        f"(≤{spec.max_seq_len} tokens each), {len(batcher)} micro-batches per epoch"
+        + (f", eval every {evaluation.every} steps and after the last" if evaluation else ""))
     model.train()
     stream = _micro_batches(batcher, state)
     step_context = StepContext(optimizer, scheduler, scaler, trainable, spec.max_grad_norm, precision, device)
@@ -190,10 +195,14 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                 _refuse_non_finite(last_loss, state.step + 1, out, step_context.scaler)
                 row = _account_step(state, group, n_items, time.perf_counter() - t0, last_loss, grad_norm,
                                     scheduler.get_last_lr()[0], step_context.scaler)
+                stop_early = evaluation is not None and evaluation.after_step(model, state, row, out)
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
                 tracker.log(row)
                 _report_step(row, steps, print_every)
+                if stop_early:
+                    say(evaluation.stop_note(state))
+                    break
                 if state.step < steps and budget_clock.spent():
                     budget_stop = budget_clock.stop_record(state.step, steps)
                     # so that `cloudtune run --resume` can train on from here with more budget
@@ -207,14 +216,32 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
         finally:
             tracker.close()
 
+    evaluated = evaluation.finish(model, state, out) if evaluation else None
     summary = export.finish(recipe, model, tokenizer, out, device=device, encoded=encoded, state=state,
                             wall_seconds=time.time() - started,
                             epochs=state.epoch + state.batch_in_epoch / len(batcher), final_loss=last_loss,
                             checkpointed_layers=recomputed, fused_kernels=fused, trainable=n_trainable,
-                            base_samples=base_samples, budget_stop=budget_stop)
+                            base_samples=base_samples, budget_stop=budget_stop, evaluation=evaluated)
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary
+
+
+def encode_data(recipe: Recipe, tokenizer) -> tuple[Encoded, Encoded | None]:
+    """The training rows and the eval rows (None without dataset.eval), tokenized and checked."""
+    rows, held = split_eval(recipe, load_rows(recipe))
+    encoded = encode(recipe, tokenizer, rows)
+    for note in encoded.notes:
+        say(f"note: {note}")
+    say(f"data: {encoded.rows} rows, format {encoded.format}, {encoded.tokens:,} tokens per epoch, "
+        f"{encoded.trained_tokens:,} of them trained (carry a loss)")
+    if not held:
+        return encoded, None
+    eval_encoded = encode(recipe, tokenizer, held, fmt=encoded.format, part="eval")
+    for note in eval_encoded.notes:
+        say(f"note: eval: {note}")
+    say(f"eval: {eval_encoded.rows} held-out rows, {eval_encoded.trained_tokens} tokens with a loss")
+    return encoded, eval_encoded
 
 
 def _refuse_non_finite(loss: float, step: int, out: Path, scaler) -> None:
@@ -232,8 +259,11 @@ def _refuse_non_finite(loss: float, step: int, out: Path, scaler) -> None:
 
 def _report_step(row: dict, steps: int, print_every: int) -> None:
     step = row["step"]
-    if step % print_every == 0 or step in (1, steps):
-        say(f"step {step}/{steps} loss {row['loss']:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f}")
+    evaluated = row.get("eval_loss") is not None
+    if step % print_every == 0 or step in (1, steps) or evaluated:
+        say(f"step {step}/{steps} loss {row['loss']:.4f} lr {row['lr']:.2e} tok/s {row['tokens_per_s']:.0f}"
+            + (f" eval_loss {row['eval_loss']:.4f}" if evaluated else "")
+            + (f" (best {row['best_eval_loss']:.4f} at step {row['best_step']})" if "best_eval_loss" in row else ""))
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from ..errors import CloudtuneError
 from ..formats import FALLBACK_CHAT_TEMPLATE
 from ..paths import home
-from ..recipe import Recipe
+from ..recipe import ModelSpec, Recipe
 from ..tiny import SPECIAL_TOKENS, TINY_LLAMA, VOCAB_SIZE
 from . import attention
 
@@ -76,7 +76,26 @@ def tiny_llama_dir() -> Path:
 
 
 def model_source(recipe: Recipe) -> str:
-    return str(tiny_llama_dir()) if recipe.model.init == "tiny-llama" else recipe.model.name
+    return spec_source(recipe.model)
+
+
+def spec_source(spec: ModelSpec) -> str:
+    return str(tiny_llama_dir()) if spec.init == "tiny-llama" else spec.name
+
+
+def load_merged(spec: ModelSpec, adapter_dir: Path):
+    """A fresh, unquantised copy of the base in its own dtype, with the adapter merged in, on the host.
+
+    Not on the GPU: a 7B base in bf16 needs 14 GB that the GPU may not have beside the trained model.
+    For qlora/8bit this merges into the full-precision base, which is what the adapter is loaded onto
+    at inference too; it is not bit-identical to the quantised training model.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(spec_source(spec), dtype="auto", revision=spec.revision,
+                                                trust_remote_code=spec.trust_remote_code)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ class TensorBoard(Tracker):
         for key in ("loss", "lr", "tokens_per_s", "grad_norm"):
             if row.get(key) is not None:
                 self.writer.add_scalar(f"train/{key}", row[key], row["step"])
+        if row.get("eval_loss") is not None:
+            self.writer.add_scalar("eval/loss", row["eval_loss"], row["step"])
 
     def close(self) -> None:
         self.writer.close()

@@ -85,12 +85,20 @@ def tolerance(scale: float, out: Path) -> float:
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+
+    from ..errors import CloudtuneError
     from ..recipe import Recipe
     from .__main__ import quiet_libraries
     from .model import model_source
 
+    parser = argparse.ArgumentParser(prog="python -m cloudtune.train.verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", type=Path, help="a run's output folder (outputs/<name>/<run id>)")
+    out = parser.parse_args(argv).output_dir
+    if not (out / "run.json").is_file():
+        raise CloudtuneError(f"{out} is not the output folder of a run: it has no run.json.",
+                             "Give the folder the receipt names under `outputs` (outputs/<recipe name>/<run id>).")
     quiet_libraries()
-    out = Path(argv[0])
     run = json.loads((out / "run.json").read_text())
     model = run["model"]
     spec = {"init": model.split(":", 1)[1]} if model.startswith("init:") else {"name": model}
@@ -104,4 +112,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from ..errors import entry_point
+
+    sys.exit(entry_point(main))

@@ -5,7 +5,12 @@
 # uploading, then exits with the `$?` it found), so the trainer is not exec'd, nothing here calls
 # `exit` after it starts, and the last command's status is the trainer's.
 cd ~/cloudtune || exit 1
-if [ -z "${CLOUDTUNE_IMAGE_DIGEST:-}" ]; then
+python=python3
+if [ -f python ]; then  # no image (Slurm): the Python the setup step chose, with this run's cloudtune in site/
+  python="$(cat python)"
+  export PYTHONPATH="$PWD/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if [ -z "${CLOUDTUNE_IMAGE_DIGEST:-}" ] && [ -n "${CLOUDTUNE_IMAGE:-}" ]; then
   digest="$(python3 -m cloudtune.registry "$CLOUDTUNE_IMAGE")" && export CLOUDTUNE_IMAGE_DIGEST="$digest"
 fi
 resume=""
@@ -18,7 +23,7 @@ fi
 # which checkpoints and stops, and this shell waits for that. SkyPilot runs this script with `bash -i`,
 # which would otherwise ignore SIGTERM. A shell killed outright is noticed by the trainer's watchdog.
 export CLOUDTUNE_LAUNCHER_PID=$$
-python3 -u -m cloudtune.train bundle/recipe.yaml --out out $resume &
+"$python" -u -m cloudtune.train bundle/recipe.yaml --out out $resume &
 cloudtune_trainer=$!
 trap 'kill -TERM "$cloudtune_trainer" 2>/dev/null' TERM INT HUP
 wait "$cloudtune_trainer"

@@ -10,13 +10,13 @@ lacks go into envs/docker-<hash>/, built once with the image's own pip.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 from abc import ABC, abstractmethod
 from typing import Any
 
 from ...errors import CloudtuneError
+from ...remote.make_venv import venv_key
 from .commands import MARK, marked, marks, python, sh, with_env
 from .state import SSHState
 from .transport import Connection
@@ -60,11 +60,10 @@ class RemoteEnv(ABC):
         if not missing:
             self.events.phase("env", f"{self.label} already has the training packages")
             return self.interpreter
-        key = hashlib.sha256(json.dumps([self.label, sorted(requirements)]).encode()).hexdigest()[:16]
-        venv = f"{self.state.remote_root}/envs/{self.venv_prefix}{key}"
+        venv = f"{self.state.remote_root}/envs/{self.venv_prefix}{venv_key(self.label, requirements)}"
         self.events.phase("env", self.venv_message(venv, missing))
-        _, output = self.conn.run(python(self.interpreter, "make_venv.py", MARK, venv, needed, inside=self.inside()),
-                                  on_line=self.events.log)
+        _, output = self.conn.run(python(self.interpreter, "remote:make_venv", MARK, venv, needed,
+                                         inside=self.inside()), on_line=self.events.log)
         return marked(output) or f"{venv}/bin/python"
 
     def before_prepare(self) -> None:  # noqa: B027 - nothing to fetch by default

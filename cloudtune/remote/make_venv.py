@@ -2,9 +2,11 @@
 
 usage: python make_venv.py MARK VENV REQUIREMENTS_JSON
 Prints MARK + the venv's python. System site-packages stay visible, so a torch that came with the
-machine (or the image) is reused rather than downloaded again.
+machine (or the image) is reused rather than downloaded again. The SSH backend runs it over its
+connection, the SkyPilot backend ships it in the upload for clusters without an image (Slurm).
 """
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -12,6 +14,11 @@ import subprocess
 import sys
 
 PIP = ["-m", "pip", "install", "--progress-bar", "off", "--disable-pip-version-check"]
+
+
+def venv_key(base: str, requirements):
+    """The venv's folder name for a base Python (or image) and a requirement set: the same pair, the same venv."""
+    return hashlib.sha256(json.dumps([base, sorted(requirements)]).encode()).hexdigest()[:16]
 
 
 def build(venv, requirements):

@@ -1,0 +1,107 @@
+"""How every command writes a figure: time, money, memory, GPUs, token counts, and the names `--json`
+gives its fields. One function per kind of figure, so a table, a message and a receipt never disagree.
+
+Standard library only: the planner, the core and the CLI all write figures with it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+DASH = "–"  # between the ends of a range
+TIMES = "×"  # GPU count: A10G×1
+
+
+def span(low: float | None, high: float | None, write: Callable[[float], str]) -> str:
+    """`low–high`, written once when both ends read the same (163.7k tok/s, not 163.7k–163.7k)."""
+    if low is None or high is None:
+        return "-"
+    a, b = write(low), write(high)
+    return a if a == b else f"{a}{DASH}{b}"
+
+
+def duration(seconds: float | None) -> str:
+    """42s, 17m, 1h20m."""
+    if seconds is None:
+        return "-"
+    if seconds < 59.5:
+        return f"{round(seconds)}s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def duration_range(low_seconds: float | None, high_seconds: float | None) -> str:
+    return span(low_seconds, high_seconds, duration)
+
+
+def hours_range(low_hours: float | None, high_hours: float | None) -> str:
+    if low_hours is None or high_hours is None:
+        return "-"
+    return duration_range(low_hours * 3600, high_hours * 3600)
+
+
+def money(usd: float | None) -> str:
+    return "-" if usd is None else f"${usd:,.2f}"
+
+
+def money_range(low_usd: float | None, high_usd: float | None) -> str:
+    return span(low_usd, high_usd, money)
+
+
+def per_hour(usd: float | None) -> str:
+    return "-" if usd is None else f"{money(usd)}/h"
+
+
+def gib(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f} GiB" if value < 100 else f"{value:.0f} GiB"
+
+
+def gpus(name: str, count: int) -> str:
+    return f"{name}{TIMES}{count}"
+
+
+def si(value: float) -> str:
+    """287.3k, 1.2M: a count to read at a glance (exact counts use `count`)."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+def count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def tokens_per_second(low: float, high: float) -> str:
+    return f"{span(low, high, si)} tok/s"
+
+
+# What `--json` (and receipt.json) calls a field whose name inside cloudtune does not say its unit.
+# Fields already named with one (hours_low, peak_gib, wall_seconds, tokens_per_s_low) keep their name.
+JSON_NAMES = {
+    "cost_low": "cost_usd_low",
+    "cost_high": "cost_usd_high",
+    "est_cost_low": "est_cost_usd_low",
+    "est_cost_high": "est_cost_usd_high",
+    "actual_cost": "actual_cost_usd",
+    "max_cost": "max_cost_usd",
+    "price_per_hour": "usd_per_hour",
+    "spot_price_per_hour": "spot_usd_per_hour",
+    "created_at": "created_at_unix",
+    "finished_at": "finished_at_unix",
+    "terminated_at": "terminated_at_unix",
+}
+
+
+def with_units(data: Any) -> Any:
+    """`data` with every field named as JSON_NAMES says, at any depth."""
+    if isinstance(data, dict):
+        return {JSON_NAMES.get(key, key): with_units(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [with_units(value) for value in data]
+    return data
