@@ -192,7 +192,7 @@ def _runs_table(runs: list[dict], wide: bool) -> Table:
     """Narrow: the name goes under the run id, so that both stay whole."""
     columns = [whole("run"), text("name"), text("backend")] if wide else [whole("run / name")]
     columns += [text("status"), whole("started")]
-    columns += [figure("wall"), figure("tokens"), figure("est. $"), figure("eval loss")] if wide else []
+    columns += [figure("wall"), figure("tokens"), figure("est. $")] if wide else []
     table = grid(*columns, figure("$"))
     for run in runs:
         colour = STATUS_COLOURS.get(run["status"], "cyan")
@@ -202,14 +202,9 @@ def _runs_table(runs: list[dict], wide: bool) -> Table:
         cells += [f"[{colour}]{status}[/]", time.strftime("%m-%d %H:%M", time.localtime(run["created_at"]))]
         if wide:
             cells += [units.duration(run.get("wall_seconds")), units.count(run.get("tokens")),
-                      units.money_range(run.get("est_cost_low"), run.get("est_cost_high")),
-                      _eval_cell(run.get("meta") or {})]
+                      units.money_range(run.get("est_cost_low"), run.get("est_cost_high"))]
         table.add_row(*cells, units.money(run.get("actual_cost")))
     return table
-
-
-def _eval_cell(meta: dict) -> str:
-    return f"{meta['eval_loss']:.4f} @{meta['eval_step']}" if meta.get("eval_loss") is not None else "-"
 
 
 # ----------------------------------------------------------------------------------------------
