@@ -246,11 +246,3 @@ def test_a_local_run_ships_the_eval_file_and_its_receipt_shows_eval_loss_sample_
     assert "report" in printed and (Path(receipt["output_dir"]) / "report.png").is_file()
     status = CliRunner().invoke(cli, ["status", "--json"])
     assert json.loads(status.output)[0]["meta"]["eval_loss"] == evaluation["best_loss"]
-    from rich.console import Console
-
-    from cloudtune.lifecycle import recent_runs
-    from cloudtune.render import runs_table
-
-    wide = Console(width=200, record=True)
-    wide.print(runs_table(recent_runs(5)))
-    assert f"{evaluation['best_loss']:.4f} @{evaluation['best_step']}" in wide.export_text()
