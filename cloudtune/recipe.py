@@ -231,6 +231,9 @@ class TrainingSpec(Strict):
     seed: int = Field(42, ge=0, lt=2**32, description="seeds weights init, data order, dropout and the eval split")
     eval_steps: int | None = Field(None, gt=0, le=10**9, description="evaluate every N steps and after the last; "
                                                                      f"default: {DEFAULT_EVALUATIONS} times per run")
+    parallelism: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="several GPUs: ddp copies the model to each, fsdp shards weights, gradients and "
+                            "optimizer state across them; auto = ddp when the model fits one GPU, else fsdp")
     early_stopping: EarlyStoppingSpec | None = Field(
         None, description="stop when the eval loss has not improved for `patience` evaluations (needs dataset.eval)")
 
@@ -278,7 +281,11 @@ class TrackingSpec(Strict):
 
 class ComputeSpec(Strict):
     gpu: str | None = Field(None, description="GPU name (A10, A100-80GB, H100...); default: cheapest that fits")
-    gpu_count: int = Field(1, gt=0, le=16, description="GPUs per machine")
+    gpu_count: int | None = Field(None, gt=0, le=16, description="GPUs per machine; default: the planner picks "
+                                                            "by dollars per run (clouds), every GPU there is "
+                                                            "(local, ssh)")
+    num_nodes: int = Field(1, gt=0, le=64, description="machines per run (SkyPilot clouds and clusters); each "
+                                                       "trains on gpu_count GPUs under torchrun")
     cloud: list[str] = Field(default_factory=list, description="clouds to consider, in order of preference")
     region: str | None = Field(None, description="restrict to one region")
     spot: bool = Field(False, description="spot/preemptible machines; training resumes from checkpoints")

@@ -257,7 +257,7 @@ def _matching_offers(recipe: Recipe, offers: list[Offer], gpu: str | None, cloud
         candidates = [o for o in candidates if o.gpu in match.names]
         if match.note:
             notes.append(match.note)
-    count = recipe.compute.gpu_count
+    count = recipe.compute.gpu_count or 1
     candidates = [o for o in candidates if o.gpu_count == count]
     if count > 1:
         notes.append(f"compute.gpu_count {count}: cloudtune trains on one GPU per machine so far, so the other "
