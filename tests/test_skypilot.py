@@ -596,6 +596,40 @@ def test_spot_runs_as_a_managed_job_and_resumes_after_preemption(tmp_path, image
                in p for p in problems), problems
 
 
+def test_an_interrupted_spot_run_keeps_its_newest_checkpoint_before_the_bucket_goes(tmp_path, image, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, interrupt_after_lines=18)
+    recipe = tiny_recipe(tmp_path, steps=40, extra="")
+    recipe.compute.spot = True
+    recipe.training.checkpoint_steps = 2
+    with pytest.raises(KeyboardInterrupt):
+        execute(recipe, SkyPilotBackend(client=cloud, plan=a10_plan(spot=True)), Recorder())
+    run = Ledger().runs(1)[0]
+    kept = Path(run["meta"]["checkpoint"])
+    assert (kept / "COMPLETE").is_file() and (kept / "state.pt").is_file(), run["meta"]
+    assert kept.name.startswith("step-") and int(kept.name[5:]) % 2 == 0
+    fetched = {c["key"].split("/")[1] for c in cloud.calls() if c["call"] == "download"}
+    assert fetched == {kept.name}  # one checkpoint, nothing else
+    calls = [c["call"] for c in cloud.calls()]
+    assert calls.index("storage_delete") > max(i for i, c in enumerate(calls) if c == "download")
+    assert not cloud.bucket(f"ct-{run['id']}").exists()
+
+
+def test_a_bucket_checkpoint_counts_only_with_its_marker(tmp_path):
+    from cloudtune.backends.skypilot import download_checkpoint
+
+    bucket = {"checkpoints/step-00000004/state.pt": b"four", "checkpoints/step-00000004/COMPLETE": b"",
+              "checkpoints/step-00000006/state.pt": b"half",  # the machine went mid-copy: no marker
+              "checkpoints/step-00000008/../../escape/COMPLETE": b"", "adapter/x": b"not a checkpoint"}
+    objects = [(key, lambda path, data=data: path.write_bytes(data)) for key, data in bucket.items()]
+    dest = tmp_path / "kept"
+    dest.mkdir()
+    kept = download_checkpoint(objects, dest)
+    assert kept == dest / "step-00000004" and (kept / "state.pt").read_bytes() == b"four"
+    assert sorted(p.name for p in dest.iterdir()) == ["step-00000004"]
+    assert download_checkpoint([objects[2]], tmp_path / "none") is None
+
+
 def test_bucket_outputs_skip_checkpoints_and_refuse_keys_outside_the_folder(tmp_path):
     """What a store lists (S3 keys, GCS blob names), fetched through the seam's download functions."""
     from cloudtune.backends.skypilot import download_outputs

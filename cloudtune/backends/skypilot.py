@@ -16,7 +16,8 @@ How the lifecycle maps onto SkyPilot (on-demand):
   pull       rsync over the SSH alias SkyPilot writes for every cluster.
   teardown   sky.down, then sky.status to verify the cluster is gone.
 Spot (`compute.spot`): one SkyPilot managed job, outputs and checkpoints on a bucket, `--resume`
-after a preemption; pull downloads the bucket's outputs (not its checkpoints) with the cloud's SDK.
+after a preemption; pull downloads the bucket's outputs (not its checkpoints) with the cloud's SDK,
+and a spot run that ends early keeps its newest complete checkpoint before the bucket is deleted.
 
 Everything that reaches SkyPilot's API server goes through `SkyClient`, the seam tests replace.
 """
@@ -572,6 +573,43 @@ def download_outputs(objects: Iterable[tuple[str, Callable[[Path], None]]], stag
     return fetched
 
 
+def download_checkpoint(objects: Iterable[tuple[str, Callable[[Path], None]]], dest: Path) -> Path | None:
+    """The newest complete checkpoint on a spot run's bucket into dest/<its name>; None when it holds none.
+
+    A folder counts only with its marker, as on a disk (cloudtune.remote.checkpoints): the bucket mount
+    uploads a checkpoint file by file, and a preempted or cancelled machine can leave one half there.
+    """
+    prefix = checkpoints.STEP_PREFIX
+    folders: dict[str, dict[str, Callable[[Path], None]]] = {}
+    for key, download in objects:
+        parts = PurePosixPath(key).parts
+        if len(parts) < 3 or parts[0] != checkpoints.CHECKPOINTS or not parts[1].startswith(prefix) \
+                or not parts[1][len(prefix):].isdigit() or ".." in parts or key.startswith("/"):
+            continue
+        folders.setdefault(parts[1], {})[PurePosixPath(*parts[2:]).as_posix()] = download
+    finished = sorted(name for name, files in folders.items() if checkpoints.COMPLETE in files)
+    if not finished:
+        return None
+    newest = finished[-1]
+    fetching = dest / f".fetching-{newest}"
+    shutil.rmtree(fetching, ignore_errors=True)
+    try:
+        for relative, download in folders[newest].items():
+            if relative == checkpoints.COMPLETE:
+                continue
+            path = fetching.joinpath(*PurePosixPath(relative).parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            download(path)
+        fetching.mkdir(parents=True, exist_ok=True)
+        folders[newest][checkpoints.COMPLETE](fetching / checkpoints.COMPLETE)  # last, as the trainer writes it
+        kept = dest / newest
+        shutil.rmtree(kept, ignore_errors=True)
+        fetching.rename(kept)
+        return kept
+    finally:
+        shutil.rmtree(fetching, ignore_errors=True)
+
+
 def launched(resources) -> dict[str, Any]:
     """What the ledger keeps about the machine SkyPilot chose (plain data, for reattaching)."""
     accelerators = resources.accelerators or {}
@@ -908,8 +946,14 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
                                  f"{str(exc)[:1000]}") from None
 
     def fetch_checkpoint(self, ctx: RunContext, dest: Path) -> Path | None:
-        if self._managed(ctx) or ctx.machine not in self.client.status([ctx.machine]):
-            return None  # a spot run resumes by itself from its bucket; a cluster that is gone holds nothing
+        if self._managed(ctx):
+            # Its bucket is deleted at teardown, checkpoints with it: the newest complete one is kept first.
+            if not ctx.state.bucket:
+                return None
+            dest.mkdir(parents=True, exist_ok=True)
+            return download_checkpoint(self.client.bucket_objects(ctx.state.bucket), dest)
+        if ctx.machine not in self.client.status([ctx.machine]):
+            return None  # a cluster that is gone holds nothing
         fetched = dest / ".fetching"
         shutil.rmtree(fetched, ignore_errors=True)
         (fetched / checkpoints.CHECKPOINTS).mkdir(parents=True)
