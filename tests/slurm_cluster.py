@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .processes import stop_process
+
 NODE_USER = "cloudtune-slurm"
 SLURM_NAME = "ctslurm"  # Slurm's ClusterName and the Host in ~/.slurm/config: SkyPilot's region
 PACKAGES = ("munged", "mungekey", "slurmctld", "slurmd", "sinfo", "squeue", "scancel", "patchelf", "rsync")
@@ -333,12 +335,7 @@ LogLevel ERROR
             process = self.daemons.get(name)
             if process is None:
                 continue
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, grace_seconds=15)
         if self._lock is not None:
             self._lock.close()
 

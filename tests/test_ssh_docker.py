@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from cloudtune.cli import cli
 from cloudtune.ledger import Ledger
 
+from .processes import stop_process
 from .test_ssh import SECRET_NAME, SECRET_VALUE, Watcher, assert_secret_in_no_file, ssh_recipe, start_cli, wait_for_log
 
 # Packages the CPU training never imports (the GPU compiler stack), left out to keep the image small.
@@ -68,11 +69,7 @@ def docker_engine(tmp_path_factory):
             pytest.fail(f"dockerd did not start:\n{(folder / 'dockerd.log').read_text()[-3000:]}")
         time.sleep(0.5)
     yield
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_process(process, grace_seconds=30)
     log.close()
 
 
