@@ -226,18 +226,24 @@ def cost_table(plan, top: int, width: int) -> Table:
 
 
 def _cost_table(plan, top: int, wide: bool) -> Table:
+    """GPU is the run's: per machine, and `2×` in front for two machines; `needs` is per GPU."""
     spot = any(e.spot for e in plan.estimates)
+    shown = plan.estimates[:top]
+    several = any(e.world_size > 1 for e in shown)
     columns = [whole("GPU"), whole("cloud")] + ([whole("region"), whole("instance")] if wide else [])
+    columns += [whole("split")] if wide and several else []
     table = grid(*columns, figure("spot $/h" if spot else "$/h"), figure("time"), figure("$ per run"),
                  figure("needs"), whole("fits"))
     chosen = plan.chosen
-    for estimate in plan.estimates[:top]:
+    for estimate in shown:
         offer = estimate.offer
         adjusted = estimate.gradient_checkpointing or estimate.micro_batch_size != plan.micro_batch_size
         fits = ("[green]yes[/]" + ("*" if adjusted else "")) if estimate.fits else "[red]no[/]"
         style = "bold green" if estimate is chosen else ("dim" if not estimate.fits else None)
         where = [escape(offer.region), escape(offer.instance_type)] if wide else []
-        table.add_row(units.gpus(offer.gpu, offer.gpu_count), offer.cloud, *where,
+        if wide and several:
+            where.append(estimate.parallelism if estimate.world_size > 1 else "-")
+        table.add_row(estimate.label, offer.cloud, *where,
                       units.money(estimate.price_per_hour), units.hours_range(estimate.hours_low, estimate.hours_high),
                       units.money_range(estimate.cost_low, estimate.cost_high), units.gib(estimate.needs_gib), fits,
                       style=style)
@@ -252,7 +258,7 @@ def cost_footer(console: Console, plan, top: int) -> None:
     chosen = plan.chosen
     if chosen:
         offer = chosen.offer
-        console.print(f"[bold green]cheapest that fits:[/] {units.gpus(offer.gpu, offer.gpu_count)} on "
+        console.print(f"[bold green]cheapest that fits:[/] {chosen.label} on "
                       f"{escape(offer_where(offer))}: {units.money_range(chosen.cost_low, chosen.cost_high)} for "
                       "the whole run")
         console.print(indented(chosen.why))
@@ -323,7 +329,8 @@ def _launch_order_table(shown: dict, wide: bool) -> Table:
     for i, estimate in enumerate(rows, start=1):
         offer = estimate["offer"]
         where = [escape(offer["region"]), escape(offer["instance_type"])] if wide else []
-        table.add_row(str(i), units.gpus(offer["gpu"], offer["gpu_count"]), offer["cloud"], *where,
+        table.add_row(str(i), units.machines(offer["gpu"], offer["gpu_count"], estimate.get("nodes", 1)),
+                      offer["cloud"], *where,
                       units.money(estimate["price_per_hour"]),
                       units.hours_range(estimate["hours_low"], estimate["hours_high"]),
                       units.money_range(estimate["cost_low"], estimate["cost_high"]),

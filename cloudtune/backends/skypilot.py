@@ -636,7 +636,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         check_budget(plan, recipe.compute.max_cost)
         offer = chosen.offer
         where = " ".join(filter(None, (offer.cloud, offer.region, offer.instance_type and f"({offer.instance_type})")))
-        summary = (f"{offer.gpu}×{offer.gpu_count} on {where} at "
+        summary = (f"{chosen.label} on {where} at "
                    f"${chosen.price_per_hour:.2f}/h{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–"
                    f"{chosen.hours_high:.2f} h, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} "
                    f"(prices of {plan.snapshot_date})")
