@@ -20,6 +20,7 @@ from rich.text import Text
 
 from . import units
 from .events import Events
+from .receipt import scale, scale_rows
 
 STATUS_COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
 
@@ -99,8 +100,8 @@ def widest_that_fits(width: int, *tables: Table) -> Table:
         probe = Console(width=width, file=io.StringIO(), record=True, color_system=None, emoji=False)
         probe.print(table)
         shown = probe.export_text()
-        cells = [Text.from_markup(str(cell)).plain for column in table.columns if column.no_wrap
-                 for cell in [column.header, *column.cells]]
+        cells = [line for column in table.columns if column.no_wrap for cell in [column.header, *column.cells]
+                 for line in Text.from_markup(str(cell)).plain.split("\n")]  # a cell's lines are shown apart
         words = [word for column in table.columns if not column.no_wrap
                  for cell in [column.header, *column.cells] for word in Text.from_markup(str(cell)).plain.split()]
         if all(piece in shown for piece in cells + words):
@@ -133,7 +134,7 @@ def receipt(console: Console, made: dict) -> None:
             ("wall time", units.duration(made.get("wall_seconds"))),
             ("train time", units.duration(made.get("train_seconds"))),
             ("tokens trained", f"{units.count(made.get('tokens', 0))} over {made.get('steps')} steps"),
-            ("tokens/s", units.count(round(made.get("tokens_per_s", 0)))),
+            *scale_rows(made),
             ("final loss", f"{made.get('final_loss', float('nan')):.4f}")]
     if made.get("eval"):
         rows.append(("eval loss", eval_summary(made["eval"], made.get("steps"))))
@@ -184,27 +185,45 @@ def eval_summary(evaluation: dict, steps: int | None) -> str:
 
 
 def runs_table(runs: list[dict], width: int) -> Table:
-    """`cloudtune status`: the run id whole in every width; backend, tokens and estimates when wide."""
-    return widest_that_fits(width, _runs_table(runs, wide=True), _runs_table(runs, wide=False))
+    """`cloudtune status`: the run id whole in every width, and its GPUs and tokens/s; backend, tokens
+    and estimates when wide."""
+    return widest_that_fits(width, *(_runs_table(runs, level) for level in (2, 1, 0)))
 
 
-def _runs_table(runs: list[dict], wide: bool) -> Table:
-    """Narrow: the name goes under the run id, so that both stay whole."""
-    columns = [whole("run"), text("name"), text("backend")] if wide else [whole("run / name")]
-    columns += [text("status"), whole("started")]
-    columns += [figure("wall"), figure("tokens"), figure("est. $")] if wide else []
+def _runs_table(runs: list[dict], level: int) -> Table:
+    """Level 0: the name goes under the run id, so that both stay whole; 1 adds a column for the name,
+    wall time and tokens; 2 the backend and the estimate."""
+    columns = [whole("run"), text("name")] if level else [whole("run / name")]
+    columns += [text("backend")] if level > 1 else []
+    columns += [text("status"), whole("started"), figure("GPUs"), figure("tok/s")]
+    columns += [figure("wall"), figure("tokens")] if level else []
+    columns += [figure("est. $")] if level > 1 else []
     table = grid(*columns, figure("$"))
     for run in runs:
         colour = STATUS_COLOURS.get(run["status"], "cyan")
         status = run["status"] + (" (its CLI is gone)" if run.get("launcher_alive") is False else "")
         name = escape(run["name"])
-        cells = [run["id"], name, run["backend"]] if wide else [f"{run['id']}\n[dim]{name}[/]"]
-        cells += [f"[{colour}]{status}[/]", time.strftime("%m-%d %H:%M", time.localtime(run["created_at"]))]
-        if wide:
-            cells += [units.duration(run.get("wall_seconds")), units.count(run.get("tokens")),
-                      units.money_range(run.get("est_cost_low"), run.get("est_cost_high"))]
+        cells = [run["id"], name] if level else [f"{run['id']}\n[dim]{name}[/]"]
+        cells += [run["backend"]] if level > 1 else []
+        cells += [f"[{colour}]{status}[/]", time.strftime("%m-%d %H:%M", time.localtime(run["created_at"])),
+                  *_run_scale(run)]
+        if level:
+            cells += [units.duration(run.get("wall_seconds")), units.count(run.get("tokens"))]
+        if level > 1:
+            cells += [units.money_range(run.get("est_cost_low"), run.get("est_cost_high"))]
         table.add_row(*cells, units.money(run.get("actual_cost")))
     return table
+
+
+def _run_scale(run: dict) -> list[str]:
+    """The GPUs and tokens/s cells of a ledger row; '-' until the run has reported them."""
+    trained = scale(run.get("meta") or {})
+    if trained["tokens_per_s"] is None:
+        return ["-", "-"]
+    speed = units.si(trained["tokens_per_s"])
+    if trained["world_size"] > 1:
+        speed += f"\n[dim]{units.si(trained['tokens_per_s_per_gpu'])}/GPU[/]"
+    return [units.world(trained["world_size"], trained["nodes"]), speed]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ def percent(share: float) -> str:
     return f"{share * 100:.0f} %"
 
 
+def percent_range(low: float, high: float) -> str:
+    """78–90 %: one unit for the range, so that it never wraps between a figure and its sign."""
+    return span(low * 100, high * 100, lambda value: f"{value:.0f}") + " %"
+
+
 def si(value: float) -> str:
     """287.3k, 1.2M: a count to read at a glance (exact counts use `count`)."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from ..datasets import DatasetReport
 from ..errors import CloudtuneError
 from ..recipe import OWN_CLUSTERS, Recipe
-from ..units import gib, gpus, hours_range, machines, money, money_range, percent, si, tokens_per_second
+from ..units import gib, gpus, hours_range, machines, money, money_range, percent_range, si, tokens_per_second
 from .calibration import Scaling, scaling_efficiency
 from .flops import StepConditions
 from .gpus import SPECS, match_gpus, usable_gib
@@ -206,7 +206,7 @@ def _sharing(parallelism: str, world: int, scaling: Scaling) -> str:
     """How several GPUs share the run, for `why`; nothing for one GPU."""
     if world <= 1:
         return ""
-    return (f" on {world} GPUs by {parallelism} at {percent(scaling.low)}–{percent(scaling.high)} of one GPU's "
+    return (f" on {world} GPUs by {parallelism} at {percent_range(scaling.low, scaling.high)} of one GPU's "
             f"speed each ({scaling.source})")
 
 
