@@ -187,27 +187,29 @@ def eval_summary(evaluation: dict, steps: int | None) -> str:
 def runs_table(runs: list[dict], width: int) -> Table:
     """`cloudtune status`: the run id whole in every width, and its GPUs and tokens/s; backend, tokens
     and estimates when wide."""
-    return widest_that_fits(width, *(_runs_table(runs, level) for level in (2, 1, 0)))
+    return widest_that_fits(width, *(_runs_table(runs, level) for level in (2, 1, 0, -1)))
 
 
 def _runs_table(runs: list[dict], level: int) -> Table:
-    """Level 0: the name goes under the run id, so that both stay whole; 1 adds a column for the name,
-    wall time and tokens; 2 the backend and the estimate."""
-    columns = [whole("run"), text("name")] if level else [whole("run / name")]
+    """Level 0: the name goes under the run id, so that both stay whole, with the GPUs and tokens/s;
+    1 adds a column for the name, wall time and tokens; 2 the backend and the estimate. -1, for names
+    too long for anything else: no GPUs and tokens/s (`status --json` has them)."""
+    columns = [whole("run"), text("name")] if level > 0 else [whole("run / name")]
     columns += [text("backend")] if level > 1 else []
-    columns += [text("status"), whole("started"), figure("GPUs"), figure("tok/s")]
-    columns += [figure("wall"), figure("tokens")] if level else []
+    columns += [text("status"), whole("started")]
+    columns += [figure("GPUs"), figure("tok/s")] if level >= 0 else []
+    columns += [figure("wall"), figure("tokens")] if level > 0 else []
     columns += [figure("est. $")] if level > 1 else []
     table = grid(*columns, figure("$"))
     for run in runs:
         colour = STATUS_COLOURS.get(run["status"], "cyan")
         status = run["status"] + (" (its CLI is gone)" if run.get("launcher_alive") is False else "")
         name = escape(run["name"])
-        cells = [run["id"], name] if level else [f"{run['id']}\n[dim]{name}[/]"]
+        cells = [run["id"], name] if level > 0 else [f"{run['id']}\n[dim]{name}[/]"]
         cells += [run["backend"]] if level > 1 else []
-        cells += [f"[{colour}]{status}[/]", time.strftime("%m-%d %H:%M", time.localtime(run["created_at"])),
-                  *_run_scale(run)]
-        if level:
+        cells += [f"[{colour}]{status}[/]", time.strftime("%m-%d %H:%M", time.localtime(run["created_at"]))]
+        cells += _run_scale(run) if level >= 0 else []
+        if level > 0:
             cells += [units.duration(run.get("wall_seconds")), units.count(run.get("tokens"))]
         if level > 1:
             cells += [units.money_range(run.get("est_cost_low"), run.get("est_cost_high"))]

@@ -233,3 +233,11 @@ def test_own_clusters_plan_one_gpu_unless_asked(tmp_path):
     assert {e.world_size for e in plan.estimates} == {1}
     recipe = load_recipe(recipe_file(tmp_path, method="qlora", compute={"gpu_count": 4}))
     assert [e.world_size for e in make_plan(recipe, inspect_dataset(recipe), offers=own).estimates] == [4]
+
+
+def test_clouds_where_skypilot_has_no_multi_node_are_left_out_of_a_run_on_several_machines():
+    offers = [H100[2], Offer("runpod", "US", "8x_H100_SECURE", "H100", 8, 80, 21.5, None, "H100")]
+    lacking = {"runpod": {"on-demand": {"MULTI_NODE": "Multi-node not supported yet."}}}
+    assert planner.runnable_offers(offers, lacking, False, 1) == (offers, {})
+    kept, left_out = planner.runnable_offers(offers, lacking, False, 2)
+    assert kept == [H100[2]] and "multi_node (Multi-node not supported yet)" in left_out["runpod"]

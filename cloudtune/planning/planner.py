@@ -3,9 +3,10 @@ whole run would cost there; fitting offers first, cheapest first.
 
 make_plan filters the offers (GPU, count, spot, clouds), quotes each one (`estimate_offer`: how its
 GPUs share the work, memory fit and micro-batch, work, throughput, overheads, dollars) and ranks
-them by dollars per run. A machine's every GPU trains (torchrun), on compute.num_nodes machines. `cloudtune cost` shows
-the plan, `cloudtune run` picks from it and the SkyPilot backend turns the fitting offers into its
-accelerator alternatives. Every figure is a low–high range rather than a false point.
+them by dollars per run. Every GPU of a machine trains (torchrun), on compute.num_nodes machines.
+`cloudtune cost` shows the plan, `cloudtune run` picks from it and the SkyPilot backend turns the
+fitting offers into its accelerator alternatives. Every figure is a low–high range rather than a
+false point.
 """
 from __future__ import annotations
 
@@ -233,7 +234,7 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     spot = recipe.compute.spot if spot is None else spot
     notes: list[str] = []
     offers, snapshot, catalog_info = _read_offers(recipe, clouds, offers, notes)
-    offers, left_out = runnable_offers(offers, catalog_info.get("unsupported", {}), spot)
+    offers, left_out = runnable_offers(offers, catalog_info.get("unsupported", {}), spot, recipe.compute.num_nodes)
     notes += [f"{cloud} left out: {why}" for cloud, why in left_out.items()]
     candidates = _matching_offers(recipe, offers, gpu, clouds, spot, notes)
     report = _priced_report(recipe, report, notes)
@@ -301,19 +302,21 @@ def speed_note(fitting: list[Estimate]) -> str | None:
 
 # What a plan asks of SkyPilot on a cloud (sky.clouds.CloudImplementationFeatures names): every run
 # trains in compute.image; a cluster tears itself down when idle; a spot run is a managed job on spot
-# machines with its outputs on a mounted bucket.
+# machines with its outputs on a mounted bucket; a run on several machines needs them as one cluster.
 NEEDED_FEATURES = {False: ("DOCKER_IMAGE", "AUTODOWN"), True: ("DOCKER_IMAGE", "SPOT_INSTANCE", "STORAGE_MOUNTING")}
+SEVERAL_MACHINES = "MULTI_NODE"
 
 
-def runnable_offers(offers: list[Offer], unsupported: dict[str, dict[str, dict[str, str]]], spot: bool
-                    ) -> tuple[list[Offer], dict[str, str]]:
+def runnable_offers(offers: list[Offer], unsupported: dict[str, dict[str, dict[str, str]]], spot: bool,
+                    nodes: int = 1) -> tuple[list[Offer], dict[str, str]]:
     """The offers on clouds where SkyPilot can do all the plan needs, and why each other cloud is left
     out: one offer SkyPilot cannot run would fail the whole launch, not just fall through."""
     kind = "spot" if spot else "on-demand"
+    needed = NEEDED_FEATURES[spot] + ((SEVERAL_MACHINES,) if nodes > 1 else ())
     left_out: dict[str, str] = {}
     for cloud in sorted({o.cloud for o in offers}):
         missing = unsupported.get(cloud, {}).get(kind, {})
-        lacking = [f"{name.lower()} ({missing[name].rstrip('.')})" for name in NEEDED_FEATURES[spot] if name in missing]
+        lacking = [f"{name.lower()} ({missing[name].rstrip('.')})" for name in needed if name in missing]
         if lacking:
             left_out[cloud] = f"SkyPilot cannot do {'; '.join(lacking)} there"
     runnable = [o for o in offers if o.cloud not in left_out]
