@@ -241,3 +241,16 @@ def test_clouds_where_skypilot_has_no_multi_node_are_left_out_of_a_run_on_severa
     assert planner.runnable_offers(offers, lacking, False, 1) == (offers, {})
     kept, left_out = planner.runnable_offers(offers, lacking, False, 2)
     assert kept == [H100[2]] and "multi_node (Multi-node not supported yet)" in left_out["runpod"]
+
+
+def test_the_fastest_offer_is_weighed_against_the_cheapest():
+    cheap = planner.Estimate(offer=H100[0], spot=False, fits=True, peak_gib=60, micro_batch_size=4,
+                             gradient_checkpointing=False, tokens=10**8, tokens_per_s_low=1, tokens_per_s_high=1,
+                             hours_low=3.8, hours_high=4.2, cost_low=9.8, cost_high=10.2)
+    fast = replace(cheap, offer=H100[2], hours_low=0.9, hours_high=1.1, cost_low=11.0, cost_high=11.4)
+    assert planner.speed_note([cheap, fast]) == \
+        "fastest: H100×8 on lambda, 54m–1h06m: 4.0× faster than the cheapest (H100×1), +12 % dollars"
+    assert planner.speed_note([cheap, replace(fast, hours_low=3.6, hours_high=3.9)]) is None  # not worth a line
+    assert planner.speed_note([fast]) is None
+    free = [replace(e, cost_low=0.0, cost_high=0.0) for e in (cheap, fast)]
+    assert planner.speed_note(free).endswith("(H100×1), the same dollars")
