@@ -87,7 +87,7 @@ def test_lora_fits_one_gpu_and_one_gpu_wins_on_dollars(tmp_path):
     eight = plan.estimates[-1]
     assert eight.tokens_per_s_high == pytest.approx(8 * eight.scaling_high * chosen.tokens_per_s_high, rel=0.01)
     note = next(n for n in plan.notes if n.startswith("fastest: H100×8 on lambda"))
-    assert re.search(r": \d\.\d× faster than the cheapest \(H100×1\), \d\.\d× the dollars$", note), note
+    assert re.search(r": \d\.\d× faster than the cheapest \(H100×1 on lambda\), \d\.\d× the dollars$", note), note
     assert any("scaling assumed, not measured" in n for n in plan.notes)
     assert not any("one GPU per machine" in n for n in plan.notes)
 
@@ -248,9 +248,9 @@ def test_the_fastest_offer_is_weighed_against_the_cheapest():
                              gradient_checkpointing=False, tokens=10**8, tokens_per_s_low=1, tokens_per_s_high=1,
                              hours_low=3.8, hours_high=4.2, cost_low=9.8, cost_high=10.2)
     fast = replace(cheap, offer=H100[2], hours_low=0.9, hours_high=1.1, cost_low=11.0, cost_high=11.4)
-    assert planner.speed_note([cheap, fast]) == \
-        "fastest: H100×8 on lambda, 54m–1h06m: 4.0× faster than the cheapest (H100×1), +12 % dollars"
+    assert planner.speed_note([cheap, fast]) == ("fastest: H100×8 on lambda, 54m–1h06m: 4.0× faster than the "
+                                                 "cheapest (H100×1 on lambda), +12 % dollars")
     assert planner.speed_note([cheap, replace(fast, hours_low=3.6, hours_high=3.9)]) is None  # not worth a line
     assert planner.speed_note([fast]) is None
     free = [replace(e, cost_low=0.0, cost_high=0.0) for e in (cheap, fast)]
-    assert planner.speed_note(free).endswith("(H100×1), the same dollars")
+    assert planner.speed_note(free).endswith("(H100×1 on lambda), the same dollars")

@@ -278,8 +278,9 @@ NOTABLY_FASTER = 1.1  # below, provisioning and setup dominate: more GPUs buy no
 
 
 def speed_note(fitting: list[Estimate]) -> str | None:
-    """'H100×8: 4.1× faster than the cheapest (A100-80GB×1), +12 % dollars': the fastest fitting offer
-    against the cheapest, at the middle of each range; None when the cheapest is also the fastest."""
+    """'fastest: H100×8 on lambda, 1h: 4.1× faster than the cheapest (A100-80GB×1 on runpod), +12 % dollars':
+    the fastest fitting offer against the cheapest, at the middle of each range; None when the cheapest
+    is also the fastest, or not notably slower."""
     if len(fitting) < 2:
         return None
     cheapest = fitting[0]
@@ -297,7 +298,7 @@ def speed_note(fitting: list[Estimate]) -> str | None:
     else:
         more = f"{money((paid - cheap) / 2)} more" if paid > cheap else "the same dollars"
     return (f"fastest: {fastest.label} on {fastest.offer.cloud}, {hours_range(fastest.hours_low, fastest.hours_high)}: "
-            f"{faster:.1f}× faster than the cheapest ({cheapest.label}), {more}")
+            f"{faster:.1f}× faster than the cheapest ({cheapest.label} on {cheapest.offer.cloud}), {more}")
 
 
 # What a plan asks of SkyPilot on a cloud (sky.clouds.CloudImplementationFeatures names): every run
