@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from . import manifest, receipt, report, units
 from .backends import registry
 from .backends.base import BUNDLE_FILE, Backend, Bundle, Quote, RunContext, build_bundle
-from .backends.capabilities import DryRuns, KeepsCheckpoints, ListsMachines
+from .backends.capabilities import DryRuns, KeepsCheckpoints, ListsMachines, check_machines
 from .datasets import DatasetReport, inspect_dataset
 from .errors import CloudtuneError, PullFailed, RunFailed, TeardownIncomplete
 from .events import Events
@@ -107,6 +107,7 @@ def context_for(backend: Backend, machine: Machine, recipe: Recipe | None = None
 def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport | None = None,
          continues: Continuation | None = None) -> tuple[Quote, DatasetReport]:
     """Read and count the data, then let the backend say where the run goes and what it costs."""
+    check_machines(backend, recipe)
     report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
     events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens per epoch ({report.format})")
     quote = backend.quote(recipe, report)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from . import units
 from .planning.budget import PriceFields
 from .units import with_units
 
@@ -56,6 +57,31 @@ def read_receipt(output_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def scale(made: dict[str, Any]) -> dict[str, Any]:
+    """How many GPUs a run trained on and how fast, in total and per GPU, from its run.json (or a receipt,
+    or a ledger row's meta, which keep the same names). A run.json without them trained on one GPU."""
+    world = made.get("world_size") or 1
+    total = made.get("tokens_per_s")
+    per_gpu = made.get("tokens_per_s_per_gpu")
+    if per_gpu is None and total is not None:
+        per_gpu = total / world
+    return {"world_size": world, "nodes": made.get("nodes") or 1, "parallelism": made.get("parallelism"),
+            "tokens_per_s": total, "tokens_per_s_per_gpu": per_gpu}
+
+
+def scale_rows(made: dict[str, Any]) -> list[tuple[str, str]]:
+    """The receipt's and the report's lines for it: world size (GPUs, machines, how they shared the work)
+    and tokens/s, in total and per GPU."""
+    run = scale(made)
+    world = units.world(run["world_size"], run["nodes"])
+    if run["world_size"] > 1 and run["parallelism"]:
+        world += f", {run['parallelism']}"
+    speed = units.count(round(run["tokens_per_s"] or 0))
+    if run["world_size"] > 1:
+        speed += f" total, {units.count(round(run['tokens_per_s_per_gpu'] or 0))} per GPU"
+    return [("world size", world), ("tokens/s", speed)]
+
+
 def ledger_columns(made: dict[str, Any]) -> dict[str, Any]:
     """What the ledger keeps of a receipt, beside the estimate it was given at the start."""
     columns = {"tokens": made.get("tokens"), "train_seconds": made.get("train_seconds"), "gpu": made.get("device"),
@@ -63,9 +89,11 @@ def ledger_columns(made: dict[str, Any]) -> dict[str, Any]:
     if made.get("actual_cost") is not None:
         columns["actual_cost"] = made["actual_cost"]
     kept = {key: value for key, value in columns.items() if value is not None}
+    meta = {key: value for key, value in scale(made).items() if value is not None}  # for `status`
     evaluation = made.get("eval")
-    if evaluation and evaluation.get("best_loss") is not None:  # for `status`; runs without eval have none
-        kept["meta"] = {"eval_loss": evaluation["best_loss"], "eval_step": evaluation["best_step"]}
+    if evaluation and evaluation.get("best_loss") is not None:  # runs without eval have none
+        meta |= {"eval_loss": evaluation["best_loss"], "eval_step": evaluation["best_step"]}
+    kept["meta"] = meta
     return kept
 
 

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from . import units
 from .events import Events
+from .receipt import scale, scale_rows
 
 STATUS_COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
 
@@ -99,8 +100,8 @@ def widest_that_fits(width: int, *tables: Table) -> Table:
         probe = Console(width=width, file=io.StringIO(), record=True, color_system=None, emoji=False)
         probe.print(table)
         shown = probe.export_text()
-        cells = [Text.from_markup(str(cell)).plain for column in table.columns if column.no_wrap
-                 for cell in [column.header, *column.cells]]
+        cells = [line for column in table.columns if column.no_wrap for cell in [column.header, *column.cells]
+                 for line in Text.from_markup(str(cell)).plain.split("\n")]  # a cell's lines are shown apart
         words = [word for column in table.columns if not column.no_wrap
                  for cell in [column.header, *column.cells] for word in Text.from_markup(str(cell)).plain.split()]
         if all(piece in shown for piece in cells + words):
@@ -133,7 +134,7 @@ def receipt(console: Console, made: dict) -> None:
             ("wall time", units.duration(made.get("wall_seconds"))),
             ("train time", units.duration(made.get("train_seconds"))),
             ("tokens trained", f"{units.count(made.get('tokens', 0))} over {made.get('steps')} steps"),
-            ("tokens/s", units.count(round(made.get("tokens_per_s", 0)))),
+            *scale_rows(made),
             ("final loss", f"{made.get('final_loss', float('nan')):.4f}")]
     if made.get("eval"):
         rows.append(("eval loss", eval_summary(made["eval"], made.get("steps"))))
@@ -184,27 +185,47 @@ def eval_summary(evaluation: dict, steps: int | None) -> str:
 
 
 def runs_table(runs: list[dict], width: int) -> Table:
-    """`cloudtune status`: the run id whole in every width; backend, tokens and estimates when wide."""
-    return widest_that_fits(width, _runs_table(runs, wide=True), _runs_table(runs, wide=False))
+    """`cloudtune status`: the run id whole in every width, and its GPUs and tokens/s; backend, tokens
+    and estimates when wide."""
+    return widest_that_fits(width, *(_runs_table(runs, level) for level in (2, 1, 0, -1)))
 
 
-def _runs_table(runs: list[dict], wide: bool) -> Table:
-    """Narrow: the name goes under the run id, so that both stay whole."""
-    columns = [whole("run"), text("name"), text("backend")] if wide else [whole("run / name")]
+def _runs_table(runs: list[dict], level: int) -> Table:
+    """Level 0: the name goes under the run id, so that both stay whole, with the GPUs and tokens/s;
+    1 adds a column for the name, wall time and tokens; 2 the backend and the estimate. -1, for names
+    too long for anything else: no GPUs and tokens/s (`status --json` has them)."""
+    columns = [whole("run"), text("name")] if level > 0 else [whole("run / name")]
+    columns += [text("backend")] if level > 1 else []
     columns += [text("status"), whole("started")]
-    columns += [figure("wall"), figure("tokens"), figure("est. $")] if wide else []
+    columns += [figure("GPUs"), figure("tok/s")] if level >= 0 else []
+    columns += [figure("wall"), figure("tokens")] if level > 0 else []
+    columns += [figure("est. $")] if level > 1 else []
     table = grid(*columns, figure("$"))
     for run in runs:
         colour = STATUS_COLOURS.get(run["status"], "cyan")
         status = run["status"] + (" (its CLI is gone)" if run.get("launcher_alive") is False else "")
         name = escape(run["name"])
-        cells = [run["id"], name, run["backend"]] if wide else [f"{run['id']}\n[dim]{name}[/]"]
+        cells = [run["id"], name] if level > 0 else [f"{run['id']}\n[dim]{name}[/]"]
+        cells += [run["backend"]] if level > 1 else []
         cells += [f"[{colour}]{status}[/]", time.strftime("%m-%d %H:%M", time.localtime(run["created_at"]))]
-        if wide:
-            cells += [units.duration(run.get("wall_seconds")), units.count(run.get("tokens")),
-                      units.money_range(run.get("est_cost_low"), run.get("est_cost_high"))]
+        cells += _run_scale(run) if level >= 0 else []
+        if level > 0:
+            cells += [units.duration(run.get("wall_seconds")), units.count(run.get("tokens"))]
+        if level > 1:
+            cells += [units.money_range(run.get("est_cost_low"), run.get("est_cost_high"))]
         table.add_row(*cells, units.money(run.get("actual_cost")))
     return table
+
+
+def _run_scale(run: dict) -> list[str]:
+    """The GPUs and tokens/s cells of a ledger row; '-' until the run has reported them."""
+    trained = scale(run.get("meta") or {})
+    if trained["tokens_per_s"] is None:
+        return ["-", "-"]
+    speed = units.si(trained["tokens_per_s"])
+    if trained["world_size"] > 1:
+        speed += f"\n[dim]{units.si(trained['tokens_per_s_per_gpu'])}/GPU[/]"
+    return [units.world(trained["world_size"], trained["nodes"]), speed]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,18 +247,24 @@ def cost_table(plan, top: int, width: int) -> Table:
 
 
 def _cost_table(plan, top: int, wide: bool) -> Table:
+    """GPU is the run's: per machine, and `2×` in front for two machines; `needs` is per GPU."""
     spot = any(e.spot for e in plan.estimates)
+    shown = plan.estimates[:top]
+    several = any(e.world_size > 1 for e in shown)
     columns = [whole("GPU"), whole("cloud")] + ([whole("region"), whole("instance")] if wide else [])
+    columns += [whole("split")] if wide and several else []
     table = grid(*columns, figure("spot $/h" if spot else "$/h"), figure("time"), figure("$ per run"),
                  figure("needs"), whole("fits"))
     chosen = plan.chosen
-    for estimate in plan.estimates[:top]:
+    for estimate in shown:
         offer = estimate.offer
         adjusted = estimate.gradient_checkpointing or estimate.micro_batch_size != plan.micro_batch_size
         fits = ("[green]yes[/]" + ("*" if adjusted else "")) if estimate.fits else "[red]no[/]"
         style = "bold green" if estimate is chosen else ("dim" if not estimate.fits else None)
         where = [escape(offer.region), escape(offer.instance_type)] if wide else []
-        table.add_row(units.gpus(offer.gpu, offer.gpu_count), offer.cloud, *where,
+        if wide and several:
+            where.append(estimate.parallelism if estimate.world_size > 1 else "-")
+        table.add_row(estimate.label, offer.cloud, *where,
                       units.money(estimate.price_per_hour), units.hours_range(estimate.hours_low, estimate.hours_high),
                       units.money_range(estimate.cost_low, estimate.cost_high), units.gib(estimate.needs_gib), fits,
                       style=style)
@@ -252,7 +279,7 @@ def cost_footer(console: Console, plan, top: int) -> None:
     chosen = plan.chosen
     if chosen:
         offer = chosen.offer
-        console.print(f"[bold green]cheapest that fits:[/] {units.gpus(offer.gpu, offer.gpu_count)} on "
+        console.print(f"[bold green]cheapest that fits:[/] {chosen.label} on "
                       f"{escape(offer_where(offer))}: {units.money_range(chosen.cost_low, chosen.cost_high)} for "
                       "the whole run")
         console.print(indented(chosen.why))
@@ -323,7 +350,8 @@ def _launch_order_table(shown: dict, wide: bool) -> Table:
     for i, estimate in enumerate(rows, start=1):
         offer = estimate["offer"]
         where = [escape(offer["region"]), escape(offer["instance_type"])] if wide else []
-        table.add_row(str(i), units.gpus(offer["gpu"], offer["gpu_count"]), offer["cloud"], *where,
+        table.add_row(str(i), units.machines(offer["gpu"], offer["gpu_count"], estimate.get("nodes", 1)),
+                      offer["cloud"], *where,
                       units.money(estimate["price_per_hour"]),
                       units.hours_range(estimate["hours_low"], estimate["hours_high"]),
                       units.money_range(estimate["cost_low"], estimate["cost_high"]),

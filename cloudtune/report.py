@@ -168,6 +168,8 @@ def render_html(output_dir: Path, receipt: dict[str, Any], rows: list[dict[str, 
 
 
 def receipt_rows(receipt: dict[str, Any], rows: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    from .receipt import scale_rows
+
     evaluation = receipt.get("eval") or {}
     return [
         ("model", f"{receipt.get('model')} ({receipt.get('method')})"),
@@ -175,7 +177,7 @@ def receipt_rows(receipt: dict[str, Any], rows: list[dict[str, Any]]) -> list[tu
         ("backend", receipt.get("backend") and f"{receipt['backend']} ({receipt.get('machine')})"),
         ("steps", f"{receipt.get('steps')} ({receipt.get('epochs')} epochs)"),
         ("tokens trained", f"{receipt.get('tokens', 0):,}"),
-        ("tokens/s", f"{receipt.get('tokens_per_s', 0):,.0f}"),
+        *scale_rows(receipt),
         ("final training loss", _number(receipt.get("final_loss"))),
         ("best eval loss", evaluation.get("best_loss") is not None
          and f"{evaluation['best_loss']:.4f} at step {evaluation['best_step']} "

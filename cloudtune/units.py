@@ -65,6 +65,28 @@ def gpus(name: str, count: int) -> str:
     return f"{name}{TIMES}{count}"
 
 
+def machines(name: str, count: int, nodes: int = 1) -> str:
+    """A run's GPUs: A10G×1, H100×8 on one machine; 2×H100×8 on two machines of eight each."""
+    return gpus(name, count) if nodes <= 1 else f"{nodes}{TIMES}{gpus(name, count)}"
+
+
+def world(world_size: int | None, nodes: int | None = 1) -> str:
+    """How many GPUs a run trained on: 1, 8, 16 (2×8)."""
+    if not world_size:
+        return "1"
+    nodes = nodes or 1
+    return str(world_size) if nodes <= 1 else f"{world_size} ({nodes}{TIMES}{world_size // nodes})"
+
+
+def percent(share: float) -> str:
+    return f"{share * 100:.0f} %"
+
+
+def percent_range(low: float, high: float) -> str:
+    """78–90 %: one unit for the range, so that it never wraps between a figure and its sign."""
+    return span(low * 100, high * 100, lambda value: f"{value:.0f}") + " %"
+
+
 def si(value: float) -> str:
     """287.3k, 1.2M: a count to read at a glance (exact counts use `count`)."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):

@@ -167,9 +167,13 @@ def test_gpu_and_count_narrow_the_offers(tmp_path):
     recipe.compute.gpu_count = 2
     plan = make_plan(recipe, inspect_dataset(recipe), offers=OFFERS)
     assert [e.offer.instance_type for e in plan.estimates] == ["gpu_2x_h100_sxm5"]
-    assert any("the other 1 are paid for and idle" in note for note in plan.notes)
+    assert not any("one GPU per machine" in note for note in plan.notes)
     single = next(e for e in plan_for(path, gpu="H100")[1].estimates if e.offer.gpu_count == 1)
-    assert plan.estimates[0].tokens_per_s_high == single.tokens_per_s_high  # the second GPU buys no speed
+    two = plan.estimates[0]
+    assert two.world_size == 2 and two.parallelism == "ddp"  # QLoRA of 7B fits one H100: replicas
+    # the second GPU trains too, at the assumed DDP scaling
+    assert two.tokens_per_s_high == pytest.approx(2 * two.scaling_high * single.tokens_per_s_high, rel=0.01)
+    assert not two.scaling_measured and any("scaling assumed, not measured" in note for note in plan.notes)
     with pytest.raises(CloudtuneError, match="no offer"):
         plan_for(path, gpu="V100")
 
@@ -216,20 +220,24 @@ def test_cost_cli_json_schema_and_cache(tmp_path, ct_home):
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
     assert set(data) == {"recipe", "tokens", "tokens_exact", "snapshot_date", "model_source", "notes", "catalog",
-                         "left_out", "chosen", "estimates", "offers_total"}
+                         "left_out", "chosen", "fastest", "estimates", "offers_total"}
     assert data["tokens"] > 0 and data["tokens_exact"] is False  # no Llama tokenizer offline: estimated
     assert data["catalog"]["from_cache"] is False and "2026" in data["catalog"]["prices"]
     assert len(data["estimates"]) == 5 < data["offers_total"]
     # every figure's field names its unit
     estimate_keys = {"offer", "spot", "fits", "peak_gib", "needs_gib", "micro_batch_size", "gradient_checkpointing",
                      "tokens", "tokens_per_s_low", "tokens_per_s_high", "hours_low", "hours_high", "cost_usd_low",
-                     "cost_usd_high", "why", "usd_per_hour", "checkpointed_layers"}
+                     "cost_usd_high", "why", "usd_per_hour", "checkpointed_layers", "nodes", "world_size",
+                     "parallelism", "scaling_low", "scaling_high", "scaling_measured"}
     offer_keys = {"cloud", "region", "instance_type", "gpu", "gpu_count", "gpu_memory_gib", "usd_per_hour",
                   "spot_usd_per_hour", "accelerator"}
     for e in [data["chosen"], *data["estimates"]]:
         assert set(e) == estimate_keys and set(e["offer"]) == offer_keys
         assert e["cost_usd_low"] <= e["cost_usd_high"] and e["fits"] and e["needs_gib"] > e["peak_gib"]
     assert data["chosen"] == data["estimates"][0]
+    assert data["fastest"]["fits"] and data["fastest"]["hours_high"] <= data["chosen"]["hours_high"]
+    for e in data["estimates"]:
+        assert e["world_size"] == e["offer"]["gpu_count"] * e["nodes"] and e["parallelism"] in ("ddp", "fsdp")
     assert [e["cost_usd_high"] for e in data["estimates"]] == sorted(e["cost_usd_high"] for e in data["estimates"])
 
     again = subprocess.run([sys.executable, "-m", "cloudtune.cli", "cost", str(path), "--gpu", "A10"],

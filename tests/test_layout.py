@@ -99,7 +99,8 @@ def test_cost_nothing_fits_is_exit_1_with_one_memory_figure(tmp_path, sky_home, 
 
 
 def json_exit(env: dict, recipe: Path) -> int:
-    return cloudtune(env, 80, "cost", str(recipe), "--gpu", "A10", "--json").returncode
+    # one GPU each: two A10s of a machine hold the full fine-tune, sharded
+    return cloudtune(env, 80, "cost", str(recipe), "--gpu", "A10:1", "--json").returncode
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from cloudtune.backends.base import Quote
+from cloudtune.backends.capabilities import SpansMachines
 from cloudtune.backends.skypilot import (
     SKYPILOT_VERSION,
     SkyPilotBackend,
@@ -235,6 +236,45 @@ def test_skypilot_names_the_typo_in_a_task():
     config = task_config("ct-x", {"ordered": [{"infra": "aws", "acelerators": {"A10G": 1}}]})
     with pytest.raises(CloudtuneError, match="did you mean 'accelerators'"):
         to_task(config)
+
+
+class TaskRecorder:
+    """A SkyClient that keeps the tasks it is handed and starts nothing: what provision and start ask of
+    SkyPilot, as SkyPilot's own loader read them."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def enabled_clouds(self) -> list[str]:
+        return ["aws", "lambda"]
+
+    def launch(self, task, cluster: str, *, autostop_minutes: int) -> str:
+        self.tasks.append(task)
+        return "request-1"
+
+    def wait_launched(self, request_id: str) -> dict:
+        return {"cloud": "lambda", "region": "us-east-1", "zone": None, "instance_type": "gpu_1x_a10",
+                "accelerators": {"A10": 1}, "spot": False, "price_per_hour": 1.29}
+
+    def exec(self, task, cluster: str) -> int:
+        self.tasks.append(task)
+        return 1
+
+
+def test_several_machines_reach_skypilot_as_num_nodes(tmp_path):
+    recipe = tiny_recipe(tmp_path, extra="  num_nodes: 2\n")
+    recorder = TaskRecorder()
+    backend = SkyPilotBackend(client=recorder, plan=a10_plan())
+    assert isinstance(backend, SpansMachines)
+    shown = backend.dry_run(Quote(summary="", recipe=recipe))
+    assert shown["task"]["num_nodes"] == 2 and "num_nodes: 2" in shown["yaml"]
+    assert to_task(shown["task"]).num_nodes == 2  # sky.Task.from_yaml_config, after SkyPilot's schema check
+    ctx = context_for(backend, Machine(name="ct-x", run_id="x", backend="skypilot", status="requested"), recipe)
+    backend.provision(ctx)
+    backend.start(ctx)
+    assert [task.num_nodes for task in recorder.tasks] == [2, 2]  # the cluster's machines, and the run on each
+    one = tiny_recipe(tmp_path)
+    assert to_task(SkyPilotBackend(plan=a10_plan()).dry_run(Quote(summary="", recipe=one))["task"]).num_nodes == 1
 
 
 def test_optimizer_picks_the_plans_cheapest_offer_offline(tmp_path):

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from ..errors import CloudtuneError
 from .base import Quote, RunContext
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from .base import Backend
 
 
 class DryRuns(ABC):
@@ -53,3 +58,18 @@ class ChecksSetup(ABC):
     def check_setup(self) -> dict[str, Any]:
         """`clouds`: name -> {enabled, missing (what to set up), extra (the pip install that adds its
         libraries)}; `server`: where the backend's service runs and whether it answers."""
+
+
+class SpansMachines(ABC):  # noqa: B024 - an ability without a method of its own: the backend's task carries it
+    """Can train one run on several machines (compute.num_nodes > 1): starts them together and gives each
+    its node rank and the others' addresses, for torchrun's rendezvous (SkyPilot's `num_nodes`)."""
+
+
+def check_machines(backend: Backend, recipe: Recipe) -> None:
+    """Refuse compute.num_nodes > 1, before anything is read or rented, on a backend that has one machine."""
+    nodes = recipe.compute.num_nodes
+    if nodes > 1 and not isinstance(backend, SpansMachines):
+        raise CloudtuneError(f"compute.num_nodes {nodes}: the {backend.name} backend trains on one machine, so a run "
+                             "cannot span several.",
+                             "Set compute.num_nodes to 1 (the run trains on every GPU of that machine), or train on "
+                             "SkyPilot's clouds or cluster (--backend skypilot), which start several machines.")

@@ -56,7 +56,7 @@ from ..remote.make_venv import venv_key
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
 from .base import Backend, Bundle, MachineState, Quote, RunContext
-from .capabilities import ChecksSetup, DryRuns, KeepsCheckpoints, ListsMachines
+from .capabilities import ChecksSetup, DryRuns, KeepsCheckpoints, ListsMachines, SpansMachines
 from .common import LogCopy, bundle_wheel, saved_log
 from .skypilot_sdk import (
     ALL_CLOUDS_EXTRA,
@@ -220,11 +220,14 @@ def cluster_setup_envs(compute: ComputeSpec, upload: Path) -> dict[str, str]:
     return {"CLOUDTUNE_PYTHON": python, "CLOUDTUNE_VENV_KEY": venv_key(python, requirements)}
 
 
-def task_config(name: str, resources: dict[str, Any], *, upload_dir: Path | None = None, wheel_name: str | None = None,
-                run: bool = False, envs: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
-                outputs_bucket: str | None = None) -> dict[str, Any]:
-    """A SkyPilot task YAML (as a dict). Secret values go in only for the task handed to SkyPilot."""
-    config: dict[str, Any] = {"name": name, "num_nodes": 1, "resources": resources}
+def task_config(name: str, resources: dict[str, Any], *, num_nodes: int = 1, upload_dir: Path | None = None,
+                wheel_name: str | None = None, run: bool = False, envs: dict[str, str] | None = None,
+                secrets: dict[str, str] | None = None, outputs_bucket: str | None = None) -> dict[str, Any]:
+    """A SkyPilot task YAML (as a dict). Secret values go in only for the task handed to SkyPilot.
+
+    Every task of a run names the run's `num_nodes` (compute.num_nodes): the launch starts that many
+    machines, setup prepares each, and the training runs on each with SkyPilot's node rank and addresses."""
+    config: dict[str, Any] = {"name": name, "num_nodes": num_nodes, "resources": resources}
     mounts: dict[str, Any] = {}
     if upload_dir is not None:
         mounts[f"~/{REMOTE_DIR}/{UPLOAD}"] = str(upload_dir)
@@ -634,7 +637,7 @@ class SkyPilotState(MachineState):
     job_id: int | None = Field(None, description="SkyPilot's job id of the training (cluster job or managed job).")
 
 
-class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpoints):
+class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpoints, SpansMachines):
     name = "skypilot"
     State = SkyPilotState
 
@@ -674,7 +677,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         check_budget(plan, recipe.compute.max_cost)
         offer = chosen.offer
         where = " ".join(filter(None, (offer.cloud, offer.region, offer.instance_type and f"({offer.instance_type})")))
-        summary = (f"{offer.gpu}×{offer.gpu_count} on {where} at "
+        summary = (f"{chosen.label} on {where} at "
                    f"${chosen.price_per_hour:.2f}/h{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–"
                    f"{chosen.hours_high:.2f} h, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} "
                    f"(prices of {plan.snapshot_date})")
@@ -716,7 +719,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         spot = recipe.compute.spot
         resources = resources_config(self._candidates() if candidates is None else candidates, recipe.compute,
                                      disk_size_gib(recipe, self.model_bytes), managed=spot)
-        return task_config(ctx.machine, resources, upload_dir=upload_dir or ctx.work_dir / UPLOAD,
+        return task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes,
+                           upload_dir=upload_dir or ctx.work_dir / UPLOAD,
                            wheel_name=wheel_name, run=True, envs=image_envs(recipe.compute) | ctx.train_env,
                            secrets=secrets if secrets is not None else {name: REDACTED for name in recipe.secrets},
                            outputs_bucket=bucket_name(ctx.machine) if spot else None)
@@ -770,7 +774,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             ctx.state.managed_job, ctx.state.bucket = True, bucket_name(ctx.machine)
             return
         resources = resources_config(candidates, recipe.compute, disk_size_gib(recipe, self.model_bytes), managed=False)
-        ctx.state.launched = self._launch(ctx, task_config(ctx.machine, resources), "provisioning")
+        ctx.state.launched = self._launch(ctx, task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes),
+                                          "provisioning")
 
     def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> dict[str, Any]:
         recipe = self._recipe(ctx)
@@ -821,8 +826,9 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         self._secrets[ctx.run_id] = dict(secrets)
         if self._managed(ctx):
             return  # the managed job carries the upload itself
-        config = task_config(ctx.machine, self._pinned_resources(ctx), upload_dir=upload, wheel_name=wheel_name,
-                             envs=cluster_setup_envs(self._recipe(ctx).compute, upload))
+        compute = self._recipe(ctx).compute
+        config = task_config(ctx.machine, self._pinned_resources(ctx), num_nodes=compute.num_nodes, upload_dir=upload,
+                             wheel_name=wheel_name, envs=cluster_setup_envs(compute, upload))
         try:
             self._launch(ctx, config, "setting up")
         finally:
@@ -845,8 +851,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             return
         # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
         resources = {"accelerators": ctx.state.launched["accelerators"]}
-        config = task_config(ctx.machine, resources, run=True, envs=image_envs(recipe.compute) | ctx.train_env,
-                             secrets=secrets)
+        config = task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes, run=True,
+                             envs=image_envs(recipe.compute) | ctx.train_env, secrets=secrets)
         ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:

@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import TypedDict
 
 from ..errors import CloudtuneError
-from ..units import gpus, hours_range, money, per_hour
+from ..units import hours_range, money, per_hour
 from .planner import Estimate, Plan
 
 
 class PriceFields(TypedDict, total=False):
     """What the ledger and receipts keep of a run's price estimate (the receipt's "estimate")."""
 
-    gpu: str  # "A10G×1", or "local"
+    gpu: str  # "A10G×1", "2×H100×8" (two machines), or "local"
     price_per_hour: float
     est_hours_low: float
     est_hours_high: float
@@ -22,7 +22,7 @@ class PriceFields(TypedDict, total=False):
 
 
 def price_fields(chosen: Estimate) -> PriceFields:
-    return {"gpu": gpus(chosen.offer.gpu, chosen.offer.gpu_count), "price_per_hour": chosen.price_per_hour,
+    return {"gpu": chosen.label, "price_per_hour": chosen.price_per_hour,
             "est_hours_low": chosen.hours_low, "est_hours_high": chosen.hours_high,
             "est_cost_low": chosen.cost_low, "est_cost_high": chosen.cost_high}
 
@@ -46,7 +46,7 @@ def check_budget(plan_or_estimate: Plan | Estimate, max_cost: float | None) -> N
     if chosen.cost_high > max_cost:
         raise CloudtuneError(
             f"the cheapest plan that fits costs up to {money(chosen.cost_high)} "
-            f"({gpus(chosen.offer.gpu, chosen.offer.gpu_count)} on {chosen.offer.cloud}, "
+            f"({chosen.label} on {chosen.offer.cloud}, "
             f"{hours_range(chosen.hours_low, chosen.hours_high)} at {per_hour(chosen.price_per_hour)}), "
             f"over max_cost {money(max_cost)}.",
             "Raise compute.max_cost (or --max-cost), train fewer tokens (epochs, max_steps, max_rows), "

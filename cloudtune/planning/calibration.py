@@ -8,12 +8,19 @@ bench/cost_accuracy.py) take precedence over rows of other stacks for the same m
 checkpointing. 4-bit and 8-bit have their own factors: quantised weights are dequantised on every
 pass. The per-micro-batch cost is fitted on the same rows. An efficiency is a low–high band from
 the spread of the rows it rests on.
+
+Several GPUs: cloudtune/data/scaling.jsonl holds each GPU's throughput under DDP or FSDP relative
+to one GPU of its kind (`scaling_efficiency`). Until multi-GPU runs are measured its rows are
+priors from published figures (`"measured": false`, their source in each row); a measured row
+(`"measured": true` with gpu_count, num_nodes, and optionally gpu and method) of the same
+parallelism and shape replaces them.
 """
 from __future__ import annotations
 
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from .memory import ModelShape
 from .models import KNOWN_MODELS
 
 CALIBRATION_FILE = Path(__file__).parent.parent / "data" / "calibration.jsonl"
+SCALING_FILE = CALIBRATION_FILE.with_name("scaling.jsonl")
 MIN_SPREAD = 0.12  # no efficiency band is narrower than ±12 %: runs of one recipe vary that much
 MAX_SPREAD = 1.35  # nor wider than ×/÷ 1.35 around the median: one odd row should not double a price
 # Efficiency relative to cloudtune's bf16 LoRA, for a calibration without runs of the method: 4-bit
@@ -132,3 +140,43 @@ def efficiency_band(method: str, checkpointing: bool, fused_kernels: bool = Fals
     high = min(max(values), median * MAX_SPREAD)
     low, high = min(low, median * (1 - MIN_SPREAD)), max(high, median * (1 + MIN_SPREAD))
     return low * factor[0], high * factor[1], f"{len(chosen)} {basis}"
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Each GPU's throughput on several GPUs over what it reaches alone, as a low–high band."""
+
+    low: float
+    high: float
+    measured: bool
+    source: str
+
+
+ALONE = Scaling(1.0, 1.0, True, "one GPU")
+
+
+@lru_cache(maxsize=1)
+def scaling_rows() -> tuple[dict, ...]:
+    return tuple(load_calibration_rows(SCALING_FILE))
+
+
+def scaling_efficiency(parallelism: str, gpus_per_node: int, nodes: int = 1, *, gpu: str | None = None,
+                       method: str | None = None, rows: tuple[dict, ...] | None = None) -> Scaling:
+    """How well `gpus_per_node` × `nodes` GPUs scale under `parallelism` (ddp | fsdp): measured rows of
+    that very shape first, else the priors, one for the parallelism and one more across machines."""
+    if gpus_per_node * nodes <= 1:
+        return ALONE
+    rows = scaling_rows() if rows is None else rows
+    measured = [r for r in rows if r["measured"] and r["parallelism"] == parallelism
+                and r["gpu_count"] == gpus_per_node and r["num_nodes"] == nodes
+                and r.get("gpu") in (None, gpu) and r.get("method") in (None, method)]
+    if measured:
+        return Scaling(min(r["efficiency_low"] for r in measured), max(r["efficiency_high"] for r in measured), True,
+                       f"{len(measured)} measured run(s)")
+    priors = [r for r in rows if not r["measured"]]
+    within = next(r for r in priors if r["parallelism"] == parallelism and r["num_nodes"] == 1)
+    low, high = within["efficiency_low"], within["efficiency_high"]
+    if nodes > 1:
+        across = next(r for r in priors if r["num_nodes"] > 1)
+        low, high = low * across["efficiency_low"], high * across["efficiency_high"]
+    return Scaling(low, high, False, "assumed, not measured")

@@ -38,6 +38,7 @@ WORKSPACE_BYTES = 0.15 * GIB
 # runs (bench/results/gpu_methods.jsonl: 69.2 GiB with fp32 activations and no checkpointing, 17.9 GiB
 # with bf16 activations and checkpointing, both at 2 x 2048 tokens), not derived.
 INT8_SAVED_BYTES_PER_ACT_BYTE = 1.125
+FSDP_GATHERED_LAYERS = 2  # the layer running and the next one, prefetched
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,9 @@ class TrainSetup:
     lora_dropout: float = 0.05
     double_quant: bool = True  # cloudtune's QLoRA quantises the quantisation constants too
     stack: Stack | None = None  # default: cloudtune's trainer for this method
+    # FSDP: weights, gradients and optimizer state split over this many GPUs; 1 when each GPU holds
+    # them all (one GPU, or DDP, whose replicas are the one-GPU model)
+    shards: int = 1
 
     @property
     def impl(self) -> Stack:
@@ -245,7 +249,7 @@ def weight_bytes(shape: ModelShape, setup: TrainSetup) -> float:
         linear = shape.linear_params * 1.0
     else:
         linear = shape.linear_params * 2.0
-    return linear + other * (4.0 if setup.impl.upcast_embeddings and setup.method in KBIT else 2.0)
+    return (linear + other * (4.0 if setup.impl.upcast_embeddings and setup.method in KBIT else 2.0)) / setup.shards
 
 
 def trainable_bytes(shape: ModelShape, setup: TrainSetup) -> float:
@@ -322,14 +326,49 @@ def memory_peak(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: i
         transient = max(loss, tokens * (per_layer + 4 * stack.act_bytes * shape.hidden))
     else:
         activations, transient = tokens * shape.layers * per_layer, loss
-    return MemoryPeak(weights=weight_bytes(shape, setup), trainable=trainable_bytes(shape, setup),
+    return MemoryPeak(weights=weight_bytes(shape, setup) + gathered_bytes(shape, setup),
+                      trainable=trainable_bytes(shape, setup) / setup.shards,
                       activations=activations, logits=transient, workspace=WORKSPACE_BYTES)
+
+
+def gathered_bytes(shape: ModelShape, setup: TrainSetup) -> float:
+    """FSDP gathers each decoder layer's whole weights just before it runs and frees them after; with
+    the next layer prefetched (FSDP2's default) two layers are whole at a time, on top of the shard."""
+    if setup.shards <= 1:
+        return 0.0
+    per_layer = weight_bytes(shape, replace(setup, shards=1)) * shape.linear_params / shape.params / shape.layers
+    return FSDP_GATHERED_LAYERS * per_layer * (1 - 1 / setup.shards)
 
 
 def required_bytes(peak: MemoryPeak | float) -> float:
     """What a GPU must have free for a predicted peak: fragmentation and the CUDA context on top."""
     total = peak.total if isinstance(peak, MemoryPeak) else peak
     return total * (1 + FRAGMENTATION) + CUDA_CONTEXT_BYTES
+
+
+def choose_parallelism(requested: str, shape: ModelShape, setup: TrainSetup, world_size: int,
+                       usable_bytes: float, row_tokens: int, checkpointing: str = "auto") -> str:
+    """How `world_size` GPUs of `usable_bytes` each share a fine-tune: "ddp" or "fsdp".
+
+    `training.parallelism` auto is ddp when the one-GPU run fits one of them (model, adapters and
+    optimizer state, and a micro-batch of one `row_tokens`-token row with as much checkpointing as
+    `checkpointing` allows): each GPU then keeps a replica and only gradients travel. Otherwise
+    fsdp, which shards weights, gradients and optimizer state `world_size` ways (activations stay
+    per GPU). With one GPU there is nothing to shard. The planner decides each offer with it, and
+    the trainer on the machine it landed on, from the same numbers.
+    """
+    if requested != "auto":
+        return requested
+    if world_size <= 1:
+        return "ddp"
+    recomputed = 0 if checkpointing == "off" else shape.layers
+    alone = memory_peak(shape, replace(setup, shards=1), row_tokens, recomputed)
+    return "ddp" if required_bytes(alone) <= usable_bytes else "fsdp"
+
+
+def sharded(setup: TrainSetup, parallelism: str, world_size: int) -> TrainSetup:
+    """The setup as each GPU holds it: fsdp shards it `world_size` ways, ddp keeps the one-GPU model."""
+    return replace(setup, shards=world_size if parallelism == "fsdp" else 1)
 
 
 def checkpointing_note(recomputed: int, layers: int) -> str:

@@ -1,10 +1,12 @@
 """The plan: every GPU offer that matches the recipe, whether the fine-tune fits on it, and what the
 whole run would cost there; fitting offers first, cheapest first.
 
-make_plan filters the offers (GPU, count, spot, clouds), quotes each one (`estimate_offer`: memory
-fit and micro-batch, work, throughput, overheads, dollars) and ranks them. `cloudtune cost` shows
-the plan, `cloudtune run` picks from it and the SkyPilot backend turns the fitting offers into its
-accelerator alternatives. Every figure is a low–high range rather than a false point.
+make_plan filters the offers (GPU, count, spot, clouds), quotes each one (`estimate_offer`: how its
+GPUs share the work, memory fit and micro-batch, work, throughput, overheads, dollars) and ranks
+them by dollars per run. Every GPU of a machine trains (torchrun), on compute.num_nodes machines.
+`cloudtune cost` shows the plan, `cloudtune run` picks from it and the SkyPilot backend turns the
+fitting offers into its accelerator alternatives. Every figure is a low–high range rather than a
+false point.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 from ..datasets import DatasetReport
 from ..errors import CloudtuneError
-from ..recipe import Recipe
-from ..units import gib, gpus, hours_range, money_range, si, tokens_per_second
+from ..recipe import OWN_CLUSTERS, Recipe
+from ..units import gib, gpus, hours_range, machines, money, money_range, percent_range, si, tokens_per_second
+from .calibration import Scaling, scaling_efficiency
 from .flops import StepConditions
 from .gpus import SPECS, match_gpus, usable_gib
 from .memory import (
@@ -23,9 +26,11 @@ from .memory import (
     ModelShape,
     TrainSetup,
     checkpointing_note,
+    choose_parallelism,
     first_fitting,
     memory_peak,
     required_bytes,
+    sharded,
 )
 from .models import ModelInfo, resolve_model
 from .offers import Offer, load_offers
@@ -56,15 +61,30 @@ class Estimate:
     # what the GPU must have free: the peak plus fragmentation and the CUDA context; when it does not
     # fit, at the smallest setting tried (micro-batch 1, every layer checkpointed), as `why` says
     needs_gib: float = 0.0
+    nodes: int = 1  # machines of this offer in the run (compute.num_nodes)
+    parallelism: str = "ddp"  # how the GPUs share the work: ddp (replicas) | fsdp (sharded)
+    scaling_low: float = 1.0  # each GPU's throughput over what it reaches alone (calibration.Scaling)
+    scaling_high: float = 1.0
+    scaling_measured: bool = True  # False: the multi-GPU scaling is a prior, not a measurement
+
+    @property
+    def world_size(self) -> int:
+        return self.offer.gpu_count * self.nodes
 
     @property
     def price_per_hour(self) -> float:
+        """Every machine of the run together."""
         if self.spot and self.offer.spot_price_per_hour is not None:
-            return self.offer.spot_price_per_hour
-        return self.offer.price_per_hour
+            return self.offer.spot_price_per_hour * self.nodes
+        return self.offer.price_per_hour * self.nodes
+
+    @property
+    def label(self) -> str:
+        """What the run trains on, as every table and message writes it: A10G×1, H100×8, 2×H100×8."""
+        return machines(self.offer.gpu, self.offer.gpu_count, self.nodes)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "price_per_hour": self.price_per_hour}
+        return {**asdict(self), "price_per_hour": self.price_per_hour, "world_size": self.world_size}
 
 
 @dataclass
@@ -83,6 +103,12 @@ class Plan:
     def chosen(self) -> Estimate | None:
         return next((e for e in self.estimates if e.fits), None)
 
+    @property
+    def fastest(self) -> Estimate | None:
+        """The fitting offer that ends soonest (the cheaper one at equal time)."""
+        fitting = [e for e in self.estimates if e.fits]
+        return min(fitting, key=lambda e: (e.hours_low + e.hours_high, e.cost_high), default=None)
+
     def candidates(self, limit: int = 8) -> list[Estimate]:
         """The fitting offers, cheapest run first: what a launcher may fall back through."""
         return [e for e in self.estimates if e.fits][:limit]
@@ -91,6 +117,7 @@ class Plan:
         return {"tokens": self.tokens, "tokens_exact": self.tokens_exact, "snapshot_date": self.snapshot_date,
                 "model_source": self.model_source, "notes": self.notes, "catalog": self.catalog,
                 "left_out": self.left_out, "chosen": self.chosen.as_dict() if self.chosen else None,
+                "fastest": self.fastest.as_dict() if self.fastest else None,
                 "estimates": [e.as_dict() for e in self.estimates[:limit]]}
 
 
@@ -124,29 +151,38 @@ def precision_problem(recipe: Recipe, gpu: str) -> str | None:
 
 
 def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offer: Offer, spot: bool) -> Estimate:
-    setup = TrainSetup.from_recipe(recipe)
+    nodes = recipe.compute.num_nodes
+    world = offer.gpu_count * nodes
     usable = _usable_bytes(recipe, offer)
-    base = plan_work(recipe, report)
+    base = plan_work(recipe, report, world_size=world)
+    alone = TrainSetup.from_recipe(recipe)
+    parallelism = choose_parallelism(recipe.training.parallelism, model.shape, alone, world, usable, base.row_tokens,
+                                     recipe.training.gradient_checkpointing)
+    setup = sharded(alone, parallelism, world)
     mb, recomputed, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
-    work = plan_work(recipe, report, mb) if mb != recipe.training.micro_batch_size else base
+    work = plan_work(recipe, report, mb, world) if mb != recipe.training.micro_batch_size else base
     step = StepConditions(model.shape, recipe.method, recomputed / model.shape.layers, work.span, mb * work.width,
                           setup.lora_targets if recipe.uses_lora else ())
-    tps_low, tps_high = gpu_tokens_per_second(offer.gpu, step, setup.impl.fused_loss)
+    one_low, one_high = gpu_tokens_per_second(offer.gpu, step, setup.impl.fused_loss)
+    scaling = scaling_efficiency(parallelism, offer.gpu_count, nodes, gpu=offer.gpu, method=recipe.method)
+    tps_low, tps_high = one_low * world * scaling.low, one_high * world * scaling.high
     checkpointing = checkpointing_note(recomputed, model.shape.layers)
     train_low, train_high = (seconds / 3600 for seconds in train_seconds(processed_range(work, step.passes),
                                                                               (tps_low, tps_high)))
     over_low, over_high, over_what = overhead_hours(recipe, model, setup, offer.cloud)
     hours_low, hours_high = train_low + over_low, train_high + over_high
     spot = spot and offer.spot_price_per_hour is not None
-    price = offer.spot_price_per_hour if spot else offer.price_per_hour
+    price = (offer.spot_price_per_hour if spot else offer.price_per_hour) * nodes
     real = work.tokens / work.processed if work.processed else 1.0  # trained share of processed tokens
+    sharing = _sharing(parallelism, world, scaling)
     if fits:
-        why = (f"{_speed_why(recipe, offer.gpu, work, (tps_low * real, tps_high * real), mb, checkpointing)} "
-               f"+ {hours_range(over_low, over_high)} {over_what}")
+        why = (f"{_speed_why(recipe, offer.gpu, work, (tps_low * real, tps_high * real), mb, checkpointing)}"
+               f"{sharing} + {hours_range(over_low, over_high)} {over_what}")
         needs = required_bytes(memory) / GIB
     else:
         needs = required_bytes(memory_peak(model.shape, setup, base.row_tokens, recomputed)) / GIB
-        why = (f"needs {gib(needs)} even at micro-batch 1 with checkpointing {checkpointing}; "
+        how = f" with fsdp over {world} GPUs" if parallelism == "fsdp" and world > 1 else ""
+        why = (f"needs {gib(needs)} per GPU{how} even at micro-batch 1 with checkpointing {checkpointing}; "
                f"{gpus(offer.gpu, offer.gpu_count)} has {gib(usable / GIB)} usable per GPU")
     refused = precision_problem(recipe, offer.gpu)
     if refused:
@@ -162,7 +198,17 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
                     tokens=work.tokens, tokens_per_s_low=round(tps_low * real, 1),
                     tokens_per_s_high=round(tps_high * real, 1), hours_low=round(hours_low, 3),
                     hours_high=round(hours_high, 3), cost_low=round(cost_low, 2),
-                    cost_high=round(cost_high, 2), why=why)
+                    cost_high=round(cost_high, 2), why=why, nodes=nodes, parallelism=parallelism,
+                    scaling_low=round(scaling.low, 3), scaling_high=round(scaling.high, 3),
+                    scaling_measured=scaling.measured)
+
+
+def _sharing(parallelism: str, world: int, scaling: Scaling) -> str:
+    """How several GPUs share the run, for `why`; nothing for one GPU."""
+    if world <= 1:
+        return ""
+    return (f" on {world} GPUs by {parallelism} at {percent_range(scaling.low, scaling.high)} of one GPU's "
+            f"speed each ({scaling.source})")
 
 
 def _usable_bytes(recipe: Recipe, offer: Offer) -> float:
@@ -188,7 +234,7 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     spot = recipe.compute.spot if spot is None else spot
     notes: list[str] = []
     offers, snapshot, catalog_info = _read_offers(recipe, clouds, offers, notes)
-    offers, left_out = runnable_offers(offers, catalog_info.get("unsupported", {}), spot)
+    offers, left_out = runnable_offers(offers, catalog_info.get("unsupported", {}), spot, recipe.compute.num_nodes)
     notes += [f"{cloud} left out: {why}" for cloud, why in left_out.items()]
     candidates = _matching_offers(recipe, offers, gpu, clouds, spot, notes)
     report = _priced_report(recipe, report, notes)
@@ -204,26 +250,74 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     # at equal cost (a cluster of one's own costs $0 on every GPU), the faster run first
     estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.hours_high, e.offer.cloud,
                                   e.offer.instance_type))
+    notes += scale_notes(recipe, estimates)
     return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
                 notes=notes, model_source=model.source, catalog=catalog_info, left_out=left_out,
                 micro_batch_size=recipe.training.micro_batch_size)
 
 
+def scale_notes(recipe: Recipe, estimates: list[Estimate]) -> list[str]:
+    """What a user should know when a plan trains on several GPUs: that their scaling is a prior, what
+    max_steps means there, and what the fastest offer buys over the cheapest."""
+    fitting = [e for e in estimates if e.fits]
+    notes = []
+    assumed = sorted({e.parallelism for e in fitting if not e.scaling_measured})
+    if assumed:
+        notes.append(f"several GPUs: scaling assumed, not measured ({', '.join(assumed)}; priors and their sources in "
+                     "cloudtune/data/scaling.jsonl)")
+    if recipe.training.max_steps and any(e.world_size > 1 for e in fitting):
+        notes.append(f"training.max_steps {recipe.training.max_steps} on N GPUs trains N× the tokens of one GPU: each "
+                     "step takes micro-batch × accumulation rows on every GPU")
+    line = speed_note(fitting)
+    if line:
+        notes.append(line)
+    return notes
+
+
+NOTABLY_FASTER = 1.1  # below, provisioning and setup dominate: more GPUs buy no time worth a line
+
+
+def speed_note(fitting: list[Estimate]) -> str | None:
+    """'fastest: H100×8 on lambda, 1h: 4.1× faster than the cheapest (A100-80GB×1 on runpod), +12 % dollars':
+    the fastest fitting offer against the cheapest, at the middle of each range; None when the cheapest
+    is also the fastest, or not notably slower."""
+    if len(fitting) < 2:
+        return None
+    cheapest = fitting[0]
+    fastest = min(fitting, key=lambda e: (e.hours_low + e.hours_high, e.cost_high))
+    if fastest is cheapest:
+        return None
+    faster = (cheapest.hours_low + cheapest.hours_high) / (fastest.hours_low + fastest.hours_high)
+    if faster < NOTABLY_FASTER:
+        return None
+    paid, cheap = fastest.cost_low + fastest.cost_high, cheapest.cost_low + cheapest.cost_high
+    if cheap > 0 and paid >= 2 * cheap:
+        more = f"{paid / cheap:.0f}× the dollars" if paid >= 10 * cheap else f"{paid / cheap:.1f}× the dollars"
+    elif cheap > 0:
+        more = f"{(paid / cheap - 1) * 100:+.0f} % dollars"
+    else:
+        more = f"{money((paid - cheap) / 2)} more" if paid > cheap else "the same dollars"
+    return (f"fastest: {fastest.label} on {fastest.offer.cloud}, {hours_range(fastest.hours_low, fastest.hours_high)}: "
+            f"{faster:.1f}× faster than the cheapest ({cheapest.label} on {cheapest.offer.cloud}), {more}")
+
+
 # What a plan asks of SkyPilot on a cloud (sky.clouds.CloudImplementationFeatures names): every run
 # trains in compute.image; a cluster tears itself down when idle; a spot run is a managed job on spot
-# machines with its outputs on a mounted bucket.
+# machines with its outputs on a mounted bucket; a run on several machines needs them as one cluster.
 NEEDED_FEATURES = {False: ("DOCKER_IMAGE", "AUTODOWN"), True: ("DOCKER_IMAGE", "SPOT_INSTANCE", "STORAGE_MOUNTING")}
+SEVERAL_MACHINES = "MULTI_NODE"
 
 
-def runnable_offers(offers: list[Offer], unsupported: dict[str, dict[str, dict[str, str]]], spot: bool
-                    ) -> tuple[list[Offer], dict[str, str]]:
+def runnable_offers(offers: list[Offer], unsupported: dict[str, dict[str, dict[str, str]]], spot: bool,
+                    nodes: int = 1) -> tuple[list[Offer], dict[str, str]]:
     """The offers on clouds where SkyPilot can do all the plan needs, and why each other cloud is left
     out: one offer SkyPilot cannot run would fail the whole launch, not just fall through."""
     kind = "spot" if spot else "on-demand"
+    needed = NEEDED_FEATURES[spot] + ((SEVERAL_MACHINES,) if nodes > 1 else ())
     left_out: dict[str, str] = {}
     for cloud in sorted({o.cloud for o in offers}):
         missing = unsupported.get(cloud, {}).get(kind, {})
-        lacking = [f"{name.lower()} ({missing[name].rstrip('.')})" for name in NEEDED_FEATURES[spot] if name in missing]
+        lacking = [f"{name.lower()} ({missing[name].rstrip('.')})" for name in needed if name in missing]
         if lacking:
             left_out[cloud] = f"SkyPilot cannot do {'; '.join(lacking)} there"
     runnable = [o for o in offers if o.cloud not in left_out]
@@ -257,15 +351,16 @@ def _matching_offers(recipe: Recipe, offers: list[Offer], gpu: str | None, cloud
         candidates = [o for o in candidates if o.gpu in match.names]
         if match.note:
             notes.append(match.note)
-    count = recipe.compute.gpu_count or 1
-    candidates = [o for o in candidates if o.gpu_count == count]
-    if count > 1:
-        notes.append(f"compute.gpu_count {count}: cloudtune trains on one GPU per machine so far, so the other "
-                     f"{count - 1} are paid for and idle; priced at one GPU's speed")
+    count = recipe.compute.gpu_count
+    if count is not None:
+        candidates = [o for o in candidates if o.gpu_count == count]
+    else:
+        # a cluster of one's own lists every count at $0, and a count it lacks fails only at launch
+        candidates = [o for o in candidates if o.cloud not in OWN_CLUSTERS or o.gpu_count == 1]
     if spot:
         candidates = [o for o in candidates if o.spot_price_per_hour is not None]
     if not candidates:
-        wanted = " ".join(filter(None, [f"{count}× {gpu or 'any GPU'}", "spot" if spot else "",
+        wanted = " ".join(filter(None, [f"{count or 'any number of'}× {gpu or 'any GPU'}", "spot" if spot else "",
                                         f"on {', '.join(clouds)}" if clouds else ""]))
         raise CloudtuneError(f"no offer in the price catalog matches {wanted}.",
                              "`cloudtune gpus` lists what there is; widen --gpu/--cloud, drop --spot, or "

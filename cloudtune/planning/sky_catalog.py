@@ -27,7 +27,7 @@ CATALOG_VERSION = "v8"  # sky.skylet.constants.CATALOG_SCHEMA_VERSION in skypilo
 # then never refreshed) and the record of those copies; removed again by `undo_old_seed`.
 OLD_SEED_RECORD = ".cloudtune-seed.json"
 # The SkyPilot features a plan needs, by the names of sky.clouds.CloudImplementationFeatures.
-FEATURES = ("DOCKER_IMAGE", "AUTODOWN", "SPOT_INSTANCE", "STORAGE_MOUNTING")
+FEATURES = ("DOCKER_IMAGE", "AUTODOWN", "SPOT_INSTANCE", "STORAGE_MOUNTING", "MULTI_NODE")
 
 _view_in_use = False
 

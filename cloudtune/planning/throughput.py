@@ -22,9 +22,9 @@ def gpu_tokens_per_second(offer_gpu: str, step: StepConditions, fused_kernels: b
                           calibrated: tuple[tuple[dict, ...], float] | None = None) -> tuple[float, float]:
     """Processed tokens per second (low, high) on one GPU of this kind.
 
-    The trainer is single-process: it uses one GPU whatever the machine has, so more GPUs add cost
-    and no speed (make_plan says so). `calibrated`: other calibration rows than the bundled ones,
-    as `calibrate` returns them.
+    Several GPUs multiply it by their number and their scaling (calibration.scaling_efficiency;
+    the planner does). `calibrated`: other calibration rows than the bundled ones, as `calibrate`
+    returns them.
     """
     spec = SPECS[offer_gpu]
     rows, extra = calibrated or calibration()

@@ -65,12 +65,16 @@ def attends_per_document(recipe: Recipe) -> bool:
     return recipe.training.packing and recipe.training.attention in ("auto", "documents")
 
 
-def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | None = None) -> Work:
+def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | None = None,
+              world_size: int = 1) -> Work:
+    """The work over all `world_size` GPUs together: each optimizer step takes micro-batch ×
+    accumulation rows on every GPU, so an epoch is fewer steps and `max_steps` trains more tokens."""
     spec = recipe.training
     mb = micro_batch_size or spec.micro_batch_size
     cap = spec.max_seq_len
+    per_step = spec.gradient_accumulation * world_size  # micro-batches per optimizer step, all GPUs together
     if report.rows == 0:  # hub dataset: counted on the training machine
-        rows_per_step = mb * spec.gradient_accumulation
+        rows_per_step = mb * per_step
         if not spec.max_steps:
             return Work(0, 0.0, cap, cap, False, "tokens unknown: the hub dataset is counted on the training "
                                                 "machine; set training.max_steps to price the training itself")
@@ -92,15 +96,15 @@ def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | Non
         row_tokens = min(cap, report.longest_row_tokens or cap)
     micro_batches = max(1, math.ceil(rows / mb))
     if spec.max_steps:
-        total_micro_batches = spec.max_steps * spec.gradient_accumulation
+        total_micro_batches = spec.max_steps * per_step
     else:
-        steps = math.ceil((spec.epochs or 1.0) * math.ceil(micro_batches / spec.gradient_accumulation))
-        total_micro_batches = steps * spec.gradient_accumulation
+        steps = math.ceil((spec.epochs or 1.0) * math.ceil(micro_batches / per_step))
+        total_micro_batches = steps * per_step
     epochs = total_micro_batches / micro_batches
     # The trainer's own packing and seeded order over the counted lengths: the tokens it will read.
     tokens = (tokens_read(report.row_lengths, as_trained, mb, spec.seed, total_micro_batches) if as_trained
               else int(report.tokens * epochs))
-    evaluations = spec.evaluations(total_micro_batches // spec.gradient_accumulation) if recipe.evaluates else 0
+    evaluations = spec.evaluations(total_micro_batches // per_step) if recipe.evaluates else 0
     # held-out rows are batched as the training's are: packed to ~97 %, or padded as wide as training rows
     padding = 1 / PACKING_FILL if spec.packing else width / max(report.tokens / max(report.rows, 1), 1)
     return Work(tokens=tokens, processed=processed_per_epoch * epochs, row_tokens=row_tokens,
