@@ -70,6 +70,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 @click.version_option(package_name="cloudtune")
 def cli(debug: bool) -> None:
     """Fine-tune an LLM on the cheapest GPU that fits, for a price known before you pay it."""
+    from .ledger import LEDGER_FILE
+    from .paths import home
+
+    if not (home() / LEDGER_FILE).exists():
+        return  # nothing ever ran here, so nothing to sweep, and `cost` in a fresh HOME skips the lifecycle import
     from .lifecycle import sweep_dead_runs
 
     sweep_dead_runs()  # a run killed with its CLI left its secrets file behind: gone before anything else
