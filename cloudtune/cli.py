@@ -218,7 +218,7 @@ def run(recipe_path: Path | None, backend: str, gpu: tuple[str | None, int | Non
                                                              if continues is not None else "") + ".")
     recipe = with_compute_overrides(load_recipe(recipe_path), gpu=gpu[0], gpu_count=gpu[1], cloud=clouds, spot=spot,
                                     max_cost=max_cost)
-    events = RichEvents(err_console if as_json else console)
+    events = RichEvents(err_console if as_json else console, err_console)
     chosen = registry.create(backend, backend_flags, events, launching=not dry_run)
     if dry_run:
         _show_dry_run(lifecycle.preview(recipe, chosen, events, continues), as_json)
@@ -272,10 +272,11 @@ def logs(run_ref: str, follow: bool, as_json: bool) -> None:
 def down(run_ref: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
     """Find and remove every machine cloudtune started that is still up (or only RUN's)."""
     from .lifecycle import check_all_gone, find_machines, tear_down
-    from .render import RichEvents, grid, text, whole
+    from .render import RichEvents, grid, spinner, text, whole
 
     problems: list[str] = []
-    machines = find_machines(run_ref, problems=problems)
+    with spinner("asking each backend in use which of its machines are up (SkyPilot: seconds)", err_console):
+        machines = find_machines(run_ref, problems=problems)
     for problem in problems:
         err_console.print(f"[yellow]warning:[/] {escape(problem)}")
     if as_json and (dry_run or not machines):
@@ -348,10 +349,11 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
     from .datasets import inspect_dataset
     from .planning.planner import make_plan
     from .recipe import load_recipe, with_compute_overrides
-    from .render import cost_footer, cost_table
+    from .render import cost_footer, cost_table, spinner
 
     recipe = with_compute_overrides(load_recipe(recipe_path), gpu_count=gpu[1])
-    plan = make_plan(recipe, inspect_dataset(recipe), gpu=gpu[0], clouds=clouds, spot=spot)
+    with spinner("reading the dataset and pricing every offer", err_console):
+        plan = make_plan(recipe, inspect_dataset(recipe), gpu=gpu[0], clouds=clouds, spot=spot)
     if as_json:
         _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
     else:
@@ -381,9 +383,10 @@ def gpus(gpu: tuple[str | None, int | None], clouds: list[str] | None, spot: boo
     """GPU offers and their prices, cheapest first."""
     from .planning.gpus import SPECS
     from .planning.offers import gpu_offers
-    from .render import gpus_footer, gpus_table, refresh_report
+    from .render import gpus_footer, gpus_table, refresh_report, spinner
 
-    found = gpu_offers(gpu[0], clouds, refresh, count=gpu[1], spot=spot)
+    with spinner("asking SkyPilot for fresh catalogs" if refresh else "reading the price catalogs", err_console):
+        found = gpu_offers(gpu[0], clouds, refresh, count=gpu[1], spot=spot)
     catalog = found.catalog
     if as_json:
         _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in found.refreshed], "note": found.note})

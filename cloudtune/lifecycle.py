@@ -107,9 +107,11 @@ def context_for(backend: Backend, machine: Machine, recipe: Recipe | None = None
 def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport | None = None,
          continues: Continuation | None = None) -> tuple[Quote, DatasetReport]:
     """Read and count the data, then let the backend say where the run goes and what it costs."""
-    report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
+    with events.busy("reading the dataset and counting its tokens"):
+        report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
     events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens per epoch ({report.format})")
-    quote = backend.quote(recipe, report)
+    with events.busy("pricing every offer for the whole run"):
+        quote = backend.quote(recipe, report)
     if continues is not None:
         continues.check(quote.recipe)  # the recipe as it will train, fitted to the chosen offer
     events.phase("plan", quote.summary)
@@ -125,8 +127,10 @@ def preview(recipe: Recipe, backend: Backend, events: Events, continues: Continu
         raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend.name} backend rents "
                              "nothing.", "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
     quote, _ = plan(recipe, backend, events, continues=continues)
-    shown = backend.dry_run(quote)
-    with tempfile.TemporaryDirectory(prefix="cloudtune-dry-run-") as scratch:
+    with events.busy(f"checking the task with {backend.name}'s own loader (importing it takes seconds)"):
+        shown = backend.dry_run(quote)
+    with tempfile.TemporaryDirectory(prefix="cloudtune-dry-run-") as scratch, \
+            events.busy("building the bundle a run ships (recipe, data, the cloudtune wheel)"):
         # The same bundle a run makes before it rents anything (the wheel included), so a dry run fails
         # where the run would; nothing of it is kept.
         ctx = RunContext(run_id="dry-run", machine=machine_name("dry-run"), work_dir=Path(scratch),

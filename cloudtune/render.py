@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich import box
 from rich.console import Console
@@ -21,12 +24,45 @@ from rich.text import Text
 from . import units
 from .events import Events
 
+SPINNER_AFTER_S = 1.0  # quicker work shows no spinner: one that flashes for a blink is only noise
 STATUS_COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
 
 
+@contextmanager
+def spinner(what: str, console: Console | None = None, after: float = SPINNER_AFTER_S) -> Iterator[None]:
+    """A spinner saying what is under way once the work has taken `after` seconds, on stderr and only on a
+    terminal: a pipe, a log file or `--json` read by a program gets nothing."""
+    console = console or Console(stderr=True, highlight=False, emoji=False)
+    if not console.is_terminal:
+        yield
+        return
+    status = console.status(escape(what))
+    lock = threading.Lock()
+    state = {"done": False, "shown": False}
+
+    def show() -> None:
+        with lock:
+            if not state["done"]:
+                status.start()
+                state["shown"] = True
+
+    timer = threading.Timer(after, show)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with lock:
+            state["done"] = True
+            if state["shown"]:
+                status.stop()
+
+
 class RichEvents(Events):
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, status_console: Console | None = None):
         self.console = console
+        self.status_console = status_console  # where spinners go: stderr (render.spinner's default)
         self._bar: Progress | None = None
         self._bar_task = None
         self._bar_label = ""
@@ -59,6 +95,9 @@ class RichEvents(Events):
         self._bar.update(self._bar_task, completed=done, total=total)
         if done >= total:
             self._end_bar()
+
+    def busy(self, what: str):
+        return spinner(what, self.status_console)
 
     def _end_bar(self) -> None:
         # Any other event (or the transfer's end) closes the bar, so a failed transfer leaves no live display.
