@@ -49,3 +49,46 @@ def test_the_core_says_what_takes_seconds_through_events_and_the_cli_shows_it_on
     assert "building the bundle" in shown.getvalue() and out.getvalue() == ""
     with Events().busy("nothing to show"):  # the default hook does nothing
         pass
+
+
+def test_library_noise_goes_to_the_debug_log_redacted_and_the_streamed_log_keeps_ours(tmp_path):
+    """What liger-kernel and dependencies print on every GPU run stays out of train.log; debug.log keeps
+    every line, and a secret in a noise line is redacted there as everywhere."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    value = "hf_" + "DebugLogSecretValue" * 2
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("secrets: [HF_TOKEN]\n")
+    debug = tmp_path / "out" / "debug.log"
+    code = ("import os, sys, warnings\n"
+            "from pathlib import Path\n"
+            "from cloudtune.train.redacted_output import redacted_output, secret_values\n"
+            f"with redacted_output(secret_values(Path({str(recipe)!r})), debug_log=Path({str(debug)!r})):\n"
+            "    print('step 1/3 loss 5.52', flush=True)\n"
+            "    os.write(2, b\"Backend impl 'liger_kernel.ops.backends._cutedsl.rope' for op 'rope' could not be \"\n"
+            "             b\"imported: ImportError: cutedsl backend requires ...\\n\")\n"
+            "    warnings.warn_explicit('invalid escape sequence', SyntaxWarning, "
+            "'/venv/site-packages/somelib/util.py', 12)\n"
+            "    warnings.warn_explicit('torch_dtype is deprecated, token ' + os.environ['HF_TOKEN'], "
+            "FutureWarning, '/venv/site-packages/transformers/x.py', 3)\n"
+            "    warnings.warn('eval_steps exceeds max_steps: no evaluation runs', UserWarning)\n"
+            "    print('step 3/3 loss 1.20', flush=True)\n"
+            "    print('cloudtune: token ' + os.environ['HF_TOKEN'], file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HF_TOKEN": value, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    streamed = done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["step 1/3 loss 5.52", "step 3/3 loss 1.20"]
+    assert "liger" not in streamed and "SyntaxWarning" not in streamed and "FutureWarning" not in streamed
+    assert "UserWarning: eval_steps exceeds max_steps" in done.stderr  # a warning that matters stays
+    assert "cloudtune: token <redacted>" in done.stderr
+    kept = debug.read_text()
+    for line in ("step 1/3 loss 5.52", "Backend impl 'liger_kernel.ops.backends._cutedsl.rope'",
+                 "somelib/util.py:12: SyntaxWarning: invalid escape sequence",
+                 "FutureWarning: torch_dtype is deprecated, token <redacted>", "UserWarning: eval_steps"):
+        assert line in kept
+    assert value not in kept + streamed
