@@ -96,12 +96,49 @@ def _gpu(_ctx, _param, given: str | None) -> tuple[str | None, int | None]:
     return split_gpu_count(given) if given else (None, None)
 
 
+# Shell completion (`eval "$(_CLOUDTUNE_COMPLETE=bash_source cloudtune)"`): each answers from what is on
+# this machine, cheaply, and never fails: a broken ledger completes nothing rather than print a traceback.
+
+
+def _complete_gpus(_ctx, _param, incomplete: str) -> list[str]:
+    from .planning.gpus import SPECS
+
+    return [name for name in SPECS if name.lower().startswith(incomplete.lower())]
+
+
+def _complete_backends(_ctx, _param, incomplete: str) -> list[str]:
+    return [entry.name for entry in registry.entries() if entry.name.startswith(incomplete)]
+
+
+def _complete_templates(_ctx, _param, incomplete: str) -> list[str]:
+    from . import templates
+
+    return [name for name in templates.summaries() if name.startswith(incomplete)]
+
+
+def _complete_runs(_ctx, _param, incomplete: str) -> list[click.shell_completion.CompletionItem]:
+    from click.shell_completion import CompletionItem
+
+    from .ledger import LEDGER_FILE, Ledger
+    from .paths import home
+
+    found = [CompletionItem("last", help="the newest run")] if "last".startswith(incomplete) else []
+    if not (home() / LEDGER_FILE).exists():
+        return found
+    try:
+        runs = Ledger().runs(50)
+    except Exception:  # noqa: BLE001 - completion must never print a traceback into the shell
+        return found
+    return found + [CompletionItem(run["id"], help=f"{run['status']} {run['name']}") for run in runs
+                    if run["id"].startswith(incomplete)]
+
+
 def _backend(_ctx, _param, name: str) -> str:
     registry.entry(name)  # an unknown name is refused before the recipe is read or a plan printed
     return name
 
 
-gpu_option = click.option("--gpu", callback=_gpu, metavar="NAME[:COUNT]",
+gpu_option = click.option("--gpu", callback=_gpu, metavar="NAME[:COUNT]", shell_complete=_complete_gpus,
                           help="GPU to rent (A10, A100-80GB, H100, ...; A10 also matches A10G, A100 and H100 "
                                "match their variants); NAME:COUNT also sets compute.gpu_count.")
 clouds_option = click.option("--cloud", "clouds", multiple=True, callback=_clouds, metavar="CLOUD[,CLOUD]",
@@ -114,7 +151,7 @@ clouds_option = click.option("--cloud", "clouds", multiple=True, callback=_cloud
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path), default="recipe.yaml")
-@click.option("--template", "-t", default="demo-tiny", show_default=True,
+@click.option("--template", "-t", default="demo-tiny", show_default=True, shell_complete=_complete_templates,
               help="Which ready recipe to start from (see --list).")
 @click.option("--list", "list_only", is_flag=True, help="List the templates and exit.")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
@@ -187,7 +224,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 @cli.command(cls=registry.BackendFlagsCommand)
 @click.argument("recipe_path", metavar="RECIPE", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
-              callback=_backend, help=registry.backend_help())
+              callback=_backend, shell_complete=_complete_backends, help=registry.backend_help())
 @gpu_option
 @clouds_option
 @click.option("--spot/--on-demand", default=None,
@@ -196,7 +233,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
               help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
 @click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
                                               "rent nothing.")
-@click.option("--resume", "resume_ref", metavar="RUN",
+@click.option("--resume", "resume_ref", metavar="RUN", shell_complete=_complete_runs,
               help="Continue RUN (an id, a prefix, or 'last') from the checkpoint it kept when it stopped, on a new "
                    "machine; RECIPE defaults to RUN's recipe, --backend to RUN's backend.")
 @json_option
@@ -248,7 +285,7 @@ def status(limit: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="[RUN]", default="last")
+@click.argument("run_ref", metavar="[RUN]", default="last", shell_complete=_complete_runs)
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the training ends.")
 @json_option
 def logs(run_ref: str, follow: bool, as_json: bool) -> None:
@@ -265,7 +302,7 @@ def logs(run_ref: str, follow: bool, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="[RUN]", required=False)
+@click.argument("run_ref", metavar="[RUN]", required=False, shell_complete=_complete_runs)
 @click.option("--dry-run", is_flag=True, help="List what would be torn down; change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed with --json).")
 @json_option
@@ -306,7 +343,7 @@ def down(run_ref: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
-              help=registry.backend_help())
+              shell_complete=_complete_backends, help=registry.backend_help())
 @json_option
 def check(backend: str, as_json: bool) -> None:
     """Which clouds can be rented on, what each other one is missing, and where SkyPilot's API server runs."""
@@ -416,7 +453,7 @@ def _show_dry_run(shown: dict, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN", default="last")
+@click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
 @json_option
 def pull(run_ref: str, as_json: bool) -> None:
     """Fetch the outputs of a run whose pull failed (its machine was left up), then tear the machine down."""
@@ -433,7 +470,7 @@ def pull(run_ref: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN", default="last")
+@click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
 @click.option("--open", "open_it", is_flag=True, help="Open the page in the browser.")
 def report(run_ref: str, open_it: bool) -> None:
     """Draw RUN's training (loss, eval loss, learning rate, tokens/s) and write an HTML page beside its outputs."""
@@ -446,7 +483,7 @@ def report(run_ref: str, open_it: bool) -> None:
 
 
 @cli.command(name="export")
-@click.argument("run_ref", metavar="RUN", default="last")
+@click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
 @click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(["f16", "q8_0"]),
               help="Write the merged model as GGUF of this type (repeat for several); needs cloudtune[train].")
 def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:

@@ -92,3 +92,27 @@ def test_library_noise_goes_to_the_debug_log_redacted_and_the_streamed_log_keeps
                  "FutureWarning: torch_dtype is deprecated, token <redacted>", "UserWarning: eval_steps"):
         assert line in kept
     assert value not in kept + streamed
+
+
+def _complete(words: str) -> list[str]:
+    """What bash completion offers for the last word of `words` (click's own completion protocol)."""
+    done = CliRunner().invoke(cli, [], prog_name="cloudtune", env={
+        "_CLOUDTUNE_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)})
+    return [line.split(",", 1)[1] for line in done.output.splitlines()]
+
+
+def test_shell_completion_knows_templates_backends_gpus_and_run_ids(ct_home):
+    from cloudtune import templates
+    from cloudtune.ledger import Ledger
+
+    assert "demo-tiny" in _complete("cloudtune init --template d")
+    assert set(_complete("cloudtune init -t ")) == set(templates.summaries())
+    assert _complete("cloudtune run --backend s") == ["skypilot", "ssh"]
+    assert _complete("cloudtune cost --gpu H10") == ["H100", "H100-PCIE", "H100-NVL"]
+    assert _complete("cloudtune logs ") == ["last"]  # no ledger yet: nothing else, and no ledger is created
+    assert not (ct_home / "ledger.db").exists()
+    ledger = Ledger()
+    first, second = ledger.add_new_run(name="demo", backend="local"), ledger.add_new_run(name="b", backend="local")
+    assert set(_complete("cloudtune logs ")) == {"last", first, second}
+    assert _complete(f"cloudtune down {first}") == [first]
+    assert set(_complete("cloudtune run --resume 2")) == {first, second}
