@@ -206,8 +206,12 @@ def validate(recipe_path: Path, as_json: bool) -> None:
     rows = [("model", recipe.model.name or f"init: {recipe.model.init}"),
             ("method", recipe.method + (f" (r={recipe.lora.r}, targets {recipe.lora.target_modules})"
                                         if recipe.uses_lora else "")),
-            ("dataset", f"{report.source} ({report.format})"), ("rows", units.count(report.rows)),
-            ("tokens", f"{units.count(report.tokens)} per epoch ({exactness}; tokenizer: {report.tokenizer})")]
+            ("dataset", f"{report.source} ({report.format})")]
+    if report.size_known:
+        rows += [("rows", units.count(report.rows)),
+                 ("tokens", f"{units.count(report.tokens)} per epoch ({exactness}; tokenizer: {report.tokenizer})")]
+    else:
+        rows += [("rows", "UNKNOWN"), ("tokens", "UNKNOWN (counted on the training machine)")]
     if report.truncated_rows:
         rows.append(("truncated", f"{units.count(report.truncated_rows)} rows longer than max_seq_len "
                                   f"{recipe.training.max_seq_len} (longest {units.count(report.longest_row_tokens)})"))
@@ -215,6 +219,9 @@ def validate(recipe_path: Path, as_json: bool) -> None:
         rows.append(("eval", f"{units.count(report.eval_rows)} rows, {units.count(report.eval_tokens)} tokens "
                              f"({report.eval_source})"))
     facts(console, f"{recipe_path}: valid", rows)
+    if report.size_note:
+        console.print(f"[{'dim' if report.size_known else 'bold yellow'}]{escape(report.size_note)}[/]",
+                      soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,8 +402,9 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
         _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
     else:
         exactness = "exact" if plan.tokens_exact else "estimated"
-        console.print(f"[bold]{escape(str(recipe_path))}[/]: {units.count(plan.tokens)} tokens over the run "
-                      f"({exactness}), "
+        tokens = (f"{units.count(plan.tokens)} tokens over the run ({exactness})" if plan.training_priced else
+                  "[bold yellow]tokens UNKNOWN[/]: only provisioning, setup, downloads and teardown are priced")
+        console.print(f"[bold]{escape(str(recipe_path))}[/]: {tokens}, "
                       f"{recipe.method}, model shape from {escape(plan.model_source)}", soft_wrap=True)
         console.print(f"[dim]{escape(plan.catalog.get('prices', plan.snapshot_date))}[/]")
         console.print(cost_table(plan, top, console.width))

@@ -109,7 +109,11 @@ def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport
     """Read and count the data, then let the backend say where the run goes and what it costs."""
     with events.busy("reading the dataset and counting its tokens"):
         report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
-    events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens per epoch ({report.format})")
+    if report.size_known:
+        events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens per epoch ({report.format})")
+    else:
+        events.phase("data", f"rows and tokens UNKNOWN ({report.format}): counted on the training machine")
+        events.warn(report.size_note)
     with events.busy("pricing every offer for the whole run"):
         quote = backend.quote(recipe, report)
     if continues is not None:

@@ -278,8 +278,8 @@ def _cost_table(plan, top: int, wide: bool) -> Table:
         where = [escape(offer.region), escape(offer.instance_type)] if wide else []
         table.add_row(units.gpus(offer.gpu, offer.gpu_count), offer.cloud, *where,
                       units.money(estimate.price_per_hour), units.hours_range(estimate.hours_low, estimate.hours_high),
-                      units.money_range(estimate.cost_low, estimate.cost_high), units.gib(estimate.needs_gib), fits,
-                      style=style)
+                      units.money_range(estimate.cost_low, estimate.cost_high) + ("" if plan.training_priced else "+?"),
+                      units.gib(estimate.needs_gib), fits, style=style)
     return table
 
 
@@ -291,9 +291,10 @@ def cost_footer(console: Console, plan, top: int) -> None:
     chosen = plan.chosen
     if chosen:
         offer = chosen.offer
+        whole = "for the whole run" if plan.training_priced else \
+            "[bold yellow]before training, which is not priced (+?): the dataset's size is unknown[/]"
         console.print(f"[bold green]cheapest that fits:[/] {units.gpus(offer.gpu, offer.gpu_count)} on "
-                      f"{escape(offer_where(offer))}: {units.money_range(chosen.cost_low, chosen.cost_high)} for "
-                      "the whole run")
+                      f"{escape(offer_where(offer))}: {units.money_range(chosen.cost_low, chosen.cost_high)} {whole}")
         console.print(indented(chosen.why))
     else:
         console.print(f"[bold red]no offer fits:[/] {escape(plan.estimates[0].why)}")

@@ -116,3 +116,132 @@ def test_shell_completion_knows_templates_backends_gpus_and_run_ids(ct_home):
     assert set(_complete("cloudtune logs ")) == {"last", first, second}
     assert _complete(f"cloudtune down {first}") == [first]
     assert set(_complete("cloudtune run --resume 2")) == {first, second}
+
+
+# ------------------------------------------------------------------------------------------------
+# hub datasets: their size read from the hub (a real HTTP server on 127.0.0.1), or UNKNOWN, loudly
+
+
+class _Hub:
+    """The hub's dataset API and the datasets-server's size API, as they answer, for a few datasets."""
+
+    CARDS = {"acme/chat": {"id": "acme/chat", "cardData": {"dataset_info": {
+        "features": [{"name": "text", "dtype": "string"}],
+        "splits": [{"name": "train", "num_bytes": 7_200_000, "num_examples": 4000},
+                   {"name": "test", "num_bytes": 72_000, "num_examples": 40}]}}},
+        "acme/configs": {"id": "acme/configs", "cardData": {"dataset_info": [
+            {"config_name": "small", "splits": [{"name": "train", "num_examples": 300}]},
+            {"config_name": "default", "splits": [{"name": "train", "num_examples": 900}]}]}},
+        "acme/nocard": {"id": "acme/nocard", "cardData": {"license": "mit"}},
+        "acme/nosize": {"id": "acme/nosize"}}
+    SIZES = {"acme/nocard": {"size": {"splits": [
+        {"dataset": "acme/nocard", "config": "default", "split": "train", "num_rows": 2500,
+         "num_bytes_memory": 3_600_000}]}, "pending": [], "failed": [], "partial": False}}
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        hub = self
+        self.requests: list[tuple[str, str | None]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                import json
+                import urllib.parse
+
+                url = urllib.parse.urlsplit(self.path)
+                hub.requests.append((self.path, self.headers.get("Authorization")))
+                if url.path.startswith("/api/datasets/"):
+                    body = hub.CARDS.get(url.path.removeprefix("/api/datasets/"))
+                elif url.path == "/size":
+                    body = hub.SIZES.get(urllib.parse.parse_qs(url.query)["dataset"][0])
+                else:
+                    body = None
+                data = json.dumps(body or {"error": "Dataset not found"}).encode()
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _hub_recipe(folder, hub: str, **dataset) -> str:
+    import yaml
+
+    from .conftest import write_recipe
+
+    return str(write_recipe(folder, yaml.safe_dump({"model": "meta-llama/Llama-2-7b-hf", "method": "qlora",
+                                                    "dataset": {"hub": hub, "format": "completion", **dataset}}),
+                            name=f"{hub.replace('/', '-')}.yaml"))
+
+
+def test_with_network_a_hub_datasets_size_is_read_from_the_hub_before_pricing(tmp_path, monkeypatch):
+    import json
+
+    hub = _Hub()
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("CLOUDTUNE_DATASETS_SERVER", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_" + "HubSizeTokenValue" * 2)
+
+        card = json.loads(invoke("cost", "--json", "--top", "1", _hub_recipe(tmp_path, "acme/chat")).stdout)
+        assert card["training_priced"] is True
+        # 4,000 rows of 1,800 bytes ≈ 500 tokens each (3.6 characters a token), capped at max_seq_len
+        assert 4000 * 300 < card["tokens"] < 4000 * 600
+        assert any("4,000 rows (the hub's dataset card)" in note for note in card["notes"])
+        assert ("/api/datasets/acme/chat", "Bearer hf_" + "HubSizeTokenValue" * 2) in hub.requests
+
+        shown = invoke("validate", _hub_recipe(tmp_path, "acme/configs", subset="small"))
+        assert shown.exit_code == 0 and "rows 300" in " ".join(shown.stdout.split()), shown.stdout
+
+        served = json.loads(invoke("validate", "--json", _hub_recipe(tmp_path, "acme/nocard")).stdout)["dataset"]
+        assert served["rows"] == 2500 and served["size_known"] and "datasets-server" in served["size_note"]
+
+        unknown = json.loads(invoke("cost", "--json", "--top", "1", _hub_recipe(tmp_path, "acme/nosize")).stdout)
+        assert unknown["training_priced"] is False and unknown["tokens"] == 0
+        assert any("size UNKNOWN (the hub states no row count for split train)" in n for n in unknown["notes"])
+    finally:
+        hub.close()
+
+
+def test_without_network_a_hub_datasets_size_is_unknown_loudly_and_only_the_known_part_is_priced(tmp_path,
+                                                                                                monkeypatch):
+    from .conftest import free_port
+
+    hub = _Hub()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        recipe = _hub_recipe(tmp_path, "acme/chat")
+        offline = invoke("cost", recipe)  # HF_HUB_OFFLINE=1 (conftest): the hub is not even asked
+        assert offline.exit_code == 0 and not hub.requests
+        said = " ".join(offline.stdout.split())
+        assert "tokens UNKNOWN: only provisioning, setup, downloads and teardown are priced" in said
+        assert "before training, which is not priced (+?)" in said and "for the whole run" not in said
+        assert "HF_HUB_OFFLINE is set" in said and "+?" in offline.stdout
+
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody answers there
+        shown = invoke("validate", recipe)
+        assert shown.exit_code == 0 and "rows UNKNOWN" in " ".join(shown.stdout.split())
+        assert "cannot be reached" in " ".join(shown.stdout.split())
+
+        refused = invoke("run", "--backend", "skypilot", "--dry-run", "--max-cost", "5", recipe)
+        assert refused.exit_code == 2 and "max_cost $5.00 cannot be checked" in refused.stderr
+        ran = invoke("run", "--backend", "skypilot", "--dry-run", "--json", "--max-cost", "5",
+                     _hub_recipe(tmp_path, "acme/chat", max_rows=10))
+        assert ran.exit_code == 2  # max_rows does not make an unknown size known
+    finally:
+        hub.close()

@@ -639,6 +639,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         summary = (f"{offer.gpu}×{offer.gpu_count} on {where} at "
                    f"${chosen.price_per_hour:.2f}/h{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–"
                    f"{chosen.hours_high:.2f} h, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} "
+                   f"{'' if plan.training_priced else '+ the training, NOT priced (dataset size unknown) '}"
                    f"(prices of {plan.snapshot_date})")
         fitted, changes = fitted_recipe(recipe, chosen)
         return Quote(summary=summary, recipe=fitted, price=dict(price_fields(chosen)),
