@@ -63,9 +63,9 @@ def hub_report(recipe: Recipe) -> DatasetReport:
     shape = "lengths from its stated bytes per row" if mean else "lengths assumed guanaco-like"
     return DatasetReport(source=f"hub:{spec.hub}", format=spec.format, rows=rows, tokens=sum(lengths),
                          tokens_exact=False, truncated_rows=sum(n > cap for n in raw),
-                         longest_row_tokens=max(raw, default=0), tokenizer=f"estimate ({size.source})",
+                         longest_row_tokens=max(raw, default=0), tokenizer=f"estimate (rows {size.source})",
                          length_percentiles=percentiles(lengths),
-                         size_note=f"hub dataset {spec.hub}: {size.rows:,} rows ({size.source}), {shape}; the "
+                         size_note=f"hub dataset {spec.hub}: {size.rows:,} rows {size.source}, {shape}; the "
                                    "training machine counts the real tokens")
 
 
@@ -117,7 +117,7 @@ def _from_card(card: dict, subset: str | None, split: str) -> HubSize | None:
         info = infos[0]
     for entry in (info or {}).get("splits") or []:
         if isinstance(entry, dict) and entry.get("name") == split and _count(entry.get("num_examples")):
-            return HubSize(int(entry["num_examples"]), _count(entry.get("num_bytes")), "the hub's dataset card")
+            return HubSize(int(entry["num_examples"]), _count(entry.get("num_bytes")), "from the hub's dataset card")
     return None
 
 
@@ -129,7 +129,7 @@ def _from_size_api(size: dict, subset: str | None, split: str) -> HubSize | None
             continue
         if _count(entry.get("num_rows")):
             return HubSize(int(entry["num_rows"]), _count(entry.get("num_bytes_memory")),
-                           "the hub's datasets-server")
+                           "from the hub's datasets-server")
     return None
 
 

@@ -131,6 +131,7 @@ def preview(recipe: Recipe, backend: Backend, events: Events, continues: Continu
         raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend.name} backend rents "
                              "nothing.", "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
     quote, _ = plan(recipe, backend, events, continues=continues)
+    check_before_renting(quote.recipe)
     with events.busy(f"checking the task with {backend.name}'s own loader (importing it takes seconds)"):
         shown = backend.dry_run(quote)
     with tempfile.TemporaryDirectory(prefix="cloudtune-dry-run-") as scratch, \
@@ -145,6 +146,14 @@ def preview(recipe: Recipe, backend: Backend, events: Events, continues: Continu
     shown["notes"] = [*shown.get("notes", []), f"the bundle it ships: {size / 1024:.0f} KiB, "
                       f"{', '.join(name.removeprefix('bundle/') for name in bundle.files)}"]
     return shown
+
+
+def check_before_renting(recipe: Recipe) -> dict[str, str]:
+    """What `run` checks before it asks for a machine, which `run --dry-run` checks too: the recipe's
+    secrets are set and safe to redact, and there is room for the bundle and the outputs. The secrets' values."""
+    values = collect(recipe.secrets)  # registers the values: `redact` hides them from here on
+    check_free_space(recipe, outputs_base(recipe))
+    return values
 
 
 def make_bundle(backend: Backend, ctx: RunContext, continues: Continuation | None = None) -> Bundle:
@@ -217,7 +226,7 @@ class Launch:
         self.backend = backend
         self.events = events
         self.ledger = ledger
-        self.secrets = collect(self.recipe.secrets)  # registers the values: `redact` hides them from here on
+        self.secrets = check_before_renting(self.recipe)
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.started = time.time()
         self.machine_status = "requested"
@@ -232,7 +241,6 @@ class Launch:
         self.ledger.set_machine(self.ctx.machine, self.machine_status, **self.ctx.state.model_dump(mode="json"))
 
     def execute(self) -> RunResult:
-        check_free_space(self.recipe, outputs_base(self.recipe))
         self.open()
         status, keep_machine = "failed", False
         try:

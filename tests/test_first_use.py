@@ -201,7 +201,7 @@ def test_with_network_a_hub_datasets_size_is_read_from_the_hub_before_pricing(tm
         assert card["training_priced"] is True
         # 4,000 rows of 1,800 bytes ≈ 500 tokens each (3.6 characters a token), capped at max_seq_len
         assert 4000 * 300 < card["tokens"] < 4000 * 600
-        assert any("4,000 rows (the hub's dataset card)" in note for note in card["notes"])
+        assert any("4,000 rows from the hub's dataset card" in note for note in card["notes"])
         assert ("/api/datasets/acme/chat", "Bearer hf_" + "HubSizeTokenValue" * 2) in hub.requests
 
         shown = invoke("validate", _hub_recipe(tmp_path, "acme/configs", subset="small"))
@@ -245,3 +245,21 @@ def test_without_network_a_hub_datasets_size_is_unknown_loudly_and_only_the_know
         assert ran.exit_code == 2  # max_rows does not make an unknown size known
     finally:
         hub.close()
+
+
+def test_a_dry_run_checks_what_the_run_checks_before_renting(tmp_path, monkeypatch):
+    """push_to_hub needs HF_TOKEN: the real run refuses before renting when it is unset, so the dry run must too."""
+    import yaml
+
+    from .conftest import write_recipe
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no token from `hf auth login` either
+    recipe = write_recipe(tmp_path, yaml.safe_dump({
+        "model": "meta-llama/Llama-2-7b-hf", "method": "qlora", "secrets": ["HF_TOKEN"],
+        "dataset": {"hub": "mlabonne/guanaco-llama2-1k", "format": "llama2-inst"},
+        "outputs": {"push_to_hub": "me/adapter"}}))
+    refused = invoke("run", "--backend", "skypilot", "--dry-run", str(recipe))
+    assert refused.exit_code == 2, refused.stderr
+    assert "secrets named in the recipe are not set: HF_TOKEN" in refused.stderr
+    assert "Traceback" not in refused.stderr
