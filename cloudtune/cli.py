@@ -391,6 +391,7 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
          top: int, as_json: bool) -> None:
     """Dollars for the whole run of RECIPE on every GPU offer, cheapest that fits first (exit 1: none fits)."""
     from .datasets import inspect_dataset
+    from .planning import enabled
     from .planning.planner import make_plan
     from .recipe import load_recipe, with_compute_overrides
     from .render import cost_footer, cost_table, spinner
@@ -398,8 +399,10 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
     recipe = with_compute_overrides(load_recipe(recipe_path), gpu_count=gpu[1])
     with spinner("reading the dataset and pricing every offer", err_console):
         plan = make_plan(recipe, inspect_dataset(recipe), gpu=gpu[0], clouds=clouds, spot=spot)
+    known = enabled.last_checked()
     if as_json:
-        _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
+        _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates),
+                     "enabled_clouds": known.as_dict() if known else None})
     else:
         exactness = "exact" if plan.tokens_exact else "estimated"
         tokens = (f"{units.count(plan.tokens)} tokens over the run ({exactness})" if plan.training_priced else
@@ -407,10 +410,12 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
         console.print(f"[bold]{escape(str(recipe_path))}[/]: {tokens}, "
                       f"{recipe.method}, model shape from {escape(plan.model_source)}", soft_wrap=True)
         console.print(f"[dim]{escape(plan.catalog.get('prices', plan.snapshot_date))}[/]")
-        console.print(cost_table(plan, top, console.width))
+        shown = {e.offer.cloud for e in plan.estimates[:top]}
+        console.print(cost_table(plan, top, console.width, frozenset(known.off(shown)) if known else frozenset()))
         cost_footer(console, plan, top)
-        for note in plan.notes:
-            console.print(f"[yellow]note:[/] {escape(note)}")
+        for note in [*plan.notes, enabled.describe(known, shown)]:
+            if note:
+                console.print(f"[yellow]note:[/] {escape(note)}")
     if plan.chosen is None:
         click.get_current_context().exit(NOTHING_FITS)
 
@@ -426,6 +431,7 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
 def gpus(gpu: tuple[str | None, int | None], clouds: list[str] | None, spot: bool, top: int, refresh: bool,
          as_json: bool) -> None:
     """GPU offers and their prices, cheapest first."""
+    from .planning import enabled
     from .planning.gpus import SPECS
     from .planning.offers import gpu_offers
     from .render import gpus_footer, gpus_table, refresh_report, spinner
@@ -433,13 +439,20 @@ def gpus(gpu: tuple[str | None, int | None], clouds: list[str] | None, spot: boo
     with spinner("asking SkyPilot for fresh catalogs" if refresh else "reading the price catalogs", err_console):
         found = gpu_offers(gpu[0], clouds, refresh, count=gpu[1], spot=spot)
     catalog = found.catalog
+    known = enabled.last_checked()
     if as_json:
-        _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in found.refreshed], "note": found.note})
+        _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in found.refreshed], "note": found.note,
+                     "enabled_clouds": known.as_dict() if known else None})
         return
     refresh_report(err_console, found.refreshed, catalog.snapshot_date)
     console.print(f"[bold]GPU offers, cheapest {'spot price' if spot else 'first'}[/] [dim]· {catalog.describe()}[/]")
-    console.print(gpus_table(catalog.offers[:top], SPECS, console.width))
+    shown = {offer.cloud for offer in catalog.offers[:top]}
+    console.print(gpus_table(catalog.offers[:top], SPECS, console.width,
+                             frozenset(known.off(shown)) if known else frozenset()))
     gpus_footer(console, found, top, filtered=bool(gpu[0]))
+    note = enabled.describe(known, shown)
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,15 +460,20 @@ def gpus(gpu: tuple[str | None, int | None], clouds: list[str] | None, spot: boo
 
 
 def _show_dry_run(shown: dict, as_json: bool) -> None:
+    from .planning import enabled
     from .render import launch_order_table
 
+    known = enabled.last_checked()
     if as_json:
-        _print_json({key: value for key, value in shown.items() if key != "yaml"})
+        _print_json({**{key: value for key, value in shown.items() if key != "yaml"},
+                     "enabled_clouds": known.as_dict() if known else None})
         return
+    clouds = {e["offer"]["cloud"] for e in ([shown["chosen"]] if shown["chosen"] else []) + shown["fallbacks"]}
     console.print(f"[bold]launch order[/]: cheapest run first, then fallbacks [dim]({escape(shown['prices'])})[/]")
-    console.print(launch_order_table(shown, console.width))
-    for note in shown["notes"]:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+    console.print(launch_order_table(shown, console.width, frozenset(known.off(clouds)) if known else frozenset()))
+    for note in [*shown["notes"], enabled.describe(known, clouds)]:
+        if note:
+            console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"[bold]{escape(shown['task_title'])}[/]:")
     console.print(shown["yaml"], markup=False, highlight=False, soft_wrap=True)
 

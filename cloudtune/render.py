@@ -258,13 +258,18 @@ FITS_NOTE = ("* fits only with gradient checkpointing or a smaller micro-batch (
              "which for the cheapest)")
 
 
-def cost_table(plan, top: int, width: int) -> Table:
+def cost_table(plan, top: int, width: int, off: frozenset[str] = frozenset()) -> Table:
     """The plan's offers, cheapest run first; the chosen (cheapest that fits) one highlighted; region
-    and instance type where they fit."""
-    return widest_that_fits(width, _cost_table(plan, top, wide=True), _cost_table(plan, top, wide=False))
+    and instance type where they fit; clouds in `off` (not enabled here) marked †."""
+    return widest_that_fits(width, _cost_table(plan, top, wide=True, off=off),
+                            _cost_table(plan, top, wide=False, off=off))
 
 
-def _cost_table(plan, top: int, wide: bool) -> Table:
+def cloud_cell(cloud: str, off: frozenset[str]) -> str:
+    return f"{cloud}†" if cloud in off else cloud
+
+
+def _cost_table(plan, top: int, wide: bool, off: frozenset[str] = frozenset()) -> Table:
     spot = any(e.spot for e in plan.estimates)
     columns = [whole("GPU"), whole("cloud")] + ([whole("region"), whole("instance")] if wide else [])
     table = grid(*columns, figure("spot $/h" if spot else "$/h"), figure("time"), figure("$ per run"),
@@ -276,7 +281,7 @@ def _cost_table(plan, top: int, wide: bool) -> Table:
         fits = ("[green]yes[/]" + ("*" if adjusted else "")) if estimate.fits else "[red]no[/]"
         style = "bold green" if estimate is chosen else ("dim" if not estimate.fits else None)
         where = [escape(offer.region), escape(offer.instance_type)] if wide else []
-        table.add_row(units.gpus(offer.gpu, offer.gpu_count), offer.cloud, *where,
+        table.add_row(units.gpus(offer.gpu, offer.gpu_count), cloud_cell(offer.cloud, off), *where,
                       units.money(estimate.price_per_hour), units.hours_range(estimate.hours_low, estimate.hours_high),
                       units.money_range(estimate.cost_low, estimate.cost_high) + ("" if plan.training_priced else "+?"),
                       units.gib(estimate.needs_gib), fits, style=style)
@@ -305,11 +310,12 @@ def cost_footer(console: Console, plan, top: int) -> None:
                       f"{misfits} of {len(plan.estimates)} do not fit.[/]")
 
 
-def gpus_table(offers: list, specs: dict, width: int) -> Table:
-    return widest_that_fits(width, _gpus_table(offers, specs, wide=True), _gpus_table(offers, specs, wide=False))
+def gpus_table(offers: list, specs: dict, width: int, off: frozenset[str] = frozenset()) -> Table:
+    return widest_that_fits(width, _gpus_table(offers, specs, wide=True, off=off),
+                            _gpus_table(offers, specs, wide=False, off=off))
 
 
-def _gpus_table(offers: list, specs: dict, wide: bool) -> Table:
+def _gpus_table(offers: list, specs: dict, wide: bool, off: frozenset[str] = frozenset()) -> Table:
     columns = [whole("GPU"), figure("memory"), figure("TFLOP/s"), whole("cloud")]
     columns += [whole("region"), whole("instance")] if wide else []
     table = grid(*columns, figure("$/h"), figure("spot $/h"))
@@ -317,7 +323,7 @@ def _gpus_table(offers: list, specs: dict, wide: bool) -> Table:
         spec = specs[offer.gpu]
         where = [escape(offer.region), escape(offer.instance_type)] if wide else []
         table.add_row(units.gpus(offer.gpu, offer.gpu_count), units.gib(offer.gpu_memory_gib),
-                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"), offer.cloud, *where,
+                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"), cloud_cell(offer.cloud, off), *where,
                       units.money(offer.price_per_hour), units.money(offer.spot_price_per_hour))
     return table
 
@@ -351,19 +357,20 @@ def gpus_footer(console: Console, found, top: int, filtered: bool) -> None:
                                                                sorted(catalog.skipped.items()))))
 
 
-def launch_order_table(shown: dict, width: int) -> Table:
+def launch_order_table(shown: dict, width: int, off: frozenset[str] = frozenset()) -> Table:
     """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks."""
-    return widest_that_fits(width, _launch_order_table(shown, wide=True), _launch_order_table(shown, wide=False))
+    return widest_that_fits(width, _launch_order_table(shown, wide=True, off=off),
+                            _launch_order_table(shown, wide=False, off=off))
 
 
-def _launch_order_table(shown: dict, wide: bool) -> Table:
+def _launch_order_table(shown: dict, wide: bool, off: frozenset[str] = frozenset()) -> Table:
     columns = [figure("try"), whole("GPU"), whole("cloud")] + ([whole("region"), whole("instance")] if wide else [])
     table = grid(*columns, figure("$/h"), figure("time"), figure("$ per run"))
     rows = ([shown["chosen"]] if shown["chosen"] else []) + shown["fallbacks"]
     for i, estimate in enumerate(rows, start=1):
         offer = estimate["offer"]
         where = [escape(offer["region"]), escape(offer["instance_type"])] if wide else []
-        table.add_row(str(i), units.gpus(offer["gpu"], offer["gpu_count"]), offer["cloud"], *where,
+        table.add_row(str(i), units.gpus(offer["gpu"], offer["gpu_count"]), cloud_cell(offer["cloud"], off), *where,
                       units.money(estimate["price_per_hour"]),
                       units.hours_range(estimate["hours_low"], estimate["hours_high"]),
                       units.money_range(estimate["cost_low"], estimate["cost_high"]),
@@ -385,7 +392,8 @@ def check_table(clouds: dict[str, dict]) -> Table:
 
 
 ASCII = str.maketrans({"×": "x", "–": "-", "—": "-", "…": "...", "▸": ">", "│": "|", "·": "-", "≥": ">=",
-                       "≤": "<=", "→": "->", "’": "'", "‘": "'", "“": '"', "”": '"', "≈": "~", "±": "+/-"})
+                       "≤": "<=", "→": "->", "’": "'", "‘": "'", "“": '"', "”": '"', "≈": "~", "±": "+/-",
+                       "†": "+"})
 
 
 class AsciiText(io.TextIOBase):

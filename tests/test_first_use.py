@@ -263,3 +263,30 @@ def test_a_dry_run_checks_what_the_run_checks_before_renting(tmp_path, monkeypat
     assert refused.exit_code == 2, refused.stderr
     assert "secrets named in the recipe are not set: HF_TOKEN" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_cost_gpus_and_the_dry_run_mark_offers_on_clouds_not_enabled_here(tmp_path):
+    import json
+
+    from cloudtune.planning import enabled
+
+    from .conftest import DEMO_RECIPE
+
+    never = invoke("gpus", "--top", "40")
+    assert "which of these clouds you can rent on is not known yet: `cloudtune check`" in " ".join(
+        never.stdout.split())
+    assert json.loads(invoke("gpus", "--json").stdout)["enabled_clouds"] is None
+
+    enabled.remember(["aws", "lambda"])  # what `cloudtune check` (or a launch) found
+    listed = invoke("gpus", "--top", "40")
+    rows = [line.split() for line in listed.stdout.splitlines()]
+    clouds = {cell.rstrip("†"): cell.endswith("†") for row in rows for cell in row
+              if cell.rstrip("†") in {"aws", "lambda", "vast", "runpod", "gcp", "azure"}}
+    assert clouds["aws"] is False and clouds["lambda"] is False and clouds.get("vast", True) is True
+    assert any(marked for marked in clouds.values())
+    said = " ".join(listed.stdout.split())
+    assert "† not enabled here (`cloudtune check` of" in said and "aws" not in said.split("not enabled here")[1]
+    priced = json.loads(invoke("cost", "--json", str(DEMO_RECIPE)).stdout)
+    assert priced["enabled_clouds"]["enabled"] == ["aws", "lambda"]
+    table = invoke("cost", "--top", "30", str(DEMO_RECIPE))
+    assert "†" in table.stdout and "not enabled here" in table.stdout

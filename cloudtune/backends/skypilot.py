@@ -339,10 +339,12 @@ class SkyClient:
         import sky
         from sky.client import sdk
 
-        enabled = [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())]
-        if enabled:
-            return enabled
-        return self._run_check(io.StringIO())
+        from ..planning import enabled as enabled_clouds
+
+        enabled = [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())] or \
+            self._run_check(io.StringIO())
+        enabled_clouds.remember(enabled)  # what `cost` and `gpus` mark offers by
+        return enabled
 
     def _run_check(self, output) -> list[str]:
         import sky
@@ -986,9 +988,12 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
 
     def check_setup(self) -> dict[str, Any]:
         """SkyPilot's check run now, for every cloud cloudtune prices and Slurm."""
+        from ..planning import enabled
         from ..planning.sky_catalog import bundled_clouds
 
-        return self.client.check([*bundled_clouds(), "slurm"])
+        report = self.client.check([*bundled_clouds(), "slurm"])
+        enabled.remember(name for name, cloud in report["clouds"].items() if cloud["enabled"])
+        return report
 
 
 if __name__ == "__main__":
