@@ -349,6 +349,31 @@ def down(run_ref: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--dry-run", is_flag=True, help="List what would be freed; delete nothing.")
+@json_option
+def clean(dry_run: bool, as_json: bool) -> None:
+    """Free what finished runs left in $CLOUDTUNE_HOME/runs: bundles, uploads, and a local run's copy of
+    outputs already pulled. Never a run still going, your outputs, or a checkpoint kept for --resume."""
+    from .lifecycle import clean as clean_runs
+    from .render import grid, text, whole
+
+    freed = clean_runs(dry_run=dry_run)
+    total = sum(item.bytes for item in freed)
+    if as_json:
+        _print_json({"dry_run": dry_run, "freed": [vars(item) for item in freed], "freed_bytes": total})
+        return
+    if not freed:
+        console.print("nothing to clean: no finished run left a copy behind")
+        return
+    table = grid(whole("run"), text("what"), whole("size"))
+    for item in freed:
+        table.add_row(item.run_id, escape(f"{item.what}: {item.path}"), units.data_size(item.bytes))
+    console.print(table)
+    verb = "would free" if dry_run else "freed"
+    console.print(f"{verb} {units.data_size(total)} in {len(freed)} place(s)")
+
+
+@cli.command()
 @click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
               shell_complete=_complete_backends, help=registry.backend_help())
 @json_option

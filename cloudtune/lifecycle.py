@@ -701,3 +701,59 @@ def _mark_run_cancelled(ledger: Ledger, run_id: str) -> None:
     run_row = ledger.get_run(run_id)
     if run_row["status"] not in FINAL_RUN_STATUSES:
         ledger.update_run(run_id, status="cancelled", error="torn down by `cloudtune down`")
+
+
+# ----------------------------------------------------------------------------------------------
+# clean: what finished runs leave under $CLOUDTUNE_HOME that nothing needs any more
+
+
+@dataclass
+class Freed:
+    run_id: str
+    path: str
+    bytes: int
+    what: str
+
+
+# A finished run's scratch, by its path in the run's folder: never needed again once the run ended.
+SCRATCH = {BUNDLE_FILE: "the bundle archive (recipe, a copy of the dataset)",
+           "upload": "SkyPilot's upload folder (a copy of the bundle)",
+           "machine/bundle": "the local machine's unpacked bundle"}
+PULLED_COPY = ("machine/out", "the local machine's copy of outputs already pulled")
+
+
+def clean(dry_run: bool = False, ledger: Ledger | None = None) -> list[Freed]:
+    """`cloudtune clean`: free the copies finished runs left behind (their scratch, and a local machine's
+    out/ once its outputs were pulled); what was (or, with dry_run, would be) freed.
+
+    Never touched: a run still going (or whose CLI died: its outputs may still be pulled), out/ of a run
+    whose outputs did not arrive, the checkpoint a stopped run kept for `run --resume`, your outputs."""
+    if ledger is None and not (home() / LEDGER_FILE).exists():
+        return []
+    ledger = ledger or Ledger()
+    freed: list[Freed] = []
+    for folder in sorted(path for path in runs_dir().iterdir() if path.is_dir()):
+        try:
+            row = ledger.get_run(folder.name)
+        except CloudtuneError:
+            continue  # not a run this ledger knows: not ours to judge
+        if row["id"] != folder.name or row["status"] not in FINAL_RUN_STATUSES:
+            continue
+        found = dict(SCRATCH)
+        out_dir = Path(row["output_dir"]) if row["output_dir"] else None
+        if row["status"] == "succeeded" and out_dir is not None and (out_dir / manifest.MANIFEST).is_file():
+            found[PULLED_COPY[0]] = PULLED_COPY[1]
+        for relative, what in found.items():
+            path = folder / relative
+            if not path.exists() and not path.is_symlink():
+                continue
+            freed.append(Freed(row["id"], str(path), _size(path), what))
+            if not dry_run:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return freed
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() or p.is_symlink())

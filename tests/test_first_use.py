@@ -290,3 +290,43 @@ def test_cost_gpus_and_the_dry_run_mark_offers_on_clouds_not_enabled_here(tmp_pa
     assert priced["enabled_clouds"]["enabled"] == ["aws", "lambda"]
     table = invoke("cost", "--top", "30", str(DEMO_RECIPE))
     assert "†" in table.stdout and "not enabled here" in table.stdout
+
+
+def test_clean_frees_what_finished_runs_left_and_never_what_is_still_needed(tmp_path, ct_home):
+    import json
+
+    from cloudtune.ledger import Ledger
+
+    ledger = Ledger()
+    runs = {status: ledger.add_new_run(name=status, backend="local") for status in ("succeeded", "failed", "running")}
+    outputs = tmp_path / "outputs" / "done"
+    outputs.mkdir(parents=True)
+    (outputs / "manifest.json").write_text('{"files": {}}')
+    ledger.update_run(runs["succeeded"], status="succeeded", output_dir=str(outputs))
+    ledger.update_run(runs["failed"], status="failed", output_dir=str(tmp_path / "outputs" / "never-arrived"))
+    ledger.update_run(runs["running"], status="running")
+    for run_id in runs.values():
+        folder = ct_home / "runs" / run_id
+        (folder / "machine" / "out" / "adapter").mkdir(parents=True)
+        (folder / "machine" / "out" / "adapter" / "weights").write_bytes(b"w" * 5000)
+        (folder / "checkpoint" / "step-3").mkdir(parents=True)
+        (folder / "bundle.tar.gz").write_bytes(b"b" * 3000)
+        (folder / "machine" / "train.log").write_text("step 1/3\n")
+
+    dry = json.loads(invoke("clean", "--dry-run", "--json").stdout)
+    listed = {(item["run_id"], item["path"].split(item["run_id"] + "/")[1]) for item in dry["freed"]}
+    assert listed == {(runs["succeeded"], "bundle.tar.gz"), (runs["succeeded"], "machine/out"),
+                      (runs["failed"], "bundle.tar.gz")}
+    assert dry["freed_bytes"] == 3000 + 5000 + 3000 and dry["dry_run"] is True
+    assert all((ct_home / "runs" / run_id / "bundle.tar.gz").exists() for run_id in runs.values())
+
+    done = invoke("clean")
+    assert done.exit_code == 0 and "freed 11 KiB in 3 place(s)" in done.stdout, done.stdout
+    assert runs["succeeded"] in done.stdout  # the run id printed whole
+    ours = ct_home / "runs" / runs["succeeded"]
+    assert not (ours / "machine" / "out").exists() and not (ours / "bundle.tar.gz").exists()
+    assert (ours / "checkpoint" / "step-3").is_dir() and (ours / "machine" / "train.log").is_file()
+    assert (outputs / "manifest.json").is_file()  # the user's pulled outputs
+    assert (ct_home / "runs" / runs["failed"] / "machine" / "out" / "adapter" / "weights").is_file()  # pull again
+    assert (ct_home / "runs" / runs["running"] / "bundle.tar.gz").is_file()  # still going
+    assert invoke("clean").stdout.strip() == "nothing to clean: no finished run left a copy behind"
