@@ -70,6 +70,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print machin
 @click.version_option(package_name="cloudtune")
 def cli(debug: bool) -> None:
     """Fine-tune an LLM on the cheapest GPU that fits, for a price known before you pay it."""
+    from .ledger import LEDGER_FILE
+    from .paths import home
+
+    if not (home() / LEDGER_FILE).exists():
+        return  # nothing ever ran here, so nothing to sweep, and `cost` in a fresh HOME skips the lifecycle import
     from .lifecycle import sweep_dead_runs
 
     sweep_dead_runs()  # a run killed with its CLI left its secrets file behind: gone before anything else
@@ -91,12 +96,49 @@ def _gpu(_ctx, _param, given: str | None) -> tuple[str | None, int | None]:
     return split_gpu_count(given) if given else (None, None)
 
 
+# Shell completion (`eval "$(_CLOUDTUNE_COMPLETE=bash_source cloudtune)"`): each answers from what is on
+# this machine, cheaply, and never fails: a broken ledger completes nothing rather than print a traceback.
+
+
+def _complete_gpus(_ctx, _param, incomplete: str) -> list[str]:
+    from .planning.gpus import SPECS
+
+    return [name for name in SPECS if name.lower().startswith(incomplete.lower())]
+
+
+def _complete_backends(_ctx, _param, incomplete: str) -> list[str]:
+    return [entry.name for entry in registry.entries() if entry.name.startswith(incomplete)]
+
+
+def _complete_templates(_ctx, _param, incomplete: str) -> list[str]:
+    from . import templates
+
+    return [name for name in templates.summaries() if name.startswith(incomplete)]
+
+
+def _complete_runs(_ctx, _param, incomplete: str) -> list[click.shell_completion.CompletionItem]:
+    from click.shell_completion import CompletionItem
+
+    from .ledger import LEDGER_FILE, Ledger
+    from .paths import home
+
+    found = [CompletionItem("last", help="the newest run")] if "last".startswith(incomplete) else []
+    if not (home() / LEDGER_FILE).exists():
+        return found
+    try:
+        runs = Ledger().runs(50)
+    except Exception:  # noqa: BLE001 - completion must never print a traceback into the shell
+        return found
+    return found + [CompletionItem(run["id"], help=f"{run['status']} {run['name']}") for run in runs
+                    if run["id"].startswith(incomplete)]
+
+
 def _backend(_ctx, _param, name: str) -> str:
     registry.entry(name)  # an unknown name is refused before the recipe is read or a plan printed
     return name
 
 
-gpu_option = click.option("--gpu", callback=_gpu, metavar="NAME[:COUNT]",
+gpu_option = click.option("--gpu", callback=_gpu, metavar="NAME[:COUNT]", shell_complete=_complete_gpus,
                           help="GPU to rent (A10, A100-80GB, H100, ...; A10 also matches A10G, A100 and H100 "
                                "match their variants); NAME:COUNT also sets compute.gpu_count.")
 clouds_option = click.option("--cloud", "clouds", multiple=True, callback=_clouds, metavar="CLOUD[,CLOUD]",
@@ -109,7 +151,7 @@ clouds_option = click.option("--cloud", "clouds", multiple=True, callback=_cloud
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path), default="recipe.yaml")
-@click.option("--template", "-t", default="demo-tiny", show_default=True,
+@click.option("--template", "-t", default="demo-tiny", show_default=True, shell_complete=_complete_templates,
               help="Which ready recipe to start from (see --list).")
 @click.option("--list", "list_only", is_flag=True, help="List the templates and exit.")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
@@ -164,8 +206,12 @@ def validate(recipe_path: Path, as_json: bool) -> None:
     rows = [("model", recipe.model.name or f"init: {recipe.model.init}"),
             ("method", recipe.method + (f" (r={recipe.lora.r}, targets {recipe.lora.target_modules})"
                                         if recipe.uses_lora else "")),
-            ("dataset", f"{report.source} ({report.format})"), ("rows", units.count(report.rows)),
-            ("tokens", f"{units.count(report.tokens)} per epoch ({exactness}; tokenizer: {report.tokenizer})")]
+            ("dataset", f"{report.source} ({report.format})")]
+    if report.size_known:
+        rows += [("rows", units.count(report.rows)),
+                 ("tokens", f"{units.count(report.tokens)} per epoch ({exactness}; tokenizer: {report.tokenizer})")]
+    else:
+        rows += [("rows", "UNKNOWN"), ("tokens", "UNKNOWN (counted on the training machine)")]
     if report.truncated_rows:
         rows.append(("truncated", f"{units.count(report.truncated_rows)} rows longer than max_seq_len "
                                   f"{recipe.training.max_seq_len} (longest {units.count(report.longest_row_tokens)})"))
@@ -173,6 +219,9 @@ def validate(recipe_path: Path, as_json: bool) -> None:
         rows.append(("eval", f"{units.count(report.eval_rows)} rows, {units.count(report.eval_tokens)} tokens "
                              f"({report.eval_source})"))
     facts(console, f"{recipe_path}: valid", rows)
+    if report.size_note:
+        console.print(f"[{'dim' if report.size_known else 'bold yellow'}]{escape(report.size_note)}[/]",
+                      soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +231,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
 @cli.command(cls=registry.BackendFlagsCommand)
 @click.argument("recipe_path", metavar="RECIPE", required=False, type=click.Path(path_type=Path))
 @click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
-              callback=_backend, help=registry.backend_help())
+              callback=_backend, shell_complete=_complete_backends, help=registry.backend_help())
 @gpu_option
 @clouds_option
 @click.option("--spot/--on-demand", default=None,
@@ -191,7 +240,7 @@ def validate(recipe_path: Path, as_json: bool) -> None:
               help="Refuse to start when the plan's high estimate exceeds this; overrides compute.max_cost.")
 @click.option("--dry-run", is_flag=True, help="Show the plan, the offers in launch order and the SkyPilot task; "
                                               "rent nothing.")
-@click.option("--resume", "resume_ref", metavar="RUN",
+@click.option("--resume", "resume_ref", metavar="RUN", shell_complete=_complete_runs,
               help="Continue RUN (an id, a prefix, or 'last') from the checkpoint it kept when it stopped, on a new "
                    "machine; RECIPE defaults to RUN's recipe, --backend to RUN's backend.")
 @json_option
@@ -213,7 +262,7 @@ def run(recipe_path: Path | None, backend: str, gpu: tuple[str | None, int | Non
                                                              if continues is not None else "") + ".")
     recipe = with_compute_overrides(load_recipe(recipe_path), gpu=gpu[0], gpu_count=gpu[1], cloud=clouds, spot=spot,
                                     max_cost=max_cost)
-    events = RichEvents(err_console if as_json else console)
+    events = RichEvents(err_console if as_json else console, err_console)
     chosen = registry.create(backend, backend_flags, events, launching=not dry_run)
     if dry_run:
         _show_dry_run(lifecycle.preview(recipe, chosen, events, continues), as_json)
@@ -243,7 +292,7 @@ def status(limit: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="[RUN]", default="last")
+@click.argument("run_ref", metavar="[RUN]", default="last", shell_complete=_complete_runs)
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the training ends.")
 @json_option
 def logs(run_ref: str, follow: bool, as_json: bool) -> None:
@@ -260,17 +309,18 @@ def logs(run_ref: str, follow: bool, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="[RUN]", required=False)
+@click.argument("run_ref", metavar="[RUN]", required=False, shell_complete=_complete_runs)
 @click.option("--dry-run", is_flag=True, help="List what would be torn down; change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed with --json).")
 @json_option
 def down(run_ref: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
     """Find and remove every machine cloudtune started that is still up (or only RUN's)."""
     from .lifecycle import check_all_gone, find_machines, tear_down
-    from .render import RichEvents, grid, text, whole
+    from .render import RichEvents, grid, spinner, text, whole
 
     problems: list[str] = []
-    machines = find_machines(run_ref, problems=problems)
+    with spinner("asking each backend in use which of its machines are up (SkyPilot: seconds)", err_console):
+        machines = find_machines(run_ref, problems=problems)
     for problem in problems:
         err_console.print(f"[yellow]warning:[/] {escape(problem)}")
     if as_json and (dry_run or not machines):
@@ -299,8 +349,33 @@ def down(run_ref: str | None, dry_run: bool, yes: bool, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--dry-run", is_flag=True, help="List what would be freed; delete nothing.")
+@json_option
+def clean(dry_run: bool, as_json: bool) -> None:
+    """Free what finished runs left in $CLOUDTUNE_HOME/runs: bundles, uploads, and a local run's copy of
+    outputs already pulled. Never a run still going, your outputs, or a checkpoint kept for --resume."""
+    from .lifecycle import clean as clean_runs
+    from .render import grid, text, whole
+
+    freed = clean_runs(dry_run=dry_run)
+    total = sum(item.bytes for item in freed)
+    if as_json:
+        _print_json({"dry_run": dry_run, "freed": [vars(item) for item in freed], "freed_bytes": total})
+        return
+    if not freed:
+        console.print("nothing to clean: no finished run left a copy behind")
+        return
+    table = grid(whole("run"), text("what"), whole("size"))
+    for item in freed:
+        table.add_row(item.run_id, escape(f"{item.what}: {item.path}"), units.data_size(item.bytes))
+    console.print(table)
+    verb = "would free" if dry_run else "freed"
+    console.print(f"{verb} {units.data_size(total)} in {len(freed)} place(s)")
+
+
+@cli.command()
 @click.option("--backend", "-b", default=registry.DEFAULT_BACKEND, show_default=True, envvar="CLOUDTUNE_BACKEND",
-              help=registry.backend_help())
+              shell_complete=_complete_backends, help=registry.backend_help())
 @json_option
 def check(backend: str, as_json: bool) -> None:
     """Which clouds can be rented on, what each other one is missing, and where SkyPilot's API server runs."""
@@ -341,24 +416,31 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
          top: int, as_json: bool) -> None:
     """Dollars for the whole run of RECIPE on every GPU offer, cheapest that fits first (exit 1: none fits)."""
     from .datasets import inspect_dataset
+    from .planning import enabled
     from .planning.planner import make_plan
     from .recipe import load_recipe, with_compute_overrides
-    from .render import cost_footer, cost_table
+    from .render import cost_footer, cost_table, spinner
 
     recipe = with_compute_overrides(load_recipe(recipe_path), gpu_count=gpu[1])
-    plan = make_plan(recipe, inspect_dataset(recipe), gpu=gpu[0], clouds=clouds, spot=spot)
+    with spinner("reading the dataset and pricing every offer", err_console):
+        plan = make_plan(recipe, inspect_dataset(recipe), gpu=gpu[0], clouds=clouds, spot=spot)
+    known = enabled.last_checked()
     if as_json:
-        _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates)})
+        _print_json({"recipe": str(recipe_path), **plan.as_dict(limit=top), "offers_total": len(plan.estimates),
+                     "enabled_clouds": known.as_dict() if known else None})
     else:
         exactness = "exact" if plan.tokens_exact else "estimated"
-        console.print(f"[bold]{escape(str(recipe_path))}[/]: {units.count(plan.tokens)} tokens over the run "
-                      f"({exactness}), "
+        tokens = (f"{units.count(plan.tokens)} tokens over the run ({exactness})" if plan.training_priced else
+                  "[bold yellow]tokens UNKNOWN[/]: only provisioning, setup, downloads and teardown are priced")
+        console.print(f"[bold]{escape(str(recipe_path))}[/]: {tokens}, "
                       f"{recipe.method}, model shape from {escape(plan.model_source)}", soft_wrap=True)
         console.print(f"[dim]{escape(plan.catalog.get('prices', plan.snapshot_date))}[/]")
-        console.print(cost_table(plan, top, console.width))
+        shown = {e.offer.cloud for e in plan.estimates[:top]}
+        console.print(cost_table(plan, top, console.width, frozenset(known.off(shown)) if known else frozenset()))
         cost_footer(console, plan, top)
-        for note in plan.notes:
-            console.print(f"[yellow]note:[/] {escape(note)}")
+        for note in [*plan.notes, enabled.describe(known, shown)]:
+            if note:
+                console.print(f"[yellow]note:[/] {escape(note)}")
     if plan.chosen is None:
         click.get_current_context().exit(NOTHING_FITS)
 
@@ -374,19 +456,28 @@ def cost(recipe_path: Path, gpu: tuple[str | None, int | None], spot: bool | Non
 def gpus(gpu: tuple[str | None, int | None], clouds: list[str] | None, spot: bool, top: int, refresh: bool,
          as_json: bool) -> None:
     """GPU offers and their prices, cheapest first."""
+    from .planning import enabled
     from .planning.gpus import SPECS
     from .planning.offers import gpu_offers
-    from .render import gpus_footer, gpus_table, refresh_report
+    from .render import gpus_footer, gpus_table, refresh_report, spinner
 
-    found = gpu_offers(gpu[0], clouds, refresh, count=gpu[1], spot=spot)
+    with spinner("asking SkyPilot for fresh catalogs" if refresh else "reading the price catalogs", err_console):
+        found = gpu_offers(gpu[0], clouds, refresh, count=gpu[1], spot=spot)
     catalog = found.catalog
+    known = enabled.last_checked()
     if as_json:
-        _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in found.refreshed], "note": found.note})
+        _print_json({**catalog.as_dict(), "refresh": [r.__dict__ for r in found.refreshed], "note": found.note,
+                     "enabled_clouds": known.as_dict() if known else None})
         return
     refresh_report(err_console, found.refreshed, catalog.snapshot_date)
     console.print(f"[bold]GPU offers, cheapest {'spot price' if spot else 'first'}[/] [dim]· {catalog.describe()}[/]")
-    console.print(gpus_table(catalog.offers[:top], SPECS, console.width))
+    shown = {offer.cloud for offer in catalog.offers[:top]}
+    console.print(gpus_table(catalog.offers[:top], SPECS, console.width,
+                             frozenset(known.off(shown)) if known else frozenset()))
     gpus_footer(console, found, top, filtered=bool(gpu[0]))
+    note = enabled.describe(known, shown)
+    if note:
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,21 +485,26 @@ def gpus(gpu: tuple[str | None, int | None], clouds: list[str] | None, spot: boo
 
 
 def _show_dry_run(shown: dict, as_json: bool) -> None:
+    from .planning import enabled
     from .render import launch_order_table
 
+    known = enabled.last_checked()
     if as_json:
-        _print_json({key: value for key, value in shown.items() if key != "yaml"})
+        _print_json({**{key: value for key, value in shown.items() if key != "yaml"},
+                     "enabled_clouds": known.as_dict() if known else None})
         return
+    clouds = {e["offer"]["cloud"] for e in ([shown["chosen"]] if shown["chosen"] else []) + shown["fallbacks"]}
     console.print(f"[bold]launch order[/]: cheapest run first, then fallbacks [dim]({escape(shown['prices'])})[/]")
-    console.print(launch_order_table(shown, console.width))
-    for note in shown["notes"]:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+    console.print(launch_order_table(shown, console.width, frozenset(known.off(clouds)) if known else frozenset()))
+    for note in [*shown["notes"], enabled.describe(known, clouds)]:
+        if note:
+            console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(f"[bold]{escape(shown['task_title'])}[/]:")
     console.print(shown["yaml"], markup=False, highlight=False, soft_wrap=True)
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN", default="last")
+@click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
 @json_option
 def pull(run_ref: str, as_json: bool) -> None:
     """Fetch the outputs of a run whose pull failed (its machine was left up), then tear the machine down."""
@@ -425,7 +521,7 @@ def pull(run_ref: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("run_ref", metavar="RUN", default="last")
+@click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
 @click.option("--open", "open_it", is_flag=True, help="Open the page in the browser.")
 def report(run_ref: str, open_it: bool) -> None:
     """Draw RUN's training (loss, eval loss, learning rate, tokens/s) and write an HTML page beside its outputs."""
@@ -438,7 +534,7 @@ def report(run_ref: str, open_it: bool) -> None:
 
 
 @cli.command(name="export")
-@click.argument("run_ref", metavar="RUN", default="last")
+@click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
 @click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(["f16", "q8_0"]),
               help="Write the merged model as GGUF of this type (repeat for several); needs cloudtune[train].")
 def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:

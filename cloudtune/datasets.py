@@ -45,6 +45,10 @@ class DatasetReport:
     eval_rows: int = 0
     eval_tokens: int = 0
     eval_source: str = ""
+    # A hub dataset's size: False when it could not be read here (then rows and tokens are 0, not counted);
+    # size_note says where the figures come from, or why they are unknown (cloudtune/hub.py).
+    size_known: bool = True
+    size_note: str = ""
     # Every row's length, in file order: planning packs and orders them as the trainer will, so the
     # tokens it prices are the ones trained. Not shown (`validate --json`) nor cached.
     row_lengths: Sequence[int] | None = field(default=None, repr=False, compare=False)
@@ -261,9 +265,9 @@ def inspect_dataset(recipe: Recipe, progress: Callable[[int], None] | None = Non
     """Read every row, check it against the format, count tokens. Raise CloudtuneError on bad data."""
     file = recipe.dataset_file()
     if file is None:
-        return DatasetReport(source=f"hub:{recipe.dataset.hub}", format=recipe.dataset.format, rows=0, tokens=0,
-                             tokens_exact=False, truncated_rows=0, longest_row_tokens=0,
-                             tokenizer="checked on the training machine")
+        from .hub import hub_report
+
+        return hub_report(recipe)
     count, exact, tokenizer_name = token_counter(recipe)
     fmt, lengths = _token_lengths(dataset_rows(recipe), recipe.dataset, count, progress)
     if not lengths:

@@ -1,6 +1,8 @@
 """What the core reports while it works. The CLI renders these, tests record them, the core never prints."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 
 class Events:
     """Every hook is optional: a caller that cares about none of them passes a plain `Events()`."""
@@ -19,3 +21,8 @@ class Events:
 
     def progress(self, label: str, done: int, total: int) -> None:  # noqa: B027
         """A transfer's progress in bytes (uploads, downloads); done == total when it completes."""
+
+    def busy(self, what: str) -> AbstractContextManager:
+        """Work that may take seconds with nothing else to show (importing SkyPilot, building the wheel):
+        `with events.busy("what is happening"): ...`."""
+        return nullcontext()

@@ -108,9 +108,15 @@ def plan(recipe: Recipe, backend: Backend, events: Events, report: DatasetReport
          continues: Continuation | None = None) -> tuple[Quote, DatasetReport]:
     """Read and count the data, then let the backend say where the run goes and what it costs."""
     check_machines(backend, recipe)
-    report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
-    events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens per epoch ({report.format})")
-    quote = backend.quote(recipe, report)
+    with events.busy("reading the dataset and counting its tokens"):
+        report = report or inspect_dataset(recipe)  # bad data fails here, before any machine is asked for
+    if report.size_known:
+        events.phase("data", f"{report.rows} rows, {report.tokens:,} tokens per epoch ({report.format})")
+    else:
+        events.phase("data", f"rows and tokens UNKNOWN ({report.format}): counted on the training machine")
+        events.warn(report.size_note)
+    with events.busy("pricing every offer for the whole run"):
+        quote = backend.quote(recipe, report)
     if continues is not None:
         continues.check(quote.recipe)  # the recipe as it will train, fitted to the chosen offer
     events.phase("plan", quote.summary)
@@ -126,8 +132,11 @@ def preview(recipe: Recipe, backend: Backend, events: Events, continues: Continu
         raise CloudtuneError(f"--dry-run shows what a cloud run would rent; the {backend.name} backend rents "
                              "nothing.", "Leave out --backend (SkyPilot is the default) to see the plan and the task.")
     quote, _ = plan(recipe, backend, events, continues=continues)
-    shown = backend.dry_run(quote)
-    with tempfile.TemporaryDirectory(prefix="cloudtune-dry-run-") as scratch:
+    check_before_renting(quote.recipe)
+    with events.busy(f"checking the task with {backend.name}'s own loader (importing it takes seconds)"):
+        shown = backend.dry_run(quote)
+    with tempfile.TemporaryDirectory(prefix="cloudtune-dry-run-") as scratch, \
+            events.busy("building the bundle a run ships (recipe, data, the cloudtune wheel)"):
         # The same bundle a run makes before it rents anything (the wheel included), so a dry run fails
         # where the run would; nothing of it is kept.
         ctx = RunContext(run_id="dry-run", machine=machine_name("dry-run"), work_dir=Path(scratch),
@@ -138,6 +147,14 @@ def preview(recipe: Recipe, backend: Backend, events: Events, continues: Continu
     shown["notes"] = [*shown.get("notes", []), f"the bundle it ships: {size / 1024:.0f} KiB, "
                       f"{', '.join(name.removeprefix('bundle/') for name in bundle.files)}"]
     return shown
+
+
+def check_before_renting(recipe: Recipe) -> dict[str, str]:
+    """What `run` checks before it asks for a machine, which `run --dry-run` checks too: the recipe's
+    secrets are set and safe to redact, and there is room for the bundle and the outputs. The secrets' values."""
+    values = collect(recipe.secrets)  # registers the values: `redact` hides them from here on
+    check_free_space(recipe, outputs_base(recipe))
+    return values
 
 
 def make_bundle(backend: Backend, ctx: RunContext, continues: Continuation | None = None) -> Bundle:
@@ -210,7 +227,7 @@ class Launch:
         self.backend = backend
         self.events = events
         self.ledger = ledger
-        self.secrets = collect(self.recipe.secrets)  # registers the values: `redact` hides them from here on
+        self.secrets = check_before_renting(self.recipe)
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.started = time.time()
         self.machine_status = "requested"
@@ -225,7 +242,6 @@ class Launch:
         self.ledger.set_machine(self.ctx.machine, self.machine_status, **self.ctx.state.model_dump(mode="json"))
 
     def execute(self) -> RunResult:
-        check_free_space(self.recipe, outputs_base(self.recipe))
         self.open()
         status, keep_machine = "failed", False
         try:
@@ -686,3 +702,59 @@ def _mark_run_cancelled(ledger: Ledger, run_id: str) -> None:
     run_row = ledger.get_run(run_id)
     if run_row["status"] not in FINAL_RUN_STATUSES:
         ledger.update_run(run_id, status="cancelled", error="torn down by `cloudtune down`")
+
+
+# ----------------------------------------------------------------------------------------------
+# clean: what finished runs leave under $CLOUDTUNE_HOME that nothing needs any more
+
+
+@dataclass
+class Freed:
+    run_id: str
+    path: str
+    bytes: int
+    what: str
+
+
+# A finished run's scratch, by its path in the run's folder: never needed again once the run ended.
+SCRATCH = {BUNDLE_FILE: "the bundle archive (recipe, a copy of the dataset)",
+           "upload": "SkyPilot's upload folder (a copy of the bundle)",
+           "machine/bundle": "the local machine's unpacked bundle"}
+PULLED_COPY = ("machine/out", "the local machine's copy of outputs already pulled")
+
+
+def clean(dry_run: bool = False, ledger: Ledger | None = None) -> list[Freed]:
+    """`cloudtune clean`: free the copies finished runs left behind (their scratch, and a local machine's
+    out/ once its outputs were pulled); what was (or, with dry_run, would be) freed.
+
+    Never touched: a run still going (or whose CLI died: its outputs may still be pulled), out/ of a run
+    whose outputs did not arrive, the checkpoint a stopped run kept for `run --resume`, your outputs."""
+    if ledger is None and not (home() / LEDGER_FILE).exists():
+        return []
+    ledger = ledger or Ledger()
+    freed: list[Freed] = []
+    for folder in sorted(path for path in runs_dir().iterdir() if path.is_dir()):
+        try:
+            row = ledger.get_run(folder.name)
+        except CloudtuneError:
+            continue  # not a run this ledger knows: not ours to judge
+        if row["id"] != folder.name or row["status"] not in FINAL_RUN_STATUSES:
+            continue
+        found = dict(SCRATCH)
+        out_dir = Path(row["output_dir"]) if row["output_dir"] else None
+        if row["status"] == "succeeded" and out_dir is not None and (out_dir / manifest.MANIFEST).is_file():
+            found[PULLED_COPY[0]] = PULLED_COPY[1]
+        for relative, what in found.items():
+            path = folder / relative
+            if not path.exists() and not path.is_symlink():
+                continue
+            freed.append(Freed(row["id"], str(path), _size(path), what))
+            if not dry_run:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    return freed
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() or p.is_symlink())

@@ -17,10 +17,11 @@ MANIFEST = "manifest.json"
 # Checkpoints stay on the machine: they exist for resuming there, and can be many GB.
 NOT_PULLED = ("checkpoints",)
 # Trackers' own folders go on being written after training ends (W&B's service appends to its debug
-# logs while it shuts down), so no checksum taken at the end can hold for them. They are the user's
-# data (an offline W&B run is what `wandb sync` uploads later), so they are still pulled and installed,
-# listed as unverified instead of being left on a machine that is about to be deleted.
-LIVE_DIRS = ("wandb",)
+# logs while it shuts down), and so does the trainer's debug.log (train/redacted_output.py) until its
+# process ends, so no checksum taken at the end can hold for them. They are the user's data (an offline
+# W&B run is what `wandb sync` uploads later), so they are still pulled and installed, listed as
+# unverified instead of being left on a machine that is about to be deleted.
+LIVE_DIRS = ("wandb", "debug.log")
 
 
 def sha256_file(path: Path) -> str:
@@ -38,7 +39,7 @@ def write_manifest(out: Path) -> dict[str, str]:
         rel = path.relative_to(out).as_posix()
         if path.is_file() and rel != MANIFEST and rel.split("/")[0] not in NOT_PULLED + LIVE_DIRS:
             files[rel] = sha256_file(path)
-    live = [name for name in LIVE_DIRS if (out / name).is_dir()]
+    live = [name for name in LIVE_DIRS if (out / name).exists()]
     (out / MANIFEST).write_text(json.dumps({"files": files, "unverified": live}, indent=1))
     return files
 

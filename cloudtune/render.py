@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import io
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from rich import box
 from rich.console import Console
@@ -22,12 +25,45 @@ from . import units
 from .events import Events
 from .receipt import scale, scale_rows
 
+SPINNER_AFTER_S = 1.0  # quicker work shows no spinner: one that flashes for a blink is only noise
 STATUS_COLOURS = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}
 
 
+@contextmanager
+def spinner(what: str, console: Console | None = None, after: float = SPINNER_AFTER_S) -> Iterator[None]:
+    """A spinner saying what is under way once the work has taken `after` seconds, on stderr and only on a
+    terminal: a pipe, a log file or `--json` read by a program gets nothing."""
+    console = console or Console(stderr=True, highlight=False, emoji=False)
+    if not console.is_terminal:
+        yield
+        return
+    status = console.status(escape(what))
+    lock = threading.Lock()
+    state = {"done": False, "shown": False}
+
+    def show() -> None:
+        with lock:
+            if not state["done"]:
+                status.start()
+                state["shown"] = True
+
+    timer = threading.Timer(after, show)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        with lock:
+            state["done"] = True
+            if state["shown"]:
+                status.stop()
+
+
 class RichEvents(Events):
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, status_console: Console | None = None):
         self.console = console
+        self.status_console = status_console  # where spinners go: stderr (render.spinner's default)
         self._bar: Progress | None = None
         self._bar_task = None
         self._bar_label = ""
@@ -60,6 +96,9 @@ class RichEvents(Events):
         self._bar.update(self._bar_task, completed=done, total=total)
         if done >= total:
             self._end_bar()
+
+    def busy(self, what: str):
+        return spinner(what, self.status_console)
 
     def _end_bar(self) -> None:
         # Any other event (or the transfer's end) closes the bar, so a failed transfer leaves no live display.
@@ -240,13 +279,18 @@ FITS_NOTE = ("* fits only with gradient checkpointing or a smaller micro-batch (
              "which for the cheapest)")
 
 
-def cost_table(plan, top: int, width: int) -> Table:
+def cost_table(plan, top: int, width: int, off: frozenset[str] = frozenset()) -> Table:
     """The plan's offers, cheapest run first; the chosen (cheapest that fits) one highlighted; region
-    and instance type where they fit."""
-    return widest_that_fits(width, _cost_table(plan, top, wide=True), _cost_table(plan, top, wide=False))
+    and instance type where they fit; clouds in `off` (not enabled here) marked †."""
+    return widest_that_fits(width, _cost_table(plan, top, wide=True, off=off),
+                            _cost_table(plan, top, wide=False, off=off))
 
 
-def _cost_table(plan, top: int, wide: bool) -> Table:
+def cloud_cell(cloud: str, off: frozenset[str]) -> str:
+    return f"{cloud}†" if cloud in off else cloud
+
+
+def _cost_table(plan, top: int, wide: bool, off: frozenset[str] = frozenset()) -> Table:
     """GPU is the run's: per machine, and `2×` in front for two machines; `needs` is per GPU."""
     spot = any(e.spot for e in plan.estimates)
     shown = plan.estimates[:top]
@@ -264,10 +308,10 @@ def _cost_table(plan, top: int, wide: bool) -> Table:
         where = [escape(offer.region), escape(offer.instance_type)] if wide else []
         if wide and several:
             where.append(estimate.parallelism if estimate.world_size > 1 else "-")
-        table.add_row(estimate.label, offer.cloud, *where,
+        table.add_row(estimate.label, cloud_cell(offer.cloud, off), *where,
                       units.money(estimate.price_per_hour), units.hours_range(estimate.hours_low, estimate.hours_high),
-                      units.money_range(estimate.cost_low, estimate.cost_high), units.gib(estimate.needs_gib), fits,
-                      style=style)
+                      units.money_range(estimate.cost_low, estimate.cost_high) + ("" if plan.training_priced else "+?"),
+                      units.gib(estimate.needs_gib), fits, style=style)
     return table
 
 
@@ -279,9 +323,10 @@ def cost_footer(console: Console, plan, top: int) -> None:
     chosen = plan.chosen
     if chosen:
         offer = chosen.offer
+        whole = "for the whole run" if plan.training_priced else \
+            "[bold yellow]before training, which is not priced (+?): the dataset's size is unknown[/]"
         console.print(f"[bold green]cheapest that fits:[/] {chosen.label} on "
-                      f"{escape(offer_where(offer))}: {units.money_range(chosen.cost_low, chosen.cost_high)} for "
-                      "the whole run")
+                      f"{escape(offer_where(offer))}: {units.money_range(chosen.cost_low, chosen.cost_high)} {whole}")
         console.print(indented(chosen.why))
     else:
         console.print(f"[bold red]no offer fits:[/] {escape(plan.estimates[0].why)}")
@@ -292,11 +337,12 @@ def cost_footer(console: Console, plan, top: int) -> None:
                       f"{misfits} of {len(plan.estimates)} do not fit.[/]")
 
 
-def gpus_table(offers: list, specs: dict, width: int) -> Table:
-    return widest_that_fits(width, _gpus_table(offers, specs, wide=True), _gpus_table(offers, specs, wide=False))
+def gpus_table(offers: list, specs: dict, width: int, off: frozenset[str] = frozenset()) -> Table:
+    return widest_that_fits(width, _gpus_table(offers, specs, wide=True, off=off),
+                            _gpus_table(offers, specs, wide=False, off=off))
 
 
-def _gpus_table(offers: list, specs: dict, wide: bool) -> Table:
+def _gpus_table(offers: list, specs: dict, wide: bool, off: frozenset[str] = frozenset()) -> Table:
     columns = [whole("GPU"), figure("memory"), figure("TFLOP/s"), whole("cloud")]
     columns += [whole("region"), whole("instance")] if wide else []
     table = grid(*columns, figure("$/h"), figure("spot $/h"))
@@ -304,7 +350,7 @@ def _gpus_table(offers: list, specs: dict, wide: bool) -> Table:
         spec = specs[offer.gpu]
         where = [escape(offer.region), escape(offer.instance_type)] if wide else []
         table.add_row(units.gpus(offer.gpu, offer.gpu_count), units.gib(offer.gpu_memory_gib),
-                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"), offer.cloud, *where,
+                      f"{spec.tflops:g}" + ("" if spec.bf16 else " fp16"), cloud_cell(offer.cloud, off), *where,
                       units.money(offer.price_per_hour), units.money(offer.spot_price_per_hour))
     return table
 
@@ -338,12 +384,13 @@ def gpus_footer(console: Console, found, top: int, filtered: bool) -> None:
                                                                sorted(catalog.skipped.items()))))
 
 
-def launch_order_table(shown: dict, width: int) -> Table:
+def launch_order_table(shown: dict, width: int, off: frozenset[str] = frozenset()) -> Table:
     """A cloud run's offers in the order SkyPilot will try them: the chosen one, then the fallbacks."""
-    return widest_that_fits(width, _launch_order_table(shown, wide=True), _launch_order_table(shown, wide=False))
+    return widest_that_fits(width, _launch_order_table(shown, wide=True, off=off),
+                            _launch_order_table(shown, wide=False, off=off))
 
 
-def _launch_order_table(shown: dict, wide: bool) -> Table:
+def _launch_order_table(shown: dict, wide: bool, off: frozenset[str] = frozenset()) -> Table:
     columns = [figure("try"), whole("GPU"), whole("cloud")] + ([whole("region"), whole("instance")] if wide else [])
     table = grid(*columns, figure("$/h"), figure("time"), figure("$ per run"))
     rows = ([shown["chosen"]] if shown["chosen"] else []) + shown["fallbacks"]
@@ -351,7 +398,7 @@ def _launch_order_table(shown: dict, wide: bool) -> Table:
         offer = estimate["offer"]
         where = [escape(offer["region"]), escape(offer["instance_type"])] if wide else []
         table.add_row(str(i), units.machines(offer["gpu"], offer["gpu_count"], estimate.get("nodes", 1)),
-                      offer["cloud"], *where,
+                      cloud_cell(offer["cloud"], off), *where,
                       units.money(estimate["price_per_hour"]),
                       units.hours_range(estimate["hours_low"], estimate["hours_high"]),
                       units.money_range(estimate["cost_low"], estimate["cost_high"]),
@@ -373,7 +420,8 @@ def check_table(clouds: dict[str, dict]) -> Table:
 
 
 ASCII = str.maketrans({"×": "x", "–": "-", "—": "-", "…": "...", "▸": ">", "│": "|", "·": "-", "≥": ">=",
-                       "≤": "<=", "→": "->", "’": "'", "‘": "'", "“": '"', "”": '"', "≈": "~", "±": "+/-"})
+                       "≤": "<=", "→": "->", "’": "'", "‘": "'", "“": '"', "”": '"', "≈": "~", "±": "+/-",
+                       "†": "+"})
 
 
 class AsciiText(io.TextIOBase):

@@ -61,6 +61,16 @@ def gib(value: float | None) -> str:
     return f"{value:.1f} GiB" if value < 100 else f"{value:.0f} GiB"
 
 
+def data_size(n_bytes: int | None) -> str:
+    """Bytes on disk, in binary units: 512 B, 12 KiB, 3.4 MiB, 1.2 GiB."""
+    if n_bytes is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}" if n_bytes < 10 * scale else f"{n_bytes / scale:.0f} {unit}"
+    return f"{n_bytes} B"
+
+
 def gpus(name: str, count: int) -> str:
     return f"{name}{TIMES}{count}"
 

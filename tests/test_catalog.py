@@ -16,6 +16,7 @@ import pytest
 
 from cloudtune.errors import CloudtuneError
 from cloudtune.planning.gpus import canonical_gpu, match_gpus
+from cloudtune.planning.offers import BUNDLE
 from cloudtune.planning.sky_catalog import OLD_SEED_RECORD, SNAPSHOT_DIR, bundled_clouds, snapshot_date
 
 from .conftest import REPO, cli, sky_env
@@ -67,14 +68,34 @@ def test_unknown_and_unsupported_gpus_are_clear_errors():
     assert "tensor cores" in old.value.message
 
 
-def test_offers_are_read_through_skypilot_offline_then_from_the_cache(tmp_path, ct_home):
+def test_the_bundled_offers_are_what_skypilot_reads_of_the_snapshot(tmp_path, ct_home):
+    """offers.json ships beside the snapshot so a fresh install never imports sky to price; it must be
+    exactly SkyPilot's reading of the snapshot files (scripts/build_offers_bundle.py rewrites it)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    code = ("import json; from cloudtune.planning import offers, sky_catalog; "
+            "print(json.dumps({'skypilot': sky_catalog.skypilot_version(), "
+            "'clouds': offers.read_through_skypilot(sky_catalog.bundled_clouds())}))")
+    result = subprocess.run([sys.executable, "-c", code], env=sky_env(home, ct_home), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    now = json.loads(result.stdout)
+    bundle = json.loads(BUNDLE.read_text())
+    stale = "stale: run scripts/build_offers_bundle.py"
+    assert bundle["skypilot"] == now["skypilot"], stale
+    assert bundle["files"] == {cloud: hashlib.sha256((SNAPSHOT_DIR / cloud / "vms.csv").read_bytes()).hexdigest()
+                               for cloud in bundled_clouds()}, stale
+    assert bundle["clouds"] == now["clouds"], stale
+
+
+def test_offers_come_from_the_bundle_then_skypilots_own_files_then_the_cache(tmp_path, ct_home):
     home = tmp_path / "home"
     home.mkdir()
     env = sky_env(home, ct_home)
-    first = cli(env, "gpus", "--json")
+    first = cli(env, "gpus", "--json", "--top", "1000")
     assert first.returncode == 0, first.stderr
     data = json.loads(first.stdout)
-    assert not data["problems"] and not data["from_cache"]
+    assert not data["problems"] and data["from_cache"]  # the bundle: no SkyPilot import in a fresh HOME
     assert data["snapshot_date"] == snapshot_date() != "unknown date"
     assert {o["cloud"] for o in data["offers"]} == set(bundled_clouds())
     assert {"lambda", "vast", "runpod", "aws", "gcp", "azure"} <= set(bundled_clouds())
@@ -93,17 +114,26 @@ def test_offers_are_read_through_skypilot_offline_then_from_the_cache(tmp_path, 
     second = cli(env, "gpus", "--json", "--gpu", "A10")
     again = json.loads(second.stdout)
     assert again["from_cache"] and {o["gpu"] for o in again["offers"]} == {"A10", "A10G"} and again["note"]
-    # a cached read does not even import SkyPilot
-    probe = subprocess.run([sys.executable, "-c", "import sys; from cloudtune.planning.offers import load_offers; "
-                            "c = load_offers(); print(c.from_cache, 'sky' in sys.modules, len(c.offers))"],
-                           env=env, capture_output=True, text=True, timeout=120)
-    assert probe.stdout.split() == ["True", "False", str(len(data["offers"]))]
-    # a catalog file SkyPilot fetches later invalidates the cache, and its prices win
+
+    # a catalog file SkyPilot fetched (of several regions) is read through SkyPilot once, and its prices win
     catalogs = home / ".sky" / "catalogs" / "v8"
     (catalogs / "lambda").mkdir(parents=True)
-    (catalogs / "lambda" / "vms.csv").write_bytes((SNAPSHOT_DIR / "lambda" / "vms.csv").read_bytes())
+    text = (SNAPSHOT_DIR / "lambda" / "vms.csv").read_text()
+    a10 = next(row for row in text.splitlines() if row.startswith("gpu_1x_a10,"))
+    west = a10.replace(",1.29,us-east-1,", ",0.77,us-west-1,")
+    south = a10.replace(",1.29,us-east-1,", ",2.0,us-south-1,")
+    (catalogs / "lambda" / "vms.csv").write_text(text.rstrip("\n") + f"\n{west}\n{south}\n")
     fetched = json.loads(cli(env, "gpus", "--json", "--cloud", "lambda").stdout)
     assert not fetched["from_cache"] and fetched["sources"]["lambda"]["origin"] == "SkyPilot catalog"
+    # then every filter, with a region or without, is served from that one cache without importing sky
+    code = ("import sys; from cloudtune.planning.offers import load_offers; "
+            "a10 = lambda c: [(o.region, o.price_per_hour) for o in c.offers if o.instance_type == 'gpu_1x_a10']; "
+            "c = [load_offers(['lambda'], region) for region in (None, 'us-east', 'us-south', None)]; "
+            "print([x.from_cache for x in c], 'sky' in sys.modules, [a10(x) for x in c], len(c[2].offers))")
+    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == ("[True, True, True, True] False [[('us-west-1', 0.77)], [('us-east-1', 1.29)], "
+                                    "[('us-south-1', 2.0)], [('us-west-1', 0.77)]] 1")
 
 
 def _files(folder):

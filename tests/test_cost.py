@@ -219,10 +219,12 @@ def test_cost_cli_json_schema_and_cache(tmp_path, ct_home):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
-    assert set(data) == {"recipe", "tokens", "tokens_exact", "snapshot_date", "model_source", "notes", "catalog",
-                         "left_out", "chosen", "fastest", "estimates", "offers_total"}
+    assert set(data) == {"recipe", "tokens", "tokens_exact", "training_priced", "snapshot_date", "model_source",
+                         "notes", "catalog", "left_out", "chosen", "fastest", "estimates", "offers_total",
+                         "enabled_clouds"}
     assert data["tokens"] > 0 and data["tokens_exact"] is False  # no Llama tokenizer offline: estimated
-    assert data["catalog"]["from_cache"] is False and "2026" in data["catalog"]["prices"]
+    # the offers bundled with the price snapshot: a fresh HOME prices without importing SkyPilot
+    assert data["catalog"]["from_cache"] is True and "2026" in data["catalog"]["prices"]
     assert len(data["estimates"]) == 5 < data["offers_total"]
     # every figure's field names its unit
     estimate_keys = {"offer", "spot", "fits", "peak_gib", "needs_gib", "micro_batch_size", "gradient_checkpointing",

@@ -887,6 +887,9 @@ def test_check_shows_each_cloud_and_what_it_lacks_at_80_and_120_columns(cloud):
     assert report["clouds"]["aws"] == {"enabled": True, "missing": None, "extra": "pip install 'cloudtune[aws]'"}
     assert not report["clouds"]["azure"]["enabled"] and "azure credentials" in report["clouds"]["azure"]["missing"]
     assert {"slurm", "hyperbolic", "nebius"} <= set(report["clouds"])
+    from cloudtune.planning.enabled import last_checked  # what `cost` and `gpus` mark offers by
+
+    assert last_checked().enabled == {name for name, found in report["clouds"].items() if found["enabled"]}
     for width in (80, 120):
         console = Console(width=width, record=True)
         console.print(check_table(report["clouds"]))

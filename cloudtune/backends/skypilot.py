@@ -343,10 +343,12 @@ class SkyClient:
         import sky
         from sky.client import sdk
 
-        enabled = [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())]
-        if enabled:
-            return enabled
-        return self._run_check(io.StringIO())
+        from ..planning import enabled as enabled_clouds
+
+        enabled = [str(cloud).lower() for cloud in sky.get(sdk.enabled_clouds())] or \
+            self._run_check(io.StringIO())
+        enabled_clouds.remember(enabled)  # what `cost` and `gpus` mark offers by
+        return enabled
 
     def _run_check(self, output) -> list[str]:
         import sky
@@ -680,6 +682,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         summary = (f"{chosen.label} on {where} at "
                    f"${chosen.price_per_hour:.2f}/h{' spot' if chosen.spot else ''}: est. {chosen.hours_low:.2f}–"
                    f"{chosen.hours_high:.2f} h, ${chosen.cost_low:.2f}–${chosen.cost_high:.2f} "
+                   f"{'' if plan.training_priced else '+ the training, NOT priced (dataset size unknown) '}"
                    f"(prices of {plan.snapshot_date})")
         fitted, changes = fitted_recipe(recipe, chosen)
         return Quote(summary=summary, recipe=fitted, price=dict(price_fields(chosen)),
@@ -1035,9 +1038,12 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
 
     def check_setup(self) -> dict[str, Any]:
         """SkyPilot's check run now, for every cloud cloudtune prices and Slurm."""
+        from ..planning import enabled
         from ..planning.sky_catalog import bundled_clouds
 
-        return self.client.check([*bundled_clouds(), "slurm"])
+        report = self.client.check([*bundled_clouds(), "slurm"])
+        enabled.remember(name for name, cloud in report["clouds"].items() if cloud["enabled"])
+        return report
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ To fit a real GPU the CUDA context and allocator fragmentation come on top (`req
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -143,6 +144,7 @@ def cloudtune_kbit_fp32_stack() -> Stack:
     return Stack("cloudtune-kbit-fp32", act_bytes=4, norm_bytes=4, lora_copy_bytes=0, upcast_embeddings=True)
 
 
+@functools.cache  # reading the package metadata costs milliseconds, and every offer's estimate asks
 def fused_kernels_by_default() -> bool:
     """Whether `fused_kernels: auto` means Liger on a rented GPU: only if the [train] extra installs it."""
     from importlib import metadata

@@ -36,7 +36,7 @@ from .models import ModelInfo, resolve_model
 from .offers import Offer, load_offers
 from .overheads import controller_cost, overhead_hours
 from .throughput import gpu_tokens_per_second, train_seconds
-from .work import Work, hub_report, plan_work, processed_range
+from .work import Work, plan_work, processed_range
 
 
 @dataclass
@@ -98,6 +98,9 @@ class Plan:
     catalog: dict = field(default_factory=dict)  # price sources per cloud, cache use, unreadable clouds
     micro_batch_size: int = 0  # the recipe's, which an offer's estimate may have had to lower
     left_out: dict[str, str] = field(default_factory=dict)  # cloud -> why SkyPilot cannot run the plan there
+    # False when the dataset's size is unknown (a hub dataset offline) and no max_steps says how long it
+    # trains: the estimates then cover only provisioning, setup, downloads and teardown
+    training_priced: bool = True
 
     @property
     def chosen(self) -> Estimate | None:
@@ -114,7 +117,8 @@ class Plan:
         return [e for e in self.estimates if e.fits][:limit]
 
     def as_dict(self, limit: int | None = None) -> dict:
-        return {"tokens": self.tokens, "tokens_exact": self.tokens_exact, "snapshot_date": self.snapshot_date,
+        return {"tokens": self.tokens, "tokens_exact": self.tokens_exact, "training_priced": self.training_priced,
+                "snapshot_date": self.snapshot_date,
                 "model_source": self.model_source, "notes": self.notes, "catalog": self.catalog,
                 "left_out": self.left_out, "chosen": self.chosen.as_dict() if self.chosen else None,
                 "fastest": self.fastest.as_dict() if self.fastest else None,
@@ -176,8 +180,9 @@ def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offe
     real = work.tokens / work.processed if work.processed else 1.0  # trained share of processed tokens
     sharing = _sharing(parallelism, world, scaling)
     if fits:
-        why = (f"{_speed_why(recipe, offer.gpu, work, (tps_low * real, tps_high * real), mb, checkpointing)}"
-               f"{sharing} + {hours_range(over_low, over_high)} {over_what}")
+        speed = _speed_why(recipe, offer.gpu, work, (tps_low * real, tps_high * real), mb, checkpointing) \
+            if work.tokens else "the training, not priced (the dataset's size is unknown),"
+        why = f"{speed}{sharing} + {hours_range(over_low, over_high)} {over_what}"
         needs = required_bytes(memory) / GIB
     else:
         needs = required_bytes(memory_peak(model.shape, setup, base.row_tokens, recomputed)) / GIB
@@ -237,7 +242,8 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     offers, left_out = runnable_offers(offers, catalog_info.get("unsupported", {}), spot, recipe.compute.num_nodes)
     notes += [f"{cloud} left out: {why}" for cloud, why in left_out.items()]
     candidates = _matching_offers(recipe, offers, gpu, clouds, spot, notes)
-    report = _priced_report(recipe, report, notes)
+    if report.size_note:
+        notes.append(report.size_note)
     work = plan_work(recipe, report)
     if work.note:
         notes.append(work.note)
@@ -253,7 +259,7 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
     notes += scale_notes(recipe, estimates)
     return Plan(tokens=work.tokens, tokens_exact=work.exact, snapshot_date=snapshot, estimates=estimates,
                 notes=notes, model_source=model.source, catalog=catalog_info, left_out=left_out,
-                micro_batch_size=recipe.training.micro_batch_size)
+                micro_batch_size=recipe.training.micro_batch_size, training_priced=work.tokens > 0)
 
 
 def scale_notes(recipe: Recipe, estimates: list[Estimate]) -> list[str]:
@@ -366,18 +372,6 @@ def _matching_offers(recipe: Recipe, offers: list[Offer], gpu: str | None, cloud
                              "`cloudtune gpus` lists what there is; widen --gpu/--cloud, drop --spot, or "
                              "change compute.gpu_count.")
     return candidates
-
-
-def _priced_report(recipe: Recipe, report: DatasetReport, notes: list[str]) -> DatasetReport:
-    """The dataset report to price: a hub dataset of known size stands in for the uncounted one."""
-    if report.rows:
-        return report
-    known = hub_report(recipe)
-    if known is None:
-        return report
-    notes.append(f"hub dataset {recipe.dataset.hub}: {known.rows:,} rows as published, lengths assumed "
-                 "guanaco-like; the training machine counts the real tokens")
-    return known
 
 
 def fitted_recipe(recipe: Recipe, chosen: Estimate) -> tuple[Recipe, list[str]]:

@@ -135,13 +135,22 @@ def use_catalog_view() -> None:
     _view_in_use = True
 
 
-def list_gpu_rows(cloud: str, region: str | None) -> dict[str, list]:
-    """SkyPilot's catalog rows of one cloud's GPU instances, by accelerator name (cheapest region only)."""
+def list_gpu_rows(cloud: str) -> dict[str, list]:
+    """SkyPilot's catalog rows of one cloud's GPU instances in every region, by accelerator name."""
     use_catalog_view()
     import sky.catalog as sky_catalog
 
-    return sky_catalog.list_accelerators(gpus_only=True, clouds=cloud, all_regions=False,
-                                         region_filter=re.escape(region) if region else None)
+    return sky_catalog.list_accelerators(gpus_only=True, clouds=cloud, all_regions=True)
+
+
+def skypilot_version() -> str:
+    """The installed SkyPilot's version, read from its metadata: importing sky to ask would cost seconds."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("skypilot")
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def unsupported_features(cloud: str) -> dict[str, dict[str, str]]:

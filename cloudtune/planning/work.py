@@ -1,25 +1,20 @@
 """The work of a fine-tune: how many tokens it trains, how many the GPU computes on, in which rows.
 
 Packed rows are filled to about 97 %; unpacked micro-batches are as wide as their longest row. A hub
-dataset is counted on the training machine, so its tokens are unknown here unless cloudtune knows
-its published size (`hub_report`).
+dataset is counted on the training machine, so its tokens are unknown here unless its size is
+published (cloudtune/hub.py).
 """
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
-from ..datasets import DatasetReport, percentiles
+from ..datasets import DatasetReport
 from ..packing import tokens_read
 from ..recipe import Recipe
 
 PACKING_FILL = 0.97  # first-fit-decreasing packing leaves about 3 % of each row empty
 TOKENS_UNCERTAINTY = 0.15  # token counts estimated from characters (no tokenizer offline)
-# Hub datasets the shipped recipes train on, so `cloudtune cost` can price them before the training
-# machine downloads them: the published number of training rows, with guanaco's lengths (lognormal,
-# median 350 tokens, sigma 0.8: the distribution the benchmarks in bench/common.py use).
-HUB_DATASET_ROWS = {"mlabonne/guanaco-llama2-1k": 1000, "timdettmers/openassistant-guanaco": 9846}
 
 
 @dataclass(frozen=True)
@@ -73,11 +68,10 @@ def plan_work(recipe: Recipe, report: DatasetReport, micro_batch_size: int | Non
     mb = micro_batch_size or spec.micro_batch_size
     cap = spec.max_seq_len
     per_step = spec.gradient_accumulation * world_size  # micro-batches per optimizer step, all GPUs together
-    if report.rows == 0:  # hub dataset: counted on the training machine
+    if report.rows == 0:  # a hub dataset of unknown size (its report's size_note says so): counted on the machine
         rows_per_step = mb * per_step
         if not spec.max_steps:
-            return Work(0, 0.0, cap, cap, False, "tokens unknown: the hub dataset is counted on the training "
-                                                "machine; set training.max_steps to price the training itself")
+            return Work(0, 0.0, cap, cap, False)
         per_row = cap if spec.packing else cap / 2
         tokens = spec.max_steps * rows_per_step * per_row
         return Work(int(tokens), tokens, cap, per_row, False,
@@ -126,19 +120,3 @@ def expected_batch_width(report: DatasetReport, micro_batch_size: int) -> float:
     cdf = [(p / 100) ** n for p in range(len(percentiles))]
     expected = sum((cdf[k] - cdf[k - 1]) * (percentiles[k] + percentiles[k - 1]) / 2 for k in range(1, len(cdf)))
     return max(mean, expected)
-
-
-def hub_report(recipe: Recipe) -> DatasetReport | None:
-    """An estimated report for a hub dataset cloudtune knows the size of; None for others."""
-    rows = HUB_DATASET_ROWS.get(recipe.dataset.hub or "")
-    if rows is None:
-        return None
-    rows = min(rows, recipe.dataset.max_rows or rows)
-    cap = recipe.training.max_seq_len
-    rng = random.Random(0)
-    raw = [max(16, int(rng.lognormvariate(math.log(350), 0.8))) for _ in range(rows)]
-    lengths = [min(cap, n) for n in raw]
-    return DatasetReport(source=f"hub:{recipe.dataset.hub}", format=recipe.dataset.format, rows=rows,
-                         tokens=sum(lengths), tokens_exact=False, truncated_rows=sum(n > cap for n in raw),
-                         longest_row_tokens=max(raw), tokenizer="estimate (published rows, guanaco-like lengths)",
-                         length_percentiles=percentiles(lengths))

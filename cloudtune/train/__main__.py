@@ -11,7 +11,7 @@ from ..recipe import load_recipe
 from ..remote.checkpoints import seed_from_carried
 from ..remote.watchdog import watch_launcher
 from . import Stopped
-from .redacted_output import redacted_output, secret_values
+from .redacted_output import DEBUG_LOG, redacted_output, secret_values
 
 EXIT_USER_ERROR = 2
 EXIT_CRASHED = 1  # what Python itself returns for an uncaught exception
@@ -19,7 +19,8 @@ EXIT_STOPPED = 143  # 128 + SIGTERM, as if the signal had ended the process, but
 
 
 def quiet_libraries() -> None:
-    """Keep the streamed log to what a user reads: our step lines, warnings and errors."""
+    """Keep the streamed log to what a user reads: our step lines, warnings and errors (what libraries
+    still print beyond these settings is sorted into debug.log by redacted_output)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     watch_launcher()
-    with redacted_output(secret_values(args.recipe)):
+    with redacted_output(secret_values(args.recipe), debug_log=args.out / DEBUG_LOG):
         try:
             return _train(args)
         except Exception:  # noqa: BLE001 - printed here, inside the redaction, not by Python after it

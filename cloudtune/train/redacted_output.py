@@ -1,14 +1,20 @@
-"""The trainer's own stdout and stderr, redacted before they reach any file.
+"""The trainer's own stdout and stderr, redacted before they reach any file, and kept to what a user reads.
 
 Redacting where the log is read is not enough: train.log stays on the machine (and on this one, for
 the local backend), and `cloudtune logs` from a shell without the secrets exported cannot know the
 values. So the trainer swaps its file descriptors 1 and 2 for pipes and passes everything through a
 Redactor: prints, warnings, tracebacks, and what native code and child processes write all go
 through the same filter.
+
+The same pipes sort the lines: the streamed log (train.log) keeps our step lines, the warnings that
+matter to the user and errors; dependencies' noise (liger-kernel's backend import notices, Python
+warnings about a library's own code) goes only to debug.log beside the outputs, which keeps every
+line, redacted too.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -26,6 +32,11 @@ MAX_PENDING_BYTES = 1 << 20
 # What is in the pipes drains in well under this; a child that outlives the trainer (W&B's service) holds
 # them open, and waiting for its end would delay every run's exit. Its words after that are lost.
 DRAIN_SECONDS = 1.0
+DEBUG_LOG = "debug.log"  # in the trainer's --out, pulled with the outputs
+# Lines of dependencies that say nothing a user can act on.
+LIBRARY_NOISE = re.compile(
+    r"Backend impl '[^']*' for op '[^']*' could not be imported"  # liger-kernel probing cutedsl, ascend, ...
+    r"|^(?!.*cloudtune/)\S[^:]*:\d+: (Syntax|Deprecation|PendingDeprecation|Future)Warning: ")  # not our code
 
 
 def secret_values(recipe_path: Path) -> list[str]:
@@ -42,13 +53,18 @@ def secret_values(recipe_path: Path) -> list[str]:
 
 
 @contextmanager
-def redacted_output(values: list[str]) -> Iterator[None]:
-    """Within the block, whatever this process (or its children) writes to fd 1 and 2 is redacted."""
-    if not values:
+def redacted_output(values: list[str], debug_log: Path | None = None) -> Iterator[None]:
+    """Within the block, whatever this process (or its children) writes to fd 1 and 2 is redacted; with
+    `debug_log`, library noise goes only there, and every line goes there too."""
+    if not values and debug_log is None:
         yield
         return
     redact = Redactor(values)
-    pumps = [_divert(fd, redact) for fd in (1, 2)]
+    debug = None
+    if debug_log is not None:
+        debug_log.parent.mkdir(parents=True, exist_ok=True)
+        debug = os.open(debug_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    pumps = [_divert(fd, redact, debug) for fd in (1, 2)]
     try:
         yield
     finally:
@@ -57,25 +73,31 @@ def redacted_output(values: list[str]) -> Iterator[None]:
         for fd, saved, _ in pumps:
             os.dup2(saved, fd)  # drops this process's write end of the pipe, so the pump sees its end
         deadline = time.monotonic() + DRAIN_SECONDS
+        drained = True
         for _, saved, pump in pumps:
             pump.join(timeout=max(0.0, deadline - time.monotonic()))
             if not pump.is_alive():
                 os.close(saved)  # else the pump still writes there until the process ends
+            drained = drained and not pump.is_alive()
+        if debug is not None and drained:
+            os.close(debug)
 
 
-def _divert(fd: int, redact: Redactor) -> tuple[int, int, threading.Thread]:
+def _divert(fd: int, redact: Redactor, debug: int | None) -> tuple[int, int, threading.Thread]:
     (sys.stdout if fd == 1 else sys.stderr).flush()
     saved = os.dup(fd)
     read_end, write_end = os.pipe()
     os.dup2(write_end, fd)
     os.close(write_end)
-    pump = threading.Thread(target=_pump, args=(read_end, saved, redact), daemon=True, name=f"redact-fd{fd}")
+    pump = threading.Thread(target=_pump, args=(read_end, saved, redact, debug), daemon=True,
+                            name=f"redact-fd{fd}")
     pump.start()
     return fd, saved, pump
 
 
-def _pump(read_end: int, target: int, redact: Redactor) -> None:
+def _pump(read_end: int, target: int, redact: Redactor, debug: int | None) -> None:
     pending = b""
+    noise = [False]  # whether the last line was noise: a Python warning's source line follows it, indented
     with os.fdopen(read_end, "rb", buffering=0) as source:
         while chunk := source.read(65536):
             pending += chunk
@@ -83,13 +105,23 @@ def _pump(read_end: int, target: int, redact: Redactor) -> None:
             if not cut and len(pending) >= MAX_PENDING_BYTES:
                 cut = len(pending)
             if cut:
-                _write(target, redact, pending[:cut])
+                _write(target, redact, pending[:cut], debug, noise)
                 pending = pending[cut:]
     if pending:
-        _write(target, redact, pending)
+        _write(target, redact, pending, debug, noise)
 
 
-def _write(target: int, redact: Redactor, data: bytes) -> None:
+def _write(target: int, redact: Redactor, data: bytes, debug: int | None, noise: list[bool]) -> None:
     # surrogateescape keeps bytes that are not UTF-8 exactly as they were, around the redacted values
     text = redact(data.decode("utf-8", "surrogateescape"))
-    os.write(target, text.encode("utf-8", "surrogateescape"))
+    if debug is None:
+        os.write(target, text.encode("utf-8", "surrogateescape"))
+        return
+    os.write(debug, text.encode("utf-8", "surrogateescape"))
+    kept = []
+    for line in text.splitlines(keepends=True):
+        noise[0] = bool(LIBRARY_NOISE.search(line)) or (noise[0] and line[:1] in (" ", "\t"))
+        if not noise[0]:
+            kept.append(line)
+    if kept:
+        os.write(target, "".join(kept).encode("utf-8", "surrogateescape"))
