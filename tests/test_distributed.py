@@ -260,7 +260,7 @@ def test_a_rank_that_never_joins_fails_the_preflight_with_the_cause(tmp_path, re
            "CLOUDTUNE_PREFLIGHT_TIMEOUT_S": "2"}
     t0 = time.time()
     done = subprocess.run([sys.executable, "-m", "cloudtune.train", str(two), "--out", str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=PREFLIGHT_TIMEOUT_S - 10)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "the training processes could not all meet within 2s" in done.stderr
     assert "Traceback" not in done.stderr
