@@ -83,7 +83,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {_rank_prefix()}{exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except Stopped as exc:
-        print(str(exc), flush=True)
+        if not _rank_prefix():  # every rank stops at the same step: rank 0 says so for all
+            print(str(exc), flush=True)
         return EXIT_STOPPED
     return 0
 
