@@ -57,23 +57,6 @@ def test_the_layout_comes_from_skypilot_the_recipe_or_the_machine():
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
 
 
-def test_auto_parallelism_shards_only_what_does_not_fit_one_gpu(tmp_path):
-    from cloudtune.parallelism import resolve_parallelism
-    from cloudtune.planning.memory import GIB, ModelShape
-
-    seven_b = ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
-    lora = load_recipe(make_recipe(tmp_path / "lora", ALPACA))
-    full = load_recipe(make_recipe(tmp_path / "full", ALPACA, method="full"))
-    # a 7B LoRA fits one 24 GB card; its full fine-tune (bf16 weights, gradients and AdamW moments: the memory
-    # model says ~56 GiB) needs FSDP on 48 GB cards and fits an 80 GB one
-    assert resolve_parallelism(lora, 2, 24 * GIB, shape=seven_b) == "ddp"
-    assert resolve_parallelism(full, 2, 48 * GIB, shape=seven_b) == "fsdp"
-    assert resolve_parallelism(full, 2, 80 * GIB, shape=seven_b) == "ddp"
-    assert resolve_parallelism(full, 2, None, shape=seven_b) == "ddp"  # the CPU: nothing to measure against
-    pinned = load_recipe(make_recipe(tmp_path / "pinned", ALPACA, training={"parallelism": "fsdp"}))
-    assert resolve_parallelism(pinned, 2, 141 * GIB, shape=seven_b) == "fsdp"
-
-
 # ----------------------------------------------------------------------------------------------
 # real runs
 

@@ -228,13 +228,22 @@ def as_float(norm) -> float:
 
 
 def parallelism_for(recipe, world: World, config, device: torch.device) -> str:
-    """ddp or fsdp for this run (none in a single process), as resolve_parallelism decides it."""
+    """ddp or fsdp for this run (none in a single process), by the planner's own rule
+    (planning.memory.choose_parallelism) on the GPU this rank has."""
     if not world.distributed:
         return "none"
-    from ..parallelism import resolve_parallelism
+    from ..planning.memory import GIB, ModelShape, TrainSetup, choose_parallelism
 
-    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    chosen = resolve_parallelism(recipe, world.size, gpu_memory_bytes=memory, config=config)
+    chosen = recipe.training.parallelism
+    if chosen == "auto" and device.type != "cuda":
+        chosen = "ddp"  # the CPU (tests, gloo): no GPU memory to measure against
+    elif chosen == "auto":
+        usable = torch.cuda.get_device_properties(device).total_memory
+        if recipe.training.memory_limit_gib:
+            usable = min(usable, recipe.training.memory_limit_gib * GIB)
+        chosen = choose_parallelism("auto", ModelShape.from_config(config), TrainSetup.from_recipe(recipe),
+                                    world.size, usable, recipe.training.max_seq_len,
+                                    recipe.training.gradient_checkpointing)
     if chosen == "fsdp" and recipe.method == "8bit":
         raise CloudtuneError("method 8bit cannot be sharded with FSDP: bitsandbytes' int8 weights are not a "
                              "dtype FSDP can split.",
