@@ -35,6 +35,7 @@ from .recipe import Recipe
 from .remote import checkpoints
 from .remote.budget import budget_for
 from .remote.checkpoints import RESUME_FROM_ENV
+from .remote.launch import launch_env
 from .remote.watchdog import process_alive
 from .secrets import Redactor, collect, redact
 
@@ -309,6 +310,7 @@ class Launch:
     def start(self) -> None:
         price_per_hour = (self.price or {}).get("price_per_hour")
         budget = budget_for(self.recipe.compute.max_cost, price_per_hour, time.time() - self.started)
+        self.ctx.train_env.update(launch_env(self.recipe.compute.gpu_count))
         if budget is not None:
             self.ctx.train_env.update(budget.env())
             self.events.note(f"max_cost {units.money(budget.max_cost)} at {units.per_hour(budget.price_per_hour)}: "

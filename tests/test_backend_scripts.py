@@ -48,7 +48,7 @@ def test_run_sh_reads_secrets_from_the_file_logs_and_records_the_exit_status(tmp
            "STUB_EXIT": "3"}
     subprocess.run(["sh", str(machine / "bundle" / "run.sh"), "--resume"], cwd=tmp_path, env=env, check=True)
     calls = (tmp_path / "calls").read_text()
-    assert "args: -u -m cloudtune.train bundle/recipe.yaml --out out --resume" in calls
+    assert "args: -u -m cloudtune.remote.launch bundle/recipe.yaml --out out --resume" in calls
     assert "token: it's secret" in calls  # from the 0600 file, not from the command line
     launcher, parent = calls.split("launcher: ")[1].split()[0], calls.split("parent: ")[1].split()[0]
     assert launcher == parent  # with no launcher named, the trainer watches the script itself

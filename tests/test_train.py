@@ -450,8 +450,8 @@ def test_a_loss_that_turns_nan_stops_the_training_with_the_last_good_checkpoint(
     real_step = loop.train_step
     calls = []
 
-    def diverging(model, group, context):
-        loss, items, norm = real_step(model, group, context)
+    def diverging(model, group, context, share=None):
+        loss, items, norm = real_step(model, group, context, share)
         calls.append(loss)
         return (float("nan"), items, norm) if len(calls) > 4 else (loss, items, norm)
 

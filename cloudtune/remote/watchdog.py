@@ -41,6 +41,24 @@ def watch_launcher(environ: Mapping[str, str] = os.environ) -> threading.Thread 
     return watcher
 
 
+def watch_parent(environ: Mapping[str, str] = os.environ) -> threading.Thread | None:
+    """Under torchrun: die with it. torchrun starts each rank in a session of its own, out of reach of the
+    process-group signals that stop a run (cloudtune/remote/stop_group.py), and a torchrun killed outright
+    cannot stop its ranks; a rank whose parent is gone kills itself within a second, as a killed group would."""
+    if "TORCHELASTIC_RUN_ID" not in environ:
+        return None
+    parent = os.getppid()
+    watcher = threading.Thread(target=_kill_when_orphaned, args=(parent,), name="parent-watchdog", daemon=True)
+    watcher.start()
+    return watcher
+
+
+def _kill_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(POLL_SECONDS)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _stop_when_gone(pid: int) -> None:
     while process_alive(pid):
         time.sleep(POLL_SECONDS)

@@ -20,7 +20,8 @@ PROBE_TOKENS = 64
 
 def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Encoded, state, wall_seconds: float,
            epochs: float, final_loss: float, checkpointed_layers: int, fused_kernels: bool, trainable: int,
-           base_samples: list[str], budget_stop: dict | None = None, evaluation: dict | None = None) -> dict:
+           base_samples: list[str], budget_stop: dict | None = None, evaluation: dict | None = None,
+           world=None, parallelism: str = "none") -> dict:
     model.eval()
     weights_dir = out / ("adapter" if recipe.uses_lora else "model")
     model.save_pretrained(weights_dir)
@@ -58,6 +59,7 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
         "train_seconds": round(state.train_seconds, 3),
         "wall_seconds": round(wall_seconds, 3),
         "tokens_per_s": round(state.tokens / state.train_seconds, 1) if state.train_seconds else 0.0,
+        **scale_out(state, world, parallelism),
         "final_loss": final_loss,
         "peak_gpu_gib": round(peak, 2) if peak is not None else None,
         "gradient_checkpointing": checkpointed_layers > 0,
@@ -76,6 +78,14 @@ def finish(recipe: Recipe, model, tokenizer, out: Path, *, device, encoded: Enco
     (out / "recipe.yaml").write_text(recipe.to_yaml())  # what was trained, for the report and for re-runs
     write_manifest(out)
     return summary
+
+
+def scale_out(state, world, parallelism: str) -> dict:
+    """How many processes trained, on how many machines, and the speed of each GPU (or CPU process) in them."""
+    size = world.size if world else 1
+    return {"world_size": size, "nodes": world.nodes if world else 1, "parallelism": parallelism,
+            "tokens_per_s_per_gpu": round(state.tokens / state.train_seconds / size, 1) if state.train_seconds
+            else 0.0}
 
 
 def _versions() -> dict[str, str]:

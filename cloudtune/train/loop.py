@@ -21,14 +21,10 @@ from ..errors import CloudtuneError
 from ..planning.memory import GIB, ModelShape, TrainSetup, checkpointing_note, layers_to_checkpoint
 from ..recipe import Recipe
 from ..remote.budget import Budget, read_budget
-from . import Stopped, attention, checkpoint, export, say, tracking
+from . import Stopped, attention, checkpoint, distributed, export, quiet, say, tracking
 from . import model as model_lib
 from .data import IGNORE, Batcher, Encoded, encode, load_rows
 from .evaluation import make_evaluation
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def preflight(recipe: Recipe, device: torch.device) -> None:
@@ -78,11 +74,13 @@ def checkpointed_layers(recipe: Recipe, config, device: torch.device, longest_ro
     return layers_to_checkpoint(shape, tokens, free, setup)
 
 
-def _checkpoint_all_after_oom(recipe: Recipe, model, optimizer, step: int, recomputed: int, layers: int) -> int:
+def _checkpoint_all_after_oom(recipe: Recipe, model, optimizer, step: int, recomputed: int, layers: int,
+                              world: distributed.World) -> int:
     """After an out-of-memory step under auto checkpointing: recompute every layer, so the step can be
-    redone (nothing was applied yet) instead of losing the run. Otherwise the settings are the user's."""
+    redone (nothing was applied yet) instead of losing the run. Otherwise the settings are the user's.
+    Not under torchrun: the other ranks are already in this step's gradient exchange, without this one."""
     spec = recipe.training
-    if recomputed == layers or spec.gradient_checkpointing != "auto":
+    if recomputed == layers or spec.gradient_checkpointing != "auto" or world.distributed:
         raise CloudtuneError(
             f"out of GPU memory at step {step}: {spec.micro_batch_size} rows of up to {spec.max_seq_len} tokens "
             f"with gradient checkpointing {checkpointing_note(recomputed, layers)}.",
@@ -122,22 +120,16 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
 
     started = time.time()
     spec = recipe.training
-    device = pick_device()
-    preflight(recipe, device)
-    limit_memory(recipe, device)
-    if not resume and checkpoint.complete(out):
-        raise CloudtuneError(f"{out} holds checkpoints of an earlier run.",
-                             "Pass --resume to continue it, or train into another --out directory.")
-    out.mkdir(parents=True, exist_ok=True)
+    world, device, resume = _join(recipe, out, resume)
     set_seed(spec.seed)
-    say(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
-    if device.type == "cuda" and torch.cuda.device_count() > 1:
-        say(f"note: training uses 1 of this machine's {torch.cuda.device_count()} GPUs (single-process trainer)")
+    say(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+        + (f", {world.size} processes on {world.nodes} node(s)" if world.distributed else ""))
 
     tokenizer = model_lib.load_tokenizer(recipe)
     encoded, eval_encoded = encode_data(recipe, tokenizer)
 
-    base = model_lib.load_base(recipe, device)
+    parallelism = distributed.parallelism_for(recipe, world, model_lib.load_config(recipe), device)
+    base = model_lib.load_base(recipe, device, sharded=parallelism == "fsdp")
     fused = model_lib.apply_fused_kernels(recipe, base, device)  # on the bare model: Liger walks its layout
     precision = model_lib.choose_precision(recipe, device)
     autocast = precision.autocast is not None
@@ -146,13 +138,18 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                                      fused_kernels=fused, autocast=autocast)
     model = model_lib.prepare_for_training(recipe, base, recomputed, autocast=autocast)
     layers = len(model_lib.decoder_layers(model))
+    # Before any step, the model is the base (a fresh LoRA adds zero), so these are the "before" samples.
+    # FSDP loads the base into host memory to shard it: its samples come from the whole copy made at the end.
+    base_samples = export.generate_samples(recipe, model, tokenizer, encoded.format, device) \
+        if world.main and parallelism != "fsdp" else []
+    trained = distributed.wrap(model, world, device, parallelism)  # what the steps run; `model` for the rest
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     say(f"model: {model_lib.model_source(recipe)} method {recipe.method}, {n_trainable:,} trainable parameters, "
         f"gradient checkpointing {checkpointing_note(recomputed, layers)}, "
-        f"fused kernels {'on' if fused else 'off'}, attention {base.config._attn_implementation}")
-    # Before any step, the model is the base (a fresh LoRA adds zero), so these are the "before" samples.
-    base_samples = export.generate_samples(recipe, model, tokenizer, encoded.format, device)
+        f"fused kernels {'on' if fused else 'off'}, attention {base.config._attn_implementation}"
+        + (f", {parallelism} over {world.size} ranks" if world.distributed else ""))
+    distributed.seed_ranks(world, spec.seed)  # dropout differs between ranks, as between micro-batches
 
     per_document = base.config._attn_implementation == attention.DOCUMENT_ATTENTION
     batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed,
@@ -164,19 +161,20 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=int(spec.warmup_ratio * steps),
                               num_training_steps=steps)
     scaler = torch.amp.GradScaler(device.type) if precision.loss_scaling else None
-    state = _starting_state(recipe, out, resume, model, optimizer, scheduler, scaler)
-    metrics_path = out / "metrics.jsonl"
-    checkpoint.trim_metrics(metrics_path, state.step)
-    tracker = tracking.open_tracker(recipe, out, state.step)
+    state = _starting_state(recipe, out, resume, model, optimizer, scheduler, scaler, world)
+    metrics_path, tracker = _open_logs(recipe, out, state.step, world)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    share = spec.gradient_accumulation  # micro-batches per rank and step; the step takes share × world size
     say(f"training: {steps} steps of {spec.gradient_accumulation}×{spec.micro_batch_size} rows "
-        f"(≤{spec.max_seq_len} tokens each), {len(batcher)} micro-batches per epoch"
+        + (f"× {world.size} ranks " if world.distributed else "")
+        + f"(≤{spec.max_seq_len} tokens each), {len(batcher)} micro-batches per epoch"
         + (f", eval every {evaluation.every} steps and after the last" if evaluation else ""))
     model.train()
     stream = _micro_batches(batcher, state)
-    step_context = StepContext(optimizer, scheduler, scaler, trainable, spec.max_grad_norm, precision, device)
+    step_context = StepContext(optimizer, scheduler, scaler, trainable, spec.max_grad_norm, precision, device,
+                               world.size)
     print_every = max(1, steps // 50)  # every step stays in metrics.jsonl; the terminal gets ~50 lines
     last_loss = float("nan")  # a resumed run that is already complete trains no step
     budget_clock, budget_stop = BudgetClock(read_budget(), started), None
@@ -184,14 +182,16 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
         try:
             while state.step < steps:
                 t0 = time.perf_counter()
-                group = [next(stream) for _ in range(spec.gradient_accumulation)]
+                group = [next(stream) for _ in range(share * world.size)]
+                mine = group[world.rank * share:(world.rank + 1) * share]
                 try:
-                    last_loss, n_items, grad_norm = train_step(model, group, step_context)
+                    last_loss, n_items, grad_norm = train_step(trained, group, step_context, mine)
                 except torch.cuda.OutOfMemoryError:
                     recomputed = _checkpoint_all_after_oom(recipe, model, optimizer, state.step + 1, recomputed,
-                                                           layers)
+                                                           layers, world)
                     step_context = step_context.for_a_redone_step()
-                    last_loss, n_items, grad_norm = train_step(model, group, step_context)
+                    last_loss, n_items, grad_norm = train_step(trained, group, step_context, mine)
+                last_loss = distributed.summed(world, last_loss)
                 _refuse_non_finite(last_loss, state.step + 1, out, step_context.scaler)
                 row = _account_step(state, group, n_items, time.perf_counter() - t0, last_loss, grad_norm,
                                     scheduler.get_last_lr()[0], step_context.scaler)
@@ -203,28 +203,80 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                 if stop_early:
                     say(evaluation.stop_note(state))
                     break
-                if state.step < steps and budget_clock.spent():
+                # Every rank decides alike: a SIGTERM to any one of them, or one clock past the budget, stops all.
+                stop, spent = distributed.any_of(world, stop_requested(), budget_clock.spent())
+                if state.step < steps and spent:
                     budget_stop = budget_clock.stop_record(state.step, steps)
                     # so that `cloudtune run --resume` can train on from here with more budget
-                    checkpoint.save(out, recipe, model, optimizer, scheduler, state, step_context.scaler)
+                    checkpoint.save(out, recipe, model, optimizer, scheduler, state, step_context.scaler, world)
                     break
                 due = bool(spec.checkpoint_steps) and state.step % spec.checkpoint_steps == 0
-                if state.step < steps and (due or stop_requested()):
-                    saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state, step_context.scaler)
-                    if stop_requested():
+                if state.step < steps and (due or stop):
+                    saved = checkpoint.save(out, recipe, model, optimizer, scheduler, state, step_context.scaler,
+                                            world)
+                    if stop:
+                        distributed.stopping(world)
                         raise Stopped(state.step, saved)
         finally:
             tracker.close()
 
+    del trained, optimizer, scheduler, step_context, trainable, base  # FSDP: the shards' memory, for the copy
+    if parallelism == "fsdp":
+        model, base_samples = unsharded_copy(recipe, model, tokenizer, encoded.format, world, device, autocast)
+    if not world.main:
+        return {}  # rank 0 writes every output; with DDP its copy of the weights is everyone's
     evaluated = evaluation.finish(model, state, out) if evaluation else None
     summary = export.finish(recipe, model, tokenizer, out, device=device, encoded=encoded, state=state,
                             wall_seconds=time.time() - started,
                             epochs=state.epoch + state.batch_in_epoch / len(batcher), final_loss=last_loss,
                             checkpointed_layers=recomputed, fused_kernels=fused, trainable=n_trainable,
-                            base_samples=base_samples, budget_stop=budget_stop, evaluation=evaluated)
+                            base_samples=base_samples, budget_stop=budget_stop, evaluation=evaluated,
+                            world=world, parallelism=parallelism)
     say(f"done: {state.tokens} tokens in {state.train_seconds:.1f}s ({summary['tokens_per_s']:.0f} tok/s); "
         f"outputs in {out}")
     return summary
+
+
+def _join(recipe: Recipe, out: Path, resume: bool) -> tuple[distributed.World, torch.device, bool]:
+    """This process's place in the run, its device, and whether the run resumes; the checks before loading."""
+    world = distributed.world_from_env()
+    device = distributed.pick_device(world)
+    distributed.join(world, device)  # before anything is loaded: a rank that cannot reach the others fails now
+    quiet(not world.main)
+    preflight(recipe, device)
+    limit_memory(recipe, device)
+    # rank 0's disk decides: on several machines only node 0 holds the checkpoints (broadcast on resume)
+    resume = distributed.from_main(world, resume)
+    if world.main and not resume and checkpoint.complete(out):
+        raise CloudtuneError(f"{out} holds checkpoints of an earlier run.",
+                             "Pass --resume to continue it, or train into another --out directory.")
+    out.mkdir(parents=True, exist_ok=True)
+    return world, device, resume
+
+
+def _open_logs(recipe: Recipe, out: Path, step: int, world: distributed.World) -> tuple[Path, tracking.Tracker]:
+    """metrics.jsonl (trimmed to where a resumed run goes on) and the tracker: rank 0's; the others log nothing."""
+    if not world.main:
+        return Path(os.devnull), tracking.Tracker()
+    metrics_path = out / "metrics.jsonl"
+    checkpoint.trim_metrics(metrics_path, step)
+    return metrics_path, tracking.open_tracker(recipe, out, step)
+
+
+def unsharded_copy(recipe: Recipe, model, tokenizer, fmt: str, world: distributed.World, device: torch.device,
+                   autocast: bool) -> tuple:
+    """After FSDP training: the trained weights gathered into a fresh, unsharded model on rank 0, for the
+    outputs that need the whole model (adapter, samples, probe, merge), and the "before" samples of that
+    fresh copy, taken before the weights go in; (None, []) on the other ranks."""
+    weights = checkpoint.full_weights(model)  # every rank takes part
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if not world.main:
+        return None, []
+    plain = model_lib.prepare_for_training(recipe, model_lib.load_base(recipe, device), 0, autocast=autocast)
+    before = export.generate_samples(recipe, plain, tokenizer, fmt, device)
+    checkpoint.load_weights(plain, weights)
+    return plain, before
 
 
 def encode_data(recipe: Recipe, tokenizer) -> tuple[Encoded, Encoded | None]:
@@ -285,10 +337,11 @@ class BudgetClock:
                 "planned_steps": steps}
 
 
-def _starting_state(recipe: Recipe, out: Path, resume: bool, model, optimizer, scheduler, scaler) -> checkpoint.State:
+def _starting_state(recipe: Recipe, out: Path, resume: bool, model, optimizer, scheduler, scaler,
+                    world: distributed.World) -> checkpoint.State:
     if not resume:
         return checkpoint.State()
-    restored = checkpoint.restore_latest(out, recipe, model, optimizer, scheduler, scaler)
+    restored = checkpoint.restore_latest(out, recipe, model, optimizer, scheduler, scaler, world)
     say(f"resumed from step {restored.step}" if restored else "resume: no checkpoint yet, starting from step 0")
     return restored or checkpoint.State()
 
@@ -319,6 +372,7 @@ class StepContext:
     max_grad_norm: float | None
     precision: model_lib.Precision
     device: torch.device
+    world_size: int = 1
 
     def for_a_redone_step(self) -> StepContext:
         """A step that failed part-way may have unscaled its gradients already; the scaler refuses to
@@ -330,27 +384,34 @@ class StepContext:
         return replace(self, scaler=fresh)
 
 
-def train_step(model, group: list, step: StepContext) -> tuple[float, int, float | None]:
+def train_step(model, group: list, step: StepContext, share: list | None = None) -> tuple[float, int, float | None]:
     """One optimizer step over a group of micro-batches; returns (loss, trained tokens, grad norm).
 
     The loss is the mean over every trained token of the step, however they fall into micro-batches:
     each micro-batch's summed token loss is divided by the whole step's token count. Under fp16 loss
     scaling a step whose gradients overflowed is skipped (the scaler lowers its scale) and its grad
     norm is None.
+
+    Under torchrun this rank runs only its `share` of the group and returns its part of the loss (the
+    caller sums the ranks'). DDP and FSDP average the ranks' gradients, so each rank's loss is scaled
+    by the world size: the step's gradient is then the one-process gradient over the whole group.
     """
     device, scaler, optimizer = step.device, step.scaler, step.optimizer
+    share = group if share is None else share
     n_items = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch, _ in group)
     loss_sum = 0.0
-    for batch, _tokens in group:
+    for index, (batch, _tokens) in enumerate(share):
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with model_lib.mixed_precision(step.precision, device):
-            loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
-        (scaler.scale(loss) if scaler else loss).backward()
+        with distributed.gradient_sync(model, index == len(share) - 1):
+            with model_lib.mixed_precision(step.precision, device):
+                loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
+            scaled = loss * step.world_size if step.world_size > 1 else loss
+            (scaler.scale(scaled) if scaler else scaled).backward()
         loss_sum += loss.detach().float().item()
     if scaler:
         scaler.unscale_(optimizer)  # clipping and the reported norm see the true gradients
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(step.trainable, step.max_grad_norm)) if step.max_grad_norm \
-        else None
+    grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(step.trainable, step.max_grad_norm)) \
+        if step.max_grad_norm else None
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -370,11 +431,15 @@ def _sigterm_flag():
     if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
         yield lambda: False
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    def handler(signum, _frame):
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield lambda: bool(received)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGTERM) is handler:  # distributed.stopping may have set its own
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _micro_batches(batcher: Batcher, state: checkpoint.State):

@@ -148,7 +148,16 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def load_base(recipe: Recipe, device: torch.device):
+def load_config(recipe: Recipe):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_source(recipe), revision=recipe.model.revision,
+                                      trust_remote_code=recipe.model.trust_remote_code)
+
+
+def load_base(recipe: Recipe, device: torch.device, sharded: bool = False):
+    """The base model on `device`; `sharded` (FSDP) loads it into host memory instead, for fully_shard to
+    move each rank's shard to its GPU, since the whole model may not fit one GPU."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = choose_precision(recipe, device).weights
@@ -156,18 +165,21 @@ def load_base(recipe: Recipe, device: torch.device):
                         attn_implementation=attention.implementation(recipe.training.attention, device),
                         trust_remote_code=recipe.model.trust_remote_code)
     if recipe.method == "qlora":
-        # The QLoRA recipe: nf4 with double quantisation, matmuls in 16 bits. The packed 4-bit weights keep
-        # the default uint8 storage; a float storage dtype only matters for FSDP sharding.
+        # The QLoRA recipe: nf4 with double quantisation, matmuls in 16 bits. FSDP shards parameters of one
+        # float dtype, so for FSDP the packed 4-bit weights are stored in the compute dtype (peft's and
+        # bitsandbytes' FSDP-QLoRA setting); otherwise they keep the default uint8 storage.
+        storage = {"bnb_4bit_quant_storage": dtype} if sharded else {}
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
+            bnb_4bit_compute_dtype=dtype, **storage)
     elif recipe.method == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if device.type == "cuda":
+    # bitsandbytes quantises while loading onto the GPU, so a 4-bit base is loaded there even for FSDP
+    if device.type == "cuda" and (not sharded or recipe.method == "qlora"):
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(model_source(recipe), **kwargs)
     model.config.use_cache = False
-    return model.to(device) if device.type != "cuda" else model
+    return model.to(device) if device.type != "cuda" and not sharded else model
 
 
 def lora_config(recipe: Recipe):

@@ -38,7 +38,7 @@ def reload(out: Path, base_source: str, device: torch.device | None = None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .loop import pick_device
+    from .distributed import pick_device
     from .model import apply_fused_kernels, choose_precision, load_base
 
     device = device or pick_device()

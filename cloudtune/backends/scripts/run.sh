@@ -8,5 +8,6 @@ PYTHON="${CLOUDTUNE_PYTHON:-python3}"
 # The trainer stops when its launcher is gone (cloudtune/remote/watchdog.py): the CLI where the local
 # backend names it, else this script, so a training whose wrapper was killed does not run on unwatched.
 export CLOUDTUNE_LAUNCHER_PID="${CLOUDTUNE_LAUNCHER_PID:-$$}"
-"$PYTHON" -u -m cloudtune.train bundle/recipe.yaml --out out "$@" >> train.log 2>&1
+# The launcher (cloudtune/remote/launch.py) starts one trainer process, or torchrun for several GPUs.
+"$PYTHON" -u -m cloudtune.remote.launch bundle/recipe.yaml --out out "$@" >> train.log 2>&1
 echo $? > exit_code

@@ -22,8 +22,11 @@ fi
 # `sky cancel` (and a preemption's shutdown) send SIGTERM to this shell: it is passed on to the trainer,
 # which checkpoints and stops, and this shell waits for that. SkyPilot runs this script with `bash -i`,
 # which would otherwise ignore SIGTERM. A shell killed outright is noticed by the trainer's watchdog.
+# Every node runs this script; the launcher (cloudtune/remote/launch.py) reads SkyPilot's node variables
+# (SKYPILOT_NODE_IPS, SKYPILOT_NODE_RANK, SKYPILOT_NUM_NODES, SKYPILOT_NUM_GPUS_PER_NODE) and starts
+# torchrun with node 0 as the rendezvous when there is more than one GPU, else the trainer itself.
 export CLOUDTUNE_LAUNCHER_PID=$$
-"$python" -u -m cloudtune.train bundle/recipe.yaml --out out $resume &
+"$python" -u -m cloudtune.remote.launch bundle/recipe.yaml --out out $resume &
 cloudtune_trainer=$!
 trap 'kill -TERM "$cloudtune_trainer" 2>/dev/null' TERM INT HUP
 wait "$cloudtune_trainer"

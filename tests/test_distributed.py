@@ -1,0 +1,252 @@
+"""Several training processes on the CPU with gloo, started the way every backend starts them: the launcher
+(cloudtune/remote/launch.py) and torchrun. Each run costs a torch start per rank, so the cases are few and
+each one checks much: equal losses, resume, the outputs, the failure paths.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cloudtune.ledger import Ledger
+from cloudtune.recipe import load_recipe
+from cloudtune.remote.launch import GPU_COUNT_ENV, Layout, layout_from_env, trainer_command, visible_gpus
+from cloudtune.train.distributed import PREFLIGHT_TIMEOUT_S
+from cloudtune.train.loop import train
+from cloudtune.train.model import tiny_llama_dir
+from cloudtune.train.verify import max_logit_difference
+
+from .conftest import demo_recipe_text, free_port, process_group_alive, write_recipe
+from .test_train import ALPACA, make_recipe, metrics, weights
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# the launch command, for every layout
+
+
+def test_one_process_is_the_trainer_itself_and_several_go_through_torchrun():
+    args = ["bundle/recipe.yaml", "--out", "out", "--resume"]
+    assert trainer_command("py", args, Layout()) == ["py", "-u", "-m", "cloudtune.train", *args]
+    assert trainer_command("py", args, Layout(nproc_per_node=4)) == [
+        "py", "-u", "-m", "torch.distributed.run", "--nproc-per-node", "4", "--standalone",
+        "--shutdown-timeout", "120", "-m", "cloudtune.train", *args]
+    assert trainer_command("py", args, Layout(8, nnodes=2, node_rank=1, master_addr="10.0.0.1")) == [
+        "py", "-u", "-m", "torch.distributed.run", "--nproc-per-node", "8", "--nnodes", "2", "--node-rank", "1",
+        "--master-addr", "10.0.0.1", "--master-port", "29500", "--shutdown-timeout", "120", "-m",
+        "cloudtune.train", *args]
+
+
+def test_the_layout_comes_from_skypilot_the_recipe_or_the_machine():
+    sky = {"SKYPILOT_NODE_IPS": "10.0.0.5\n10.0.0.6\n", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NUM_NODES": "2",
+           "SKYPILOT_NUM_GPUS_PER_NODE": "8"}
+    assert layout_from_env(sky) == Layout(8, nnodes=2, node_rank=1, master_addr="10.0.0.5")
+    assert layout_from_env({GPU_COUNT_ENV: "2", "CUDA_VISIBLE_DEVICES": ""}) == Layout(2)  # CPU: 2 gloo processes
+    assert layout_from_env({"CUDA_VISIBLE_DEVICES": "0,3,5"}) == Layout(3)  # unset: every GPU it may use
+    assert layout_from_env({"CUDA_VISIBLE_DEVICES": ""}) == Layout(1)
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# real runs
+
+
+def recipes(folder: Path, **training) -> tuple[Path, Path]:
+    """The same global batch of 2 micro-batches per step: one process accumulating 2, or 2 ranks with 1 each."""
+    common = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0},
+                  outputs={"samples": ["What is 3 plus 4?"], "sample_max_new_tokens": 4},
+                  training={"max_steps": STEPS, "micro_batch_size": 2, "max_seq_len": 160, **training})
+    one = make_recipe(folder / "one", ALPACA, **{**common, "training": {**common["training"],
+                                                                        "gradient_accumulation": 2}})
+    two = make_recipe(folder / "two", ALPACA, **{**common, "training": {**common["training"],
+                                                                        "gradient_accumulation": 1}})
+    return one, two
+
+
+def launch(recipe: Path, out: Path, *extra: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cloudtune.remote.launch", str(recipe), "--out", str(out), *extra],
+                            env={**os.environ, "PYTHONPATH": str(REPO), GPU_COUNT_ENV: "2", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def rank_pid(out: Path, rank: int) -> int:
+    """The process of one rank of the training into `out` (torchrun's child, in a session of its own)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except (OSError, UnicodeDecodeError):
+            continue
+        if "cloudtune.train" in cmdline and "--out" in cmdline and f"RANK={rank}".encode() in environ \
+                and cwd / cmdline[cmdline.index("--out") + 1] == out:
+            return int(pid)
+    raise AssertionError(f"no rank {rank} training into {out}")
+
+
+def ranks_alive(out: Path) -> list[int]:
+    alive = []
+    for rank in (0, 1):
+        try:
+            alive.append(rank_pid(out, rank))
+        except AssertionError:
+            pass
+    return alive
+
+
+def read_until(process: subprocess.Popen, prefix: str) -> list[str]:
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(prefix):
+            return seen
+    raise AssertionError(f"never printed {prefix!r}:\n{''.join(seen)}")
+
+
+def assert_same_steps(out: Path, reference: Path) -> None:
+    mine, theirs = metrics(out), metrics(reference)
+    assert [row["step"] for row in mine] == list(range(1, STEPS + 1))
+    for key in ("step_tokens", "trained_tokens", "tokens"):
+        assert [row[key] for row in mine] == [row[key] for row in theirs], key
+    # two processes sum their shares of each step's loss in another order than one process does
+    assert [row["loss"] for row in mine] == pytest.approx([row["loss"] for row in theirs], rel=1e-4)
+
+
+def assert_same_weights(out: Path, reference: Path) -> None:
+    adapter = weights(out / "adapter" / "adapter_model.safetensors")
+    expected = weights(reference / "adapter" / "adapter_model.safetensors")
+    assert adapter.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(adapter[name], tensor, atol=1e-4, rtol=1e-3)
+    assert max_logit_difference(out, str(tiny_llama_dir())) < 1e-4  # what `cloudtune verify` checks
+    mine, theirs = (json.loads((folder / "samples.jsonl").read_text()) for folder in (out, reference))
+    assert mine["base"] == theirs["base"]  # the same base model, generated before any step
+
+
+@pytest.fixture(scope="module")
+def reference(shared_home, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """One process with the global batch of the 2-rank recipe, in this process (torch is loaded already)."""
+    from .conftest import module_home
+
+    with module_home(shared_home, tmp_path_factory):
+        folder = tmp_path_factory.mktemp("dist")
+        one, two = recipes(folder, checkpoint_steps=2)
+        train(load_recipe(one), folder / "reference")
+    return one, two, folder / "reference"
+
+
+def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_what_one_process_does(
+        tmp_path, reference):
+    _one, two, expected = reference
+    out = tmp_path / "out"
+    started = launch(two, out)
+    seen = read_until(started, "training: ")
+    second = rank_pid(out, 1)
+    seen += read_until(started, "step 2/")
+    os.kill(second, signal.SIGTERM)  # not rank 0, which writes everything
+    rest = started.communicate(timeout=120)[0]
+    log = "".join(seen) + rest
+    assert started.returncode == 143, log
+    assert "ddp over 2 ranks" in log
+    step = int(log.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert step < STEPS and (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file()
+    assert not (out / "run.json").exists() and ranks_alive(out) == []
+
+    resumed = launch(two, out, "--resume")
+    log = resumed.communicate(timeout=180)[0]
+    assert resumed.returncode == 0, log
+    assert f"resumed from step {step}" in log
+    assert log.count(f"step {STEPS}/{STEPS}") == 1, "only rank 0 prints the step lines"
+    assert_same_steps(out, expected)
+    assert_same_weights(out, expected)
+    run = json.loads((out / "run.json").read_text())
+    assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, "ddp")
+    assert run["tokens_per_s"] == pytest.approx(2 * run["tokens_per_s_per_gpu"], rel=0.01)
+
+
+def test_fsdp_shards_the_model_and_trains_what_one_process_does(tmp_path, reference):
+    _one, _two, expected = reference
+    _one_fsdp, two_fsdp = recipes(tmp_path / "fsdp", parallelism="fsdp")  # one process: no parallelism to pick
+    out = tmp_path / "out"
+    done = launch(two_fsdp, out)
+    log = done.communicate(timeout=180)[0]
+    assert done.returncode == 0, log
+    assert "fsdp over 2 ranks" in log
+    assert_same_steps(out, expected)
+    assert_same_weights(out, expected)
+    assert json.loads((out / "run.json").read_text())["parallelism"] == "fsdp"
+
+
+def start_local_run(tmp_path: Path) -> tuple[subprocess.Popen, str, int, list[str]]:
+    """`cloudtune run --backend local` of a long 2-rank run, once it trains: its CLI, run id and rank 1."""
+    data = yaml.safe_load(demo_recipe_text(max_steps=100000, max_seq_len=128))
+    data["compute"] = {"gpu_count": 2}
+    recipe = write_recipe(tmp_path, yaml.safe_dump(data))
+    cli = subprocess.Popen([sys.executable, "-m", "cloudtune.cli", "run", "--backend", "local", str(recipe)],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+    seen = []
+    for line in cli.stdout:
+        seen.append(line)
+        if "step 1/" in line:
+            break
+    run_id = Ledger().runs(1)[0]["id"]
+    out = Path(os.environ["CLOUDTUNE_HOME"]) / "runs" / run_id / "machine" / "out"
+    return cli, run_id, rank_pid(out, 1), seen
+
+
+def test_a_killed_rank_ends_the_run_with_a_clear_error_and_the_machine_is_torn_down(tmp_path):
+    cli, run_id, second, seen = start_local_run(tmp_path)
+    t0 = time.time()
+    os.kill(second, signal.SIGKILL)
+    rest = cli.communicate(timeout=150)[0]
+    output = "".join(seen) + rest
+    assert cli.returncode == 1, output
+    assert time.time() - t0 < 60, "the run outlived a dead rank"
+    assert "local rank(s) 1 ended without an exit status" in output
+    assert "lost contact with the other ranks" in output  # rank 0's own account, in the log's tail
+    assert Ledger().get_run(run_id)["status"] == "failed"
+    assert Ledger().machine_for_run(run_id)["status"] == "terminated"
+    assert ranks_alive(Path(os.environ["CLOUDTUNE_HOME"]) / "runs" / run_id / "machine" / "out") == []
+
+
+def test_a_killed_cli_leaves_no_rank_alive(tmp_path):
+    cli, run_id, _second, _seen = start_local_run(tmp_path)
+    out = Path(os.environ["CLOUDTUNE_HOME"]) / "runs" / run_id / "machine" / "out"
+    script_group = Ledger().machine_for_run(run_id)["meta"]["pid"]  # run.sh, the launcher, torchrun
+    cli.kill()  # no handler runs: each rank's watchdog sees the launcher gone, and they stop together
+    cli.wait()
+    deadline = time.time() + 60
+    while ranks_alive(out) or process_group_alive(script_group):
+        assert time.time() < deadline, "ranks outlived the CLI that started them"
+        time.sleep(0.2)
+    log = (out.parent / "train.log").read_text()
+    assert "is gone; stopping with a checkpoint" in log and "stopped by SIGTERM after step" in log
+    assert (out.parent / "exit_code").read_text().strip() == "143"
+
+
+def test_a_rank_that_never_joins_fails_the_preflight_with_the_cause(tmp_path, reference):
+    """A real failure, not a simulated one: rank 0 of 2 is started alone, without torchrun."""
+    _one, two, _expected = reference
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "CLOUDTUNE_PREFLIGHT_TIMEOUT_S": "2"}
+    t0 = time.time()
+    done = subprocess.run([sys.executable, "-m", "cloudtune.train", str(two), "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=PREFLIGHT_TIMEOUT_S - 10)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "the training processes could not all meet within 2s" in done.stderr
+    assert "Traceback" not in done.stderr
+    # The 2 s are the preflight's; the rest is starting Python and torch on a busy 2-core machine. Without
+    # the bound it would wait PREFLIGHT_TIMEOUT_S (180 s).
+    assert time.time() - t0 < PREFLIGHT_TIMEOUT_S - 10
