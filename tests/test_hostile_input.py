@@ -4,6 +4,7 @@ property test in test_hostile_fuzz.py generates many more of each."""
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 
 from cloudtune.cli import cli
 
-from .conftest import DEMO_RECIPE
+from .conftest import DEMO_RECIPE, write_recipe
 
 ROWS = "".join(f'{{"text": "### Alice: what is {i} plus 1?\\n### Bob: {i + 1}"}}\n' for i in range(5))
 
@@ -288,7 +289,27 @@ def test_run_refuses_bad_input_before_starting_anything(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The property: whatever the recipe and dataset, exit 0 or 2, no traceback, done in seconds
 
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402 - the fuzz section's own imports
+@pytest.mark.parametrize("name, problem", [
+    ("someone/model", "not in this machine's Hugging Face cache, and the hub cannot be reached from here"),
+    ("/nonexistent/model", "neither a folder on this machine nor a hub id"),
+    ("{empty}", "it holds no tokenizer files")])
+def test_a_model_that_cannot_be_loaded_is_named_with_why_not_a_traceback(tmp_path, monkeypatch, capsys, name,
+                                                                          problem):
+    from cloudtune.train.__main__ import main as train_main
+
+    from .conftest import demo_recipe_text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as here anyway: the hub is unreachable
+    (tmp_path / "empty").mkdir()
+    name = name.format(empty=tmp_path / "empty")
+    text = demo_recipe_text(max_steps=2).replace("init: tiny-llama", f"name: {name}")
+    assert train_main([str(write_recipe(tmp_path, text)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"model.name '{name}' cannot be loaded: {problem}" in err and "hf download" in err, err
+    assert "Traceback" not in err
+
+
+from hypothesis import HealthCheck, Phase, event, given, settings  # noqa: E402 - the fuzz section's own imports
 from hypothesis import strategies as st  # noqa: E402
 
 ANY_CHAR = st.characters(exclude_categories=())  # surrogates, controls and escapes included
@@ -442,3 +463,54 @@ def test_fuzz_cost_and_the_start_of_run_exit_0_or_2_quickly(fuzz_folder, tmp_pat
     done = subprocess.run([sys.executable, "-c", code, str(fuzz_folder)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=sky_env(tmp_path / "home", tmp_path / "ct-home"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _short_and_local(raw: bytes) -> bytes | None:
+    """A recipe that passed validate, cut to a couple of steps on the tiny model so a run takes seconds;
+    None when the text cannot be read back as a mapping (then validate refused it anyway)."""
+    try:
+        recipe = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError, RecursionError):
+        return None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("training", {}), dict):
+        return None
+    training = recipe.setdefault("training", {})
+    training.pop("epochs", None)
+    training["max_steps"] = 2
+    if isinstance(training.get("max_seq_len"), int) and training["max_seq_len"] > 256:
+        training["max_seq_len"] = 256
+    return yaml.safe_dump(recipe, allow_unicode=True).encode()
+
+
+# Each case trains for real (~10 s): shrinking a failure would take many minutes, so it is reported as drawn.
+@settings(FUZZ, max_examples=DEEP or 3, deadline=timedelta(seconds=240),
+          phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(case=hostile_case())
+def fuzz_run_local(folder: Path, case) -> None:
+    """Recipes that pass validate, trained for real on this machine: 0 with finite losses, or a message
+    and 1/2, never a traceback, never a training left running."""
+    raw, dataset, data = case
+    if "/" not in dataset and dataset.startswith("data"):
+        (folder / dataset).write_bytes(data)
+    short = _short_and_local(raw)
+    if short is None:
+        return
+    (folder / "recipe.yaml").write_bytes(short)
+    if invoke("validate", str(folder / "recipe.yaml"), seconds=30).exit_code != 0:
+        event("run: refused by validate")
+        return
+    result = invoke("run", "--backend", "local", str(folder / "recipe.yaml"), seconds=200)
+    event(f"run exit {result.exit_code}")
+    assert result.exit_code in (0, 1, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output, result.output
+    if result.exit_code:
+        assert "error:" in result.output, result.output
+    else:
+        assert "loss nan" not in result.output.lower() and "loss inf" not in result.output.lower(), result.output
+    leftover = subprocess.run(["pgrep", "-f", f"cloudtune.train .*{folder}"], capture_output=True, text=True).stdout
+    assert not leftover, f"a training outlived its run: {leftover}"
+
+
+def test_fuzz_local_runs_end_cleanly(fuzz_folder, tmp_path):
+    fuzz_run_local(folder=fuzz_folder)

@@ -37,12 +37,9 @@ def preflight(recipe: Recipe, device: torch.device) -> None:
         raise CloudtuneError(f"outputs.push_to_hub '{recipe.outputs.push_to_hub}' needs HF_TOKEN in the environment.",
                              "Add HF_TOKEN to the recipe's secrets and set it where you run cloudtune.")
     if recipe.outputs.gguf:  # a model the exporter would refuse is refused before it is trained
-        from transformers import AutoConfig
-
         from .gguf import check_supported
 
-        check_supported(AutoConfig.from_pretrained(model_lib.model_source(recipe), revision=recipe.model.revision,
-                                                   trust_remote_code=recipe.model.trust_remote_code))
+        check_supported(model_lib.load_config(recipe))
 
 
 def limit_memory(recipe: Recipe, device: torch.device) -> None:

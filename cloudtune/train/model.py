@@ -19,6 +19,7 @@ from ..paths import home
 from ..recipe import ModelSpec, Recipe
 from ..tiny import SPECIAL_TOKENS, TINY_LLAMA, VOCAB_SIZE
 from . import attention
+from .hub_errors import loading_model
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -141,8 +142,9 @@ def mixed_precision(precision: Precision, device: torch.device):
 def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_source(recipe), revision=recipe.model.revision,
-                                              trust_remote_code=recipe.model.trust_remote_code)
+    with loading_model(recipe.model, model_source(recipe)):
+        tokenizer = AutoTokenizer.from_pretrained(model_source(recipe), revision=recipe.model.revision,
+                                                  trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -151,8 +153,9 @@ def load_tokenizer(recipe: Recipe):
 def load_config(recipe: Recipe):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_source(recipe), revision=recipe.model.revision,
-                                      trust_remote_code=recipe.model.trust_remote_code)
+    with loading_model(recipe.model, model_source(recipe)):
+        return AutoConfig.from_pretrained(model_source(recipe), revision=recipe.model.revision,
+                                          trust_remote_code=recipe.model.trust_remote_code)
 
 
 def load_base(recipe: Recipe, device: torch.device, sharded: bool = False):
@@ -177,7 +180,8 @@ def load_base(recipe: Recipe, device: torch.device, sharded: bool = False):
     # bitsandbytes quantises while loading onto the GPU, so a 4-bit base is loaded there even for FSDP
     if device.type == "cuda" and (not sharded or recipe.method == "qlora"):
         kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(model_source(recipe), **kwargs)
+    with loading_model(recipe.model, model_source(recipe)):
+        model = AutoModelForCausalLM.from_pretrained(model_source(recipe), **kwargs)
     model.config.use_cache = False
     return model.to(device) if device.type != "cuda" and not sharded else model
 
