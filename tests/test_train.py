@@ -303,8 +303,9 @@ def test_quantised_methods_need_an_nvidia_gpu(tmp_path, capsys):
 # resume
 
 
+RESUMABLE_STEPS = 30  # checkpoints every 5: a kill at step 17 loses two steps, a SIGTERM at 12 none
 RESUMABLE = dict(lora={"r": 8, "alpha": 16, "dropout": 0.1},  # dropout: the RNG state must resume too
-                 training={"max_steps": 60, "checkpoint_steps": 5, "gradient_accumulation": 2,
+                 training={"max_steps": RESUMABLE_STEPS, "checkpoint_steps": 5, "gradient_accumulation": 2,
                            "lr_scheduler": "cosine", "micro_batch_size": 2})
 
 
@@ -341,7 +342,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
     for name, tensor in expected.items():
         torch.testing.assert_close(adapter[name], tensor, atol=2e-5, rtol=1e-4)
     mine, theirs = metrics(out), metrics(reference)
-    assert [row["step"] for row in mine] == list(range(1, 61))
+    assert [row["step"] for row in mine] == list(range(1, RESUMABLE_STEPS + 1))
     for key in ("loss", "lr", "tokens", "step_tokens", "trained_tokens"):
         assert [row[key] for row in mine] == pytest.approx([row[key] for row in theirs], rel=1e-5), key
     assert json.loads((out / "run.json").read_text())["tokens"] == json.loads((reference / "run.json").read_text())[
@@ -359,7 +360,7 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, resumable):
     assert int(steps[-1].split("-")[1]) % 5 == 0
 
     summary = run(recipe, out, resume=True)
-    assert summary["steps"] == 60
+    assert summary["steps"] == RESUMABLE_STEPS
     assert_same_run(out, reference)
 
     with pytest.raises(CloudtuneError, match="holds checkpoints of an earlier run"):
