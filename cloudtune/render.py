@@ -232,11 +232,13 @@ def runs_table(runs: list[dict], width: int) -> Table:
 def _runs_table(runs: list[dict], level: int) -> Table:
     """Level 0: the name goes under the run id, so that both stay whole, with the GPUs and tokens/s;
     1 adds a column for the name, wall time and tokens; 2 the backend and the estimate. -1, for names
-    too long for anything else: no GPUs and tokens/s (`status --json` has them)."""
+    too long for anything else: no GPUs and tokens/s (`status --json` has them). The GPUs column only
+    when some run trained on several (else it would say 1 on every row)."""
+    several = any(scale(run.get("meta") or {})["world_size"] > 1 for run in runs)
     columns = [whole("run"), text("name")] if level > 0 else [whole("run / name")]
     columns += [text("backend")] if level > 1 else []
     columns += [text("status"), whole("started")]
-    columns += [figure("GPUs"), figure("tok/s")] if level >= 0 else []
+    columns += ([figure("GPUs")] if several else []) + [figure("tok/s")] if level >= 0 else []
     columns += [figure("wall"), figure("tokens")] if level > 0 else []
     columns += [figure("est. $")] if level > 1 else []
     table = grid(*columns, figure("$"))
@@ -247,7 +249,7 @@ def _runs_table(runs: list[dict], level: int) -> Table:
         cells = [run["id"], name] if level > 0 else [f"{run['id']}\n[dim]{name}[/]"]
         cells += [run["backend"]] if level > 1 else []
         cells += [f"[{colour}]{status}[/]", time.strftime("%m-%d %H:%M", time.localtime(run["created_at"]))]
-        cells += _run_scale(run) if level >= 0 else []
+        cells += _run_scale(run)[0 if several else 1:] if level >= 0 else []
         if level > 0:
             cells += [units.duration(run.get("wall_seconds")), units.count(run.get("tokens"))]
         if level > 1:

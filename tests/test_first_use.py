@@ -64,6 +64,7 @@ def test_library_noise_goes_to_the_debug_log_redacted_and_the_streamed_log_keeps
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("secrets: [HF_TOKEN]\n")
     debug = tmp_path / "out" / "debug.log"
+    debug.parent.mkdir()  # the trainer's --out, made once the run is known to start
     code = ("import os, sys, warnings\n"
             "from pathlib import Path\n"
             "from cloudtune.train.redacted_output import redacted_output, secret_values\n"

@@ -217,7 +217,7 @@ def test_task_loads_in_skypilot(seed, spot, gpu, seed_plans):
         assert all(next(iter(r.accelerators)).startswith("H100") for r in resources)
     assert all(r.use_spot == spot for r in resources)
     assert all(str(r.image_id[None]) == f"docker:{DEFAULT_IMAGE}" for r in resources)
-    assert task.num_nodes == 1 and "-u -m cloudtune.train bundle/recipe.yaml --out out" in task.run
+    assert task.num_nodes == 1 and "-u -m cloudtune.remote.launch bundle/recipe.yaml --out out" in task.run
     assert task.secrets["HF_TOKEN"].get_secret_value() == SECRET and "HF_TOKEN" not in task.envs
     if spot:
         assert all(r.job_recovery["max_restarts_on_errors"] == 0 for r in resources)

@@ -65,7 +65,8 @@ def test_a_pip_installed_cloudtune_ships_itself(installed):
 
     # The rebuilt wheel installs and runs: its RECORD matches, its package data (the scripts) is there.
     pip_install(rebuilt, folder / "again")
-    check = "from cloudtune.backends.skypilot import script; print(script('skypilot_run.sh').count('cloudtune.train'))"
+    check = ("from cloudtune.backends.skypilot import script; "
+             "print(script('skypilot_run.sh').count('cloudtune.remote.launch'))")
     done = subprocess.run([sys.executable, "-c", check], cwd=folder, env=installed_env(folder / "again", folder),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and int(done.stdout) >= 1, done.stderr
@@ -73,7 +74,7 @@ def test_a_pip_installed_cloudtune_ships_itself(installed):
 
 def test_a_dry_run_from_the_installed_copy_builds_the_bundle_it_would_ship(installed):
     folder, original = installed
-    env = installed_env(folder / "site", folder)
+    env = {**installed_env(folder / "site", folder), "HF_TOKEN": "hf_" + "x" * 30}  # the recipe's secret, checked
     recipe = str(REPO / "tasks" / "llama2-7b-qlora-guanaco.yaml")
     done = subprocess.run([sys.executable, "-m", "cloudtune.cli", "run", "--backend", "skypilot", "--dry-run",
                            "--gpu", "A10", "--json", recipe], cwd=folder, env=env, capture_output=True, text=True,

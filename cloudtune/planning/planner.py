@@ -366,7 +366,7 @@ def _matching_offers(recipe: Recipe, offers: list[Offer], gpu: str | None, cloud
     if spot:
         candidates = [o for o in candidates if o.spot_price_per_hour is not None]
     if not candidates:
-        wanted = " ".join(filter(None, [f"{count or 'any number of'}× {gpu or 'any GPU'}", "spot" if spot else "",
+        wanted = " ".join(filter(None, [f"{count}×" if count else "", gpu or "any GPU", "spot" if spot else "",
                                         f"on {', '.join(clouds)}" if clouds else ""]))
         raise CloudtuneError(f"no offer in the price catalog matches {wanted}.",
                              "`cloudtune gpus` lists what there is; widen --gpu/--cloud, drop --spot, or "

@@ -60,10 +60,7 @@ def redacted_output(values: list[str], debug_log: Path | None = None) -> Iterato
         yield
         return
     redact = Redactor(values)
-    debug = None
-    if debug_log is not None:
-        debug_log.parent.mkdir(parents=True, exist_ok=True)
-        debug = os.open(debug_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    debug = DebugLog(debug_log) if debug_log is not None else None
     pumps = [_divert(fd, redact, debug) for fd in (1, 2)]
     try:
         yield
@@ -80,10 +77,41 @@ def redacted_output(values: list[str], debug_log: Path | None = None) -> Iterato
                 os.close(saved)  # else the pump still writes there until the process ends
             drained = drained and not pump.is_alive()
         if debug is not None and drained:
-            os.close(debug)
+            debug.close()
 
 
-def _divert(fd: int, redact: Redactor, debug: int | None) -> tuple[int, int, threading.Thread]:
+class DebugLog:
+    """debug.log in the trainer's --out, opened once the trainer has made that folder: a run refused
+    before it starts (a CPU asked for qlora, a missing token) leaves no folder behind. Until then the
+    lines wait here, and a run that never makes it writes none."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd, self.waiting, self.lock = path, None, [], threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            if self.fd is None and not self._open():
+                if sum(map(len, self.waiting)) < MAX_PENDING_BYTES:
+                    self.waiting.append(data)
+                return
+            os.write(self.fd, data)
+
+    def _open(self) -> bool:
+        if not self.path.parent.is_dir():
+            return False
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        for data in self.waiting:
+            os.write(self.fd, data)
+        self.waiting.clear()
+        return True
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd is not None or self._open():
+                os.close(self.fd)
+
+
+def _divert(fd: int, redact: Redactor, debug: DebugLog | None) -> tuple[int, int, threading.Thread]:
     (sys.stdout if fd == 1 else sys.stderr).flush()
     saved = os.dup(fd)
     read_end, write_end = os.pipe()
@@ -95,7 +123,7 @@ def _divert(fd: int, redact: Redactor, debug: int | None) -> tuple[int, int, thr
     return fd, saved, pump
 
 
-def _pump(read_end: int, target: int, redact: Redactor, debug: int | None) -> None:
+def _pump(read_end: int, target: int, redact: Redactor, debug: DebugLog | None) -> None:
     pending = b""
     noise = [False]  # whether the last line was noise: a Python warning's source line follows it, indented
     with os.fdopen(read_end, "rb", buffering=0) as source:
@@ -111,13 +139,13 @@ def _pump(read_end: int, target: int, redact: Redactor, debug: int | None) -> No
         _write(target, redact, pending, debug, noise)
 
 
-def _write(target: int, redact: Redactor, data: bytes, debug: int | None, noise: list[bool]) -> None:
+def _write(target: int, redact: Redactor, data: bytes, debug: DebugLog | None, noise: list[bool]) -> None:
     # surrogateescape keeps bytes that are not UTF-8 exactly as they were, around the redacted values
     text = redact(data.decode("utf-8", "surrogateescape"))
     if debug is None:
         os.write(target, text.encode("utf-8", "surrogateescape"))
         return
-    os.write(debug, text.encode("utf-8", "surrogateescape"))
+    debug.write(text.encode("utf-8", "surrogateescape"))
     kept = []
     for line in text.splitlines(keepends=True):
         noise[0] = bool(LIBRARY_NOISE.search(line)) or (noise[0] and line[:1] in (" ", "\t"))
