@@ -28,11 +28,13 @@ RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_cloudtune(recipe: Path, out: Path) -> subprocess.CompletedProcess:
-    """Run this checkout's trainer as a rented machine runs it: `python -m cloudtune.train`."""
+def train_cloudtune(recipe: Path, out: Path, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """Run this checkout's trainer as a rented machine runs it: `python -m cloudtune.train`, or with
+    `torchrun` under torch.distributed.run with one process (what a multi-GPU launch adds, at world size 1)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "cloudtune.train", str(recipe), "--out", str(out)], env=env,
-                          capture_output=True, text=True)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"] if torchrun else []
+    return subprocess.run([sys.executable, *launcher, "-m", "cloudtune.train", str(recipe), "--out", str(out)],
+                          env=env, capture_output=True, text=True)
 
 
 def word_tokenizer(vocab_size: int):

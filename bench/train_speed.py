@@ -1,6 +1,7 @@
 """Training speed, side by side in one GPU run: the seeds' recipe, Unsloth, and cloudtune's trainer.
 
   python bench/train_speed.py --anchors DIR [--profiles seed-qlora,unsloth-nogc,cloudtune-qlora] [--steps N]
+                              [--torchrun]   # each cloudtune profile also under torchrun, one process
 
 DIR holds the anchor scripts (seed_baseline.py, unsloth_bench.py from the shared bench folder), which
 are run as they are; cloudtune runs through `python -m cloudtune.train` like on a rented machine.
@@ -42,6 +43,7 @@ CLOUDTUNE_PROFILES = {
     "cloudtune-qlora-nofuse": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
                                                                    fused_kernels="off")),
 }
+TORCHRUN_SUFFIX = "@torchrun1"
 ANCHOR_PROFILES = {"seed-qlora": "seed_baseline.py", "seed-lora": "seed_baseline.py",
                    "unsloth-nogc": "unsloth_bench.py", "unsloth-gc": "unsloth_bench.py",
                    "unsloth-packed": "unsloth_bench.py"}
@@ -56,13 +58,15 @@ def cloudtune_recipe(profile: str, model: Path, data: Path, steps: int) -> dict:
                 dataset=dict(path=str(data), format="completion"), training=training)
 
 
-def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int, work: Path) -> dict:
+def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int, work: Path,
+                  torchrun: bool = False) -> dict:
     import yaml
 
     recipe = work / f"{profile}.yaml"
     recipe.write_text(yaml.safe_dump(cloudtune_recipe(profile, model, data, steps + warmup)))
-    out = work / profile
-    proc = train_cloudtune(recipe, out)
+    out = work / (profile + TORCHRUN_SUFFIX if torchrun else profile)
+    proc = train_cloudtune(recipe, out, torchrun=torchrun)
+    profile = profile + TORCHRUN_SUFFIX if torchrun else profile
     if proc.returncode != 0:
         return dict(profile=profile, error=proc.stdout[-3000:] + proc.stderr[-3000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -74,7 +78,7 @@ def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int
                 real_tok_per_s=round(tokens / seconds, 1), peak_mem_gib=run["peak_gpu_gib"],
                 gradient_checkpointing=run["gradient_checkpointing"], checkpointed_layers=run["checkpointed_layers"],
                 attention=run["attention"], fused_kernels=run.get("fused_kernels"), autocast=run.get("autocast"),
-                trainable_params=run["trainable_params"],
+                trainable_params=run["trainable_params"], world_size=run.get("world_size", 1),
                 device=run["device"])
 
 
@@ -99,6 +103,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--shape", default="7b", help="model shape: 7b (the benchmark), 1b, mini (smoke test)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ct-speed")
+    parser.add_argument("--torchrun", action="store_true",
+                        help="run each cloudtune profile a second time under torchrun with one process")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.work / f"llama-{args.shape}", args.shape)
@@ -106,11 +112,13 @@ def main() -> int:
     results = []
     for profile in args.profiles.split(","):
         if profile in CLOUDTUNE_PROFILES:
-            row = run_cloudtune(profile, model, data, args.steps, args.warmup, args.work)
+            rows = [run_cloudtune(profile, model, data, args.steps, args.warmup, args.work, torchrun=launcher)
+                    for launcher in ((False, True) if args.torchrun else (False,))]
         else:
-            row = run_anchor(profile, args.anchors, model, args.steps, args.warmup, args.work)
-        results.append(row)
-        record("train_speed", row)
+            rows = [run_anchor(profile, args.anchors, model, args.steps, args.warmup, args.work)]
+        for row in rows:
+            results.append(row)
+            record("train_speed", row)
     base = next((r for r in results if r["profile"] == "seed-qlora" and "real_tok_per_s" in r), None)
     print(f"\n{'profile':<22}{'real tok/s':>12}{'peak GiB':>10}{'× seed-qlora':>14}")
     for row in results:
