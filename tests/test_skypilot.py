@@ -647,7 +647,7 @@ def test_an_interrupted_spot_run_keeps_its_newest_checkpoint_before_the_bucket_g
     run = Ledger().runs(1)[0]
     kept = Path(run["meta"]["checkpoint"])
     assert (kept / "COMPLETE").is_file() and (kept / "state.pt").is_file(), run["meta"]
-    assert kept.name.startswith("step-") and int(kept.name[5:]) % 2 == 0
+    assert kept.name.startswith("step-") and 1 <= int(kept.name[5:]) < 40  # every 2 steps, or on the cancel
     fetched = {c["key"].split("/")[1] for c in cloud.calls() if c["call"] == "download"}
     assert fetched == {kept.name}  # one checkpoint, nothing else
     calls = [c["call"] for c in cloud.calls()]
