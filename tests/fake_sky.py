@@ -152,9 +152,11 @@ class FakeCloud:
     def exec(self, task, cluster: str) -> int:
         state = self._state(cluster)
         job_id = len(state["jobs"]) + 1
-        self.record("exec", cluster=cluster, job_id=job_id, resources=[str(r) for r in task.resources],
-                    secrets=sorted(task.secrets), envs=sorted(task.envs))
         home = self.home(cluster)
+        secrets_file = home / "cloudtune" / "upload" / "secrets.env"  # what the sync's upload brought
+        self.record("exec", cluster=cluster, job_id=job_id, resources=[str(r) for r in task.resources],
+                    secrets=sorted(task.secrets), envs=sorted(task.envs),
+                    secrets_file_mode=oct(secrets_file.stat().st_mode & 0o777) if secrets_file.exists() else None)
         log = home / f".job-{job_id}.log"
         # As SkyPilot does: the run script's output is the job log, its exit status the job status.
         wrapper = f"( {task.run}\n) > {log} 2>&1; echo $? > {home}/.job-{job_id}.exit"

@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -350,7 +351,9 @@ def test_run_provisions_syncs_trains_pulls_and_tears_down(tmp_path, cloud, regis
     assert provision["resources"][0].startswith("Lambda(gpu_1x_a10") and len(provision["resources"]) == 3
     assert provision["autostop_minutes"] == 20 and not provision["file_mounts"] and not provision["has_run"]
     assert sync["file_mounts"] == ["~/cloudtune/upload"] and sync["has_setup"] and not sync["secrets"]
-    assert start["secrets"] == ["HF_TOKEN"] and "HF_TOKEN" not in start["envs"]
+    # The secret went up in the upload as a file only its owner reads, never as task envs or secrets,
+    # which SkyPilot writes into its job script (Slurm: its executor's command line).
+    assert start["secrets_file_mode"] == "0o600" and not start["secrets"] and "HF_TOKEN" not in start["envs"]
     assert cloud.status() == {}, "cluster left behind"
 
     ledger = Ledger()
@@ -1026,3 +1029,24 @@ def test_each_cloud_extra_names_skypilots_own_extra_of_that_cloud():
     assert SKYPILOT_VERSION == metadata("skypilot")["Version"]
     assert f"skypilot=={SKYPILOT_VERSION}" in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "dependencies"]
+
+
+def test_the_upload_of_a_cli_killed_while_skypilot_sent_it_is_removed_at_the_next_start(tmp_path):
+    """The local upload (a copy of the dataset, the secrets file) outlives a SIGKILLed CLI; the next CLI
+    start removes it, and never the upload of a CLI that still runs."""
+    from cloudtune.lifecycle import sweep_dead_runs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ledger = Ledger()
+    uploads = {}
+    for who, pid in (("dead", int(gone.stdout)), ("alive", os.getpid())):
+        upload = tmp_path / who / "upload"
+        upload.mkdir(parents=True)
+        (upload / "secrets.env").write_text(f"HF_TOKEN='{SECRET}'\n")
+        run_id = ledger.add_new_run(name=who, backend="skypilot")
+        ledger.add_machine(f"ct-{run_id}", run_id, "skypilot")
+        ledger.set_machine(f"ct-{run_id}", "up", upload=str(upload),
+                           launcher={"pid": pid, "host": socket.gethostname()})
+        uploads[who] = upload
+    assert sweep_dead_runs(ledger) == 1
+    assert not uploads["dead"].exists() and (uploads["alive"] / "secrets.env").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -205,6 +206,13 @@ def build_bundle(recipe: Recipe, dest: Path, extra_files: dict[str, Path] | None
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(buffer.getvalue())
     return Bundle(path=dest, sha256=hashlib.sha256(buffer.getvalue()).hexdigest(), files=sorted(members))
+
+
+def write_secrets_file(path: Path, secrets: dict[str, str]) -> None:
+    """The secrets as SECRETS_FILE on this machine's disk, readable by its owner only from the first byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets_env(secrets))
 
 
 def secrets_env(secrets: dict[str, str]) -> str:

@@ -20,7 +20,17 @@ from ..manifest import NOT_PULLED
 from ..remote import checkpoints
 from ..remote.stop_group import group_alive, stop_group
 from ..remote.watchdog import LAUNCHER_ENV
-from .base import EXIT_FILE, LOG_FILE, SECRETS_FILE, Backend, Bundle, MachineState, Quote, RunContext, secrets_env
+from .base import (
+    EXIT_FILE,
+    LOG_FILE,
+    SECRETS_FILE,
+    Backend,
+    Bundle,
+    MachineState,
+    Quote,
+    RunContext,
+    write_secrets_file,
+)
 from .capabilities import KeepsCheckpoints
 from .common import tail
 
@@ -62,10 +72,7 @@ class LocalBackend(Backend, KeepsCheckpoints):
         with tarfile.open(bundle.path) as tar:
             tar.extractall(root, filter="data")
         if secrets:
-            path = root / SECRETS_FILE
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(secrets_env(secrets))
+            write_secrets_file(root / SECRETS_FILE, secrets)
 
     def start(self, ctx: RunContext, resume: bool = False) -> None:
         root = self.root(ctx)

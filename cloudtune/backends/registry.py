@@ -156,7 +156,8 @@ def backend_help() -> str:
     return "Where to train: " + "; ".join(f"{e.name} ({e.summary})" for e in entries()) + "."
 
 
-register(BackendEntry("skypilot", "the cheapest cloud GPU that fits", "cloudtune.backends.skypilot:SkyPilotBackend"))
+register(BackendEntry("skypilot", "the cheapest cloud GPU that fits", "cloudtune.backends.skypilot:SkyPilotBackend",
+                      dead_run_sweeper="cloudtune.backends.skypilot:sweep_dead"))
 register(BackendEntry("ssh", "a machine you can SSH into, --host", "cloudtune.backends.ssh.backend:SSHBackend",
                       "cloudtune.backends.ssh.options:SSHOptions"))
 register(BackendEntry("local", "this machine: demo, tests", "cloudtune.backends.local:LocalBackend",

@@ -11,7 +11,11 @@ How the lifecycle maps onto SkyPilot (on-demand):
              CLI still ends the bill.
   sync       sky.launch on the same cluster with one file mount (the bundle with the cloudtune wheel
              in it, the wheel's requirements, checksums); setup verifies them and installs the wheel.
-  start      sky.exec of `python -m cloudtune.train`; secrets travel as SkyPilot secrets.
+  start      sky.exec of `python -m cloudtune.train`. Secrets travel in the upload as a 0600 file the run
+             script reads and deletes before the trainer starts, never as task envs or `secrets:`, which
+             SkyPilot writes into its job script or (Slurm) its executor's command line, where `ps` shows
+             them. A managed job (spot) is the exception: its upload is copied through the jobs controller
+             and a bucket, so it carries SkyPilot's own task `secrets:`.
   logs       sky.tail_logs.
   pull       rsync over the SSH alias SkyPilot writes for every cluster.
   teardown   sky.down, then sky.status to verify the cluster is gone.
@@ -33,6 +37,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -53,9 +58,10 @@ from ..registry import parse_image
 from ..remote import checkpoints
 from ..remote import source as remote_source
 from ..remote.make_venv import venv_key
+from ..remote.watchdog import process_alive
 from ..secrets import REDACTED, Redactor
 from ..wheel import build_wheel, train_requirements
-from .base import Backend, Bundle, MachineState, Quote, RunContext
+from .base import SECRETS_FILE, Backend, Bundle, MachineState, Quote, RunContext, write_secrets_file
 from .capabilities import ChecksSetup, DryRuns, KeepsCheckpoints, ListsMachines, SpansMachines
 from .common import LogCopy, bundle_wheel, saved_log
 from .skypilot_sdk import (
@@ -313,6 +319,18 @@ def prepare_upload(work_dir: Path, bundle: Bundle) -> tuple[Path, str]:
 def remove_upload(ctx: RunContext) -> None:
     """The upload folder (a copy of the bundle, the dataset in it) once SkyPilot has sent it, or the run ended."""
     shutil.rmtree(ctx.work_dir / UPLOAD, ignore_errors=True)
+
+
+def sweep_dead(state: dict) -> bool:
+    """A run whose CLI died while SkyPilot sent its upload: the local copy of the bundle (the dataset) and
+    of the secrets file is removed at the next CLI start. Cheap: one process check, no SkyPilot import."""
+    upload, launcher = state.get("upload"), state.get("launcher") or {}
+    if not upload or not Path(upload).exists() or launcher.get("host") != socket.gethostname():
+        return False
+    if launcher.get("pid") and process_alive(launcher["pid"]):
+        return False
+    shutil.rmtree(upload, ignore_errors=True)
+    return True
 
 
 def bucket_name(cluster: str) -> str:
@@ -637,6 +655,9 @@ class SkyPilotState(MachineState):
     wheel: str | None = Field(None, description="The cloudtune wheel's file name inside the upload.")
     bundle_sha256: str | None = None
     job_id: int | None = Field(None, description="SkyPilot's job id of the training (cluster job or managed job).")
+    upload: str | None = Field(None, description="The local upload folder (bundle, and the secrets file while "
+                                                 "SkyPilot sends it) and the CLI process that removes it once sent.")
+    launcher: dict[str, Any] | None = Field(None, description="pid and host of the CLI that made the upload.")
 
 
 class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpoints, SpansMachines):
@@ -769,6 +790,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
 
     def provision(self, ctx: RunContext) -> None:
         recipe = self._recipe(ctx)
+        ctx.state.upload = str(ctx.work_dir / UPLOAD)
+        ctx.state.launcher = {"pid": os.getpid(), "host": socket.gethostname()}
         self._provisioning.add(ctx.run_id)
         candidates = self.usable_candidates()
         ctx.state.offers = [f"{e.offer.cloud}:{e.offer.instance_type}" for e in candidates]
@@ -829,6 +852,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         self._secrets[ctx.run_id] = dict(secrets)
         if self._managed(ctx):
             return  # the managed job carries the upload itself
+        if secrets:
+            write_secrets_file(upload / SECRETS_FILE, secrets)
         compute = self._recipe(ctx).compute
         config = task_config(ctx.machine, self._pinned_resources(ctx), num_nodes=compute.num_nodes, upload_dir=upload,
                              wheel_name=wheel_name, envs=cluster_setup_envs(compute, upload))
@@ -841,9 +866,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         # `resume` needs no flag here: the run script resumes whenever out/ holds a checkpoint, which is
         # also what a managed job's recovery on a new machine relies on.
         recipe = self._recipe(ctx)
-        secrets = self._secrets.get(ctx.run_id, {})
         if self._managed(ctx):
-            config = self.full_task(ctx, wheel_name=ctx.state.wheel, secrets=secrets,
+            config = self.full_task(ctx, wheel_name=ctx.state.wheel, secrets=self._secrets.get(ctx.run_id, {}),
                                     candidates=self.usable_candidates())
             task = to_task(config)
             self._requested.add(ctx.run_id)
@@ -855,7 +879,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
         resources = {"accelerators": ctx.state.launched["accelerators"]}
         config = task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes, run=True,
-                             envs=image_envs(recipe.compute) | ctx.train_env, secrets=secrets)
+                             envs=image_envs(recipe.compute) | ctx.train_env)
         ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:

@@ -13,6 +13,9 @@ fi
 if [ -z "${CLOUDTUNE_IMAGE_DIGEST:-}" ] && [ -n "${CLOUDTUNE_IMAGE:-}" ]; then
   digest="$(python3 -m cloudtune.registry "$CLOUDTUNE_IMAGE")" && export CLOUDTUNE_IMAGE_DIGEST="$digest"
 fi
+# The secrets came in the upload as a 0600 file: read once into this shell's environment (the trainer
+# inherits it) and deleted, so no file on the machine holds them while it trains.
+if [ -f upload/secrets.env ]; then set -a; . upload/secrets.env; set +a; rm -f upload/secrets.env; fi
 resume=""
 # COMPLETE: the marker cloudtune/train/checkpoint.py writes last into a finished checkpoint.
 if ls out/checkpoints/step-*/COMPLETE >/dev/null 2>&1; then
