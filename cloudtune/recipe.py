@@ -171,6 +171,9 @@ class DatasetSpec(Strict):
         "auto", description="how rows become text; auto detects from the columns")
     columns: ColumnMap = Field(ColumnMap(), description="dataset column names per format")
     completions_only: bool = Field(False, description="train only on answers: prompt tokens get no loss")
+    chat_template: str | None = Field(
+        None, description="chat format: render conversations with this template instead of the model's own, in "
+                          "training and in `cloudtune try`: a built-in (llama3, chatml, mistral, gemma) or Jinja text")
     max_rows: int | None = Field(None, gt=0, le=10**12, description="use only the first N rows")
     eval: EvalSpec | None = Field(None, description="held-out data for an eval loss: a share or row count of the "
                                                     "training data (0.1, 200) or a file (eval.jsonl)")
@@ -179,6 +182,16 @@ class DatasetSpec(Strict):
     @classmethod
     def _path(cls, value: str | None) -> str | None:
         return _path_text(value)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        from .chat_templates import problem
+
+        found = value is not None and problem(value)
+        if found:
+            raise ValueError(found)
+        return value
 
     @field_validator("eval", mode="before")
     @classmethod
