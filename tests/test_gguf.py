@@ -177,3 +177,23 @@ def test_export_after_the_fact_from_a_run_without_gguf(tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir()).state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.allclose(torch.from_numpy(tensors["blk.0.ffn_up.weight"][1].reshape(176, 64)), base, atol=1e-3)
+
+
+def test_try_answers_from_the_merged_model_with_the_alpaca_prompt(exported):
+    """`cloudtune try` on outputs with a merged model loads that, and formats the prompt as alpaca rows were."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cloudtune.formats import ALPACA_HEADER
+
+    tokenizer = AutoTokenizer.from_pretrained(exported / "merged")
+    model = AutoModelForCausalLM.from_pretrained(exported / "merged").eval()
+    prompt = ALPACA_HEADER.format(ctx="") + "### Instruction:\nWhat is 3 plus 4?\n\n### Response:\n"
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)
+    want = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+    result = CliRunner(mix_stderr=False).invoke(cli, ["try", str(exported), "What is 3 plus 4?",
+                                                      "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == want + "\n" and want.strip()

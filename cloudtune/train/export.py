@@ -120,15 +120,10 @@ def generate_samples(recipe: Recipe, model, tokenizer, fmt: str, device) -> list
 
 
 def _generate(model, tokenizer, prompt: str, recipe: Recipe, device) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id] + ids
-    inputs = torch.tensor([ids], device=device)
-    with torch.no_grad(), model_lib.mixed_precision(model_lib.choose_precision(recipe, device), device):
-        generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
-                                   max_new_tokens=recipe.outputs.sample_max_new_tokens, use_cache=True,
-                                   pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
+    from .inference import generate
+
+    return generate(model, tokenizer, prompt, max_new_tokens=recipe.outputs.sample_max_new_tokens,
+                    autocast=model_lib.mixed_precision(model_lib.choose_precision(recipe, device), device))
 
 
 def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path):

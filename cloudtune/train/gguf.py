@@ -252,20 +252,7 @@ def export_gguf(model, tokenizer, out: Path, kinds: list[str], name: str) -> lis
 
 def export_run(output_dir: Path, kinds: list[str]) -> list[dict]:
     """`cloudtune export RUN --gguf KIND`: GGUF files from a finished run's outputs, after the fact."""
-    import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .inference import load_trained
 
-    from ..recipe import ModelSpec
-    from .model import load_merged
-
-    run = json.loads((output_dir / "run.json").read_text())
-    weights = output_dir / (run.get("merged_dir") or run["weights_dir"])
-    if weights.name == "adapter":
-        recipe_file = output_dir / "recipe.yaml"
-        if not recipe_file.is_file():
-            raise CloudtuneError(f"{output_dir}: no recipe.yaml to find the base model the adapter goes on.",
-                                 "Outputs of cloudtune before 0.x lack it; merge by hand, then convert.")
-        model = load_merged(ModelSpec.model_validate(yaml.safe_load(recipe_file.read_text())["model"]), weights)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype="auto")
-    return export_gguf(model, AutoTokenizer.from_pretrained(weights), output_dir, kinds, run["name"])
+    trained = load_trained(output_dir)
+    return export_gguf(trained.model, trained.tokenizer, output_dir, kinds, trained.run["name"])
