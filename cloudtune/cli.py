@@ -19,6 +19,7 @@ from rich.markup import escape
 from . import units
 from .backends import registry
 from .errors import CloudtuneError, handle
+from .recipe import GGUF_KINDS
 from .secrets import redact
 
 # no emoji codes: a message quoting `--gpu A10:x` must not print a red cross
@@ -548,10 +549,12 @@ def _training_side(module: str, command: str):
 
 @cli.command(name="export")
 @click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
-@click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(["f16", "q8_0"]),
-              help="Write the merged model as GGUF of this type (repeat for several); needs cloudtune[train].")
+@click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(GGUF_KINDS),
+              help="f16 or q8_0: the merged model; lora: the LoRA adapter alone, for llama.cpp's --lora on the base "
+                   "(repeat for several); needs cloudtune[train].")
 def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:
-    """Write RUN's merged model as GGUF files (llama.cpp, Ollama, LM Studio) beside its outputs, each read back."""
+    """Write RUN's model (merged, or its adapter alone) as GGUF files for llama.cpp, Ollama and LM Studio, beside
+    its outputs, each read back."""
     from .report import output_dir_of
 
     gguf = _training_side("gguf", "export")  # it merges the weights here

@@ -135,14 +135,18 @@ def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path):
 
 
 def gguf_files(recipe: Recipe, model, tokenizer, weights_dir: Path, out: Path, merged=None) -> list[dict] | None:
-    """outputs.gguf: the merged model (or the fully trained one) as GGUF files, each read back and checked."""
+    """outputs.gguf: the merged model (or the fully trained one) and the adapter alone, each read back and checked."""
     if not recipe.outputs.gguf:
         return None
     from . import gguf
 
-    if recipe.uses_lora:
-        model = merged if merged is not None else model_lib.load_merged(recipe.model, weights_dir)
-    return gguf.export_gguf(model, tokenizer, out, list(recipe.outputs.gguf), recipe.run_name)
+    def merged_model() -> tuple:
+        if not recipe.uses_lora:
+            return model, tokenizer
+        return (merged if merged is not None else model_lib.load_merged(recipe.model, weights_dir)), tokenizer
+
+    return gguf.export_all(out, list(recipe.outputs.gguf), recipe.run_name, merged_model,
+                           weights_dir if recipe.uses_lora else None, model_lib.load_config(recipe))
 
 
 def push(recipe: Recipe, out: Path) -> dict:
