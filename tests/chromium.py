@@ -72,7 +72,8 @@ def _errors(events: list[dict]) -> list[str]:
     for event in events:
         params = event.get("params", {})
         if event.get("method") == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            found.append("console: " + " ".join(str(arg.get("value", arg.get("description"))) for arg in params["args"]))
+            said = (str(arg.get("value", arg.get("description"))) for arg in params["args"])
+            found.append("console: " + " ".join(said))
         elif event.get("method") == "Runtime.exceptionThrown":
             found.append("exception: " + params["exceptionDetails"].get("text", ""))
         elif event.get("method") == "Log.entryAdded" and params["entry"]["level"] == "error":
