@@ -45,9 +45,11 @@ def load_trained(output_dir: Path, device: torch.device | None = None) -> Traine
     """The trained model of a run's outputs: the merged model when one was saved, else the base with the
     adapter merged in (as export.merge makes it), else the fully trained model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from .model import load_merged, with_recipe_chat_template
 
+    transformers_logging.disable_progress_bar()  # a bar per load would interleave with the answers
     run = json.loads((output_dir / "run.json").read_text())
     weights = output_dir / (run.get("merged_dir") or run["weights_dir"])
     recipe = saved_recipe(output_dir) if weights.name == "adapter" or (output_dir / "recipe.yaml").is_file() \
