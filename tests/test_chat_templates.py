@@ -160,3 +160,15 @@ def test_a_bad_template_is_refused_naming_the_field_and_line(tmp_path, value, sa
     assert "Traceback" not in result.output
     assert re.search(said, " ".join(result.output.split())), result.output
     assert ":5:" in result.output or "line 5" in result.output, "the recipe's line"
+
+
+def test_validate_renders_with_the_recipes_template_and_refuses_what_it_refuses(tmp_path):
+    (tmp_path / "data.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]})
+        + "\n")
+    recipe = write_recipe(tmp_path, "model:\n  init: tiny-llama\ndataset:\n  path: data.jsonl\n"
+                                    "  chat_template: mistral\n")
+    result = CliRunner().invoke(cli, ["validate", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "data.jsonl:1: the chat template rejected column 'messages'" in " ".join(result.output.split())
+    assert "alternate user and assistant" in " ".join(result.output.split())
