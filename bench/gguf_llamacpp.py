@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -111,10 +112,13 @@ def main() -> None:
                  "lora": (base_f16(out), out / "gguf" / "parity-lora.gguf")}
         for kind, (model_path, lora) in files.items():
             row = compare(kind, llamacpp_logits(model_path, prompts, lora), want)
+            if lora:  # the control: the base alone is far from the merged model, so the adapter did the rest
+                row["without_adapter_max_diff_share"] = compare(kind, llamacpp_logits(model_path, prompts),
+                                                                want)["max_diff_share"]
             record("gguf_llamacpp", {**row, "prompts": len(prompts), "positions": sum(map(len, prompts)),
                                      "steps": args.steps, "llama_cpp_python": llama_cpp.__version__,
-                                     "machine": platform.machine(), "cpu": platform.processor() or "unknown",
-                                     "python": platform.python_version()})
+                                     "machine": platform.machine(), "cpus": os.cpu_count(),
+                                     "load": round(os.getloadavg()[0], 2), "python": platform.python_version()})
 
 
 if __name__ == "__main__":

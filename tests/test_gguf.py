@@ -139,6 +139,9 @@ def test_metadata_and_vocabulary_are_complete(exported):
     types = field(reader, "tokenizer.ggml.token_type")
     assert [types[i] for i in (0, 1, 2)] == [gguf.TokenType.CONTROL] * 3 and types[100] == gguf.TokenType.NORMAL
     assert field(reader, "tokenizer.ggml.model") == "gpt2"
+    # llama.cpp refuses a gpt2 vocabulary without merges; the byte tokenizer's one merge makes no token
+    (merge,) = field(reader, "tokenizer.ggml.merges")
+    assert len(merge.split(" ")) == 2 and merge.replace(" ", "") not in tokens
     assert (field(reader, "tokenizer.ggml.bos_token_id"), field(reader, "tokenizer.ggml.eos_token_id")) == (1, 2)
     assert field(reader, "tokenizer.chat_template") == tokenizer.chat_template
     assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0

@@ -146,6 +146,8 @@ def _write_vocabulary(writer, tokenizer) -> None:
     if model.get("byte_fallback"):  # the "llama" tokenizer merges by score: earlier vocabulary entries first
         writer.add_token_scores([-float(i) for i in range(len(tokens))])
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges and not model.get("byte_fallback"):
+        merges = [_inert_merge(tokens)]
     if merges:
         writer.add_token_merges(merges)
     for kind in ("bos", "eos", "unk", "pad"):
@@ -155,6 +157,15 @@ def _write_vocabulary(writer, tokenizer) -> None:
     writer.add_add_bos_token(tokenizer.bos_token_id is not None)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _inert_merge(tokens: list[str]) -> str:
+    """llama.cpp refuses a byte-level BPE vocabulary without merges, and a tokenizer of single bytes (the tiny
+    model's) has none, while gguf cannot write an empty list. One merge whose result is no token changes no
+    tokenization: llama.cpp splits a merged piece it has no token for back into its bytes."""
+    vocabulary = set(tokens)
+    singles = [token for token in tokens if len(token) == 1 and token.isascii() and token.isalnum()]
+    return next(f"{a} {b}" for a in singles for b in singles if a + b not in vocabulary)
 
 
 def _token_types(tokenizer, tokens: list[str], byte_fallback: bool) -> list[int]:
