@@ -89,17 +89,26 @@ def _encoded(data: np.ndarray, kind: str):
 
 
 def write_gguf(model, tokenizer, dest: Path, kind: str, name: str) -> Path:
-    import gguf
-
     check_supported(model.config)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f".{dest.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer, partial = _open(dest)
     _write_metadata(writer, model.config, kind, name)
     _write_vocabulary(writer, tokenizer)
     for tensor_name, data in gguf_tensors(model):
         encoded, qtype = _encoded(data, kind)
         writer.add_tensor(tensor_name, encoded, raw_dtype=qtype)
+    return _finish(writer, partial, dest)
+
+
+def _open(dest: Path):
+    """A writer for `dest` that writes beside it under a hidden name until _finish moves the whole file there."""
+    import gguf
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.partial")
+    return gguf.GGUFWriter(str(partial), "llama"), partial
+
+
+def _finish(writer, partial: Path, dest: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -338,9 +347,7 @@ def write_adapter(adapter_dir: Path, config, dest: Path, name: str) -> Path:
     check_supported(config)
     alpha = adapter_alpha(adapter_dir)
     tensors = dict(adapter_tensors(adapter_dir, config))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f".{dest.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer, partial = _open(dest)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -348,12 +355,7 @@ def write_adapter(adapter_dir: Path, config, dest: Path, name: str) -> Path:
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)  # A and B are small: kept as trained
     for tensor_name, data in tensors.items():
         writer.add_tensor(tensor_name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    partial.replace(dest)
-    return dest
+    return _finish(writer, partial, dest)
 
 
 def verify_adapter(path: Path, adapter_dir: Path, config) -> dict:
