@@ -39,26 +39,25 @@ def chat_run(shared_home, tmp_path_factory) -> Path:
     return folder / "out"
 
 
-def reference_answer(out: Path, prompt: str) -> str:
-    """model.generate, greedy, on the base with the adapter, for the prompt in ChatML as training saw it."""
+@pytest.fixture(scope="module")
+def references(chat_run) -> dict[str, str]:
+    """model.generate, greedy, on the base with the adapter, for each prompt in ChatML as training saw it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cloudtune.train.model import tiny_llama_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(out / "adapter")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir()), str(out / "adapter"))
-    text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
-    with torch.no_grad():
-        generated = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                          max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
-
-
-@pytest.fixture(scope="module")
-def references(chat_run) -> dict[str, str]:
-    return {prompt: reference_answer(chat_run, prompt) for prompt in PROMPTS}
+    tokenizer = AutoTokenizer.from_pretrained(chat_run / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir()), str(chat_run / "adapter"))
+    answers = {}
+    for prompt in PROMPTS:
+        text = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+        with torch.no_grad():
+            generated = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                              max_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)
+        answers[prompt] = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
+    return answers
 
 
 def test_the_streamed_answer_is_what_generate_gives_for_the_training_format(chat_run, references):
