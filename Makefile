@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # sshd for the SSH backend's tests, a Docker engine for its Docker mode, rsync for SkyPilot's local dry runs;
 # munge, slurmctld, slurmd and patchelf for the one-node Slurm the real SkyPilot client launches on
-# (tests/slurm_cluster.py).
+# (tests/slurm_cluster.py); chromium renders `cloudtune report`'s page in its test (tests/chromium.py).
 system-packages:
 	@if ! command -v sshd >/dev/null 2>&1 && ! test -x /usr/sbin/sshd || ! command -v rsync >/dev/null 2>&1 \
 			|| ! command -v docker >/dev/null 2>&1 || ! command -v dockerd >/dev/null 2>&1; then \
@@ -36,6 +36,11 @@ system-packages:
 		echo "installing slurmctld, slurmd, slurm-client, munge and patchelf with apt"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			slurmctld slurmd slurm-client munge patchelf >/dev/null; \
+	fi
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing chromium with apt"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium >/dev/null; \
 	fi
 
 demo: setup

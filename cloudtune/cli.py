@@ -19,6 +19,7 @@ from rich.markup import escape
 from . import units
 from .backends import registry
 from .errors import CloudtuneError, handle
+from .recipe import GGUF_KINDS
 from .secrets import redact
 
 # no emoji codes: a message quoting `--gpu A10:x` must not print a red cross
@@ -533,22 +534,74 @@ def report(run_ref: str, open_it: bool) -> None:
         click.launch(written.html.as_uri())
 
 
-@cli.command(name="export")
-@click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
-@click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(["f16", "q8_0"]),
-              help="Write the merged model as GGUF of this type (repeat for several); needs cloudtune[train].")
-def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:
-    """Write RUN's merged model as GGUF files (llama.cpp, Ollama, LM Studio) beside its outputs, each read back."""
-    from .report import output_dir_of
+def _training_side(module: str, command: str):
+    """A module of cloudtune.train, for a command that runs the model here; the laptop install has no torch."""
+    import importlib
 
     try:
-        from .train.gguf import export_run
-    except ImportError as exc:  # the laptop install has no torch; the export merges weights here
-        raise CloudtuneError(f"cloudtune export needs the training packages ({exc.name} is missing).",
+        return importlib.import_module(f".train.{module}", __package__)
+    except ImportError as exc:
+        if (exc.name or "").startswith("cloudtune"):
+            raise
+        raise CloudtuneError(f"cloudtune {command} needs the training packages ({exc.name} is missing).",
                              "pip install 'cloudtune[train]'") from None
 
-    for written in export_run(output_dir_of(run_ref), list(dict.fromkeys(kinds))):
+
+@cli.command(name="export")
+@click.argument("run_ref", metavar="RUN", default="last", shell_complete=_complete_runs)
+@click.option("--gguf", "kinds", multiple=True, required=True, type=click.Choice(GGUF_KINDS),
+              help="f16 or q8_0: the merged model; lora: the LoRA adapter alone, for llama.cpp's --lora on the base "
+                   "(repeat for several); needs cloudtune[train].")
+def export_command(run_ref: str, kinds: tuple[str, ...]) -> None:
+    """Write RUN's model (merged, or its adapter alone) as GGUF files for llama.cpp, Ollama and LM Studio, beside
+    its outputs, each read back."""
+    from .report import output_dir_of
+
+    gguf = _training_side("gguf", "export")  # it merges the weights here
+    for written in gguf.export_run(output_dir_of(run_ref), list(dict.fromkeys(kinds))):
         console.print(f"{escape(written['file'])}: {written['bytes']:,} bytes, {written['tensors']} tensors read back")
+
+
+@cli.command(name="try")
+@click.argument("run_ref", metavar="RUN", shell_complete=_complete_runs)
+@click.argument("prompt", required=False)
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="The longest answer, in tokens.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0, max=100),
+              help="0 answers greedily (the same answer every time); above 0 samples, hotter is more random.")
+def try_command(run_ref: str, prompt: str | None, max_new_tokens: int, temperature: float) -> None:
+    """Talk to RUN's trained model: PROMPT (or, without it, each line you type until Ctrl-D) is formatted
+    as the training data was, chat template included, and the answer streams as it is generated."""
+    from .render import spinner
+    from .report import output_dir_of
+
+    inference = _training_side("inference", "try")
+    output_dir = output_dir_of(run_ref)
+    with spinner(f"loading the model of {output_dir}", err_console):
+        trained = inference.load_trained(output_dir, inference.default_device())
+
+    def answer(text: str) -> None:
+        inference.generate(trained.model, trained.tokenizer, trained.render(text), max_new_tokens=max_new_tokens,
+                           temperature=temperature, write=lambda piece: click.echo(piece, nl=False))
+        click.echo()
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    err_console.print(f"[dim]{escape(trained.run.get('name', ''))} ({escape(trained.format)} format): one prompt "
+                      "per line; Ctrl-D or Ctrl-C ends[/]")
+    stdin = click.get_text_stream("stdin")
+    try:
+        while True:
+            click.echo("> ", nl=False, err=True)  # stderr: what stdout carries is the answers alone
+            line = stdin.readline()
+            if not line:  # Ctrl-D, or the end of a file of prompts
+                break
+            if line.strip():
+                answer(line.rstrip("\r\n"))
+    except KeyboardInterrupt:  # Ctrl-C: the user is done, at the prompt or in the middle of an answer
+        click.echo()
+    click.echo(err=True)
 
 
 class Terminated(KeyboardInterrupt):

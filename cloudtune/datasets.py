@@ -286,12 +286,24 @@ def _token_lengths(rows: Iterable[tuple[str, dict]], spec: DatasetSpec, count: T
     """(format, tokens of each row before truncation)."""
     fmt = spec.format
     lengths = array("I")
-    for detected, pieces in render_rows(rows, spec, formats.fallback_chat):
+    for detected, pieces in render_rows(rows, spec, counting_chat(spec)):
         fmt = detected
         lengths.append(count("".join(text for text, _trained in pieces)))
         if progress is not None:
             progress(len(lengths))
     return fmt, list(lengths)
+
+
+def counting_chat(spec: DatasetSpec) -> formats.ChatRenderer:
+    """How this side renders chats without the model's tokenizer: dataset.chat_template when the recipe sets one
+    (so a conversation its template refuses is refused by `validate`), else the fallback template."""
+    if spec.chat_template is None:
+        return formats.fallback_chat
+    from .chat_templates import render, resolve
+
+    template = resolve(spec.chat_template)
+    # the special tokens' text is the tokenizer's: each counts as one token or so, left out of the estimate
+    return lambda messages, generation: render(template, messages, generation, bos_token="", eos_token="")
 
 
 def _eval_lengths(recipe: Recipe, fmt: str, lengths: list[int], count: Tokenize) -> tuple[list[int], list[int], str]:

@@ -30,6 +30,11 @@ from .inputs import model_config_problem, open_regular, path_problem, regular_fi
 DEFAULT_IMAGE = "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime"
 METHODS = ("lora", "qlora", "8bit", "full")
 FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
+# outputs.gguf: the merged model in f16 or q8_0, or the LoRA adapter alone (llama.cpp's --lora file)
+GGUF_KINDS = ("f16", "q8_0", "lora")
+GGUF_ADAPTER = "lora"
+# The Llama layout's linear layers, which a GGUF LoRA adapter can attach to (lm_head is its output tensor).
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUN_NAME = re.compile(r"^\w[\w.+=@ -]{0,99}$")
@@ -171,6 +176,9 @@ class DatasetSpec(Strict):
         "auto", description="how rows become text; auto detects from the columns")
     columns: ColumnMap = Field(ColumnMap(), description="dataset column names per format")
     completions_only: bool = Field(False, description="train only on answers: prompt tokens get no loss")
+    chat_template: str | None = Field(
+        None, description="chat format: render conversations with this template instead of the model's own, in "
+                          "training and in `cloudtune try`: a built-in (llama3, chatml, mistral, gemma) or Jinja text")
     max_rows: int | None = Field(None, gt=0, le=10**12, description="use only the first N rows")
     eval: EvalSpec | None = Field(None, description="held-out data for an eval loss: a share or row count of the "
                                                     "training data (0.1, 200) or a file (eval.jsonl)")
@@ -179,6 +187,16 @@ class DatasetSpec(Strict):
     @classmethod
     def _path(cls, value: str | None) -> str | None:
         return _path_text(value)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        from .chat_templates import problem
+
+        found = value is not None and problem(value)
+        if found:
+            raise ValueError(found)
+        return value
 
     @field_validator("eval", mode="before")
     @classmethod
@@ -261,9 +279,9 @@ class OutputsSpec(Strict):
     push_to_hub: str | None = Field(None, description="hub repo id (owner/name); needs HF_TOKEN in secrets")
     samples: list[str] = Field(default_factory=list, description="prompts to generate from after training")
     sample_max_new_tokens: int = Field(64, gt=0, le=4096, description="length of each sample generation")
-    gguf: list[Literal["f16", "q8_0"]] = Field(
-        default_factory=list, description="also write the merged model as GGUF files (llama.cpp, Ollama) of these "
-                                          "types; Llama-layout models")
+    gguf: list[Literal[GGUF_KINDS]] = Field(
+        default_factory=list, description="also write GGUF files (llama.cpp, Ollama) for Llama-layout models: the "
+                                          "merged model as f16 or q8_0, the LoRA adapter alone as lora")
     keep: Literal["last", "best"] = Field("last", description="which weights to save: after the last step, or at the "
                                                               "lowest eval loss (needs dataset.eval)")
 
@@ -626,7 +644,25 @@ def _publishing_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             problems.append((("outputs", "push_to_hub"), f"'{_echo(push)}' is not a hub repo id like owner/name."))
         elif "HF_TOKEN" not in recipe.secrets:
             problems.append((("outputs", "push_to_hub"), "pushing needs a token: add HF_TOKEN to `secrets`."))
+    if GGUF_ADAPTER in recipe.outputs.gguf:
+        problems += _gguf_adapter_problems(recipe)
     return problems
+
+
+def _gguf_adapter_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    if not recipe.uses_lora:
+        return [(("outputs", "gguf"), "'lora' writes the LoRA adapter alone, and method 'full' trains every weight: "
+                                      "there is no adapter. Use f16 or q8_0 for the whole model.")]
+    if recipe.lora.use_dora:
+        return [(("lora", "use_dora"), "llama.cpp's LoRA adapter file has no place for DoRA's magnitude vectors. "
+                                       "Drop use_dora, or ask outputs.gguf for f16/q8_0 (the merged model).")]
+    targets = recipe.lora.target_modules
+    outside = [] if targets == "all-linear" else [t for t in targets if t.rsplit(".", 1)[-1] not in LLAMA_LINEAR]
+    if outside:
+        return [(("lora", "target_modules"), f"{', '.join(map(_echo, outside))}: outside the Llama layout's linear "
+                                             f"layers ({', '.join(LLAMA_LINEAR)}), which are all a GGUF LoRA adapter "
+                                             "can attach to. Target those, or ask outputs.gguf for f16/q8_0.")]
+    return []
 
 
 def _data_file_problems(field: tuple, resolve: Callable[[], Path | None]) -> list[tuple[tuple, str]]:

@@ -37,11 +37,15 @@ def output_dir_of(run_ref: str, ledger: Ledger | None = None) -> Path:
     given = Path(run_ref).expanduser()
     if (given / "run.json").is_file():
         return given.resolve()
+    if given.is_dir():
+        raise CloudtuneError(f"{given}: no run.json here, so these are not the outputs of a finished run.",
+                             "Give the folder a run's outputs went to, or its run id (`cloudtune status`).")
     run = (ledger or Ledger()).get_run(run_ref)
     out = Path(run["output_dir"]) if run.get("output_dir") else None
     if out is None or not (out / "run.json").is_file():
         raise CloudtuneError(f"run {run['id']} ({run['status']}): no outputs at {out or 'an unknown place'}.",
-                             "A report needs a run whose outputs arrived; `cloudtune pull RUN` fetches them.")
+                             "Only a run whose outputs arrived has a model and metrics; `cloudtune pull RUN` "
+                             "fetches them.")
     return out
 
 

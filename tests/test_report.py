@@ -80,3 +80,45 @@ def test_the_report_command_writes_beside_the_outputs_and_opens_the_page(trained
 def test_a_run_without_outputs_is_one_message(tmp_path):
     result = CliRunner().invoke(cli, ["report", "nosuchrun"])
     assert result.exit_code == 2 and "no run 'nosuchrun'" in result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# the page in a real browser: headless Chromium, which `make system-packages` installs
+
+
+def chromium_render(page: Path, **evaluate: str):
+    from .chromium import CHROMIUM, render
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is not installed: run `make system-packages` (apt-get install -y chromium).")
+    return render(page, 1100, 1400, evaluate)
+
+
+def test_the_page_renders_in_chromium_with_its_picture_and_no_console_errors(trained):
+    import io
+
+    import matplotlib.image
+
+    written = write_report(trained)
+    shown = chromium_render(written.html, picture="[...document.images].map(i => [i.complete, i.naturalWidth, "
+                                                  "i.naturalHeight])",
+                            overflow="document.documentElement.scrollWidth > window.innerWidth",
+                            headings="[...document.querySelectorAll('h2')].map(h => h.textContent)")
+    assert shown.errors == []
+    width, height = (round(inches * FIGURE_DPI) for inches in FIGURE_INCHES)
+    assert shown.values["picture"] == [[True, width, height]], "the inlined PNG decoded in the browser"
+    assert shown.values["overflow"] is False, "nothing wider than the window"
+    assert shown.values["headings"][:2] == ["Receipt", "Estimate against actual"]
+    pixels = matplotlib.image.imread(io.BytesIO(shown.png), format="png")
+    assert pixels.shape[:2] == (1400, 1100)
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::97]}) > 20, "more than a blank page"
+
+
+def test_the_browser_check_sees_console_errors_and_failed_loads(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text('<!doctype html><html><body><img src="missing.png"><script>console.error("boom");'
+                    "undefined_function();</script></body></html>")
+    errors = chromium_render(page).errors
+    assert "console: boom" in errors
+    assert any(e.startswith("exception: ") for e in errors)
+    assert any(e.startswith("log (") and "ERR_FILE_NOT_FOUND" in e for e in errors), errors

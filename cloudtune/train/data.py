@@ -75,7 +75,8 @@ def tokenize(tokenizer, pieces: list[formats.Segment]) -> tuple[list[int], list[
     The text is tokenized in one piece, as it will be at inference; tokenizing prompt and answer
     apart would change the tokens at the seam (SentencePiece adds a space to each start). A token
     belongs to the piece holding its last character, so a token straddling the seam is an answer's.
-    BOS and EOS are added unless the text (e.g. a chat template) already carries them.
+    BOS and EOS are added unless the text (e.g. a chat template) already carries them (EOS: at its end,
+    whitespace aside).
     """
     text = "".join(piece for piece, _ in pieces)
     if tokenizer.is_fast:
@@ -94,7 +95,9 @@ def tokenize(tokenizer, pieces: list[formats.Segment]) -> tuple[list[int], list[
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is not None and ids[:1] != [bos]:
         ids, trained = [bos] + ids, [False] + trained
-    if eos is not None and ids[-1:] != [eos]:
+    # ChatML ends each turn with its EOS and a newline: the turn is ended, a second EOS would be noise
+    ends_with_eos = eos is not None and text.rstrip().endswith(tokenizer.eos_token)
+    if eos is not None and ids[-1:] != [eos] and not ends_with_eos:
         ids, trained = ids + [eos], trained + [pieces[-1][1]]
     return ids, trained
 

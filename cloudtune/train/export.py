@@ -120,15 +120,10 @@ def generate_samples(recipe: Recipe, model, tokenizer, fmt: str, device) -> list
 
 
 def _generate(model, tokenizer, prompt: str, recipe: Recipe, device) -> str:
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
-        ids = [tokenizer.bos_token_id] + ids
-    inputs = torch.tensor([ids], device=device)
-    with torch.no_grad(), model_lib.mixed_precision(model_lib.choose_precision(recipe, device), device):
-        generated = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
-                                   max_new_tokens=recipe.outputs.sample_max_new_tokens, use_cache=True,
-                                   pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
+    from .inference import generate
+
+    return generate(model, tokenizer, prompt, max_new_tokens=recipe.outputs.sample_max_new_tokens,
+                    autocast=model_lib.mixed_precision(model_lib.choose_precision(recipe, device), device))
 
 
 def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path):
@@ -140,14 +135,18 @@ def merge(recipe: Recipe, adapter_dir: Path, merged_dir: Path):
 
 
 def gguf_files(recipe: Recipe, model, tokenizer, weights_dir: Path, out: Path, merged=None) -> list[dict] | None:
-    """outputs.gguf: the merged model (or the fully trained one) as GGUF files, each read back and checked."""
+    """outputs.gguf: the merged model (or the fully trained one) and the adapter alone, each read back and checked."""
     if not recipe.outputs.gguf:
         return None
     from . import gguf
 
-    if recipe.uses_lora:
-        model = merged if merged is not None else model_lib.load_merged(recipe.model, weights_dir)
-    return gguf.export_gguf(model, tokenizer, out, list(recipe.outputs.gguf), recipe.run_name)
+    def merged_model() -> tuple:
+        if not recipe.uses_lora:
+            return model, tokenizer
+        return (merged if merged is not None else model_lib.load_merged(recipe.model, weights_dir)), tokenizer
+
+    return gguf.export_all(out, list(recipe.outputs.gguf), recipe.run_name, merged_model,
+                           weights_dir if recipe.uses_lora else None, model_lib.load_config(recipe))
 
 
 def push(recipe: Recipe, out: Path) -> dict:

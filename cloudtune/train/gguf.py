@@ -12,17 +12,18 @@ Every file written is read back with gguf's reader and compared with the weights
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CloudtuneError
+from ..recipe import GGUF_ADAPTER
 from . import say
 
-KINDS = ("f16", "q8_0")
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 GGUF_DIR = "gguf"
 # The pre-tokenizer regex of Llama-3's tokenizer.json: llama.cpp calls it llama-bpe; others get its default.
@@ -88,17 +89,26 @@ def _encoded(data: np.ndarray, kind: str):
 
 
 def write_gguf(model, tokenizer, dest: Path, kind: str, name: str) -> Path:
-    import gguf
-
     check_supported(model.config)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(f".{dest.name}.partial")
-    writer = gguf.GGUFWriter(str(partial), "llama")
+    writer, partial = _open(dest)
     _write_metadata(writer, model.config, kind, name)
     _write_vocabulary(writer, tokenizer)
     for tensor_name, data in gguf_tensors(model):
         encoded, qtype = _encoded(data, kind)
         writer.add_tensor(tensor_name, encoded, raw_dtype=qtype)
+    return _finish(writer, partial, dest)
+
+
+def _open(dest: Path):
+    """A writer for `dest` that writes beside it under a hidden name until _finish moves the whole file there."""
+    import gguf
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.partial")
+    return gguf.GGUFWriter(str(partial), "llama"), partial
+
+
+def _finish(writer, partial: Path, dest: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -145,6 +155,8 @@ def _write_vocabulary(writer, tokenizer) -> None:
     if model.get("byte_fallback"):  # the "llama" tokenizer merges by score: earlier vocabulary entries first
         writer.add_token_scores([-float(i) for i in range(len(tokens))])
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges and not model.get("byte_fallback"):
+        merges = [_inert_merge(tokens)]
     if merges:
         writer.add_token_merges(merges)
     for kind in ("bos", "eos", "unk", "pad"):
@@ -154,6 +166,15 @@ def _write_vocabulary(writer, tokenizer) -> None:
     writer.add_add_bos_token(tokenizer.bos_token_id is not None)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _inert_merge(tokens: list[str]) -> str:
+    """llama.cpp refuses a byte-level BPE vocabulary without merges, and a tokenizer of single bytes (the tiny
+    model's) has none, while gguf cannot write an empty list. One merge whose result is no token changes no
+    tokenization: llama.cpp splits a merged piece it has no token for back into its bytes."""
+    vocabulary = set(tokens)
+    singles = [token for token in tokens if len(token) == 1 and token.isascii() and token.isalnum()]
+    return next(f"{a} {b}" for a in singles for b in singles if a + b not in vocabulary)
 
 
 def _token_types(tokenizer, tokens: list[str], byte_fallback: bool) -> list[int]:
@@ -234,12 +255,8 @@ def _check_fields(path: Path, reader, config, tokenizer) -> None:
 
 
 def export_gguf(model, tokenizer, out: Path, kinds: list[str], name: str) -> list[dict]:
-    """Write and verify one GGUF file per kind under out/gguf/; what run.json says of each."""
-    try:
-        import gguf  # noqa: F401 - its writer and reader are used below, one function each
-    except ImportError:
-        raise CloudtuneError("outputs.gguf needs the gguf package.", "pip install 'cloudtune[train]' (or gguf)") \
-            from None
+    """Write and verify one GGUF file of the merged model per kind under out/gguf/; what run.json says of each."""
+    _need_gguf()
     written = []
     for kind in kinds:
         path = write_gguf(model, tokenizer, out / GGUF_DIR / f"{name}-{kind}.gguf", kind, name)
@@ -250,22 +267,147 @@ def export_gguf(model, tokenizer, out: Path, kinds: list[str], name: str) -> lis
     return written
 
 
+def _need_gguf() -> None:
+    try:
+        import gguf  # noqa: F401 - its writer and reader are used by each exporter
+    except ImportError:
+        raise CloudtuneError("outputs.gguf needs the gguf package.", "pip install 'cloudtune[train]' (or gguf)") \
+            from None
+
+
+def export_all(out: Path, kinds: list[str], name: str, merged: Callable[[], tuple], adapter_dir: Path | None,
+               config) -> list[dict]:
+    """Every GGUF file `kinds` asks for, in its order: `merged()` gives (model, tokenizer) and is called only when
+    a merged kind is asked for; `adapter_dir` is the run's LoRA adapter (None: a full fine-tune)."""
+    merged_kinds = [kind for kind in kinds if kind != GGUF_ADAPTER]
+    by_kind = {}
+    if merged_kinds:
+        model, tokenizer = merged()
+        by_kind = {entry["kind"]: entry for entry in export_gguf(model, tokenizer, out, merged_kinds, name)}
+    if GGUF_ADAPTER in kinds:
+        if adapter_dir is None:
+            raise CloudtuneError("outputs.gguf: 'lora' writes the LoRA adapter alone, and this run trained every "
+                                 "weight: there is no adapter.", "Export the whole model: --gguf f16 or q8_0.")
+        by_kind[GGUF_ADAPTER] = export_adapter(adapter_dir, config, out, name)
+    return [by_kind[kind] for kind in kinds]
+
+
+# ----------------------------------------------------------------------------------------------
+# The LoRA adapter alone, as llama.cpp's convert_lora_to_gguf.py writes one: general.type "adapter",
+# adapter.type "lora", adapter.lora.alpha, and per adapted weight `<its GGUF name>.lora_a` (A, r x in) and
+# `.lora_b` (B, out x r). llama.cpp adds (B·A)·alpha/r to the weight, so B of the q and k projections gets
+# the same row reordering as those weights get in the merged file.
+
+LORA_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+ADAPTER_REFUSED_HINT = "Export the merged model instead: --gguf f16 or q8_0."
+
+
+def adapter_alpha(adapter_dir: Path) -> float:
+    """adapter.lora.alpha for llama.cpp, which scales by alpha / r, from peft's adapter_config.json."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("use_dora"):
+        raise CloudtuneError(f"{adapter_dir}: a DoRA adapter; llama.cpp's LoRA adapter file has no place for its "
+                             "magnitude vectors.", ADAPTER_REFUSED_HINT)
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise CloudtuneError(f"{adapter_dir}: the adapter's rank or alpha differs between layers, and a GGUF "
+                             "adapter has one alpha.", ADAPTER_REFUSED_HINT)
+    alpha = float(config["lora_alpha"])
+    # rank-stabilised LoRA scales by alpha / sqrt(r): the same as alpha·sqrt(r) / r
+    return alpha * math.sqrt(config["r"]) if config.get("use_rslora") else alpha
+
+
+def adapter_tensors(adapter_dir: Path, config) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 values in GGUF's layout) for every A and B matrix of a peft LoRA adapter."""
+    import gguf
+    from safetensors.torch import load_file
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for key, tensor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        found = LORA_KEY.fullmatch(key)
+        if found is None:
+            raise CloudtuneError(f"{adapter_dir}: the adapter holds {key}, which is no LoRA A or B matrix (DoRA "
+                                 "magnitudes, embedding adapters and modules_to_save have no place in a GGUF "
+                                 "adapter).", ADAPTER_REFUSED_HINT)
+        module, part = found["module"], found["part"]
+        name = names.get_name(f"{module}.weight", try_suffixes=(".weight",))
+        if name is None or (module == "lm_head" and config.tie_word_embeddings):
+            raise CloudtuneError(f"{adapter_dir}: the adapted module {module} has no weight of its own in the Llama "
+                                 "layout's GGUF file.", ADAPTER_REFUSED_HINT)
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if part == "B" and module.endswith("self_attn.q_proj"):
+            data = _interleaved_rotary(data, config.num_attention_heads)
+        elif part == "B" and module.endswith("self_attn.k_proj"):
+            data = _interleaved_rotary(data, config.num_key_value_heads)
+        yield f"{name}.lora_{part.lower()}", data
+
+
+def write_adapter(adapter_dir: Path, config, dest: Path, name: str) -> Path:
+    import gguf
+
+    check_supported(config)
+    alpha = adapter_alpha(adapter_dir)
+    tensors = dict(adapter_tensors(adapter_dir, config))
+    writer, partial = _open(dest)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)  # A and B are small: kept as trained
+    for tensor_name, data in tensors.items():
+        writer.add_tensor(tensor_name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
+    return _finish(writer, partial, dest)
+
+
+def verify_adapter(path: Path, adapter_dir: Path, config) -> dict:
+    """Read the adapter file back: its type and alpha, and every A and B exactly as the adapter has them."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    wanted = {"general.architecture": "llama", "general.type": "adapter", "adapter.type": "lora"}
+    for key, value in wanted.items():
+        if _field(reader, key) != value:
+            raise CloudtuneError(f"{path}: metadata {key} is not {value!r}.")
+    if not math.isclose(_field(reader, "adapter.lora.alpha"), adapter_alpha(adapter_dir), rel_tol=1e-6):
+        raise CloudtuneError(f"{path}: adapter.lora.alpha is not the adapter's.")
+    expected = dict(adapter_tensors(adapter_dir, config))
+    found = {tensor.name: tensor for tensor in reader.tensors}
+    if set(found) != set(expected):
+        raise CloudtuneError(f"{path}: holds tensors {sorted(set(found) ^ set(expected))[:5]} it should not, or "
+                             "lacks them.")
+    for name, want in expected.items():
+        got = np.asarray(found[name].data).reshape(want.shape)
+        if not np.array_equal(got, want):
+            raise CloudtuneError(f"{path}: tensor {name} is not the adapter's.")
+    return {"tensors": len(expected), "quantized_tensors": 0, "max_abs_error": 0.0}
+
+
+def export_adapter(adapter_dir: Path, config, out: Path, name: str) -> dict:
+    _need_gguf()
+    path = write_adapter(adapter_dir, config, out / GGUF_DIR / f"{name}-{GGUF_ADAPTER}.gguf", name)
+    checked = verify_adapter(path, adapter_dir, config)
+    say(f"gguf: {path.relative_to(out)} written and read back: {checked['tensors']} LoRA tensors, exactly the "
+        "adapter's (llama.cpp: --lora on the base model's GGUF)")
+    return {"kind": GGUF_ADAPTER, "file": str(path.relative_to(out)), "bytes": path.stat().st_size, **checked}
+
+
 def export_run(output_dir: Path, kinds: list[str]) -> list[dict]:
     """`cloudtune export RUN --gguf KIND`: GGUF files from a finished run's outputs, after the fact."""
-    import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
-    from ..recipe import ModelSpec
-    from .model import load_merged
+    from .inference import load_trained, saved_recipe
+    from .model import spec_source
 
     run = json.loads((output_dir / "run.json").read_text())
-    weights = output_dir / (run.get("merged_dir") or run["weights_dir"])
-    if weights.name == "adapter":
-        recipe_file = output_dir / "recipe.yaml"
-        if not recipe_file.is_file():
-            raise CloudtuneError(f"{output_dir}: no recipe.yaml to find the base model the adapter goes on.",
-                                 "Outputs of cloudtune before 0.x lack it; merge by hand, then convert.")
-        model = load_merged(ModelSpec.model_validate(yaml.safe_load(recipe_file.read_text())["model"]), weights)
+    adapter_dir = output_dir / run["weights_dir"] if run["weights_dir"] == "adapter" else None
+    if adapter_dir is not None:
+        spec = saved_recipe(output_dir).model
+        config = AutoConfig.from_pretrained(spec_source(spec), revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(weights, dtype="auto")
-    return export_gguf(model, AutoTokenizer.from_pretrained(weights), output_dir, kinds, run["name"])
+        config = AutoConfig.from_pretrained(output_dir / run["weights_dir"])
+
+    def merged() -> tuple:
+        trained = load_trained(output_dir)
+        return trained.model, trained.tokenizer
+
+    return export_all(output_dir, kinds, run["name"], merged, adapter_dir, config)

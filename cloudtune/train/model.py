@@ -147,6 +147,16 @@ def load_tokenizer(recipe: Recipe):
                                                   trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return with_recipe_chat_template(tokenizer, recipe.dataset)
+
+
+def with_recipe_chat_template(tokenizer, dataset):
+    """dataset.chat_template in place of the model's own; it is saved with the tokenizer, so the adapter,
+    the merged model, GGUF files and `cloudtune try` all render chats as the training did."""
+    if dataset.chat_template is not None:
+        from ..chat_templates import resolve
+
+        tokenizer.chat_template = resolve(dataset.chat_template)
     return tokenizer
 
 
