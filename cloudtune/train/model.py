@@ -196,7 +196,8 @@ def lora_config(recipe: Recipe):
 
 
 def apply_fused_kernels(recipe: Recipe, model, device: torch.device) -> bool:
-    """Swap in Liger's Triton kernels; the fused head + loss never materialises the logits.
+    """Swap in Liger's Triton kernels; the fused head + loss never materialises the logits. With them,
+    prepare_for_training fuses each LoRA projection (fused_lora.py).
 
     On by default on a GPU when liger-kernel is installed; the tokens/s it buys are in bench/results.
     """
@@ -234,12 +235,13 @@ def set_checkpointed_layers(model, count: int) -> None:
         layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
 
-def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int, autocast: bool):
+def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int, autocast: bool, fused_lora: bool = False):
     """LoRA (or full) on the loaded base, with the first `checkpointed_layers` decoder layers recomputed in backward.
 
     With `autocast` (forward passes under `mixed_precision`), each LoRA module reads the layer's 16-bit
     input as it is: peft's cast to the fp32 adapter dtype would keep a second, fp32 copy of every
-    module's input for backward, only for autocast to cast it back to 16 bits.
+    module's input for backward, only for autocast to cast it back to 16 bits. `fused_lora`: each adapted
+    projection runs as one autograd function (train/fused_lora.py), part of the fused kernels.
     """
     # Quantised bases stay in 16 bits around the 4/8-bit weights, and get_peft_model freezes the base.
     # peft's prepare_model_for_kbit_training would upcast norms, embeddings and the 32k-wide head to
@@ -252,4 +254,8 @@ def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int, autoca
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = not autocast
+        if fused_lora:
+            from .fused_lora import fuse_lora
+
+            fuse_lora(model)
     return model
