@@ -148,7 +148,7 @@ def choose_batch(recipe: Recipe, shape: ModelShape, setup: TrainSetup, row_token
 def precision_problem(recipe: Recipe, gpu: str) -> str | None:
     """Why the trainer would refuse this GPU, or None."""
     try:
-        recipe.gpu_precision(gpu, SPECS[gpu].bf16)
+        recipe.gpu_precision(gpu, SPECS[gpu].bf16, SPECS[gpu].fp8)
     except CloudtuneError as refused:
         return refused.message
     return None

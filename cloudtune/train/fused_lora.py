@@ -31,8 +31,13 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
         # the layer's first forward moves the scales from the weight into its matmul state
         scales = weight.SCB if getattr(weight, "SCB", None) is not None else base.state.SCB
         return weight.data.to(dtype).mul_(scales.unsqueeze(1).to(dtype) / 127)
-    dequantise = getattr(base, "dense_weight", None)  # cloudtune's own quantised layers (fp8)
-    return dequantise(dtype) if dequantise is not None else weight.to(dtype)
+    return weight.to(dtype)
+
+
+def input_gradient(base: torch.nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    """grad·W for the frozen base (n × out → n × in); cloudtune's own quantised layers (fp8) know theirs."""
+    own = getattr(base, "input_gradient", None)
+    return own(grad) if own is not None else grad @ dense_weight(base, grad.dtype)
 
 
 class LoraProjection(torch.autograd.Function):
@@ -67,7 +72,7 @@ class LoraProjection(torch.autograd.Function):
         grad_b = (grad.t() @ h).mul_(ctx.scaling).to(lora_b.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ dense_weight(ctx.base, h.dtype)
+            grad_x = input_gradient(ctx.base, grad)
             if mask is None:
                 grad_x.addmm_(grad_h, lora_a.to(h.dtype))
             else:

@@ -29,7 +29,7 @@ from .evaluation import make_evaluation
 
 def preflight(recipe: Recipe, device: torch.device) -> None:
     """Problems that would otherwise surface after the data or the model is loaded, or after training."""
-    if recipe.method in ("qlora", "8bit") and device.type != "cuda":
+    if recipe.method in ("qlora", "8bit") and device.type != "cuda":  # fp8 has a (slow) CPU path
         raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
                              "Run it on a GPU backend, or use method lora/full on this machine.")
     model_lib.choose_precision(recipe, device)  # a GPU without the precision asked for fails before loading

@@ -128,7 +128,10 @@ def choose_precision(recipe: Recipe, device: torch.device) -> Precision:
     """
     if device.type != "cuda":
         return Precision(torch.float32, DTYPES.get(recipe.training.precision))
-    dtype = DTYPES[recipe.gpu_precision(torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported())]
+    from .fp8 import fp8_matmuls
+
+    dtype = DTYPES[recipe.gpu_precision(torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported(),
+                                        fp8_matmuls(device))]
     return Precision(dtype, dtype)
 
 
@@ -177,12 +180,18 @@ def load_base(recipe: Recipe, device: torch.device, sharded: bool = False):
             bnb_4bit_compute_dtype=dtype, **storage)
     elif recipe.method == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    # fp8 loads the 16-bit base and quantises it in place (train/fp8.py): for a moment the GPU holds
+    # the 16-bit weights, then half of that
     # bitsandbytes quantises while loading onto the GPU, so a 4-bit base is loaded there even for FSDP
     if device.type == "cuda" and (not sharded or recipe.method == "qlora"):
         kwargs["device_map"] = {"": device.index or 0}
     with loading_model(recipe.model, model_source(recipe)):
         model = AutoModelForCausalLM.from_pretrained(model_source(recipe), **kwargs)
     model.config.use_cache = False
+    if recipe.method == "fp8":
+        from .fp8 import quantise_decoder_linears
+
+        quantise_decoder_linears(model, choose_precision(recipe, device).autocast or dtype)
     return model.to(device) if device.type != "cuda" and not sharded else model
 
 
