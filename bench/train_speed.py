@@ -44,12 +44,15 @@ CLOUDTUNE_PROFILES = {
     # what a user gets from the defaults: attention, checkpointing and kernels on auto
     "cloudtune-qlora": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096)),
     "cloudtune-lora": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096)),
+    "cloudtune-fp8": dict(method="fp8", training=dict(micro_batch_size=2, max_seq_len=4096)),
     # For 24 GB cards (A10, L4, 4090): the allocator is capped at 22 GiB on the big GPU and auto
     # checkpointing recomputes only as many layers as that cap needs.
     "cloudtune-qlora-24g": dict(method="qlora", training=dict(micro_batch_size=1, max_seq_len=4096,
                                                                 memory_limit_gib=22)),
     "cloudtune-qlora-24g-mb2": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
                                                                     memory_limit_gib=22)),
+    "cloudtune-fp8-24g-mb2": dict(method="fp8", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                memory_limit_gib=22)),
     # the path of GPUs without bf16 (T4, V100): fp16 autocast with loss scaling, rehearsed on this GPU
     "cloudtune-qlora-fp16": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
                                                                  precision="fp16")),
@@ -60,6 +63,8 @@ CLOUDTUNE_PROFILES = {
                                                                gradient_checkpointing="on")),
     "cloudtune-qlora-nofuse": dict(method="qlora", training=dict(micro_batch_size=2, max_seq_len=4096,
                                                                    fused_kernels="off")),
+    "cloudtune-lora-nofuse": dict(method="lora", training=dict(micro_batch_size=2, max_seq_len=4096,
+                                                                 fused_kernels="off")),
 }
 TORCHRUN_SUFFIX = "@torchrun1"
 ANCHOR_PROFILES = {"seed-qlora": "seed_baseline.py", "seed-lora": "seed_baseline.py",
