@@ -117,6 +117,9 @@ def adapted(kind: str, weight: torch.Tensor, dropout: float):
     torch.manual_seed(1)
     model = get_peft_model(OneProjection(base_layer(kind, weight)),
                            LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["proj"]))
+    for module in model.modules():  # as the trainer runs peft under autocast (train/model.py)
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = False
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.01)
@@ -146,7 +149,7 @@ def fused_rows(tokens: int) -> None:
 
                 torch.manual_seed(3)
                 out, dx = step()
-                grads = {n.split(".")[-2]: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+                grads = {n.split(".")[-3]: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
                 model.zero_grad()
                 results[label] = (out.detach(), dx, grads, median_ms(step))
             (out, dx, grads, peft_ms), (f_out, f_dx, f_grads, fused_ms) = results["peft"], results["fused"]
