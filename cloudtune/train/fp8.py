@@ -25,8 +25,9 @@ def quantise_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_matmuls(device: torch.device) -> bool:
-    """Whether this device multiplies in float8: CUDA at compute capability 8.9 or later."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    """Whether this device multiplies in float8 e4m3fn: NVIDIA at compute capability 8.9 or later (ROCm's
+    FP8 is another format, e4m3fnuz)."""
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @functools.cache
@@ -80,6 +81,9 @@ class Float8Linear(torch.nn.Linear):
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.compute_dtype = compute_dtype
+        # _scaled_mm takes sizes in multiples of 16 (the token count too is checked per call, as only
+        # shapes of that kind were measured)
+        self.fp8_shapes = self.in_features % 16 == 0 and self.out_features % 16 == 0
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight.is_cuda:
@@ -93,7 +97,8 @@ class Float8Linear(torch.nn.Linear):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self._dtype(x)
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        if fp8_matmuls(x.device) and dtype in (torch.bfloat16, torch.float16) and flat.shape[0] % 16 == 0:
+        if self.fp8_shapes and flat.shape[0] % 16 == 0 and fp8_matmuls(x.device) \
+                and dtype in (torch.bfloat16, torch.float16):
             out = scaled_matmul(flat, self.weight, self.weight_scale, dtype)
         else:  # the dequantised fallback: no FP8 tensor cores, or a shape _scaled_mm refuses
             out = flat @ self.dense_weight(dtype).t()
@@ -114,9 +119,10 @@ class Float8Linear(torch.nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3 per-row scales"
 
 
-def quantise_decoder_linears(model, compute_dtype: torch.dtype) -> int:
-    """Replace every linear layer inside the decoder layers with a Float8Linear; the embeddings and the LM
-    head stay in 16 bits, as bitsandbytes leaves them. Returns how many were replaced."""
+def quantise_decoder_linears(model, compute_dtype: torch.dtype, device: torch.device | None = None) -> int:
+    """Replace every linear layer inside the decoder layers with a Float8Linear on `device` (default: where
+    the layer is), each moved there just before it is quantised; the embeddings and the LM head stay in
+    16 bits, as bitsandbytes leaves them. Returns how many were replaced."""
     from .model import decoder_layers
 
     count = 0
@@ -125,11 +131,8 @@ def quantise_decoder_linears(model, compute_dtype: torch.dtype) -> int:
             if type(child) is torch.nn.Linear:
                 parent_name, _, attribute = name.rpartition(".")
                 parent = layer.get_submodule(parent_name) if parent_name else layer
-                setattr(parent, attribute, Float8Linear(child, compute_dtype))
+                setattr(parent, attribute, Float8Linear(child.to(device) if device else child, compute_dtype))
                 count += 1
-                del child
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the bf16 weights just freed
     return count
 
 

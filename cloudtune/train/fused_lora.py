@@ -49,22 +49,24 @@ class LoraProjection(torch.autograd.Function):
             y = base(x)  # exactly what peft's module computes first, quantised kernels and autocast included
         dtype = y.dtype
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        mask = None
+        keep = None
         if dropout > 0:
-            # F.dropout of ones draws the same mask from the same RNG stream as peft's nn.Dropout(x) would
-            mask = F.dropout(torch.ones_like(flat), dropout, training=True)
-            flat = flat * mask
+            # F.dropout of ones draws the same mask from the same RNG stream as peft's nn.Dropout(x) would;
+            # backward keeps it as bool, one byte an element, as nn.Dropout's own backward does
+            scaled = F.dropout(torch.ones_like(flat), dropout, training=True)
+            flat = flat * scaled
+            keep = scaled != 0
         a = lora_a.to(dtype)
         scaled_b = lora_b.to(dtype) * scaling
         h = flat @ a.t()
         out = y.reshape(-1, y.shape[-1]).addmm_(h, scaled_b.t())
-        ctx.save_for_backward(flat, h, lora_a, lora_b, mask)
-        ctx.base, ctx.scaling, ctx.x_shape, ctx.x_dtype = base, scaling, x.shape, x.dtype
+        ctx.save_for_backward(flat, h, lora_a, lora_b, keep)
+        ctx.base, ctx.scaling, ctx.dropout, ctx.x_shape, ctx.x_dtype = base, scaling, dropout, x.shape, x.dtype
         return out.view(*y.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, h, lora_a, lora_b, mask = ctx.saved_tensors
+        flat, h, lora_a, lora_b, keep = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(h.dtype)
         scaled_b = lora_b.to(h.dtype) * ctx.scaling
         grad_h = grad @ scaled_b  # n × r
@@ -73,10 +75,10 @@ class LoraProjection(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = input_gradient(ctx.base, grad)
-            if mask is None:
+            if keep is None:
                 grad_x.addmm_(grad_h, lora_a.to(h.dtype))
             else:
-                grad_x.addcmul_(grad_h @ lora_a.to(h.dtype), mask)
+                grad_x.addcmul_(grad_h @ lora_a.to(h.dtype), keep, value=1 / (1 - ctx.dropout))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, grad_a, grad_b, None, None, None
 

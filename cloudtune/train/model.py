@@ -180,10 +180,10 @@ def load_base(recipe: Recipe, device: torch.device, sharded: bool = False):
             bnb_4bit_compute_dtype=dtype, **storage)
     elif recipe.method == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    # fp8 loads the 16-bit base and quantises it in place (train/fp8.py): for a moment the GPU holds
-    # the 16-bit weights, then half of that
-    # bitsandbytes quantises while loading onto the GPU, so a 4-bit base is loaded there even for FSDP
-    if device.type == "cuda" and (not sharded or recipe.method == "qlora"):
+    # bitsandbytes quantises while loading onto the GPU, so a 4-bit base is loaded there even for FSDP.
+    # fp8 loads the 16-bit base into host memory and quantises it one linear layer at a time on the GPU
+    # (train/fp8.py), so the GPU never holds more than the fp8 model and one 16-bit layer.
+    if device.type == "cuda" and (not sharded or recipe.method == "qlora") and recipe.method != "fp8":
         kwargs["device_map"] = {"": device.index or 0}
     with loading_model(recipe.model, model_source(recipe)):
         model = AutoModelForCausalLM.from_pretrained(model_source(recipe), **kwargs)
@@ -191,7 +191,8 @@ def load_base(recipe: Recipe, device: torch.device, sharded: bool = False):
     if recipe.method == "fp8":
         from .fp8 import quantise_decoder_linears
 
-        quantise_decoder_linears(model, choose_precision(recipe, device).autocast or dtype)
+        quantise_decoder_linears(model, choose_precision(recipe, device).autocast or dtype, device)
+        return model.to(device)
     return model.to(device) if device.type != "cuda" and not sharded else model
 
 
