@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 SHAPES = {
@@ -84,6 +85,23 @@ def write_dataset(path: Path, n: int, vocab_size: int = 32000, seed: int = 0) ->
             words = " ".join(f"t{rng.randrange(3, vocab_size)}" for _ in range(length - 2))
             handle.write(json.dumps({"text": words}) + "\n")
     return path
+
+
+def bf16_peak_tflops(tokens: int = 8192, shapes=((4096, 11008), (11008, 4096), (4096, 4096))) -> float:
+    """The GPU's bf16 matmul rate, measured here at the 7B layer shapes (the best of them, as TFLOP/s),
+    on random data: MFU's denominator, since datasheet peaks are not reached by any real matmul."""
+    import torch
+    from triton.testing import do_bench
+
+    best = 0.0
+    for features_in, features_out in shapes:
+        inputs = torch.randn(tokens, features_in, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(features_out, features_in, device="cuda", dtype=torch.bfloat16)
+        ms = do_bench(partial(torch.matmul, inputs, weight.t()), warmup=100, rep=400, return_mode="median")
+        best = max(best, 2 * tokens * features_in * features_out / (ms * 1e-3) / 1e12)
+        del inputs, weight
+    torch.cuda.empty_cache()
+    return best
 
 
 def record(name: str, row: dict) -> None:

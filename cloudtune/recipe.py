@@ -28,7 +28,7 @@ from .inputs import model_config_problem, open_regular, path_problem, regular_fi
 # machine and the devel one is twice the download. Pinned to a tag so every run of a recipe starts
 # from the same bits; a digest (`image@sha256:...`) pins harder.
 DEFAULT_IMAGE = "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime"
-METHODS = ("lora", "qlora", "8bit", "full")
+METHODS = ("lora", "qlora", "8bit", "fp8", "full")
 FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
 # outputs.gguf: the merged model in f16 or q8_0, or the LoRA adapter alone (llama.cpp's --lora file)
 GGUF_KINDS = ("f16", "q8_0", "lora")
@@ -356,8 +356,9 @@ class ComputeSpec(Strict):
 class Recipe(Strict):
     name: str | None = Field(None, description="run name; default: the recipe file's name")
     model: ModelSpec = Field(description="base model: a hub id or path string, or a section")
-    method: Literal["lora", "qlora", "8bit", "full"] = Field(
-        "lora", description="lora: bf16 base; qlora: 4-bit nf4 base; 8bit: int8 base; full: all weights")
+    method: Literal["lora", "qlora", "8bit", "fp8", "full"] = Field(
+        "lora", description="lora: bf16 base; qlora: 4-bit nf4 base; 8bit: int8 base; fp8: float8 base "
+                            "(GPUs with FP8: L4, L40S, RTX 4090, H100, H200, B200); full: all weights")
     lora: LoraSpec = Field(LoraSpec(), description="adapter settings (not for method full)")
     dataset: DatasetSpec = Field(description="training data")
     training: TrainingSpec = Field(TrainingSpec(), description="optimisation settings")
@@ -403,10 +404,14 @@ class Recipe(Strict):
     def uses_lora(self) -> bool:
         return self.method != "full"
 
-    def gpu_precision(self, gpu: str, has_bf16: bool) -> str:
+    def gpu_precision(self, gpu: str, has_bf16: bool, has_fp8: bool) -> str:
         """"bf16" or "fp16": what the trainer computes in on this GPU (auto: bf16 where the GPU has it,
         else fp16 with loss scaling). Raises CloudtuneError when it cannot train this recipe there; the
         planner marks such offers as not fitting with the same message."""
+        if self.method == "fp8" and not has_fp8:
+            raise CloudtuneError(f"method fp8 needs FP8 tensor cores, and {gpu} has none",
+                                 "Use a GPU with FP8 (L4, L40S, RTX 4090, H100, H200, B200), or method lora, "
+                                 "qlora or 8bit.")
         wanted = self.training.precision
         if wanted == "bf16" and not has_bf16:
             raise CloudtuneError(f"training.precision bf16, and {gpu} has no bf16",
@@ -605,7 +610,7 @@ def _training_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     fields_set = recipe.model_fields_set
     if recipe.method == "full" and "lora" in fields_set:
         problems.append((("lora",), "method 'full' trains every weight, so LoRA settings do not apply. "
-                                    "Remove the lora section, or choose method lora, qlora or 8bit."))
+                                    "Remove the lora section, or choose method lora, qlora, 8bit or fp8."))
     if recipe.method == "full" and recipe.training.precision == "fp16":
         problems.append((("training", "precision"), "full fine-tuning trains its weights in the compute dtype, and "
                                                     "fp16 weights round small updates away (cloudtune keeps no fp32 "

@@ -21,7 +21,7 @@ from cloudtune.cli import cli
 from cloudtune.datasets import inspect_dataset
 from cloudtune.errors import CloudtuneError
 from cloudtune.planning.budget import check_budget
-from cloudtune.planning.gpus import usable_gib
+from cloudtune.planning.gpus import SPECS, usable_gib
 from cloudtune.planning.memory import GIB, TrainSetup, memory_peak, required_bytes
 from cloudtune.planning.models import resolve_model
 from cloudtune.planning.offers import Offer
@@ -343,3 +343,28 @@ def test_a_spot_estimate_includes_skypilots_jobs_controller_vm(tmp_path):
     _, on_demand = plan_for(recipe_file(tmp_path, method="qlora"), gpu="A10G", spot=False)
     assert on_demand.chosen.cost_high == pytest.approx(on_demand.chosen.hours_high * 1.01, abs=0.01)
     assert "controller" not in on_demand.chosen.why
+
+
+def test_cost_says_when_fp8_would_be_cheaper_on_an_offer_with_fp8(tmp_path):
+    from dataclasses import replace
+
+    from cloudtune.planning.planner import estimate_offer, fp8_note
+
+    recipe, plan = plan_for(recipe_file(tmp_path, method="lora"))
+    report, model = inspect_dataset(recipe), resolve_model(recipe)
+    h100 = next(e for e in plan.estimates if e.fits and e.offer.gpu == "H100")
+    as_fp8 = estimate_offer(recipe.model_copy(update={"method": "fp8"}), report, model, h100.offer, False)
+    assert as_fp8.fits
+    # the first fitting offer with FP8 is the H100 (the A100 and A10s have none); dearer than fp8 there: a note
+    dear = [replace(e, cost_low=as_fp8.cost_low * 2, cost_high=as_fp8.cost_high * 2) if e is h100 else e
+            for e in plan.estimates]
+    note = fp8_note(recipe, report, model, dear, False)
+    assert note and note.startswith("method fp8 would cost ") and "on H100×1 (lambda) instead of" in note
+    assert note.endswith("for lora")
+    # as cheap as fp8 or cheaper: no note; no GPU with FP8 among the fitting offers: no note
+    cheap = [replace(e, cost_low=as_fp8.cost_low / 2, cost_high=as_fp8.cost_high / 2) if e is h100 else e
+             for e in plan.estimates]
+    assert fp8_note(recipe, report, model, cheap, False) is None
+    assert fp8_note(recipe, report, model, [e for e in dear if not SPECS[e.offer.gpu].fp8], False) is None
+    fp8_recipe = recipe.model_copy(update={"method": "fp8"})
+    assert fp8_note(fp8_recipe, report, model, dear, False) is None  # nothing to switch to

@@ -120,6 +120,9 @@ CLOUDTUNE_ROWS = [
     ("full", "adamw_8bit", 1 * 2048, True, FUSED, 38.12),  # gpu_methods
     ("qlora", "adamw", 2 * 4096, False, CURRENT, 36.82),  # cloudtune-qlora
     ("qlora", "adamw", 1 * 4096, 17, CURRENT, 12.44),  # cloudtune-qlora-24g: 17 of 32 layers recomputed
+    # H200, 2026-12-02 (train_speed.jsonl), with fused LoRA: the fp8 base and qlora in one run
+    ("fp8", "adamw", 2 * 4096, False, CURRENT, 39.52),  # cloudtune-fp8
+    ("qlora", "adamw", 2 * 4096, False, CURRENT, 36.59),  # cloudtune-qlora
 ]
 
 

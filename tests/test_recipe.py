@@ -25,7 +25,7 @@ BAD_RECIPES = [
      ["training.learnin_rate", "Did you mean 'learning_rate'", ":5"]),
     ("wrong type", GOOD_HEAD + "training:\n  epochs: many\n", ["training.epochs", "valid number", ":5"]),
     ("negative lr", GOOD_HEAD + "training:\n  learning_rate: -0.001\n", ["training.learning_rate", "greater than 0"]),
-    ("unknown method", GOOD_HEAD + "method: qlora+full\n", ["method", "'lora', 'qlora', '8bit' or 'full'", ":4"]),
+    ("unknown method", GOOD_HEAD + "method: qlora+full\n", ["method", "'lora', 'qlora', '8bit', 'fp8' or 'full'", ":4"]),
     ("fp16 full fine-tuning", GOOD_HEAD + "method: full\ntraining:\n  precision: fp16\n",
      ["training.precision", "fp32", ":6"]),
     ("lora settings with full", GOOD_HEAD + "method: full\nlora:\n  r: 8\n", ["lora", "method 'full'", ":5"]),

@@ -54,6 +54,23 @@ def flops_per_token(step: StepConditions) -> float:
     return 2.0 * shape.matmul_params * step.passes + attention
 
 
+def attention_span(document_lengths) -> float:
+    """Keys a token attends to on average when attention stays inside each document: a token of a
+    document of L tokens sees L/2 on average, and longer documents hold more of the tokens, so the
+    mean is sum(L²) / (2·sum(L))."""
+    lengths = [float(length) for length in document_lengths]
+    return sum(length * length for length in lengths) / (2 * sum(lengths)) if lengths else 0.0
+
+
+def model_flops_per_token(shape: ModelShape, method: str, span: float, trainable_params: int = 0) -> float:
+    """The FLOPs a token needs, not what the GPU runs: MFU's numerator. Recomputation is left out, a frozen
+    base costs its forward and its input gradient (4·N, not 6·N), and the adapters' own weights (the
+    trainable ones, each used forward, for the input gradient and for its own gradient) add 6 each."""
+    frozen = StepConditions(shape, method, recomputed_share=0.0, attention_span=span)
+    adapters = 0 if method == "full" else 6 * trainable_params
+    return flops_per_token(frozen) + adapters
+
+
 def lora_seconds_per_token(step: StepConditions, gpu: str) -> float:
     """Time peft's LoRA spends outside the matmuls: per adapted layer it runs dropout over the input and
     scales and adds B·A·x into the output as separate memory-bound kernels, and again backward."""

@@ -37,6 +37,16 @@ class GpuSpec:
     def usable_gib(self) -> float:
         return self.memory_gib * self.usable
 
+    @property
+    def fp8(self) -> bool:
+        """FP8 tensor cores (compute capability 8.9 and up): what `method: fp8` needs."""
+        return self.name in FP8_GPUS
+
+
+# Ada (8.9), Hopper (9.0) and Blackwell (10.x, 12.x): the GPUs whose tensor cores multiply float8
+FP8_GPUS = frozenset({"L4", "L40", "L40S", "RTX6000-Ada", "RTX2000-Ada", "RTX4060", "RTX4070", "RTX4090",
+                      "H100", "H100-PCIE", "H100-NVL", "GH200", "H200", "B200", "B300", "RTX5090",
+                      "RTXPRO6000", "RTXPRO5000"})
 
 # Dense (no 2:4 sparsity) tensor throughput with fp32 accumulation; datasheets quote the sparse
 # figure first, so it is halved here. "≈" marks figures derived rather than printed by the vendor.

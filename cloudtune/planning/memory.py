@@ -184,7 +184,7 @@ def _with_optimizer(stack: Stack, optimizer: str) -> Stack:
 class TrainSetup:
     """What besides the model's shape decides memory: method, LoRA, optimizer, implementation."""
 
-    method: str = "lora"  # lora | qlora | 8bit | full
+    method: str = "lora"  # lora | qlora | 8bit | fp8 | full
     lora_r: int = 16
     lora_targets: tuple[str, ...] = ALL_LINEAR
     lora_dropout: float = 0.05
@@ -249,6 +249,8 @@ def weight_bytes(shape: ModelShape, setup: TrainSetup) -> float:
         linear = shape.linear_params * (0.5 + constants)
     elif setup.method == "8bit":
         linear = shape.linear_params * 1.0
+    elif setup.method == "fp8":  # e4m3 weights and one fp32 scale per output row
+        linear = shape.linear_params * 1.0 + 4.0 * shape.layers * sum(out for _, out in shape.module_shapes().values())
     else:
         linear = shape.linear_params * 2.0
     return (linear + other * (4.0 if setup.impl.upcast_embeddings and setup.method in KBIT else 2.0)) / setup.shards

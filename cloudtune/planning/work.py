@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ..datasets import DatasetReport
 from ..packing import tokens_read
 from ..recipe import Recipe
+from .flops import attention_span
 
 PACKING_FILL = 0.97  # first-fit-decreasing packing leaves about 3 % of each row empty
 TOKENS_UNCERTAINTY = 0.15  # token counts estimated from characters (no tokenizer offline)
@@ -51,8 +52,7 @@ def document_attention_span(report: DatasetReport, cap: int) -> float:
     lengths = [min(cap, max(1, length)) for length in getattr(report, "length_percentiles", None) or []]
     if len(lengths) < 2:
         return min(cap, report.tokens / max(report.rows, 1)) / 2
-    mids = [(a + b) / 2 for a, b in zip(lengths[:-1], lengths[1:], strict=True)]
-    return sum(m * m for m in mids) / (2 * sum(mids))
+    return attention_span((a + b) / 2 for a, b in zip(lengths[:-1], lengths[1:], strict=True))
 
 
 def attends_per_document(recipe: Recipe) -> bool:

@@ -244,10 +244,11 @@ def parallelism_for(recipe, world: World, config, device: torch.device) -> str:
         chosen = choose_parallelism("auto", ModelShape.from_config(config), TrainSetup.from_recipe(recipe),
                                     world.size, usable, recipe.training.max_seq_len,
                                     recipe.training.gradient_checkpointing)
-    if chosen == "fsdp" and recipe.method == "8bit":
-        raise CloudtuneError("method 8bit cannot be sharded with FSDP: bitsandbytes' int8 weights are not a "
-                             "dtype FSDP can split.",
-                             "Use training.parallelism: ddp (each GPU holds the 8-bit model), or method qlora.")
+    if chosen == "fsdp" and recipe.method in ("8bit", "fp8"):
+        raise CloudtuneError(f"method {recipe.method} cannot be sharded with FSDP: its 8-bit weights beside the "
+                             "16-bit ones are not one dtype FSDP can split.",
+                             f"Use training.parallelism: ddp (each GPU holds the {recipe.method} model), "
+                             "or method qlora.")
     return chosen
 
 

@@ -29,7 +29,7 @@ from .evaluation import make_evaluation
 
 def preflight(recipe: Recipe, device: torch.device) -> None:
     """Problems that would otherwise surface after the data or the model is loaded, or after training."""
-    if recipe.method in ("qlora", "8bit") and device.type != "cuda":
+    if recipe.method in ("qlora", "8bit") and device.type != "cuda":  # fp8 has a (slow) CPU path
         raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
                              "Run it on a GPU backend, or use method lora/full on this machine.")
     model_lib.choose_precision(recipe, device)  # a GPU without the precision asked for fails before loading
@@ -133,7 +133,10 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     every_example = encoded.examples + (eval_encoded.examples if eval_encoded else [])
     recomputed = checkpointed_layers(recipe, base.config, device, max(len(ids) for ids, _ in every_example),
                                      fused_kernels=fused, autocast=autocast)
-    model = model_lib.prepare_for_training(recipe, base, recomputed, autocast=autocast)
+    # FSDP swaps sharded and whole weights around each layer's passes; the fused backward reads the
+    # frozen weight itself, which is only checked outside FSDP
+    model = model_lib.prepare_for_training(recipe, base, recomputed, autocast=autocast,
+                                           fused_lora=fused and parallelism != "fsdp")
     layers = len(model_lib.decoder_layers(model))
     # Before any step, the model is the base (a fresh LoRA adds zero), so these are the "before" samples.
     # FSDP loads the base into host memory to shard it: its samples come from the whole copy made at the end.

@@ -128,7 +128,10 @@ def choose_precision(recipe: Recipe, device: torch.device) -> Precision:
     """
     if device.type != "cuda":
         return Precision(torch.float32, DTYPES.get(recipe.training.precision))
-    dtype = DTYPES[recipe.gpu_precision(torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported())]
+    from .fp8 import fp8_matmuls
+
+    dtype = DTYPES[recipe.gpu_precision(torch.cuda.get_device_name(device), torch.cuda.is_bf16_supported(),
+                                        fp8_matmuls(device))]
     return Precision(dtype, dtype)
 
 
@@ -187,12 +190,19 @@ def load_base(recipe: Recipe, device: torch.device, sharded: bool = False):
             bnb_4bit_compute_dtype=dtype, **storage)
     elif recipe.method == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    # bitsandbytes quantises while loading onto the GPU, so a 4-bit base is loaded there even for FSDP
-    if device.type == "cuda" and (not sharded or recipe.method == "qlora"):
+    # bitsandbytes quantises while loading onto the GPU, so a 4-bit base is loaded there even for FSDP.
+    # fp8 loads the 16-bit base into host memory and quantises it one linear layer at a time on the GPU
+    # (train/fp8.py), so the GPU never holds more than the fp8 model and one 16-bit layer.
+    if device.type == "cuda" and (not sharded or recipe.method == "qlora") and recipe.method != "fp8":
         kwargs["device_map"] = {"": device.index or 0}
     with loading_model(recipe.model, model_source(recipe)):
         model = AutoModelForCausalLM.from_pretrained(model_source(recipe), **kwargs)
     model.config.use_cache = False
+    if recipe.method == "fp8":
+        from .fp8 import quantise_decoder_linears
+
+        quantise_decoder_linears(model, choose_precision(recipe, device).autocast or dtype, device)
+        return model.to(device)
     return model.to(device) if device.type != "cuda" and not sharded else model
 
 
@@ -206,7 +216,8 @@ def lora_config(recipe: Recipe):
 
 
 def apply_fused_kernels(recipe: Recipe, model, device: torch.device) -> bool:
-    """Swap in Liger's Triton kernels; the fused head + loss never materialises the logits.
+    """Swap in Liger's Triton kernels; the fused head + loss never materialises the logits. With them,
+    prepare_for_training fuses each LoRA projection (fused_lora.py).
 
     On by default on a GPU when liger-kernel is installed; the tokens/s it buys are in bench/results.
     """
@@ -244,12 +255,13 @@ def set_checkpointed_layers(model, count: int) -> None:
         layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
 
-def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int, autocast: bool):
+def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int, autocast: bool, fused_lora: bool = False):
     """LoRA (or full) on the loaded base, with the first `checkpointed_layers` decoder layers recomputed in backward.
 
     With `autocast` (forward passes under `mixed_precision`), each LoRA module reads the layer's 16-bit
     input as it is: peft's cast to the fp32 adapter dtype would keep a second, fp32 copy of every
-    module's input for backward, only for autocast to cast it back to 16 bits.
+    module's input for backward, only for autocast to cast it back to 16 bits. `fused_lora`: each adapted
+    projection runs as one autograd function (train/fused_lora.py), part of the fused kernels.
     """
     # Quantised bases stay in 16 bits around the 4/8-bit weights, and get_peft_model freezes the base.
     # peft's prepare_model_for_kbit_training would upcast norms, embeddings and the 32k-wide head to
@@ -262,4 +274,8 @@ def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int, autoca
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = not autocast
+        if fused_lora:
+            from .fused_lora import fuse_lora
+
+            fuse_lora(model)
     return model

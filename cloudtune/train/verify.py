@@ -21,20 +21,22 @@ LOW_PRECISION_RELATIVE = 1e-2
 PRECISION_OF_AUTOCAST = {"bfloat16": "bf16", "float16": "fp16"}
 
 
-def run_recipe(out: Path, base_source: str):
+def run_recipe(out: Path, base_source: str, method: str | None = None):
     """The settings a finished run trained with, as far as they change its logits: the same kernels
-    (Liger's norms and RoPE round differently from the eager ones) and the same precision."""
+    (Liger's norms and RoPE round differently from the eager ones) and the same precision; `method`
+    puts the adapter on another base (lora: the 16-bit one)."""
     from ..recipe import Recipe
 
     run = json.loads((out / "run.json").read_text())
     training = {"attention": run.get("attention", "auto"), "fused_kernels": "on" if run.get("fused_kernels") else "off",
                 "precision": PRECISION_OF_AUTOCAST.get(run.get("autocast"), "auto")}
-    recipe = Recipe.model_validate({"model": {"name": base_source}, "method": run["method"], "training": training,
+    recipe = Recipe.model_validate({"model": {"name": base_source}, "method": method or run["method"],
+                                    "training": training,
                                     "dataset": {"hub": "unused"}})
     return recipe, run["weights_dir"]
 
 
-def reload(out: Path, base_source: str, device: torch.device | None = None):
+def reload(out: Path, base_source: str, device: torch.device | None = None, method: str | None = None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -42,7 +44,7 @@ def reload(out: Path, base_source: str, device: torch.device | None = None):
     from .model import apply_fused_kernels, choose_precision, load_base
 
     device = device or pick_device()
-    recipe, weights_dir = run_recipe(out, base_source)
+    recipe, weights_dir = run_recipe(out, base_source, method)
     if weights_dir == "model":
         dtype = choose_precision(recipe, device).weights
         model = AutoModelForCausalLM.from_pretrained(out / "model", dtype=dtype).to(device)
@@ -53,16 +55,23 @@ def reload(out: Path, base_source: str, device: torch.device | None = None):
     return PeftModel.from_pretrained(base, str(out / "adapter"))
 
 
-def logit_differences(out: Path, base_source: str) -> tuple[float, float, float | None]:
-    """(max |reloaded - probe|, max |probe|, max |base without adapter - probe| or None)."""
+def reloaded_with_probe(out: Path, base_source: str, method: str | None = None):
+    """(the probe taken at the end of training, the reloaded model in eval mode, the precision it ran in)."""
     from safetensors.torch import load_file
 
-    from .model import choose_precision, mixed_precision
+    from .model import choose_precision
 
     probe = load_file(str(out / "probe.safetensors"))
-    model = reload(out, base_source).eval()
+    model = reload(out, base_source, method=method).eval()
+    return probe, model, choose_precision(run_recipe(out, base_source, method)[0], model.device)
+
+
+def logit_differences(out: Path, base_source: str) -> tuple[float, float, float | None]:
+    """(max |reloaded - probe|, max |probe|, max |base without adapter - probe| or None)."""
+    from .model import mixed_precision
+
+    probe, model, precision = reloaded_with_probe(out, base_source)
     ids = probe["input_ids"].to(model.device)
-    precision = choose_precision(run_recipe(out, base_source)[0], model.device)
     with torch.no_grad(), mixed_precision(precision, model.device):
         logits = model(input_ids=ids).logits.float().cpu()
         base_diff = None
@@ -70,6 +79,19 @@ def logit_differences(out: Path, base_source: str) -> tuple[float, float, float 
             with model.disable_adapter():
                 base_diff = float((model(input_ids=ids).logits.float().cpu() - probe["logits"]).abs().max())
     return float((logits - probe["logits"]).abs().max()), float(probe["logits"].abs().max()), base_diff
+
+
+def sixteen_bit_base_difference(out: Path, base_source: str) -> float | None:
+    """For an fp8 run: max |logit difference| between the adapter on the 16-bit base and the probe (the
+    adapter on the fp8 base it trained on); None for other methods, whose reload already is the base."""
+    from .model import mixed_precision
+
+    if json.loads((out / "run.json").read_text())["method"] != "fp8":
+        return None
+    probe, model, precision = reloaded_with_probe(out, base_source, method="lora")
+    with torch.no_grad(), mixed_precision(precision, model.device):
+        logits = model(input_ids=probe["input_ids"].to(model.device)).logits.float().cpu()
+    return float((logits - probe["logits"]).abs().max())
 
 
 def max_logit_difference(out: Path, base_source: str) -> float:
@@ -108,6 +130,10 @@ def main(argv: list[str]) -> int:
     against_base = f"; the base without the adapter differs by {base_diff:.2e}" if base_diff is not None else ""
     print(f"reloaded {out / run['weights_dir']}: max |logit difference| = {diff:.2e} of logits up to {scale:.1f} "
           f"({'matches' if ok else 'MISMATCH'} the end of training){against_base}")
+    sixteen_bit = sixteen_bit_base_difference(out, model_source(recipe))
+    if sixteen_bit is not None:  # what serving the adapter on the original base changes: FP8's rounding
+        print(f"on the 16-bit base (where a served adapter usually runs) the logits differ from the fp8 base's "
+              f"by up to {sixteen_bit:.2e} ({sixteen_bit / scale:.1%} of the largest)")
     return 0 if ok else 1
 
 

@@ -1,0 +1,143 @@
+"""Fused LoRA (cloudtune/train/fused_lora.py) computes what peft's modules compute: outputs, the input's
+gradient and the adapters' gradients, for a bf16/fp32 base, a 4-bit and an 8-bit bitsandbytes base (which
+run on this CPU), with dropout off and on; and over the tiny Llama with LoRA on every linear layer."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cloudtune.train.fused_lora import fuse_lora
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+class OneProjection(torch.nn.Module):
+    def __init__(self, base: torch.nn.Module):
+        super().__init__()
+        self.proj = base
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def quantised_base(kind: str, weight: torch.Tensor) -> torch.nn.Module:
+    out_features, in_features = weight.shape
+    if kind == "lora":
+        base = torch.nn.Linear(in_features, out_features, bias=False)
+        base.weight.data.copy_(weight)
+        return base
+    import bitsandbytes as bnb
+
+    if kind == "qlora":
+        base = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+                                 quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+    else:
+        base = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False, threshold=6.0)
+        base.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    return base.to("cpu")  # bitsandbytes quantises on the move to a device
+
+
+def adapted(kind: str, dropout: float, seed: int = 0):
+    """One projection of a random weight under peft LoRA, with B random (peft starts it at zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(48, 64, generator=generator) / 8
+    model = get_peft_model(OneProjection(quantised_base(kind, weight)),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["proj"]))
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data.copy_(torch.randn(parameter.shape, generator=generator) / 4)
+    return model
+
+
+def step(model, x: torch.Tensor, upstream: torch.Tensor, seed: int):
+    """Output and gradients (input, then each adapter weight by name) of one forward and backward."""
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout mask for both
+    out = model(x)
+    (out * upstream).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("kind", ["lora", "qlora", "8bit"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_fused_projection_matches_peft(kind, dropout):
+    reference, fused = adapted(kind, dropout), adapted(kind, dropout)
+    assert fuse_lora(fused) == 1
+    x, upstream = torch.randn(3, 7, 64), torch.randn(3, 7, 48)
+    want_out, want_dx, want_grads = step(reference, x, upstream, seed=5)
+    got_out, got_dx, got_grads = step(fused, x, upstream, seed=5)
+    assert relative(got_out, want_out) < 1e-5
+    assert relative(got_dx, want_dx) < 1e-5
+    assert want_grads.keys() == got_grads.keys() and len(got_grads) == 2
+    for name, want in want_grads.items():
+        assert relative(got_grads[name], want) < 1e-5, name
+    if dropout:  # the mask is really applied: another draw gives other adapter gradients
+        _, _, other = step(fused, x, upstream, seed=6)
+        assert relative(other["base_model.model.proj.lora_A.default.weight"],
+                        want_grads["base_model.model.proj.lora_A.default.weight"]) > 1e-2
+
+
+def test_under_bf16_autocast_the_fused_projection_rounds_like_peft():
+    # the GPU path: fp32 adapters, bf16 matmuls; the fused one rounds once where peft rounds twice
+    reference, fused = adapted("lora", 0.0), adapted("lora", 0.0)
+    fuse_lora(fused)
+    x, upstream = torch.randn(3, 7, 64), torch.randn(3, 7, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (want_out, want_dx, want_grads), (got_out, got_dx, got_grads) = (
+            step(model, x, upstream, seed=5) for model in (reference, fused))
+    assert got_out.dtype == want_out.dtype == torch.bfloat16 and got_dx.dtype == torch.float32
+    assert relative(got_out, want_out) < 1e-2 and relative(got_dx, want_dx) < 1e-2
+    for name, want in want_grads.items():
+        assert got_grads[name].dtype == torch.float32 and relative(got_grads[name], want) < 2e-2, name
+
+
+def test_the_8bit_forward_stays_bitsandbytes_own():
+    # backward takes grad·W from the dequantised int8 weight; forward is LLM.int8() itself, outliers and all
+    reference, fused = adapted("8bit", 0.0), adapted("8bit", 0.0)
+    fuse_lora(fused)
+    x = torch.randn(2, 64) * 10
+    with torch.no_grad():
+        assert torch.equal(fused.base_model.model.proj.base_layer(x), reference.base_model.model.proj.base_layer(x))
+
+
+def test_the_tiny_llama_trains_the_same_fused_as_under_peft(ct_home):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cloudtune.train.model import tiny_llama_dir
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir())
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear")
+    reference = get_peft_model(base, config)
+    for name, parameter in reference.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.05)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora(fused) == 2 * 7  # every linear of both decoder layers, not the head
+    reference.train(), fused.train()
+    ids = torch.randint(3, 259, (2, 24))
+    results = []
+    for model in (reference, fused):
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (want_loss, want), (got_loss, got) = results
+    assert got_loss == pytest.approx(want_loss, rel=1e-6)
+    for name, grad in want.items():
+        assert relative(got[name], grad) < 1e-4, name
+    reference.eval(), fused.eval()  # eval: dropout off; a disabled adapter runs peft's own forward
+    with torch.no_grad():
+        assert relative(fused(input_ids=ids).logits, reference(input_ids=ids).logits) < 1e-5
+        with fused.disable_adapter(), reference.disable_adapter():
+            plain = reference(input_ids=ids).logits
+            assert torch.equal(fused(input_ids=ids).logits, plain)
+        assert relative(fused(input_ids=ids).logits, plain) > 1e-3  # and the adapters are back on
