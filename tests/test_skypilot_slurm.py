@@ -82,7 +82,8 @@ class TrainingWatcher:
 
     def watch(self) -> None:
         while not self.stop.is_set():
-            done = subprocess.run(["ps", "-u", NODE_USER, "-o", "pid=,args="], capture_output=True, text=True)
+            # -ww: whole command lines (ps cuts them at the terminal width, COLUMNS, even into a pipe)
+            done = subprocess.run(["ps", "-ww", "-u", NODE_USER, "-o", "pid=,args="], capture_output=True, text=True)
             for line in done.stdout.splitlines():
                 pid, _, args = line.strip().partition(" ")
                 self.command_lines.append(args)

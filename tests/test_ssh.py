@@ -397,7 +397,8 @@ class Watcher:
             if self.containers is not None:
                 names = subprocess.run(["docker", "ps", "--format", "{{.Names}}"], capture_output=True, text=True)
                 self.containers.update(names.stdout.split())
-            listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+            # -ww: whole command lines; ps cuts them at COLUMNS even into a pipe, hiding a leak past the cut
+            listing = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
             self.samples += 1
             if SECRET_VALUE in listing:
                 self.leaks.append(listing)
