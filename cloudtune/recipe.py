@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from . import safe_yaml, secrets
+from .clouds import OWN_CLUSTERS
 from .errors import CloudtuneError, printable
 from .inputs import model_config_problem, open_regular, path_problem, regular_file_problem, writable_dir_problem
 
@@ -35,8 +36,6 @@ HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUN_NAME = re.compile(r"^\w[\w.+=@ -]{0,99}$")
 # compute.python goes into a shell script on the machine: a command name or a path, nothing a shell reads
 MACHINE_PYTHON = re.compile(r"^[\w~/.+-]{1,300}$")
-# Clouds of machines the user already has, which run no image: the training uses the cluster's Python.
-OWN_CLUSTERS = ("slurm",)
 # The planner walks a model layer by layer per offer (an assumed shape of 1e300 parameters never ends,
 # 2T takes a minute); 500B is past the largest dense model published.
 MIN_PARAMS, MAX_PARAMS = 1e6, 5e11
