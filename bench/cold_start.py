@@ -1,7 +1,7 @@
 """How long `cloudtune cost` and `cloudtune gpus` take from a fresh HOME (the first command a new user
 types) and from a warm one, as subprocesses of the installed entry point's code. CPU only, no network.
 
-    python bench/cold_start.py [--repeat 5] [--recipe tasks/demo-tiny.yaml]
+    python bench/cold_start.py [--repeat 5] [--recipe tasks/demo-tiny.yaml] [--label COMMIT]
 
 Prints one JSON line per command and appends it to bench/results/cold_start.jsonl. The goal is 1 s
 wall from cold; the median over repeats is the figure, and `load` (the 1-minute load average before
@@ -54,6 +54,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--recipe", default="tasks/demo-tiny.yaml")
+    parser.add_argument("--label", default="", help="which code this measures (a commit), kept in each line")
     args = parser.parse_args()
     compileall.compile_dir(REPO / "cloudtune", quiet=1)  # as pip does at install
     load = os.getloadavg()[0]
@@ -72,7 +73,7 @@ def main() -> int:
                 "cold_wall_max_s": round(max(w for w, _ in cold), 3),
                 "warm_wall_s": round(statistics.median(w for w, _ in warm), 3),
                 "warm_cpu_s": round(statistics.median(c for _, c in warm), 3),
-                "load": round(load, 2), "cpus": os.cpu_count(), "machine": platform.machine(),
+                "label": args.label, "load": round(load, 2), "cpus": os.cpu_count(), "machine": platform.machine(),
                 "python": platform.python_version()})
     return 0
 
