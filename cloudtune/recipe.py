@@ -30,6 +30,7 @@ from .inputs import model_config_problem, open_regular, path_problem, regular_fi
 # from the same bits; a digest (`image@sha256:...`) pins harder.
 DEFAULT_IMAGE = "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime"
 METHODS = ("lora", "qlora", "8bit", "full")
+QUANTISED_METHODS = ("qlora", "8bit")  # bitsandbytes quantises them, on NVIDIA GPUs only
 FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -56,6 +57,13 @@ def parse_params(value) -> float:
         raise CloudtuneError(f"model.params: '{value}' is not a parameter count.", "Write it like 8B, 500M or 7e9.")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[found.group(2).lower()]
     return float(found.group(1)) * scale
+
+
+def quantising_needs_a_gpu(method: str) -> CloudtuneError:
+    """The one refusal of a quantised method where there is no NVIDIA GPU: the trainer's on its device, and
+    the local backend's before it starts anything."""
+    return CloudtuneError(f"method '{method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
+                          "Run it on a GPU backend, or use method lora/full on this machine.")
 
 
 class Strict(BaseModel):
