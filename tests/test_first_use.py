@@ -345,7 +345,8 @@ def test_gpus_and_help_start_without_the_recipe_models_and_cost_without_the_back
 
     code = ("import json, sys; from cloudtune.cli import main; sys.argv = ['cloudtune', *json.loads(sys.argv[1])]\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'cloudtune'))))")
+            "print('LOADED', json.dumps(sorted(m for m in sys.modules\n"
+            "                                  if m.split('.')[0] in ('pydantic', 'cloudtune'))))")
     env = {**os.environ, "HOME": str(tmp_path), "CLOUDTUNE_HOME": str(tmp_path / "ct")}
 
     def loaded(*args: str) -> list[str]:
@@ -362,3 +363,15 @@ def test_gpus_and_help_start_without_the_recipe_models_and_cost_without_the_back
     assert "cloudtune.planning.planner" in modules
     assert not [m for m in modules if m.startswith("cloudtune.backends.") and m != "cloudtune.backends.registry"], \
         modules
+
+
+def test_template_headers_leave_the_memory_figure_to_cost():
+    """`cost` is the one figure for what a recipe needs: a header that said "needs ≥ 80 GB" while `cost` fitted
+    the recipe on a 48 GB card told a newcomer two things."""
+    import re
+
+    from cloudtune import templates
+
+    for name, entry in templates.templates().items():
+        header = "".join(line for line in entry.read_text().splitlines(keepends=True) if line.startswith("#"))
+        assert not re.search(r"\d\s*(GB|GiB)\b|\b\d+G\b", header), (name, header)  # 80 GB, 39G; not A10G
