@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from . import safe_yaml, secrets
+from .clouds import OWN_CLUSTERS
 from .errors import CloudtuneError, printable
 from .inputs import model_config_problem, open_regular, path_problem, regular_file_problem, writable_dir_problem
 
@@ -29,6 +30,7 @@ from .inputs import model_config_problem, open_regular, path_problem, regular_fi
 # from the same bits; a digest (`image@sha256:...`) pins harder.
 DEFAULT_IMAGE = "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime"
 METHODS = ("lora", "qlora", "8bit", "fp8", "full")
+QUANTISED_METHODS = ("qlora", "8bit")  # bitsandbytes quantises them, on NVIDIA GPUs only (fp8 has a CPU path)
 FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
 # outputs.gguf: the merged model in f16 or q8_0, or the LoRA adapter alone (llama.cpp's --lora file)
 GGUF_KINDS = ("f16", "q8_0", "lora")
@@ -40,8 +42,6 @@ HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RUN_NAME = re.compile(r"^\w[\w.+=@ -]{0,99}$")
 # compute.python goes into a shell script on the machine: a command name or a path, nothing a shell reads
 MACHINE_PYTHON = re.compile(r"^[\w~/.+-]{1,300}$")
-# Clouds of machines the user already has, which run no image: the training uses the cluster's Python.
-OWN_CLUSTERS = ("slurm",)
 # The planner walks a model layer by layer per offer (an assumed shape of 1e300 parameters never ends,
 # 2T takes a minute); 500B is past the largest dense model published.
 MIN_PARAMS, MAX_PARAMS = 1e6, 5e11
@@ -62,6 +62,13 @@ def parse_params(value) -> float:
         raise CloudtuneError(f"model.params: '{value}' is not a parameter count.", "Write it like 8B, 500M or 7e9.")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[found.group(2).lower()]
     return float(found.group(1)) * scale
+
+
+def quantising_needs_a_gpu(method: str) -> CloudtuneError:
+    """The one refusal of a quantised method where there is no NVIDIA GPU: the trainer's on its device, and
+    the local backend's before it starts anything."""
+    return CloudtuneError(f"method '{method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
+                          "Run it on a GPU backend, or use method lora/full on this machine.")
 
 
 class Strict(BaseModel):

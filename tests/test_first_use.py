@@ -331,3 +331,47 @@ def test_clean_frees_what_finished_runs_left_and_never_what_is_still_needed(tmp_
     assert (ct_home / "runs" / runs["failed"] / "machine" / "out" / "adapter" / "weights").is_file()  # pull again
     assert (ct_home / "runs" / runs["running"] / "bundle.tar.gz").is_file()  # still going
     assert invoke("clean").stdout.strip() == "nothing to clean: no finished run left a copy behind"
+
+
+def test_gpus_and_help_start_without_the_recipe_models_and_cost_without_the_backends(tmp_path):
+    """The structure that keeps a cold `gpus` and `--help` well under a second (bench/cold_start.py has the
+    figures): neither imports pydantic or the recipe, and `cost` loads no backend."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import DEMO_RECIPE
+
+    code = ("import json, sys; from cloudtune.cli import main; sys.argv = ['cloudtune', *json.loads(sys.argv[1])]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', json.dumps(sorted(m for m in sys.modules\n"
+            "                                  if m.split('.')[0] in ('pydantic', 'cloudtune'))))")
+    env = {**os.environ, "HOME": str(tmp_path), "CLOUDTUNE_HOME": str(tmp_path / "ct")}
+
+    def loaded(*args: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=60)
+        assert "LOADED" in done.stdout, done.stdout + done.stderr
+        return json.loads(done.stdout.rsplit("LOADED", 1)[1])
+
+    for args in (["--help"], ["gpus", "--top", "3"]):
+        modules = loaded(*args)
+        assert "pydantic" not in modules and "cloudtune.recipe" not in modules, (args, modules)
+        assert "cloudtune.planning.offers" in modules or args == ["--help"]  # gpus did price
+    modules = loaded("cost", str(DEMO_RECIPE))
+    assert "cloudtune.planning.planner" in modules
+    assert not [m for m in modules if m.startswith("cloudtune.backends.") and m != "cloudtune.backends.registry"], \
+        modules
+
+
+def test_template_headers_leave_the_memory_figure_to_cost():
+    """`cost` is the one figure for what a recipe needs: a header that said "needs ≥ 80 GB" while `cost` fitted
+    the recipe on a 48 GB card told a newcomer two things."""
+    import re
+
+    from cloudtune import templates
+
+    for name, entry in templates.templates().items():
+        header = "".join(line for line in entry.read_text().splitlines(keepends=True) if line.startswith("#"))
+        assert not re.search(r"\d\s*(GB|GiB)\b|\b\d+G\b", header), (name, header)  # 80 GB, 39G; not A10G

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,6 @@ def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monk
     assert (tmp_path / "data" / "demo-chat.jsonl").is_file()
     command = init.output.strip().splitlines()[-1].split()  # init's last line: the run command, whole
     assert command == ["cloudtune", "run", "--backend", "local", str(recipe)]
-    recipe.write_text(recipe.read_text().replace("max_steps: 300", "max_steps: 60"))
     priced = json.loads(CliRunner().invoke(cli, ["cost", "--json", str(recipe)]).stdout)
     result = CliRunner().invoke(cli, [*command[1:-1], "--json", command[-1]])
     assert result.exit_code == 0, result.output
@@ -38,8 +38,17 @@ def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monk
         assert (out / name).is_file(), name
 
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 60
+    assert len(losses) == 300
     assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:5]) / 5, "loss did not go down"
+    # the demo visibly learns: Bob answers each sample's question as the chat taught him, and did not before
+    chats = [json.loads(line)["text"] for line in (tmp_path / "data" / "demo-chat.jsonl").read_text().splitlines()]
+    taught = dict(turn for chat in chats for turn in re.findall(r"### Alice: (.*)\n### Bob: (.*)", chat))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2
+    for sample in samples:
+        answer = taught[re.search(r"### Alice: (.*)\n### Bob:$", sample["prompt"]).group(1)]
+        assert sample["tuned"].split("\n")[0].strip() == answer, sample
+        assert answer not in sample["base"], sample
     assert receipt["tokens"] > 0 and receipt["tokens_per_s"] > 0
     assert priced["tokens_exact"] and receipt["tokens"] == priced["tokens"], "cost priced the tokens that were trained"
 
@@ -56,11 +65,14 @@ def test_demo_from_init_runs_as_init_says_and_the_adapter_reloads(tmp_path, monk
     status = CliRunner().invoke(cli, ["status", "--json"])
     assert json.loads(status.output)[0]["id"] == receipt["run_id"]
     logs = CliRunner().invoke(cli, ["logs", receipt["run_id"][:15]])
-    assert "step 60/60" in logs.output
+    assert "step 300/300" in logs.output
 
 
 def test_failed_training_is_recorded_with_the_log_tail(tmp_path, monkeypatch):
+    """A machine that looks as if it had an NVIDIA GPU passes the local backend's check, and its trainer,
+    which finds none, refuses qlora: the failure the trainer reports, as any other."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("cloudtune.backends.local.may_have_an_nvidia_gpu", lambda: True)
     text = demo_recipe_text(max_steps=5).replace("method: lora", "method: qlora")
     result = CliRunner().invoke(cli, ["run", "--backend", "local", str(write_recipe(tmp_path, text))])
     assert result.exit_code == 1, result.output
@@ -70,6 +82,17 @@ def test_failed_training_is_recorded_with_the_log_tail(tmp_path, monkeypatch):
     assert run["status"] == "failed" and "needs an NVIDIA GPU" in run["error"]
     assert Ledger().machine_for_run(run["id"])["status"] == "terminated"
     assert not (tmp_path / "outputs" / "demo-tiny" / run["id"]).exists()
+
+
+def test_qlora_on_a_machine_without_an_nvidia_gpu_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("cloudtune.backends.local.may_have_an_nvidia_gpu", lambda: False)
+    recipe = str(write_recipe(tmp_path, demo_recipe_text(max_steps=5).replace("method: lora", "method: qlora")))
+    result = CliRunner(mix_stderr=False).invoke(cli, ["run", "--backend", "local", recipe])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("needs an NVIDIA GPU") == 1 and "Traceback" not in result.stderr  # said once
+    assert "bundle" not in result.stdout and "provision" not in result.stdout  # nothing bundled or started
+    assert Ledger().runs() == []
 
 
 def start_long_local_run(tmp_path: Path, **training) -> tuple[subprocess.Popen, dict, int, list[str]]:

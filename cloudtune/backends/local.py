@@ -53,7 +53,10 @@ class LocalBackend(Backend, KeepsCheckpoints):
 
     def quote(self, recipe, report) -> Quote:
         from ..planning.budget import local_price_fields
+        from ..recipe import QUANTISED_METHODS, quantising_needs_a_gpu
 
+        if recipe.method in QUANTISED_METHODS and not may_have_an_nvidia_gpu():
+            raise quantising_needs_a_gpu(recipe.method)  # now, not after bundling, from the trainer's log
         if recipe.compute.price_per_hour is not None:
             return super().quote(recipe, report)
         return Quote(summary="this machine (local backend): nothing rented, $0", recipe=recipe,
@@ -147,6 +150,12 @@ class LocalBackend(Backend, KeepsCheckpoints):
         # nothing of the run but its log and exit status.
         clean_machine(self.root(ctx), keep_outputs=False)
         return True
+
+
+def may_have_an_nvidia_gpu() -> bool:
+    """Whether CUDA can be on this machine, asked without importing torch: the NVIDIA driver's control device
+    (Linux, and containers given a GPU) or WSL's GPU bridge. Where neither is, the trainer would refuse."""
+    return any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/dxg"))
 
 
 def clean_machine(root: Path, keep_outputs: bool) -> None:

@@ -11,13 +11,17 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from pydantic import ValidationError
 
 from ..errors import CloudtuneError
-from ..events import Events
-from .base import Backend, BackendOptions
+
+if TYPE_CHECKING:  # the base pulls in pydantic, yaml and the recipe: `--help`, `gpus` and `cost` need none of it here
+    from pydantic import ValidationError
+
+    from ..events import Events
+    from .base import Backend, BackendOptions
 
 DEFAULT_BACKEND = "skypilot"
 
@@ -77,6 +81,8 @@ def create(name: str, flags: dict | None = None, events: Events | None = None, *
     `flags` holds every backend's flags as click parsed them (unset ones None/False); a flag of
     another backend that was set is a mistake worth saying, not silently ignoring.
     """
+    from pydantic import ValidationError
+
     chosen = entry(name)
     options_model = chosen.options()
     flags = flags or {}

@@ -3,11 +3,13 @@ ledger and the receipt keep of the chosen offer, so that estimate and actual can
 """
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from ..errors import CloudtuneError
 from ..units import hours_range, money, per_hour
-from .planner import Estimate, Plan
+
+if TYPE_CHECKING:  # the planner pulls in the recipe and pydantic; receipts and `--help` need only PriceFields
+    from .planner import Estimate, Plan
 
 
 class PriceFields(TypedDict, total=False):
@@ -34,6 +36,8 @@ def local_price_fields() -> PriceFields:
 
 def check_budget(plan_or_estimate: Plan | Estimate, max_cost: float | None) -> None:
     """Refuse a plan whose high estimate exceeds `max_cost` dollars."""
+    from .planner import Plan
+
     if max_cost is None:
         return
     chosen = plan_or_estimate.chosen if isinstance(plan_or_estimate, Plan) else plan_or_estimate

@@ -212,7 +212,7 @@ class TrainSetup:
         return cls(method=recipe.method, lora_r=lora.r, lora_targets=targets, lora_dropout=lora.dropout, stack=stack)
 
 
-@dataclass
+@dataclass(frozen=True)  # memory_peak's answers are cached and shared
 class MemoryPeak:
     """Bytes at the peak of one training step, by what holds them."""
 
@@ -308,6 +308,8 @@ def _lora_activation_bytes(shape: ModelShape, setup: TrainSetup) -> float:
     return total + sum(stack.act_bytes * width for names, width in groups if any(m in targeted for m in names))
 
 
+# A plan asks this for every offer's hardware, and most ask the same: one model, a few setups and widths.
+@functools.lru_cache(maxsize=4096)
 def memory_peak(shape: ModelShape, setup: TrainSetup, tokens: int, recomputed: int) -> MemoryPeak:
     """Peak allocated bytes for a micro-batch of `tokens` tokens (rows × padded width).
 

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..clouds import OWN_CLUSTERS
 from ..errors import CloudtuneError
 from ..paths import home
-from ..recipe import OWN_CLUSTERS
 from . import sky_catalog
 from .gpus import SPECS, canonical_gpu, unsupported_reason
 from .jsonfile import read_json, write_json

@@ -3,6 +3,8 @@ pulling the outputs back, teardown. Low–high ranges from per-cloud provisionin
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..recipe import Recipe
 from .memory import TrainSetup, lora_params
 from .models import ModelInfo
@@ -32,10 +34,16 @@ def controller_cost(hours_low: float, hours_high: float) -> tuple[float, float]:
                  for hours, extra in zip((hours_low, hours_high), CONTROLLER_EXTRA_MINUTES, strict=True))
 
 
-def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: str) -> tuple[float, float, str]:
-    minutes = [a + b + c for a, b, c in zip(PROVISION_MINUTES.get(cloud, DEFAULT_PROVISION_MINUTES),
-                                            SETUP_MINUTES, TEARDOWN_MINUTES, strict=True)]
-    seconds = [m * 60.0 for m in minutes]
+@dataclass(frozen=True)
+class Transfers:
+    """Seconds (low, high) a run spends moving bytes: the model download and load, the dataset upload and
+    the outputs back; the same on every cloud, so a plan works them out once per hardware."""
+
+    seconds: tuple[float, float]
+    what: tuple[str, ...]  # the large transfers, for the estimate's `why`
+
+
+def transfers(recipe: Recipe, model: ModelInfo, setup: TrainSetup) -> Transfers:
     download = 0.0 if recipe.model.init else model.download_bytes
     dataset = recipe.dataset_file()
     upload = dataset.stat().st_size if dataset is not None and dataset.exists() else 0
@@ -45,13 +53,21 @@ def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: s
         outputs = model.shape.params * 2.0
     if recipe.outputs.merge and recipe.uses_lora:
         outputs += model.shape.params * 2.0
-    for k in (0, 1):
-        seconds[k] += (download / HUB_DOWNLOAD_BYTES_PER_S[k] + model.download_bytes / LOAD_BYTES_PER_S[k]
-                       + upload / UPLOAD_BYTES_PER_S[k] + outputs / PULL_BYTES_PER_S[k])
-    parts = ["provisioning", "setup"]
+    seconds = tuple(download / HUB_DOWNLOAD_BYTES_PER_S[k] + model.download_bytes / LOAD_BYTES_PER_S[k]
+                    + upload / UPLOAD_BYTES_PER_S[k] + outputs / PULL_BYTES_PER_S[k] for k in (0, 1))
+    what = []
     if download:
-        parts.append(f"{download / 1e9:.1f} GB model download")
+        what.append(f"{download / 1e9:.1f} GB model download")
     if outputs > 1e8:
-        parts.append(f"{outputs / 1e9:.1f} GB of outputs back")
-    parts.append("teardown")
-    return seconds[0] / 3600, seconds[1] / 3600, ", ".join(parts)
+        what.append(f"{outputs / 1e9:.1f} GB of outputs back")
+    return Transfers(seconds, tuple(what))  # type: ignore[arg-type]
+
+
+def overhead_hours(recipe: Recipe, model: ModelInfo, setup: TrainSetup, cloud: str,
+                   moved: Transfers | None = None) -> tuple[float, float, str]:
+    """`moved`: transfers(recipe, model, setup), when the caller has it already."""
+    moved = moved or transfers(recipe, model, setup)
+    minutes = [a + b + c for a, b, c in zip(PROVISION_MINUTES.get(cloud, DEFAULT_PROVISION_MINUTES),
+                                            SETUP_MINUTES, TEARDOWN_MINUTES, strict=True)]
+    seconds = [m * 60.0 + extra for m, extra in zip(minutes, moved.seconds, strict=True)]
+    return seconds[0] / 3600, seconds[1] / 3600, ", ".join(["provisioning", "setup", *moved.what, "teardown"])

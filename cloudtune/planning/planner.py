@@ -1,9 +1,10 @@
 """The plan: every GPU offer that matches the recipe, whether the fine-tune fits on it, and what the
 whole run would cost there; fitting offers first, cheapest first.
 
-make_plan filters the offers (GPU, count, spot, clouds), quotes each one (`estimate_offer`: how its
-GPUs share the work, memory fit and micro-batch, work, throughput, overheads, dollars) and ranks
-them by dollars per run. Every GPU of a machine trains (torchrun), on compute.num_nodes machines.
+make_plan filters the offers (GPU, count, spot, clouds), works out each hardware once (`hardware_fit`:
+how its GPUs share the work, memory fit and micro-batch, work, throughput), quotes each offer on it
+(`estimate_offer`: overheads on its cloud, dollars at its price) and ranks them by dollars per run.
+Every GPU of a machine trains (torchrun), on compute.num_nodes machines.
 `cloudtune cost` shows the plan, `cloudtune run` picks from it and the SkyPilot backend turns the
 fitting offers into its accelerator alternatives. Every figure is a low–high range rather than a
 false point.
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..clouds import OWN_CLUSTERS
 from ..datasets import DatasetReport
 from ..errors import CloudtuneError
-from ..recipe import OWN_CLUSTERS, Recipe
+from ..recipe import Recipe
 from ..units import gib, gpus, hours_range, machines, money, money_range, percent_range, si, tokens_per_second
 from .calibration import Scaling, scaling_efficiency
 from .flops import StepConditions
@@ -34,7 +36,7 @@ from .memory import (
 )
 from .models import ModelInfo, resolve_model
 from .offers import Offer, load_offers
-from .overheads import controller_cost, overhead_hours
+from .overheads import Transfers, controller_cost, overhead_hours, transfers
 from .throughput import gpu_tokens_per_second, train_seconds
 from .work import Work, plan_work, processed_range
 
@@ -154,58 +156,110 @@ def precision_problem(recipe: Recipe, gpu: str) -> str | None:
     return None
 
 
-def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offer: Offer, spot: bool) -> Estimate:
+@dataclass(frozen=True)
+class HardwareFit:
+    """How the recipe trains on `gpu_count` GPUs of one kind with this much usable memory each: the same
+    for every offer of that hardware, whatever its cloud or price, so a plan works it out once per
+    hardware (a catalog lists the same GPU and count dozens of times)."""
+
+    world: int
+    parallelism: str
+    setup: TrainSetup
+    micro_batch_size: int
+    recomputed: int
+    memory: MemoryPeak
+    fits: bool
+    work: Work
+    scaling: Scaling
+    trained_per_s: tuple[float, float]  # trained (not padded) tokens per second over every GPU, low and high
+    train_hours: tuple[float, float]
+    needs_gib: float
+    why: str  # the training's part of Estimate.why: its speed, or why it does not fit
+    moved: Transfers
+
+
+@dataclass
+class SharedWork:
+    """What the hardware of one plan has in common, worked out once: plan_work by (micro-batch, world
+    size), the transfers by setup."""
+
+    works: dict[tuple[int, int], Work] = field(default_factory=dict)
+    moved: dict[TrainSetup, Transfers] = field(default_factory=dict)
+
+
+def hardware_fit(recipe: Recipe, report: DatasetReport, model: ModelInfo, gpu: str, gpu_count: int, usable: float,
+                 shared: SharedWork | None = None) -> HardwareFit:
+    shared = shared or SharedWork()
+
+    def work_for(mb: int, world: int) -> Work:
+        if (mb, world) not in shared.works:
+            shared.works[mb, world] = plan_work(recipe, report, mb, world)
+        return shared.works[mb, world]
+
     nodes = recipe.compute.num_nodes
-    world = offer.gpu_count * nodes
-    usable = _usable_bytes(recipe, offer)
-    base = plan_work(recipe, report, world_size=world)
+    world = gpu_count * nodes
+    base = work_for(recipe.training.micro_batch_size, world)
     alone = TrainSetup.from_recipe(recipe)
     parallelism = choose_parallelism(recipe.training.parallelism, model.shape, alone, world, usable, base.row_tokens,
                                      recipe.training.gradient_checkpointing)
     setup = sharded(alone, parallelism, world)
     mb, recomputed, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
-    work = plan_work(recipe, report, mb, world) if mb != recipe.training.micro_batch_size else base
+    work = work_for(mb, world)
     step = StepConditions(model.shape, recipe.method, recomputed / model.shape.layers, work.span, mb * work.width,
                           setup.lora_targets if recipe.uses_lora else ())
-    one_low, one_high = gpu_tokens_per_second(offer.gpu, step, setup.impl.fused_loss)
-    scaling = scaling_efficiency(parallelism, offer.gpu_count, nodes, gpu=offer.gpu, method=recipe.method)
+    one_low, one_high = gpu_tokens_per_second(gpu, step, setup.impl.fused_loss)
+    scaling = scaling_efficiency(parallelism, gpu_count, nodes, gpu=gpu, method=recipe.method)
     tps_low, tps_high = one_low * world * scaling.low, one_high * world * scaling.high
     checkpointing = checkpointing_note(recomputed, model.shape.layers)
     train_low, train_high = (seconds / 3600 for seconds in train_seconds(processed_range(work, step.passes),
                                                                               (tps_low, tps_high)))
-    over_low, over_high, over_what = overhead_hours(recipe, model, setup, offer.cloud)
-    hours_low, hours_high = train_low + over_low, train_high + over_high
-    spot = spot and offer.spot_price_per_hour is not None
-    price = (offer.spot_price_per_hour if spot else offer.price_per_hour) * nodes
     real = work.tokens / work.processed if work.processed else 1.0  # trained share of processed tokens
-    sharing = _sharing(parallelism, world, scaling)
+    trained_per_s = (tps_low * real, tps_high * real)
     if fits:
-        speed = _speed_why(recipe, offer.gpu, work, (tps_low * real, tps_high * real), mb, checkpointing) \
-            if work.tokens else "the training, not priced (the dataset's size is unknown),"
-        why = f"{speed}{sharing} + {hours_range(over_low, over_high)} {over_what}"
+        why = (_speed_why(recipe, gpu, work, trained_per_s, mb, checkpointing) if work.tokens
+               else "the training, not priced (the dataset's size is unknown),") + _sharing(parallelism, world, scaling)
         needs = required_bytes(memory) / GIB
     else:
         needs = required_bytes(memory_peak(model.shape, setup, base.row_tokens, recomputed)) / GIB
         how = f" with fsdp over {world} GPUs" if parallelism == "fsdp" and world > 1 else ""
         why = (f"needs {gib(needs)} per GPU{how} even at micro-batch 1 with checkpointing {checkpointing}; "
-               f"{gpus(offer.gpu, offer.gpu_count)} has {gib(usable / GIB)} usable per GPU")
-    refused = precision_problem(recipe, offer.gpu)
+               f"{gpus(gpu, gpu_count)} has {gib(usable / GIB)} usable per GPU")
+    refused = precision_problem(recipe, gpu)
     if refused:
         fits, why = False, refused
+    if setup not in shared.moved:
+        shared.moved[setup] = transfers(recipe, model, setup)
+    return HardwareFit(world=world, parallelism=parallelism, setup=setup, micro_batch_size=mb, recomputed=recomputed,
+                       memory=memory, fits=fits, work=work, scaling=scaling, trained_per_s=trained_per_s,
+                       train_hours=(train_low, train_high), needs_gib=needs, why=why,
+                       moved=shared.moved[setup])
+
+
+def estimate_offer(recipe: Recipe, report: DatasetReport, model: ModelInfo, offer: Offer, spot: bool,
+                   fit: HardwareFit | None = None) -> Estimate:
+    """`fit`: hardware_fit for this offer's GPU, count and usable memory, when the caller has it already."""
+    nodes = recipe.compute.num_nodes
+    fit = fit or hardware_fit(recipe, report, model, offer.gpu, offer.gpu_count, _usable_bytes(recipe, offer))
+    over_low, over_high, over_what = overhead_hours(recipe, model, fit.setup, offer.cloud, fit.moved)
+    hours_low, hours_high = fit.train_hours[0] + over_low, fit.train_hours[1] + over_high
+    spot = spot and offer.spot_price_per_hour is not None
+    price = (offer.spot_price_per_hour if spot else offer.price_per_hour) * nodes
+    why = fit.why if not fit.fits else f"{fit.why} + {hours_range(over_low, over_high)} {over_what}"
     cost_low, cost_high = hours_low * price, hours_high * price
     if spot:
         extra = controller_cost(hours_low, hours_high)
         cost_low, cost_high = cost_low + extra[0], cost_high + extra[1]
         why += f" + {money_range(*extra)} for SkyPilot's jobs controller VM"
-    return Estimate(offer=offer, spot=spot, fits=fits,
-                    peak_gib=round(memory.gib, 2), micro_batch_size=mb, gradient_checkpointing=recomputed > 0,
-                    checkpointed_layers=recomputed, needs_gib=round(needs, 2),
-                    tokens=work.tokens, tokens_per_s_low=round(tps_low * real, 1),
-                    tokens_per_s_high=round(tps_high * real, 1), hours_low=round(hours_low, 3),
+    return Estimate(offer=offer, spot=spot, fits=fit.fits,
+                    peak_gib=round(fit.memory.gib, 2), micro_batch_size=fit.micro_batch_size,
+                    gradient_checkpointing=fit.recomputed > 0,
+                    checkpointed_layers=fit.recomputed, needs_gib=round(fit.needs_gib, 2),
+                    tokens=fit.work.tokens, tokens_per_s_low=round(fit.trained_per_s[0], 1),
+                    tokens_per_s_high=round(fit.trained_per_s[1], 1), hours_low=round(hours_low, 3),
                     hours_high=round(hours_high, 3), cost_low=round(cost_low, 2),
-                    cost_high=round(cost_high, 2), why=why, nodes=nodes, parallelism=parallelism,
-                    scaling_low=round(scaling.low, 3), scaling_high=round(scaling.high, 3),
-                    scaling_measured=scaling.measured)
+                    cost_high=round(cost_high, 2), why=why, nodes=nodes, parallelism=fit.parallelism,
+                    scaling_low=round(fit.scaling.low, 3), scaling_high=round(fit.scaling.high, 3),
+                    scaling_measured=fit.scaling.measured)
 
 
 def _sharing(parallelism: str, world: int, scaling: Scaling) -> str:
@@ -252,7 +306,14 @@ def make_plan(recipe: Recipe, report: DatasetReport, *, gpu: str | None = None, 
                      "priced as forward passes (no gradients)")
     if not model.exact:
         notes.append(f"model shape {model.source}")
-    estimates = [estimate_offer(recipe, report, model, offer, spot) for offer in candidates]
+    shared = SharedWork()
+    fits: dict[tuple[str, int, float], HardwareFit] = {}
+    estimates = []
+    for offer in candidates:
+        key = (offer.gpu, offer.gpu_count, _usable_bytes(recipe, offer))
+        if key not in fits:
+            fits[key] = hardware_fit(recipe, report, model, *key, shared)
+        estimates.append(estimate_offer(recipe, report, model, offer, spot, fits[key]))
     # at equal cost (a cluster of one's own costs $0 on every GPU), the faster run first
     estimates.sort(key=lambda e: (not e.fits, e.cost_high, e.cost_low, e.hours_high, e.offer.cloud,
                                   e.offer.instance_type))

@@ -19,7 +19,7 @@ import torch
 from ..datasets import split_eval
 from ..errors import CloudtuneError
 from ..planning.memory import GIB, ModelShape, TrainSetup, checkpointing_note, layers_to_checkpoint
-from ..recipe import Recipe
+from ..recipe import QUANTISED_METHODS, Recipe, quantising_needs_a_gpu
 from ..remote.budget import Budget, read_budget
 from . import Stopped, attention, checkpoint, distributed, export, quiet, say, tracking
 from . import model as model_lib
@@ -29,9 +29,8 @@ from .evaluation import make_evaluation
 
 def preflight(recipe: Recipe, device: torch.device) -> None:
     """Problems that would otherwise surface after the data or the model is loaded, or after training."""
-    if recipe.method in ("qlora", "8bit") and device.type != "cuda":  # fp8 has a (slow) CPU path
-        raise CloudtuneError(f"method '{recipe.method}' quantises with bitsandbytes, which needs an NVIDIA GPU.",
-                             "Run it on a GPU backend, or use method lora/full on this machine.")
+    if recipe.method in QUANTISED_METHODS and device.type != "cuda":
+        raise quantising_needs_a_gpu(recipe.method)
     model_lib.choose_precision(recipe, device)  # a GPU without the precision asked for fails before loading
     if recipe.outputs.push_to_hub and not os.environ.get("HF_TOKEN"):
         raise CloudtuneError(f"outputs.push_to_hub '{recipe.outputs.push_to_hub}' needs HF_TOKEN in the environment.",
