@@ -19,7 +19,7 @@ from rich.markup import escape
 from . import units
 from .backends import registry
 from .errors import CloudtuneError, handle
-from .recipe import GGUF_KINDS
+from .gguf_kinds import GGUF_KINDS
 from .secrets import redact
 
 # no emoji codes: a message quoting `--gpu A10:x` must not print a red cross

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from . import safe_yaml, secrets
 from .clouds import OWN_CLUSTERS
 from .errors import CloudtuneError, printable
+from .gguf_kinds import GGUF_ADAPTER, GGUF_KINDS
 from .inputs import model_config_problem, open_regular, path_problem, regular_file_problem, writable_dir_problem
 
 # torch 2.8 built for CUDA 12.8: the first builds with Blackwell kernels (B200, RTX 5090, RTX PRO 6000
@@ -32,9 +33,6 @@ DEFAULT_IMAGE = "pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime"
 METHODS = ("lora", "qlora", "8bit", "fp8", "full")
 QUANTISED_METHODS = ("qlora", "8bit")  # bitsandbytes quantises them, on NVIDIA GPUs only (fp8 has a CPU path)
 FORMATS = ("auto", "completion", "alpaca", "chat", "llama2-inst")
-# outputs.gguf: the merged model in f16 or q8_0, or the LoRA adapter alone (llama.cpp's --lora file)
-GGUF_KINDS = ("f16", "q8_0", "lora")
-GGUF_ADAPTER = "lora"
 # The Llama layout's linear layers, which a GGUF LoRA adapter can attach to (lm_head is its output tensor).
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import CloudtuneError
-from ..recipe import GGUF_ADAPTER
+from ..gguf_kinds import GGUF_ADAPTER
 from . import say
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
