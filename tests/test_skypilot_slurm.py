@@ -7,9 +7,10 @@ own SkyPilot API server and port, never the real ~/.sky). The node has no GPU; i
 to the CPU. Only one SkyPilot cluster lives on the node at a time (a second stops the first's skylet),
 so the tests run one after another and each ends with its cluster gone.
 
-The tests that launch (marked `slurm`) run with `make test-slurm`, not in `make test`: on this 2-core
-machine a first launch with its setup takes minutes, and they have not yet passed often enough to gate
-every change. The others (planning and task shape for Slurm) run in `make test`.
+`make test` runs one launch, the end-to-end run (its log stream dropped under it, a forwarded secret):
+about 3 minutes on 2 idle cores with the cluster's start. The killed-CLI and Ctrl-C launches, minutes
+each more, are marked `slurm` and run with `make test-slurm`, which runs the whole file. The tests
+that need no cluster (planning and task shape for Slurm) run in `make test` too.
 """
 from __future__ import annotations
 
@@ -217,7 +218,6 @@ def slurm_run(slurm_sky, tmp_path_factory, shared_home) -> SlurmRun:
         yield SlurmRun(folder, ct_home, cli.returncode, log.read_text(), log.with_suffix(".out").read_text(), watcher)
 
 
-@pytest.mark.slurm
 def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_run):
     """Provision, upload, setup (the wheel beside the cluster's Python), training with the log streamed
     live and reattached after SkyPilot's API server was stopped under it, pull with checksums, outputs
@@ -241,7 +241,6 @@ def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_ru
     allocation_released(slurm_sky)
 
 
-@pytest.mark.slurm
 def test_a_forwarded_secret_reaches_the_training_and_is_stored_nowhere(slurm_sky, slurm_run):
     """The secret reaches the training process, and is in no `ps` line, no output, and no file of
     CLOUDTUNE_HOME, the SkyPilot client's HOME (state database, request logs, generated task files) or
