@@ -477,6 +477,9 @@ def _short_and_local(raw: bytes) -> bytes | None:
     training = recipe.setdefault("training", {})
     training.pop("epochs", None)
     training["max_steps"] = 2
+    # A step of 65,536 micro-batches is a long training the plan prices honestly, not a hang: kept short.
+    if isinstance(training.get("gradient_accumulation"), int) and training["gradient_accumulation"] > 4:
+        training["gradient_accumulation"] = 4
     if isinstance(training.get("max_seq_len"), int) and training["max_seq_len"] > 256:
         training["max_seq_len"] = 256
     return yaml.safe_dump(recipe, allow_unicode=True).encode()
