@@ -204,3 +204,23 @@ def test_sky_cancel_stops_the_trainer(tmp_path, sky_wrapper, how):
     if how == "sigterm":
         assert job.returncode == 143, output  # the trainer's own status, after SkyPilot's upload wait
         assert "cached mount upload complete" in output
+
+
+def test_a_training_whose_launcher_is_gone_and_whose_step_does_not_end_is_killed_after_the_grace(tmp_path):
+    """A step of thousands of micro-batches does not see the watchdog's SIGTERM for minutes: after the
+    grace (here 1 s) the watchdog kills the training, so nothing runs on unwatched."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stuck = ("import signal, sys, time\n"
+             f"sys.path.insert(0, {str(REPO)!r})\n"
+             "from cloudtune.remote.watchdog import watch_launcher\n"
+             "signal.signal(signal.SIGTERM, lambda *_: print('SIGTERM: stopping at the end of the step', flush=True))\n"
+             "watch_launcher()\n"
+             "time.sleep(60)\n")
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=50,
+                          env={**os.environ, "CLOUDTUNE_LAUNCHER_PID": gone.stdout.strip(),
+                               "CLOUDTUNE_STOP_GRACE_S": "1"})
+    assert done.returncode == -signal.SIGKILL, done.stdout + done.stderr
+    assert "is gone; stopping with a checkpoint" in done.stdout and "SIGTERM: stopping" in done.stdout
+    assert "did not reach the end of its step within 1 s; killed" in done.stdout
+    assert time.time() - started < 30

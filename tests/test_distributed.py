@@ -214,6 +214,7 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error_and_the_machine_is_torn_d
     assert cli.returncode == 1, output
     assert time.time() - t0 < 60, "the run outlived a dead rank"
     assert "local rank(s) 1 ended without an exit status" in output
+    assert "Traceback" not in output and "torch/distributed" not in output, output  # torchrun's, in torchrun.log
     assert "lost contact with the other ranks" in output  # rank 0's own account, in the log's tail
     assert Ledger().get_run(run_id)["status"] == "failed"
     assert Ledger().machine_for_run(run_id)["status"] == "terminated"

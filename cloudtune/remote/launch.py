@@ -17,11 +17,13 @@ Standard library only, like everything in cloudtune.remote.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,12 @@ MASTER_PORT = 29500  # torchrun's own default, for machines that reach each othe
 # enough for a stopped step to end and its checkpoint to be written; it also bounds how long a rank
 # stuck in a collective with a dead peer lingers.
 SHUTDOWN_SECONDS = 120
+# torchrun's own messages (its glog-style lines, the OMP_NUM_THREADS banner, and the traceback it raises
+# when a rank failed) go here, beside out/, instead of into the training log the user reads: this
+# launcher says which rank failed and how, and each rank says why.
+TORCHRUN_LOG = "torchrun.log"
+TORCHRUN_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ")
+OMP_BANNER = ("*****", "Setting OMP_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -114,16 +122,35 @@ def main(argv: list[str]) -> int:
 def run_ranks(command: list[str], layout: Layout) -> int:
     """Run torchrun, pass the stop signals on to it, and return what the training's local rank 0 returned."""
     status_dir = Path(tempfile.mkdtemp(prefix="cloudtune-ranks-"))
-    process = subprocess.Popen(command, env={**os.environ, RANK_STATUS_ENV: str(status_dir)})
+    process = subprocess.Popen(command, env={**os.environ, RANK_STATUS_ENV: str(status_dir)}, stderr=subprocess.PIPE,
+                               text=True, errors="replace", bufsize=1)
+    pump = threading.Thread(target=_sort_torchrun_stderr, args=(process.stderr, Path(TORCHRUN_LOG)), daemon=True)
+    pump.start()
     # A signal sent to the whole process group reaches torchrun too; a second SIGTERM while it shuts the
     # ranks down only makes it send theirs again, which they ignore, so passing it on is always safe.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda _signum, _frame: process.send_signal(signal.SIGTERM))
     try:
         code = process.wait()
+        pump.join(timeout=10)
         return code if code == 0 else _training_status(status_dir, layout.nproc_per_node)
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)
+
+
+def _sort_torchrun_stderr(stream, kept: Path) -> None:
+    """The ranks' stderr (torchrun's children share it) on to ours; torchrun's own lines to `kept`. From
+    the traceback torchrun raises on a failed rank to its exit, everything is torchrun's."""
+    with kept.open("a", encoding="utf-8") as log:
+        in_traceback = False
+        for line in stream:
+            in_traceback = in_traceback or line.startswith("Traceback (most recent call last):")
+            if in_traceback or TORCHRUN_LINE.match(line) or line.startswith(OMP_BANNER):
+                log.write(line)
+                log.flush()
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
 
 
 def _training_status(status_dir: Path, nproc: int) -> int:

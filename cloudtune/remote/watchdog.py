@@ -16,6 +16,11 @@ from pathlib import Path
 
 LAUNCHER_ENV = "CLOUDTUNE_LAUNCHER_PID"
 POLL_SECONDS = 1.0
+# After the launcher is gone, how long the training may take to reach the end of its step and write
+# its checkpoint before it is killed: a step of thousands of micro-batches would otherwise run on,
+# unwatched, for as long as it takes (the checkpoint of the step before stays).
+STOP_GRACE_ENV = "CLOUDTUNE_STOP_GRACE_S"
+STOP_GRACE_SECONDS = 120.0
 
 
 def process_alive(pid: int) -> bool:
@@ -65,3 +70,8 @@ def _stop_when_gone(pid: int) -> None:
     print(f"cloudtune: the process that started this training ({pid}) is gone; stopping with a checkpoint",
           flush=True)
     os.kill(os.getpid(), signal.SIGTERM)
+    grace = float(os.environ.get(STOP_GRACE_ENV, STOP_GRACE_SECONDS))
+    time.sleep(grace)  # a training that stops in time exits, and this thread with it
+    print(f"cloudtune: the training did not reach the end of its step within {grace:.0f} s; killed (the last "
+          "checkpoint written before stays)", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
