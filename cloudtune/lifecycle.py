@@ -234,9 +234,11 @@ class Launch:
         self.machine_status = "requested"
 
     def transition(self, status: str, **fields: Any) -> None:
-        """The one place a run's status changes: the ledger gets it with the machine's state so far."""
-        self.ledger.update_run(self.run_id, status=status, **fields)
+        """The one place a run's status changes: the ledger gets it with the machine's state so far. The
+        machine's state is written first, so whoever sees the new status (`logs`, `down`, a killed CLI's
+        sweep) also sees what it needs to reach the job, e.g. SkyPilot's job id once "running"."""
         self.save_machine()
+        self.ledger.update_run(self.run_id, status=status, **fields)
 
     def save_machine(self, status: str | None = None) -> None:
         self.machine_status = status or self.machine_status

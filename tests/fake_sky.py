@@ -182,9 +182,14 @@ class FakeCloud:
         return "SUCCEEDED" if code == 0 else "FAILED"
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
+        if job_id is None:  # as SkyPilot does: the cluster's latest job
+            job_id = len(self._state(cluster)["jobs"])
         log = self.home(cluster) / f".job-{job_id}.log"
         count = 0
+        deadline = time.time() + 60  # the job's shell creates its log at once; a test must fail, not hang
         while not log.exists():
+            if time.time() > deadline:
+                raise ConnectionError(f"{cluster} has no log for job {job_id}")
             time.sleep(POLL_SECONDS)
         with log.open() as handle:
             while True:
