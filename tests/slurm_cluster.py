@@ -124,6 +124,11 @@ class SlurmCluster:
             "# the package index is reached through a TLS proxy whose CA is only in the system bundle\n"
             f"export SSL_CERT_FILE={CA_BUNDLE} REQUESTS_CA_BUNDLE={CA_BUNDLE} PIP_CERT={CA_BUNDLE}\n")
         shutil.chown(self.node_home / ".profile", NODE_USER, NODE_USER)
+        # As Debian's and Ubuntu's default (/etc/skel), so every machine runs the tests against the same one:
+        # a shell that is not interactive returns before the line SkyPilot appends, the one that moves HOME
+        # into the cluster's folder; a command over SSH (rsync's) starts in the login home.
+        (self.node_home / ".bashrc").write_text("case $- in\n    *i*) ;;\n      *) return;;\nesac\n")
+        shutil.chown(self.node_home / ".bashrc", NODE_USER, NODE_USER)
 
     def _munge(self) -> None:
         folder = self.scratch / "munge"

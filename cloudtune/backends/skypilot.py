@@ -96,6 +96,11 @@ CANCEL_WAIT_SECONDS = 120
 # A log stream that drops while the job runs is reopened, with backoff, until this long without a line.
 REATTACH_SECONDS = 15 * 60
 REATTACH_MAX_DELAY = 30.0
+# On Slurm a cluster's files live in ~/.sky_clusters/NAME, and SkyPilot moves HOME and the working folder
+# there from a line it appends to ~/.bashrc; the default .bashrc of Debian and Ubuntu returns first for a
+# shell that is not interactive, such as the one rsync's server starts in. So rsync's server reads that
+# file itself; elsewhere it does not exist and changes nothing.
+RSYNC_PATH = "[ -f ~/.sky_ssh_rc ] && . ~/.sky_ssh_rc; rsync"
 RSYNC_SOURCE_MISSING = 23  # rsync's "partial transfer": here, no checkpoints folder on the machine
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 JOB_LINE_PREFIX = re.compile(r"(?m)^\([^()\s]+, pid=\d+\) ")
@@ -490,7 +495,7 @@ class SkyClient:
         config = work_dir / "ssh_config"
         home = os.path.expanduser("~")
         config.write_text(re.sub(r"(?m)^(\s*\w+\s+)~/", lambda m: f"{m.group(1)}{home}/", entry.read_text()))
-        return ["-e", f"ssh -F {shlex.quote(str(config))}"]
+        return ["-e", f"ssh -F {shlex.quote(str(config))}", "--rsync-path", RSYNC_PATH]
 
     # managed jobs, for spot ----------------------------------------------------------------------
 
