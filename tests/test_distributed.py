@@ -22,6 +22,7 @@ from cloudtune.remote.launch import GPU_COUNT_ENV, Layout, layout_from_env, trai
 from cloudtune.train.distributed import PREFLIGHT_TIMEOUT_S
 from cloudtune.train.loop import train
 from cloudtune.train.model import tiny_llama_dir
+from cloudtune.train.verify import main as verify_main
 from cloudtune.train.verify import max_logit_difference
 
 from .conftest import demo_recipe_text, free_port, process_group_alive, write_recipe
@@ -61,21 +62,22 @@ def test_the_layout_comes_from_skypilot_the_recipe_or_the_machine():
 # real runs
 
 
-def recipes(folder: Path, **training) -> tuple[Path, Path]:
-    """The same global batch of 2 micro-batches per step: one process accumulating 2, or 2 ranks with 1 each."""
+def recipes(folder: Path, ranks: int = 2, **training) -> tuple[Path, Path]:
+    """The same global batch of `ranks` micro-batches per step: one process accumulating them, or `ranks` ranks
+    with 1 each."""
     common = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0},
                   outputs={"samples": ["What is 3 plus 4?"], "sample_max_new_tokens": 4},
                   training={"max_steps": STEPS, "micro_batch_size": 2, "max_seq_len": 160, **training})
     one = make_recipe(folder / "one", ALPACA, **{**common, "training": {**common["training"],
-                                                                        "gradient_accumulation": 2}})
-    two = make_recipe(folder / "two", ALPACA, **{**common, "training": {**common["training"],
-                                                                        "gradient_accumulation": 1}})
-    return one, two
+                                                                        "gradient_accumulation": ranks}})
+    many = make_recipe(folder / "many", ALPACA, **{**common, "training": {**common["training"],
+                                                                          "gradient_accumulation": 1}})
+    return one, many
 
 
-def launch(recipe: Path, out: Path, *extra: str, **env: str) -> subprocess.Popen:
+def launch(recipe: Path, out: Path, *extra: str, ranks: int = 2, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cloudtune.remote.launch", str(recipe), "--out", str(out), *extra],
-                            env={**os.environ, "PYTHONPATH": str(REPO), GPU_COUNT_ENV: "2", **env},
+                            env={**os.environ, "PYTHONPATH": str(REPO), GPU_COUNT_ENV: str(ranks), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -113,12 +115,12 @@ def read_until(process: subprocess.Popen, prefix: str) -> list[str]:
     raise AssertionError(f"never printed {prefix!r}:\n{''.join(seen)}")
 
 
-def assert_same_steps(out: Path, reference: Path) -> None:
+def assert_same_steps(out: Path, reference: Path, steps: int = STEPS) -> None:
     mine, theirs = metrics(out), metrics(reference)
-    assert [row["step"] for row in mine] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in mine] == list(range(1, steps + 1))
     for key in ("step_tokens", "trained_tokens", "tokens"):
         assert [row[key] for row in mine] == [row[key] for row in theirs], key
-    # two processes sum their shares of each step's loss in another order than one process does
+    # several processes sum their shares of each step's loss in another order than one process does
     assert [row["loss"] for row in mine] == pytest.approx([row["loss"] for row in theirs], rel=1e-4)
 
 
@@ -133,16 +135,29 @@ def assert_same_weights(out: Path, reference: Path) -> None:
     assert mine["base"] == theirs["base"]  # the same base model, generated before any step
 
 
-@pytest.fixture(scope="module")
-def reference(shared_home, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """One process with the global batch of the 2-rank recipe, in this process (torch is loaded already)."""
+def reference_run(shared_home: Path, tmp_path_factory, ranks: int, **training) -> tuple[Path, Path, Path]:
+    """(the one-process recipe, the recipe for `ranks` ranks, the output of the one-process recipe), trained in
+    this process (torch is loaded already)."""
     from .conftest import module_home
 
     with module_home(shared_home, tmp_path_factory):
-        folder = tmp_path_factory.mktemp("dist")
-        one, two = recipes(folder, checkpoint_steps=2)
+        folder = tmp_path_factory.mktemp(f"dist-{ranks}")
+        one, many = recipes(folder, ranks, **training)
         train(load_recipe(one), folder / "reference")
-    return one, two, folder / "reference"
+    return one, many, folder / "reference"
+
+
+@pytest.fixture(scope="module")
+def reference(shared_home, tmp_path_factory) -> tuple[Path, Path, Path]:
+    return reference_run(shared_home, tmp_path_factory, 2, checkpoint_steps=2)
+
+
+THREE_STEPS = 4  # 3 ranks on a 2-core machine: a few steps of one row per rank show the split; each costs
+
+
+@pytest.fixture(scope="module")
+def reference_of_three(shared_home, tmp_path_factory) -> tuple[Path, Path, Path]:
+    return reference_run(shared_home, tmp_path_factory, 3, max_steps=THREE_STEPS, micro_batch_size=1)
 
 
 def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_what_one_process_does(
@@ -172,6 +187,23 @@ def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_
     run = json.loads((out / "run.json").read_text())
     assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, "ddp")
     assert run["tokens_per_s"] == pytest.approx(2 * run["tokens_per_s_per_gpu"], rel=0.01)
+
+
+def test_three_ddp_ranks_train_what_one_process_does_and_the_adapter_verifies(tmp_path, reference_of_three, capsys):
+    """An odd world size: a step's micro-batches split 3 ways, and every rank's share counts once."""
+    _one, three, expected = reference_of_three
+    out = tmp_path / "out"
+    done = launch(three, out, ranks=3)
+    log = done.communicate(timeout=180)[0]
+    assert done.returncode == 0, log
+    assert "ddp over 3 ranks" in log
+    assert_same_steps(out, expected, THREE_STEPS)
+    assert_same_weights(out, expected)
+    # `python -m cloudtune.train.verify`'s main, in this process: another start of torch would cost ~10 s here
+    assert verify_main([str(out)]) == 0
+    assert "matches the end of training" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert (run["world_size"], run["parallelism"]) == (3, "ddp")
 
 
 def test_fsdp_shards_the_model_and_trains_what_one_process_does(tmp_path, reference):
