@@ -160,9 +160,14 @@ def reference_of_three(shared_home, tmp_path_factory) -> tuple[Path, Path, Path]
     return reference_run(shared_home, tmp_path_factory, 3, max_steps=THREE_STEPS, micro_batch_size=1)
 
 
-def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_what_one_process_does(
-        tmp_path, reference):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_trains_what_one_process_does(
+        tmp_path, reference, parallelism):
+    """DDP is what auto picks on the CPU; FSDP shards the model, and its checkpoint gathers every rank's shards.
+    A run stopped and resumed ends where one uninterrupted process does, so this covers the plain run too."""
     _one, two, expected = reference
+    if parallelism == "fsdp":
+        two = recipes(tmp_path / "fsdp", parallelism="fsdp", checkpoint_steps=2)[1]
     out = tmp_path / "out"
     started = launch(two, out)
     seen = read_until(started, "training: ")
@@ -172,7 +177,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_
     rest = started.communicate(timeout=120)[0]
     log = "".join(seen) + rest
     assert started.returncode == 143, log
-    assert "ddp over 2 ranks" in log
+    assert f"{parallelism} over 2 ranks" in log
     step = int(log.split("stopped by SIGTERM after step ")[1].split(";")[0])
     assert step < STEPS and (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file()
     assert not (out / "run.json").exists() and ranks_alive(out) == []
@@ -185,7 +190,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_
     assert_same_steps(out, expected)
     assert_same_weights(out, expected)
     run = json.loads((out / "run.json").read_text())
-    assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, "ddp")
+    assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, parallelism)
     assert run["tokens_per_s"] == pytest.approx(2 * run["tokens_per_s_per_gpu"], rel=0.01)
 
 
@@ -204,19 +209,6 @@ def test_three_ddp_ranks_train_what_one_process_does_and_the_adapter_verifies(tm
     assert "matches the end of training" in capsys.readouterr().out
     run = json.loads((out / "run.json").read_text())
     assert (run["world_size"], run["parallelism"]) == (3, "ddp")
-
-
-def test_fsdp_shards_the_model_and_trains_what_one_process_does(tmp_path, reference):
-    _one, _two, expected = reference
-    _one_fsdp, two_fsdp = recipes(tmp_path / "fsdp", parallelism="fsdp")  # one process: no parallelism to pick
-    out = tmp_path / "out"
-    done = launch(two_fsdp, out)
-    log = done.communicate(timeout=180)[0]
-    assert done.returncode == 0, log
-    assert "fsdp over 2 ranks" in log
-    assert_same_steps(out, expected)
-    assert_same_weights(out, expected)
-    assert json.loads((out / "run.json").read_text())["parallelism"] == "fsdp"
 
 
 def start_local_run(tmp_path: Path) -> tuple[subprocess.Popen, str, int, list[str]]:
