@@ -194,14 +194,39 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_trains_what
     assert run["tokens_per_s"] == pytest.approx(2 * run["tokens_per_s_per_gpu"], rel=0.01)
 
 
+# A sitecustomize for the ranks: an audit hook notes, in a file per rank, each time that rank opens one file.
+# It changes nothing the training does; it only shows who read what.
+OPENS_HOOK = """
+import os, sys
+if "RANK" in os.environ:  # a rank torchrun started, not the launcher or torchrun itself
+    def _note(event, args, watched=os.environ["CT_TEST_WATCHED"],
+              log=os.path.join(os.environ["CT_TEST_OPENS"], "rank-" + os.environ["RANK"])):
+        if event == "open" and isinstance(args[0], (str, os.PathLike)) and os.path.abspath(args[0]) == watched:
+            with open(log, "a") as notes:
+                notes.write("opened\\n")
+    sys.addaudithook(_note)
+"""
+
+
+def watching_opens(path: Path, folder: Path) -> dict[str, str]:
+    """The environment of a launch whose ranks note in folder/rank-N whenever they open `path`."""
+    (folder / "hook").mkdir(parents=True)
+    (folder / "hook" / "sitecustomize.py").write_text(OPENS_HOOK)
+    (folder / "opens").mkdir()
+    return {"PYTHONPATH": f"{folder / 'hook'}{os.pathsep}{REPO}", "CT_TEST_WATCHED": str(path.resolve()),
+            "CT_TEST_OPENS": str(folder / "opens")}
+
+
 def test_three_ddp_ranks_train_what_one_process_does_and_the_adapter_verifies(tmp_path, reference_of_three, capsys):
-    """An odd world size: a step's micro-batches split 3 ways, and every rank's share counts once."""
+    """An odd world size: a step's micro-batches split 3 ways, and every rank's share counts once. Rank 0 alone
+    reads and tokenizes the dataset; the others train on what it sends them."""
     _one, three, expected = reference_of_three
     out = tmp_path / "out"
-    done = launch(three, out, ranks=3)
+    done = launch(three, out, ranks=3, **watching_opens(three.parent / "data.jsonl", tmp_path))
     log = done.communicate(timeout=180)[0]
     assert done.returncode == 0, log
     assert "ddp over 3 ranks" in log
+    assert sorted(os.listdir(tmp_path / "opens")) == ["rank-0"]
     assert_same_steps(out, expected, THREE_STEPS)
     assert_same_weights(out, expected)
     # `python -m cloudtune.train.verify`'s main, in this process: another start of torch would cost ~10 s here
@@ -209,6 +234,17 @@ def test_three_ddp_ranks_train_what_one_process_does_and_the_adapter_verifies(tm
     assert "matches the end of training" in capsys.readouterr().out
     run = json.loads((out / "run.json").read_text())
     assert (run["world_size"], run["parallelism"]) == (3, "ddp")
+
+
+def test_a_dataset_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone reads the data; the others must not wait for data that never comes."""
+    recipe = make_recipe(tmp_path, ALPACA, dataset={"completions_only": True}, training={"max_seq_len": 16})
+    done = launch(recipe, tmp_path / "out")
+    log = done.communicate(timeout=120)[0]
+    assert done.returncode == 2, log
+    assert "error: no training row has an answer token within max_seq_len=16" in log
+    assert "error: rank 1: no training row has an answer token" in log
+    assert "ended without an exit status" not in log and "Traceback" not in log, log
 
 
 def start_local_run(tmp_path: Path) -> tuple[subprocess.Popen, str, int, list[str]]:
