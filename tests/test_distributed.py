@@ -30,6 +30,7 @@ from .test_train import ALPACA, make_recipe, metrics, weights
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 10
+EVAL_ROWS = 5  # unpacked, 3 eval micro-batches of 2 rows: 2 ranks get unequal shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,9 +66,10 @@ def test_the_layout_comes_from_skypilot_the_recipe_or_the_machine():
 def recipes(folder: Path, ranks: int = 2, **training) -> tuple[Path, Path]:
     """The same global batch of `ranks` micro-batches per step: one process accumulating them, or `ranks` ranks
     with 1 each."""
-    common = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0},
+    common = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0}, dataset={"eval": EVAL_ROWS},
                   outputs={"samples": ["What is 3 plus 4?"], "sample_max_new_tokens": 4},
-                  training={"max_steps": STEPS, "micro_batch_size": 2, "max_seq_len": 160, **training})
+                  training={"max_steps": STEPS, "micro_batch_size": 2, "max_seq_len": 160, "eval_steps": 5,
+                            **training})
     one = make_recipe(folder / "one", ALPACA, **{**common, "training": {**common["training"],
                                                                         "gradient_accumulation": ranks}})
     many = make_recipe(folder / "many", ALPACA, **{**common, "training": {**common["training"],
@@ -122,6 +124,16 @@ def assert_same_steps(out: Path, reference: Path, steps: int = STEPS) -> None:
         assert [row[key] for row in mine] == [row[key] for row in theirs], key
     # several processes sum their shares of each step's loss in another order than one process does
     assert [row["loss"] for row in mine] == pytest.approx([row["loss"] for row in theirs], rel=1e-4)
+    evals = [[row["eval_loss"] for row in rows if "eval_loss" in row] for rows in (mine, theirs)]
+    assert evals[1] and evals[0] == pytest.approx(evals[1], rel=1e-4)
+
+
+def assert_eval_shared(out: Path, reference: Path, ranks: int) -> None:
+    """Each rank evaluated its own share of the eval micro-batches (equal losses alone would not show it:
+    every rank evaluating all of them gets the same loss)."""
+    alone = json.loads((reference / "run.json").read_text())["eval"]["micro_batches_per_rank"]
+    shares = json.loads((out / "run.json").read_text())["eval"]["micro_batches_per_rank"]
+    assert shares == [len(range(rank, alone[0], ranks)) for rank in range(ranks)] and len(alone) == 1, (shares, alone)
 
 
 def assert_same_weights(out: Path, reference: Path) -> None:
@@ -192,6 +204,7 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_trains_what
     run = json.loads((out / "run.json").read_text())
     assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, parallelism)
     assert run["tokens_per_s"] == pytest.approx(2 * run["tokens_per_s_per_gpu"], rel=0.01)
+    assert_eval_shared(out, expected, 2)
 
 
 # A sitecustomize for the ranks: an audit hook notes, in a file per rank, each time that rank opens one file.
@@ -234,6 +247,7 @@ def test_three_ddp_ranks_train_what_one_process_does_and_the_adapter_verifies(tm
     assert "matches the end of training" in capsys.readouterr().out
     run = json.loads((out / "run.json").read_text())
     assert (run["world_size"], run["parallelism"]) == (3, "ddp")
+    assert_eval_shared(out, expected, 3)
 
 
 def test_a_dataset_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):

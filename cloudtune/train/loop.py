@@ -155,7 +155,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                       tokenizer.pad_token_id, document_offsets=per_document)
     steps = total_steps(recipe, len(batcher))
     evaluation = make_evaluation(recipe, eval_encoded, steps, precision, device, fused, tokenizer.pad_token_id,
-                                 per_document)
+                                 per_document, world)
     optimizer = make_optimizer(recipe, trainable, device)
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=int(spec.warmup_ratio * steps),
                               num_training_steps=steps)
