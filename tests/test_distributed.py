@@ -22,6 +22,7 @@ from cloudtune.remote.launch import GPU_COUNT_ENV, Layout, layout_from_env, trai
 from cloudtune.train.distributed import PREFLIGHT_TIMEOUT_S
 from cloudtune.train.loop import train
 from cloudtune.train.model import tiny_llama_dir
+from cloudtune.train.verify import main as verify_main
 from cloudtune.train.verify import max_logit_difference
 
 from .conftest import demo_recipe_text, free_port, process_group_alive, write_recipe
@@ -29,6 +30,7 @@ from .test_train import ALPACA, make_recipe, metrics, weights
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 10
+EVAL_ROWS = 5  # unpacked, 3 eval micro-batches of 2 rows: 2 ranks get unequal shares
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,21 +63,23 @@ def test_the_layout_comes_from_skypilot_the_recipe_or_the_machine():
 # real runs
 
 
-def recipes(folder: Path, **training) -> tuple[Path, Path]:
-    """The same global batch of 2 micro-batches per step: one process accumulating 2, or 2 ranks with 1 each."""
-    common = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0},
+def recipes(folder: Path, ranks: int = 2, **training) -> tuple[Path, Path]:
+    """The same global batch of `ranks` micro-batches per step: one process accumulating them, or `ranks` ranks
+    with 1 each."""
+    common = dict(lora={"r": 8, "alpha": 16, "dropout": 0.0}, dataset={"eval": EVAL_ROWS},
                   outputs={"samples": ["What is 3 plus 4?"], "sample_max_new_tokens": 4},
-                  training={"max_steps": STEPS, "micro_batch_size": 2, "max_seq_len": 160, **training})
+                  training={"max_steps": STEPS, "micro_batch_size": 2, "max_seq_len": 160, "eval_steps": 5,
+                            **training})
     one = make_recipe(folder / "one", ALPACA, **{**common, "training": {**common["training"],
-                                                                        "gradient_accumulation": 2}})
-    two = make_recipe(folder / "two", ALPACA, **{**common, "training": {**common["training"],
-                                                                        "gradient_accumulation": 1}})
-    return one, two
+                                                                        "gradient_accumulation": ranks}})
+    many = make_recipe(folder / "many", ALPACA, **{**common, "training": {**common["training"],
+                                                                          "gradient_accumulation": 1}})
+    return one, many
 
 
-def launch(recipe: Path, out: Path, *extra: str, **env: str) -> subprocess.Popen:
+def launch(recipe: Path, out: Path, *extra: str, ranks: int = 2, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cloudtune.remote.launch", str(recipe), "--out", str(out), *extra],
-                            env={**os.environ, "PYTHONPATH": str(REPO), GPU_COUNT_ENV: "2", **env},
+                            env={**os.environ, "PYTHONPATH": str(REPO), GPU_COUNT_ENV: str(ranks), **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -113,13 +117,23 @@ def read_until(process: subprocess.Popen, prefix: str) -> list[str]:
     raise AssertionError(f"never printed {prefix!r}:\n{''.join(seen)}")
 
 
-def assert_same_steps(out: Path, reference: Path) -> None:
+def assert_same_steps(out: Path, reference: Path, steps: int = STEPS) -> None:
     mine, theirs = metrics(out), metrics(reference)
-    assert [row["step"] for row in mine] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in mine] == list(range(1, steps + 1))
     for key in ("step_tokens", "trained_tokens", "tokens"):
         assert [row[key] for row in mine] == [row[key] for row in theirs], key
-    # two processes sum their shares of each step's loss in another order than one process does
+    # several processes sum their shares of each step's loss in another order than one process does
     assert [row["loss"] for row in mine] == pytest.approx([row["loss"] for row in theirs], rel=1e-4)
+    evals = [[row["eval_loss"] for row in rows if "eval_loss" in row] for rows in (mine, theirs)]
+    assert evals[1] and evals[0] == pytest.approx(evals[1], rel=1e-4)
+
+
+def assert_eval_shared(out: Path, reference: Path, ranks: int) -> None:
+    """Each rank evaluated its own share of the eval micro-batches (equal losses alone would not show it:
+    every rank evaluating all of them gets the same loss)."""
+    alone = json.loads((reference / "run.json").read_text())["eval"]["micro_batches_per_rank"]
+    shares = json.loads((out / "run.json").read_text())["eval"]["micro_batches_per_rank"]
+    assert shares == [len(range(rank, alone[0], ranks)) for rank in range(ranks)] and len(alone) == 1, (shares, alone)
 
 
 def assert_same_weights(out: Path, reference: Path) -> None:
@@ -133,21 +147,39 @@ def assert_same_weights(out: Path, reference: Path) -> None:
     assert mine["base"] == theirs["base"]  # the same base model, generated before any step
 
 
-@pytest.fixture(scope="module")
-def reference(shared_home, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """One process with the global batch of the 2-rank recipe, in this process (torch is loaded already)."""
+def reference_run(shared_home: Path, tmp_path_factory, ranks: int, **training) -> tuple[Path, Path, Path]:
+    """(the one-process recipe, the recipe for `ranks` ranks, the output of the one-process recipe), trained in
+    this process (torch is loaded already)."""
     from .conftest import module_home
 
     with module_home(shared_home, tmp_path_factory):
-        folder = tmp_path_factory.mktemp("dist")
-        one, two = recipes(folder, checkpoint_steps=2)
+        folder = tmp_path_factory.mktemp(f"dist-{ranks}")
+        one, many = recipes(folder, ranks, **training)
         train(load_recipe(one), folder / "reference")
-    return one, two, folder / "reference"
+    return one, many, folder / "reference"
 
 
-def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_what_one_process_does(
-        tmp_path, reference):
+@pytest.fixture(scope="module")
+def reference(shared_home, tmp_path_factory) -> tuple[Path, Path, Path]:
+    return reference_run(shared_home, tmp_path_factory, 2, checkpoint_steps=2)
+
+
+THREE_STEPS = 4  # 3 ranks on a 2-core machine: a few steps of one row per rank show the split; each costs
+
+
+@pytest.fixture(scope="module")
+def reference_of_three(shared_home, tmp_path_factory) -> tuple[Path, Path, Path]:
+    return reference_run(shared_home, tmp_path_factory, 3, max_steps=THREE_STEPS, micro_batch_size=1)
+
+
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint_and_resume_trains_what_one_process_does(
+        tmp_path, reference, parallelism):
+    """DDP is what auto picks on the CPU; FSDP shards the model, and its checkpoint gathers every rank's shards.
+    A run stopped and resumed ends where one uninterrupted process does, so this covers the plain run too."""
     _one, two, expected = reference
+    if parallelism == "fsdp":
+        two = recipes(tmp_path / "fsdp", parallelism="fsdp", checkpoint_steps=2)[1]
     out = tmp_path / "out"
     started = launch(two, out)
     seen = read_until(started, "training: ")
@@ -157,7 +189,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_
     rest = started.communicate(timeout=120)[0]
     log = "".join(seen) + rest
     assert started.returncode == 143, log
-    assert "ddp over 2 ranks" in log
+    assert f"{parallelism} over 2 ranks" in log
     step = int(log.split("stopped by SIGTERM after step ")[1].split(";")[0])
     assert step < STEPS and (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").is_file()
     assert not (out / "run.json").exists() and ranks_alive(out) == []
@@ -170,21 +202,63 @@ def test_sigterm_to_one_ddp_rank_stops_both_with_a_checkpoint_and_resume_trains_
     assert_same_steps(out, expected)
     assert_same_weights(out, expected)
     run = json.loads((out / "run.json").read_text())
-    assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, "ddp")
+    assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, parallelism)
     assert run["tokens_per_s"] == pytest.approx(2 * run["tokens_per_s_per_gpu"], rel=0.01)
+    assert_eval_shared(out, expected, 2)
 
 
-def test_fsdp_shards_the_model_and_trains_what_one_process_does(tmp_path, reference):
-    _one, _two, expected = reference
-    _one_fsdp, two_fsdp = recipes(tmp_path / "fsdp", parallelism="fsdp")  # one process: no parallelism to pick
+# A sitecustomize for the ranks: an audit hook notes, in a file per rank, each time that rank opens one file.
+# It changes nothing the training does; it only shows who read what.
+OPENS_HOOK = """
+import os, sys
+if "RANK" in os.environ:  # a rank torchrun started, not the launcher or torchrun itself
+    def _note(event, args, watched=os.environ["CT_TEST_WATCHED"],
+              log=os.path.join(os.environ["CT_TEST_OPENS"], "rank-" + os.environ["RANK"])):
+        if event == "open" and isinstance(args[0], (str, os.PathLike)) and os.path.abspath(args[0]) == watched:
+            with open(log, "a") as notes:
+                notes.write("opened\\n")
+    sys.addaudithook(_note)
+"""
+
+
+def watching_opens(path: Path, folder: Path) -> dict[str, str]:
+    """The environment of a launch whose ranks note in folder/rank-N whenever they open `path`."""
+    (folder / "hook").mkdir(parents=True)
+    (folder / "hook" / "sitecustomize.py").write_text(OPENS_HOOK)
+    (folder / "opens").mkdir()
+    return {"PYTHONPATH": f"{folder / 'hook'}{os.pathsep}{REPO}", "CT_TEST_WATCHED": str(path.resolve()),
+            "CT_TEST_OPENS": str(folder / "opens")}
+
+
+def test_three_ddp_ranks_train_what_one_process_does_and_the_adapter_verifies(tmp_path, reference_of_three, capsys):
+    """An odd world size: a step's micro-batches split 3 ways, and every rank's share counts once. Rank 0 alone
+    reads and tokenizes the dataset; the others train on what it sends them."""
+    _one, three, expected = reference_of_three
     out = tmp_path / "out"
-    done = launch(two_fsdp, out)
+    done = launch(three, out, ranks=3, **watching_opens(three.parent / "data.jsonl", tmp_path))
     log = done.communicate(timeout=180)[0]
     assert done.returncode == 0, log
-    assert "fsdp over 2 ranks" in log
-    assert_same_steps(out, expected)
+    assert "ddp over 3 ranks" in log
+    assert sorted(os.listdir(tmp_path / "opens")) == ["rank-0"]
+    assert_same_steps(out, expected, THREE_STEPS)
     assert_same_weights(out, expected)
-    assert json.loads((out / "run.json").read_text())["parallelism"] == "fsdp"
+    # `python -m cloudtune.train.verify`'s main, in this process: another start of torch would cost ~10 s here
+    assert verify_main([str(out)]) == 0
+    assert "matches the end of training" in capsys.readouterr().out
+    run = json.loads((out / "run.json").read_text())
+    assert (run["world_size"], run["parallelism"]) == (3, "ddp")
+    assert_eval_shared(out, expected, 3)
+
+
+def test_a_dataset_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone reads the data; the others must not wait for data that never comes."""
+    recipe = make_recipe(tmp_path, ALPACA, dataset={"completions_only": True}, training={"max_seq_len": 16})
+    done = launch(recipe, tmp_path / "out")
+    log = done.communicate(timeout=120)[0]
+    assert done.returncode == 2, log
+    assert "error: no training row has an answer token within max_seq_len=16" in log
+    assert "error: rank 1: no training row has an answer token" in log
+    assert "ended without an exit status" not in log and "Traceback" not in log, log
 
 
 def start_local_run(tmp_path: Path) -> tuple[subprocess.Popen, str, int, list[str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..recipe import Recipe
-from . import checkpoint, say
+from . import checkpoint, distributed, say
 from . import model as model_lib
 from .data import Batcher, Encoded
 
@@ -29,7 +29,9 @@ class Evaluation:
     precision: model_lib.Precision
     device: torch.device
     fused_kernels: bool = False
+    world: distributed.World = distributed.World()
     stopped_early: bool = False
+    shares: tuple[int, ...] = ()  # the eval micro-batches each rank counted, in rank order, at the last eval
 
     @property
     def every(self) -> int:
@@ -43,20 +45,36 @@ class Evaluation:
         return step % self.every == 0 or step == self.steps
 
     def loss(self, model) -> float:
-        """Mean loss over every eval token that carries one, however they fall into micro-batches."""
+        """Mean loss over every eval token that carries one, however they fall into micro-batches and ranks.
+
+        Under torchrun each rank evaluates every world-size-th micro-batch and the ranks sum their parts: each
+        part is already divided by the whole eval set's token count, which every rank knows."""
         was_training = model.training
         model.eval()  # no dropout; checkpointed layers do not recompute
         n_items = max(self.encoded.trained_tokens, 1)
         # Liger's fused head computes logits unless told not to when the model is not training.
         extra = {"skip_logits": True} if self.fused_kernels else {}
-        total = 0.0
+        rank, size = self.world.rank, self.world.size
+        total, counted, spare = 0.0, 0, None
         with torch.no_grad():
-            for batch, _tokens in self.batcher.epoch(0):
-                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                with model_lib.mixed_precision(self.precision, self.device):
-                    total += float(model(**batch, num_items_in_batch=n_items, **extra).loss)
+            for index, (batch, _tokens) in enumerate(self.batcher.epoch(0)):
+                spare = spare or batch
+                if index % size == rank:
+                    total += self._forward(model, batch, n_items, extra)
+                    counted += 1
+            # FSDP gathers each layer's weights from every rank in every forward: a rank with one micro-batch
+            # fewer than the others runs one more whose loss it drops, or they would wait on it forever
+            for _ in range(counted, -(-len(self.batcher) // size)):
+                self._forward(model, spare, n_items, extra)
         model.train(was_training)
-        return total
+        parts = distributed.gathered(self.world, (total, counted))
+        self.shares = tuple(share for _part, share in parts)
+        return sum(part for part, _share in parts)
+
+    def _forward(self, model, batch: dict, n_items: int, extra: dict) -> float:
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with model_lib.mixed_precision(self.precision, self.device):
+            return float(model(**batch, num_items_in_batch=n_items, **extra).loss)
 
     def after_step(self, model, state: checkpoint.State, row: dict, out: Path) -> bool:
         """Evaluate when due, into the step's metrics row; True when early stopping ends the training."""
@@ -113,16 +131,16 @@ class Evaluation:
                 "loss": state.eval_loss, "best_loss": state.best_eval_loss, "best_step": state.best_step,
                 "kept": kept, "kept_step": state.best_step if kept == "best" else state.step,
                 "early_stopping": self.recipe.training.early_stopping.model_dump() if early else None,
-                "stopped_early": self.stopped_early}
+                "stopped_early": self.stopped_early, "micro_batches_per_rank": list(self.shares)}
 
 
 def make_evaluation(recipe: Recipe, encoded: Encoded | None, steps: int, precision: model_lib.Precision,
-                    device: torch.device, fused_kernels: bool, pad_id: int, document_offsets: bool
-                    ) -> Evaluation | None:
+                    device: torch.device, fused_kernels: bool, pad_id: int, document_offsets: bool,
+                    world: distributed.World = distributed.World()) -> Evaluation | None:
     """The run's evaluation, or None without dataset.eval. Its micro-batches are the training's size."""
     if encoded is None:
         return None
     spec = recipe.training
     batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed, pad_id,
                       document_offsets=document_offsets)
-    return Evaluation(recipe, batcher, steps, precision, device, fused_kernels)
+    return Evaluation(recipe, batcher, steps, precision, device, fused_kernels, world)

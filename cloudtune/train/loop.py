@@ -122,7 +122,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
         + (f", {world.size} processes on {world.nodes} node(s)" if world.distributed else ""))
 
     tokenizer = model_lib.load_tokenizer(recipe)
-    encoded, eval_encoded = encode_data(recipe, tokenizer)
+    encoded, eval_encoded = encode_data(recipe, tokenizer, world)
 
     parallelism = distributed.parallelism_for(recipe, world, model_lib.load_config(recipe), device)
     base = model_lib.load_base(recipe, device, sharded=parallelism == "fsdp")
@@ -155,7 +155,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
                       tokenizer.pad_token_id, document_offsets=per_document)
     steps = total_steps(recipe, len(batcher))
     evaluation = make_evaluation(recipe, eval_encoded, steps, precision, device, fused, tokenizer.pad_token_id,
-                                 per_document)
+                                 per_document, world)
     optimizer = make_optimizer(recipe, trainable, device)
     scheduler = get_scheduler(spec.lr_scheduler, optimizer, num_warmup_steps=int(spec.warmup_ratio * steps),
                               num_training_steps=steps)
@@ -278,8 +278,25 @@ def unsharded_copy(recipe: Recipe, model, tokenizer, fmt: str, world: distribute
     return plain, before
 
 
-def encode_data(recipe: Recipe, tokenizer) -> tuple[Encoded, Encoded | None]:
-    """The training rows and the eval rows (None without dataset.eval), tokenized and checked."""
+def encode_data(recipe: Recipe, tokenizer, world: distributed.World = distributed.World()
+                ) -> tuple[Encoded, Encoded | None]:
+    """The training rows and the eval rows (None without dataset.eval), tokenized and checked.
+
+    Under torchrun rank 0 alone reads and tokenizes them and hands the result to the other ranks: a large
+    dataset costs its CPU time and memory peak once, not once per GPU, and no rank can pack differently."""
+    if not world.distributed:
+        return _encode_rows(recipe, tokenizer)
+    try:
+        made = _encode_rows(recipe, tokenizer) if world.main else None
+    except CloudtuneError as exc:  # a bad row stops every rank with rank 0's message, not rank 0 alone
+        made = exc
+    made = distributed.from_main(world, made)
+    if isinstance(made, CloudtuneError):
+        raise made
+    return made
+
+
+def _encode_rows(recipe: Recipe, tokenizer) -> tuple[Encoded, Encoded | None]:
     rows, held = split_eval(recipe, load_rows(recipe))
     encoded = encode(recipe, tokenizer, rows)
     for note in encoded.notes:
