@@ -35,6 +35,8 @@ class CloudtuneError(Exception):
     """
 
     exit_code = EXIT_USER_ERROR
+    # Under torchrun, an error rank 0 found and sent to every rank: rank 0 prints it, the others only stop.
+    told_by_main = False
 
     def __init__(self, message: str, hint: str | None = None):
         message = printable(str(message))

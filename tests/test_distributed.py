@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,8 +257,8 @@ def test_a_dataset_error_on_rank_0_stops_every_rank_with_its_message(tmp_path):
     done = launch(recipe, tmp_path / "out")
     log = done.communicate(timeout=120)[0]
     assert done.returncode == 2, log
-    assert "error: no training row has an answer token within max_seq_len=16" in log
-    assert "error: rank 1: no training row has an answer token" in log
+    assert log.count("error: no training row has an answer token within max_seq_len=16") == 1, log
+    assert "rank 1: no training row" not in log  # rank 1 stops with rank 0's error and leaves the telling to it
     assert "ended without an exit status" not in log and "Traceback" not in log, log
 
 
@@ -287,7 +288,8 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error_and_the_machine_is_torn_d
     output = "".join(seen) + rest
     assert cli.returncode == 1, output
     assert time.time() - t0 < 60, "the run outlived a dead rank"
-    assert "local rank(s) 1 ended without an exit status" in output
+    # rank 0 may be stopped by torchrun before it writes its own status: then it is named too
+    assert re.search(r"local rank\(s\) (0, )?1 ended without an exit status", output), output
     assert "Traceback" not in output and "torch/distributed" not in output, output  # torchrun's, in torchrun.log
     assert "lost contact with the other ranks" in output  # rank 0's own account, in the log's tail
     assert Ledger().get_run(run_id)["status"] == "failed"

@@ -82,7 +82,8 @@ def _train(args: argparse.Namespace) -> int:
 
         leave()
     except CloudtuneError as exc:
-        print(f"error: {_rank_prefix()}{exc}", file=sys.stderr, flush=True)
+        if not exc.told_by_main:
+            print(f"error: {_rank_prefix()}{exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except Stopped as exc:
         if not _rank_prefix():  # every rank stops at the same step: rank 0 says so for all

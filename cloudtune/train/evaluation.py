@@ -58,7 +58,8 @@ class Evaluation:
         total, counted, spare = 0.0, 0, None
         with torch.no_grad():
             for index, (batch, _tokens) in enumerate(self.batcher.epoch(0)):
-                spare = spare or batch
+                if spare is None:
+                    spare = batch
                 if index % size == rank:
                     total += self._forward(model, batch, n_items, extra)
                     counted += 1
@@ -136,7 +137,7 @@ class Evaluation:
 
 def make_evaluation(recipe: Recipe, encoded: Encoded | None, steps: int, precision: model_lib.Precision,
                     device: torch.device, fused_kernels: bool, pad_id: int, document_offsets: bool,
-                    world: distributed.World = distributed.World()) -> Evaluation | None:
+                    world: distributed.World) -> Evaluation | None:
     """The run's evaluation, or None without dataset.eval. Its micro-batches are the training's size."""
     if encoded is None:
         return None

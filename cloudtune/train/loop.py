@@ -278,8 +278,7 @@ def unsharded_copy(recipe: Recipe, model, tokenizer, fmt: str, world: distribute
     return plain, before
 
 
-def encode_data(recipe: Recipe, tokenizer, world: distributed.World = distributed.World()
-                ) -> tuple[Encoded, Encoded | None]:
+def encode_data(recipe: Recipe, tokenizer, world: distributed.World) -> tuple[Encoded, Encoded | None]:
     """The training rows and the eval rows (None without dataset.eval), tokenized and checked.
 
     Under torchrun rank 0 alone reads and tokenizes them and hands the result to the other ranks: a large
@@ -292,6 +291,7 @@ def encode_data(recipe: Recipe, tokenizer, world: distributed.World = distribute
         made = exc
     made = distributed.from_main(world, made)
     if isinstance(made, CloudtuneError):
+        made.told_by_main = not world.main
         raise made
     return made
 
