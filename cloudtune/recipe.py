@@ -409,6 +409,19 @@ class Recipe(Strict):
     def uses_lora(self) -> bool:
         return self.method != "full"
 
+    @property
+    def fsdp_refusal(self) -> str | None:
+        """Why FSDP cannot shard this fine-tune (None when it can): `training.parallelism: fsdp` is refused
+        for it, and `auto` keeps it to ddp, so offers that only FSDP would fit are left out."""
+        if self.method in ("8bit", "fp8"):
+            return (f"method {self.method} cannot be sharded with FSDP: its 8-bit weights beside the 16-bit ones "
+                    "are not one dtype FSDP can split")
+        if self.training.optimizer != "adamw":
+            # measured on an H200 (bench/results/fsdp_one_gpu.jsonl): bitsandbytes 0.50's step raises on them
+            return (f"optimizer {self.training.optimizer} (bitsandbytes) cannot step the sharded parameters "
+                    "(DTensors) of FSDP")
+        return None
+
     def gpu_precision(self, gpu: str, has_bf16: bool, has_fp8: bool) -> str:
         """"bf16" or "fp16": what the trainer computes in on this GPU (auto: bf16 where the GPU has it,
         else fp16 with loss scaling). Raises CloudtuneError when it cannot train this recipe there; the
@@ -623,6 +636,9 @@ def _training_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
                                                     "method."))
     if recipe.training.epochs is not None and recipe.training.max_steps is not None:
         problems.append((("training", "max_steps"), "set either epochs or max_steps, not both."))
+    if recipe.training.parallelism == "fsdp" and recipe.fsdp_refusal:
+        problems.append((("training", "parallelism"), f"{recipe.fsdp_refusal}. Use ddp (each GPU holds the whole "
+                         "model) or auto, or method qlora, lora or full with optimizer adamw."))
     return problems
 
 

@@ -83,14 +83,3 @@ def test_an_fp8_base_weighs_what_an_8bit_one_does_and_half_a_bf16_one():
     other = (shape.params - shape.linear_params) * 2
     assert fp8 == pytest.approx(int8, rel=0.001)  # the row scales add 0.05 %
     assert fp8 - other == pytest.approx((bf16 - other) / 2, rel=0.001)
-
-
-@pytest.mark.parametrize("method", ["8bit", "fp8"])
-def test_an_8_bit_base_is_not_sharded_by_fsdp(method):
-    from cloudtune.train.distributed import World, parallelism_for
-
-    recipe = Recipe.model_validate({"model": "m", "method": method, "dataset": {"hub": "x"},
-                                    "training": {"parallelism": "fsdp"}})
-    with pytest.raises(CloudtuneError, match=f"method {method} cannot be sharded with FSDP") as refused:
-        parallelism_for(recipe, World(rank=0, size=2, local_rank=0, local_size=2), None, torch.device("cpu"))
-    assert "training.parallelism: ddp" in refused.value.hint

@@ -98,6 +98,32 @@ def test_a_machine_whose_gpus_cost_less_each_is_cheaper_per_run(tmp_path):
     assert plan.chosen.world_size == 2 and plan.chosen.cost_high < plan.estimates[1].cost_high
 
 
+@pytest.mark.parametrize(("sections", "reason"), [
+    ({"method": "8bit"}, "method 8bit cannot be sharded with FSDP"),
+    ({"method": "fp8"}, "method fp8 cannot be sharded with FSDP"),
+    ({"method": "full", "training": {"optimizer": "adamw_8bit"}}, "optimizer adamw_8bit (bitsandbytes) cannot step"),
+    ({"method": "qlora", "training": {"optimizer": "paged_adamw_8bit"}}, "optimizer paged_adamw_8bit"),
+])
+def test_what_fsdp_cannot_shard_is_refused_with_the_recipe_and_never_chosen(tmp_path, sections, reason):
+    """bitsandbytes' 8-bit optimizers raise on FSDP's DTensor parameters (bench/fsdp_one_gpu.py, H200), and
+    8-bit weights are no dtype FSDP can split: an explicit fsdp is refused before anything starts, auto
+    keeps to ddp, and offers only FSDP could fit are left out, saying why."""
+    explicit = {**sections, "training": {**sections.get("training", {}), "parallelism": "fsdp"}}
+    with pytest.raises(CloudtuneError, match=re.escape(reason)) as refused:
+        load_recipe(recipe_file(tmp_path, **explicit))
+    assert "training.parallelism" in str(refused.value) and "Use ddp" in str(refused.value)
+
+    recipe = load_recipe(recipe_file(tmp_path, **sections))
+    assert recipe.fsdp_refusal and reason in recipe.fsdp_refusal
+    shape, setup = resolve_model(recipe).shape, TrainSetup.from_recipe(recipe)
+    assert choose_parallelism("auto", shape, setup, 4, 1 * GIB, 2048, shardable=False) == "ddp"
+    if sections["method"] == "full":  # 7B full does not fit one 24 GB card; sharding is what would have fit it
+        _, plan = plan_of(recipe_file(tmp_path, **sections), A10G)
+        assert all(e.parallelism == "ddp" and not e.fits for e in plan.estimates)
+        several = [e for e in plan.estimates if e.world_size > 1]
+        assert several and all(f"FSDP would share it out, but {reason}" in e.why for e in several)
+
+
 def test_the_parallelism_rule_is_one_function(tmp_path):
     recipe = load_recipe(recipe_file(tmp_path, method="full", training={"optimizer": "adamw"}))
     shape, setup = resolve_model(recipe).shape, TrainSetup.from_recipe(recipe)

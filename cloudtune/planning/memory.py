@@ -353,19 +353,21 @@ def required_bytes(peak: MemoryPeak | float) -> float:
 
 
 def choose_parallelism(requested: str, shape: ModelShape, setup: TrainSetup, world_size: int,
-                       usable_bytes: float, row_tokens: int, checkpointing: str = "auto") -> str:
+                       usable_bytes: float, row_tokens: int, checkpointing: str = "auto",
+                       shardable: bool = True) -> str:
     """How `world_size` GPUs of `usable_bytes` each share a fine-tune: "ddp" or "fsdp".
 
     `training.parallelism` auto is ddp when the one-GPU run fits one of them (model, adapters and
     optimizer state, and a micro-batch of one `row_tokens`-token row with as much checkpointing as
     `checkpointing` allows): each GPU then keeps a replica and only gradients travel. Otherwise
     fsdp, which shards weights, gradients and optimizer state `world_size` ways (activations stay
-    per GPU). With one GPU there is nothing to shard. The planner decides each offer with it, and
-    the trainer on the machine it landed on, from the same numbers.
+    per GPU). With one GPU there is nothing to shard, nor for a fine-tune FSDP cannot shard
+    (not `shardable`: Recipe.fsdp_refusal). The planner decides each offer with it, and the trainer on
+    the machine it landed on, from the same numbers.
     """
     if requested != "auto":
         return requested
-    if world_size <= 1:
+    if world_size <= 1 or not shardable:
         return "ddp"
     recomputed = 0 if checkpointing == "off" else shape.layers
     alone = memory_peak(shape, replace(setup, shards=1), row_tokens, recomputed)

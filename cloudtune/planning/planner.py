@@ -201,7 +201,7 @@ def hardware_fit(recipe: Recipe, report: DatasetReport, model: ModelInfo, gpu: s
     base = work_for(recipe.training.micro_batch_size, world)
     alone = TrainSetup.from_recipe(recipe)
     parallelism = choose_parallelism(recipe.training.parallelism, model.shape, alone, world, usable, base.row_tokens,
-                                     recipe.training.gradient_checkpointing)
+                                     recipe.training.gradient_checkpointing, shardable=not recipe.fsdp_refusal)
     setup = sharded(alone, parallelism, world)
     mb, recomputed, memory, fits = choose_batch(recipe, model.shape, setup, base.row_tokens, usable)
     work = work_for(mb, world)
@@ -224,6 +224,8 @@ def hardware_fit(recipe: Recipe, report: DatasetReport, model: ModelInfo, gpu: s
         how = f" with fsdp over {world} GPUs" if parallelism == "fsdp" and world > 1 else ""
         why = (f"needs {gib(needs)} per GPU{how} even at micro-batch 1 with checkpointing {checkpointing}; "
                f"{gpus(gpu, gpu_count)} has {gib(usable / GIB)} usable per GPU")
+        if world > 1 and recipe.fsdp_refusal:
+            why += f" (FSDP would share it out, but {recipe.fsdp_refusal})"
     refused = precision_problem(recipe, gpu)
     if refused:
         fits, why = False, refused

@@ -243,13 +243,8 @@ def parallelism_for(recipe, world: World, config, device: torch.device) -> str:
             usable = min(usable, recipe.training.memory_limit_gib * GIB)
         chosen = choose_parallelism("auto", ModelShape.from_config(config), TrainSetup.from_recipe(recipe),
                                     world.size, usable, recipe.training.max_seq_len,
-                                    recipe.training.gradient_checkpointing)
-    if chosen == "fsdp" and recipe.method in ("8bit", "fp8"):
-        raise CloudtuneError(f"method {recipe.method} cannot be sharded with FSDP: its 8-bit weights beside the "
-                             "16-bit ones are not one dtype FSDP can split.",
-                             f"Use training.parallelism: ddp (each GPU holds the {recipe.method} model), "
-                             "or method qlora.")
-    return chosen
+                                    recipe.training.gradient_checkpointing, shardable=not recipe.fsdp_refusal)
+    return chosen  # an explicit fsdp that cannot shard this fine-tune was refused with the recipe
 
 
 def wrap(model, world: World, device: torch.device, parallelism: str):
