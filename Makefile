@@ -50,10 +50,8 @@ demo: setup
 	cd $(DEMO_DIR) && ../$(BIN)/cloudtune run --backend local recipe.yaml
 	$(BIN)/python -m cloudtune.train.verify $$(ls -d $(DEMO_DIR)/outputs/demo-tiny/*/ | tail -n 1)
 
-# Two workers, a test file each at a time, longest first (tests/conftest.py): much of the suite waits on
-# subprocesses, servers and the localhost Slurm rather than computing, so two overlap well on 2 cores.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q
 
 # The real-SkyPilot launches on the localhost Slurm (tests/slurm_cluster.py) alone; `make test` runs them too.
 test-slurm: setup

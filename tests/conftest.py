@@ -28,22 +28,6 @@ os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")  # its usage log
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
-# `make test` runs two workers a file at a time (pytest-xdist --dist loadfile --no-loadscope-reorder: in
-# collection order): the longest files go first, so that neither worker is left with a long one at the end
-# while the other idles.
-# The real-SkyPilot launches lead: they mostly wait on SkyPilot and Slurm, beside the other worker's work.
-LONGEST_FILES_FIRST = ("test_skypilot_slurm.py", "test_skypilot.py", "test_distributed.py", "test_run_local.py",
-                       "test_ssh_docker.py", "test_ssh.py", "test_train.py")
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        name = item.path.name
-        return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
-
-    items.sort(key=rank)  # stable: each file keeps its own order
-
-
 def sky_env(home: Path, ct_home: Path) -> dict:
     """The environment of a CLI process whose SkyPilot state lives under `home`, never in the real ~/.sky
     (tests/test_skypilot.py needs sky imported first under its own HOME)."""

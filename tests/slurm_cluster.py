@@ -14,8 +14,8 @@ Offline, SkyPilot's runtime set-up on the node needs three stand-ins (found by h
 - its `uv venv --python 3.10` finds a python3.10 of this machine, copied where the user can read it and
   made relocatable (its libpython is found beside it);
 - uv is pointed at the system CA bundle, as the package index is reached through a TLS proxy.
-The node advertises one GPU (GRES gpu:t4 on /dev/null): there is none here, but it lets SkyPilot and
-cloudtune take the path a real GPU cluster takes (the training falls back to the CPU).
+The node advertises two GPUs (GRES gpu:t4 on /dev/null and /dev/zero): there are none here, but they let
+SkyPilot and cloudtune take the path a real GPU cluster takes (the training falls back to the CPU).
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ SLURM_NAME = "ctslurm"  # Slurm's ClusterName and the Host in ~/.slurm/config: S
 PACKAGES = ("munged", "mungekey", "slurmctld", "slurmd", "sinfo", "squeue", "scancel", "patchelf", "rsync")
 NODE_CPUS = 8  # advertised (SlurmdParameters=config_overrides): more than the machine has, so jobs fit
 NODE_MEMORY_MB = 64000  # SkyPilot's default resources for a GPU task ask for 16 GB
+# Advertised GPUs (GRES on character devices that exist everywhere): two, so that a task asking for T4:2
+# takes the path of a multi-GPU node, torchrun from SkyPilot's node variables (the ranks train on the CPU)
+NODE_GPU_FILES = ("/dev/null", "/dev/zero")
 LOCK = Path("/tmp/cloudtune-slurm-tests.lock")  # one session at a time owns NODE_USER
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
@@ -142,7 +145,8 @@ class SlurmCluster:
     def _slurm(self) -> None:
         node = socket.gethostname().split(".")[0]
         s = self.scratch
-        (s / "etc" / "gres.conf").write_text(f"NodeName={node} Name=gpu Type=t4 File=/dev/null\n")
+        (s / "etc" / "gres.conf").write_text("".join(f"NodeName={node} Name=gpu Type=t4 File={device}\n"
+                                                     for device in NODE_GPU_FILES))
         (s / "etc" / "plugstack.conf").write_text("")
         self.conf.write_text(f"""\
 ClusterName={SLURM_NAME}
@@ -181,7 +185,7 @@ KillWait=5
 MinJobAge=30
 GresTypes=gpu
 NodeName={node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} Boards=1 SocketsPerBoard=1 CoresPerSocket={NODE_CPUS} \
-ThreadsPerCore=1 RealMemory={NODE_MEMORY_MB} Gres=gpu:t4:1 State=UNKNOWN
+ThreadsPerCore=1 RealMemory={NODE_MEMORY_MB} Gres=gpu:t4:{len(NODE_GPU_FILES)} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """)
         self._daemon("slurmctld", "slurmctld", "-D", "-i")

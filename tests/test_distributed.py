@@ -236,9 +236,15 @@ def test_three_ddp_ranks_train_what_one_process_does_and_the_adapter_verifies(tm
     reads and tokenizes the dataset; the others train on what it sends them."""
     _one, three, expected = reference_of_three
     out = tmp_path / "out"
-    done = launch(three, out, ranks=3, **watching_opens(three.parent / "data.jsonl", tmp_path))
+    # a home without the tiny model: every rank writes it at once (transformers' save_pretrained writes only
+    # on rank 0 under torch.distributed; a rank that used it once left a model folder without weights)
+    fresh = tmp_path / "fresh-home"
+    watched = watching_opens(three.parent / "data.jsonl", tmp_path)
+    done = launch(three, out, ranks=3, CLOUDTUNE_HOME=str(fresh), **watched)
     log = done.communicate(timeout=180)[0]
     assert done.returncode == 0, log
+    assert sorted(os.listdir(fresh / "models")) == ["tiny-llama-v1"]  # the ranks' scratch copies are gone
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(fresh / "models/tiny-llama-v1"))
     assert "ddp over 3 ranks" in log
     assert sorted(os.listdir(tmp_path / "opens")) == ["rank-0"]
     assert_same_steps(out, expected, THREE_STEPS)

@@ -2,15 +2,16 @@
 Slurm cloud over a one-node Slurm on 127.0.0.1 (tests/slurm_cluster.py, started once a session).
 
 Every test drives `cloudtune` as a user runs it, in a subprocess with a HOME of the session's own (its
-own SkyPilot API server and port, never the real ~/.sky). The node has no GPU; it advertises one T4
-(Slurm GRES on /dev/null), so the task asks for a GPU as on a real cluster and the training falls back
-to the CPU. Only one SkyPilot cluster lives on the node at a time (a second stops the first's skylet),
-so the tests run one after another and each ends with its cluster gone.
+own SkyPilot API server and port, never the real ~/.sky). The node has no GPU; it advertises two T4s
+(Slurm GRES on /dev/null and /dev/zero), so the task asks for GPUs as on a real cluster and the training
+falls back to the CPU: the end-to-end run asks for both, so its two ranks start under torchrun from
+SkyPilot's node variables, as on a multi-GPU node (or the first node of several). Only one SkyPilot
+cluster lives on the node at a time (a second stops the first's skylet), so the tests run one after
+another and each ends with its cluster gone.
 
 Three launches: the end-to-end run (its log stream dropped under it, a forwarded secret), a CLI killed
-mid-training and Ctrl-C while provisioning; about 7 minutes on 2 idle cores with the cluster's start,
-which `make test` overlaps with the rest of the suite (tests/conftest.py starts this file first).
-`make test-slurm` runs this file alone.
+mid-training and Ctrl-C while provisioning; about 10 minutes on 2 idle cores with the cluster's start.
+`make test` runs them; `make test-slurm` runs this file alone.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from cloudtune.ledger import Ledger
 from .conftest import REPO, demo_recipe_text, module_home, write_recipe
 from .slurm_cluster import NODE_USER, SLURM_NAME
 
-# A launch waits on SkyPilot and Slurm more than it computes, and under `make test` shares the cores with
-# the rest of the suite: the first launch of a session (inside the module's fixture) takes its time.
+# The first launch of a session runs inside the module's fixture, which pytest-timeout counts too, and a
+# loaded machine takes its time over it (13 minutes seen beside other work).
 pytestmark = pytest.mark.timeout(2400)
 
 SECRET = "hf_" + "SlurmForwardedToken" * 2
@@ -45,11 +46,12 @@ LAUNCH_SECONDS = 1200
 STAND_INS = ("python3.10", "uv", "trainer-venv", "trainer-site-packages")
 
 
-def slurm_recipe(folder: Path, node_python: str, steps: int = STEPS, secrets: tuple[str, ...] = ()) -> Path:
+def slurm_recipe(folder: Path, node_python: str, steps: int = STEPS, secrets: tuple[str, ...] = (),
+                 gpu_count: int = 1) -> Path:
     data = yaml.safe_load(demo_recipe_text(max_steps=steps))
     data["outputs"] = {"dir": str(folder / "outputs")}
-    data["compute"] = {"cloud": "slurm", "region": SLURM_NAME, "gpu": "T4", "python": node_python,
-                       "autostop_minutes": 20}
+    data["compute"] = {"cloud": "slurm", "region": SLURM_NAME, "gpu": "T4", "gpu_count": gpu_count,
+                       "python": node_python, "autostop_minutes": 20}
     if secrets:
         data["secrets"] = list(secrets)
     return write_recipe(folder, yaml.safe_dump(data))
@@ -195,7 +197,7 @@ class SlurmRun:
 def slurm_run(slurm_sky, tmp_path_factory, shared_home) -> SlurmRun:
     folder = tmp_path_factory.mktemp("slurm-run")
     with module_home(shared_home, tmp_path_factory) as ct_home:
-        recipe = slurm_recipe(folder, slurm_sky.cluster.node_python, secrets=("HF_TOKEN",))
+        recipe = slurm_recipe(folder, slurm_sky.cluster.node_python, secrets=("HF_TOKEN",), gpu_count=2)
         env = slurm_sky.env(PYTHONPATH=str(REPO), CLOUDTUNE_HOME=str(ct_home), HF_TOKEN=SECRET)
         log = folder / "cli.log"
         watcher = TrainingWatcher()
@@ -223,9 +225,10 @@ def slurm_run(slurm_sky, tmp_path_factory, shared_home) -> SlurmRun:
 
 
 def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_run):
-    """Provision, upload, setup (the wheel beside the cluster's Python), training with the log streamed
-    live and reattached after SkyPilot's API server was stopped under it, pull with checksums, outputs
-    that reload, `sky down`, and the ledger's `terminated` once SkyPilot lists no cluster and Slurm no
+    """Provision, upload, setup (the wheel beside the cluster's Python), training on the node's two GPUs
+    (two DDP ranks, torchrun started from SkyPilot's node variables) with the log streamed live and
+    reattached after SkyPilot's API server was stopped under it, pull with checksums, outputs that
+    reload, `sky down`, and the ledger's `terminated` once SkyPilot lists no cluster and Slurm no
     allocation."""
     assert slurm_run.returncode == 0, slurm_run.stderr[-6000:]
     assert slurm_run.watcher.streamed_live
@@ -235,6 +238,9 @@ def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_ru
         assert slurm_run.stderr.count(f"step {step}/{STEPS} ") == 1, step
 
     out = Path(receipt["output_dir"])
+    run = json.loads((out / "run.json").read_text())
+    assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, "ddp"), run
+    assert "ddp over 2 ranks" in slurm_run.stdout + slurm_run.stderr
     verify = subprocess.run([sys.executable, "-m", "cloudtune.train.verify", str(out)], capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr

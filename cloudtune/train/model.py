@@ -52,11 +52,15 @@ def build_byte_tokenizer():
     return tokenizer
 
 
+TINY_WEIGHTS = "model.safetensors"
+
+
 def tiny_llama_dir() -> Path:
     """Write the tiny model once (seeded, so identical everywhere) and return its directory."""
     target = home() / "models" / "tiny-llama-v1"
-    if (target / "config.json").exists():
+    if (target / "config.json").exists() and (target / TINY_WEIGHTS).exists():
         return target
+    from safetensors.torch import save_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +71,13 @@ def tiny_llama_dir() -> Path:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config)
     scratch = Path(tempfile.mkdtemp(dir=target.parent))
-    model.save_pretrained(scratch)
+    # Not model.save_pretrained: under torchrun it writes only on global rank 0, and every machine of a
+    # multi-node run needs its own copy (a rank that wrote nothing once left a folder without weights).
+    config.save_pretrained(scratch)
+    save_model(model, str(scratch / TINY_WEIGHTS), metadata={"format": "pt"})
     build_byte_tokenizer().save_pretrained(scratch)
+    if target.exists() and not (target / TINY_WEIGHTS).exists():  # such a folder, left by an older version
+        shutil.rmtree(target, ignore_errors=True)
     try:
         os.rename(scratch, target)  # atomic: a concurrent run sees all of it or none
     except OSError:
