@@ -322,10 +322,15 @@ LogLevel ERROR
     # what is left --------------------------------------------------------------------------------
 
     def jobs(self) -> list[str]:
-        """The node user's Slurm jobs: 'id state name' lines."""
-        done = subprocess.run(["squeue", "-h", "-u", NODE_USER, "-o", "%i %T %j"], capture_output=True, text=True,
-                              env=self.env)
-        return done.stdout.split("\n") if done.stdout.strip() else []
+        """The node user's Slurm jobs: 'id state name' lines. A loaded slurmctld can time squeue out, which
+        prints nothing: asked again rather than taken for "no job"."""
+        for _attempt in range(10):
+            done = subprocess.run(["squeue", "-h", "-u", NODE_USER, "-o", "%i %T %j"], capture_output=True,
+                                  text=True, env=self.env)
+            if done.returncode == 0:
+                return done.stdout.split("\n") if done.stdout.strip() else []
+            time.sleep(1)
+        raise AssertionError(f"squeue kept failing: {done.stderr.strip()}")
 
     def node_user_pids(self) -> list[int]:
         done = subprocess.run(["ps", "-o", "pid=", "-u", NODE_USER], capture_output=True, text=True)
