@@ -12,20 +12,18 @@ nothing away. Appends JSON lines to bench/results/fsdp_one_gpu.jsonl.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, make_model, record, train_cloudtune, write_dataset  # noqa: E402
-from gpu_methods import recipe_for, reload_check  # noqa: E402
+from common import REPO, record, train_cloudtune  # noqa: E402
+from gpu_methods import methods_setup, recipe_for, reload_check  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 
@@ -58,15 +56,7 @@ def main() -> int:
 
     if sys.argv[1:2] == ["--as-rank"]:
         return as_one_rank_fsdp(sys.argv[2:])
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", default="qlora,lora,full")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--shape", default="1b", help="model shape: 7b, 1b, mini (smoke test)")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ct-fsdp")
-    args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    model = make_model(args.work / f"llama-{args.shape}", args.shape)
-    data = write_dataset(args.work / "data.jsonl", n=400)
+    args, model, data = methods_setup("qlora,lora,full", "1b", "ct-fsdp", rows=400)
     for method in args.methods.split(","):
         row: dict = dict(method=method, shape=args.shape, steps=args.steps)
         for parallelism, train in (("none", train_cloudtune), ("fsdp", train_fsdp)):

@@ -50,18 +50,24 @@ def reload_check(out: Path, model: Path) -> dict:
                 reload_ok=difference <= tolerance(scale, out))
 
 
-def main() -> int:
-    import yaml
-
+def methods_setup(methods: str, shape: str, work: str, rows: int):
+    """(args, model, data) of a script that trains some methods a few steps: its options, the random model
+    of --shape and the dataset, written once into --work."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--methods", default="qlora,8bit,lora,full")
+    parser.add_argument("--methods", default=methods)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--shape", default="7b", help="model shape: 7b (the benchmark), 1b, mini (smoke test)")
-    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ct-methods")
+    parser.add_argument("--shape", default=shape, help="model shape: 7b (the benchmark), 1b, mini (smoke test)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / work)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     model = make_model(args.work / f"llama-{args.shape}", args.shape)
-    data = write_dataset(args.work / "data.jsonl", n=600)
+    return args, model, write_dataset(args.work / "data.jsonl", n=rows)
+
+
+def main() -> int:
+    import yaml
+
+    args, model, data = methods_setup("qlora,8bit,lora,full", "7b", "ct-methods", rows=600)
     for method in args.methods.split(","):
         recipe_path = args.work / f"{method}.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe_for(method, model, data, args.steps)))
