@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,7 +59,10 @@ def main() -> int:
     profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
     def profiled_step(*step_args, **step_kwargs):
-        calls.append(1)
+        # the wall clock of the last warm-up steps, unprofiled: beside the GPU's busy time it says how long
+        # the GPU waits on the host each step
+        torch.cuda.synchronize()
+        calls.append(time.perf_counter())
         if len(calls) == warmup + 1:
             profiler.__enter__()
         result = real_step(*step_args, **step_kwargs)
@@ -76,15 +80,20 @@ def main() -> int:
         print("no GPU kernels were recorded: this benchmark needs an NVIDIA GPU")
         return 1
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    wall_ms = (calls[warmup] - calls[1]) * 1e3 / (warmup - 1)  # steps 2..warmup, after the first's set-up
+    gpu_ms = total_us / 1e3 / profiled
     families: dict[str, float] = {}
     for event in kernels:
         families[family(event.key)] = families.get(family(event.key), 0.0) + event.self_device_time_total
-    print(f"GPU time over {profiled} steps: {total_us / 1e3:.0f} ms")
+    print(f"GPU time over {profiled} steps: {total_us / 1e3:.0f} ms; an unprofiled step takes {wall_ms:.0f} ms "
+          f"of wall time (the GPU busy {gpu_ms / wall_ms:.0%} of it)")
     for event in kernels[:args.top]:
         share, ms = event.self_device_time_total / total_us, event.self_device_time_total / 1e3 / profiled
         print(f"{share:6.1%} {ms:8.1f} ms/step {event.count // profiled:6d}×  {event.key[:110]}")
     record("profile_step", dict(profile=args.profile, shape=args.shape, gpu=torch.cuda.get_device_name(),
-                                gpu_ms_per_step=round(total_us / 1e3 / profiled, 1),
+                                gpu_ms_per_step=round(gpu_ms, 1), wall_ms_per_step=round(wall_ms, 1),
+                                gpu_busy=round(gpu_ms / wall_ms, 3),
+                                kernels_per_step=sum(e.count for e in kernels) // profiled,
                                 families={k: round(v / total_us, 3) for k, v in sorted(families.items())},
                                 top=[dict(kernel=e.key[:120], share=round(e.self_device_time_total / total_us, 4))
                                      for e in kernels[:12]]))
