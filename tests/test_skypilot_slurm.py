@@ -240,7 +240,7 @@ def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_ru
     out = Path(receipt["output_dir"])
     run = json.loads((out / "run.json").read_text())
     assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, "ddp"), run
-    assert "ddp over 2 ranks" in slurm_run.stdout + slurm_run.stderr
+    assert "ddp over 2 ranks" in " ".join(slurm_run.stderr.split())  # the log's line, as the terminal wrapped it
     verify = subprocess.run([sys.executable, "-m", "cloudtune.train.verify", str(out)], capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr

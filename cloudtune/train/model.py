@@ -73,6 +73,7 @@ def tiny_llama_dir() -> Path:
     scratch = Path(tempfile.mkdtemp(dir=target.parent))
     # Not model.save_pretrained: under torchrun it writes only on global rank 0, and every machine of a
     # multi-node run needs its own copy (a rank that wrote nothing once left a folder without weights).
+    config.architectures, config.dtype = [type(model).__name__], "float32"  # what save_pretrained records
     config.save_pretrained(scratch)
     save_model(model, str(scratch / TINY_WEIGHTS), metadata={"format": "pt"})
     build_byte_tokenizer().save_pretrained(scratch)
