@@ -294,10 +294,12 @@ def test_a_killed_rank_ends_the_run_with_a_clear_error_and_the_machine_is_torn_d
     output = "".join(seen) + rest
     assert cli.returncode == 1, output
     assert time.time() - t0 < 60, "the run outlived a dead rank"
-    # rank 0 may be stopped by torchrun before it writes its own status: then it is named too
-    assert re.search(r"local rank\(s\) (0, )?1 ended without an exit status", output), output
+    # rank 0 may be stopped by torchrun before it notices the loss: then it is named too, and has no account
+    dead = re.search(r"local rank\(s\) (0, )?1 ended without an exit status", output)
+    assert dead, output
     assert "Traceback" not in output and "torch/distributed" not in output, output  # torchrun's, in torchrun.log
-    assert "lost contact with the other ranks" in output  # rank 0's own account, in the log's tail
+    if not dead.group(1):
+        assert "lost contact with the other ranks" in output, output  # rank 0's own account, in the log's tail
     assert Ledger().get_run(run_id)["status"] == "failed"
     assert Ledger().machine_for_run(run_id)["status"] == "terminated"
     assert ranks_alive(Path(os.environ["CLOUDTUNE_HOME"]) / "runs" / run_id / "machine" / "out") == []
