@@ -2,9 +2,10 @@
 
   python bench/fp8_layers.py [--tokens 8192]
 
-FP8 (cloudtune/train/fp8.py): each projection's relative output error against bf16, and the time of
-the bf16 matmul, of FP8 with the compiled row quantiser (what the trainer runs), of FP8 with an eager
-(unfused) quantiser, and of the bf16 input gradient on the dequantised weight. Fused LoRA
+FP8 (cloudtune/train/fp8.py): each projection's relative output and input-gradient errors against
+fp32, and the times of the bf16 matmul, of FP8 with the Triton row quantiser (what the trainer runs), of
+FP8 with an eager (unfused) quantiser, of the quantiser alone, and of the input gradient three ways: on
+the FP8 tensor cores (what the trainer runs), in bf16 on the dequantised weight, and on a bf16 weight. Fused LoRA
 (cloudtune/train/fused_lora.py): for lora (bf16), qlora (nf4), 8bit and fp8 bases with r=16 LoRA under
 bf16 autocast, the fused module's output and gradients against peft's, and forward+backward times of
 both. Appends to bench/results/fp8_layers.jsonl and bench/results/fused_lora.jsonl.
@@ -23,6 +24,7 @@ from common import REPO, record  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from cloudtune.train import fp8  # noqa: E402
+from cloudtune.train.fp8_kernels import quantise_rows, transposed  # noqa: E402
 from cloudtune.train.fused_lora import fuse_lora  # noqa: E402
 
 # (in, out) of Llama-2-7B's projections: q/k/v/o, gate/up, down
@@ -60,7 +62,10 @@ def fp8_row(name: str, features_in: int, features_out: int, tokens: int) -> None
         want = x.float() @ linear.weight.float().t()
         error = relative(layer.matmul(x), want)
         error_bf16 = relative(linear(x), want)
-        input_grad_error = relative(layer.input_gradient(grad), grad.float() @ linear.weight.float())
+        exact_input_grad = grad.float() @ linear.weight.float()
+        input_grad_error = relative(layer.input_gradient(grad), exact_input_grad)
+        assert torch.equal(transposed(layer.weight).view(torch.uint8), layer.weight.t().contiguous().view(torch.uint8))
+        dequantised_input_grad_error = relative(grad @ layer.dense_weight(torch.bfloat16), exact_input_grad)
         flops = 2 * tokens * features_in * features_out
         times = {
             "bf16_ms": median_ms(lambda: linear(x)),
@@ -70,12 +75,18 @@ def fp8_row(name: str, features_in: int, features_out: int, tokens: int) -> None
             "fp8_matmul_only_ms": median_ms(lambda: torch._scaled_mm(
                 x_e4m3, layer.weight.t(), scale_a=ones, scale_b=layer.weight_scale.view(1, -1),
                 out_dtype=torch.bfloat16)),
-            "input_grad_dequantised_ms": median_ms(lambda: layer.input_gradient(grad)),
+            "quantise_rows_ms": median_ms(lambda: quantise_rows(x, None, fp8.SCALE_FLOOR)),
+            "quantise_grad_rows_ms": median_ms(lambda: quantise_rows(grad, layer.weight_scale, fp8.SCALE_FLOOR)),
+            "transpose_weight_torch_ms": median_ms(lambda: layer.weight.t().contiguous()),
+            "transpose_weight_ms": median_ms(lambda: transposed(layer.weight)),
+            "input_grad_fp8_ms": median_ms(lambda: layer.input_gradient(grad)),
+            "input_grad_dequantised_ms": median_ms(lambda: grad @ layer.dense_weight(torch.bfloat16)),
             "input_grad_bf16_ms": median_ms(lambda: grad @ linear.weight),
         }
     record("fp8_layers", {"projection": name, "tokens": tokens, "in": features_in, "out": features_out,
                           "relative_error_fp8": round(error, 5), "relative_error_bf16": round(error_bf16, 5),
                           "relative_error_input_grad": round(input_grad_error, 5),
+                          "relative_error_input_grad_dequantised": round(dequantised_input_grad_error, 5),
                           **{k: round(v, 4) for k, v in times.items()},
                           "fp8_compiled_tflops": round(flops / times["fp8_compiled_ms"] / 1e9, 1),
                           "bf16_tflops": round(flops / times["bf16_ms"] / 1e9, 1),

@@ -146,6 +146,7 @@ class Batcher:
     seed: int
     pad_id: int
     document_offsets: bool = False  # for attention.document_attention, in place of any padding mask
+    width_multiple: int = 1  # rows padded to a multiple of this (fp8.row_width_multiple)
 
     def __post_init__(self) -> None:
         self.rows = layout([len(ids) for ids, _ in self.encoded.examples], self.max_seq_len, self.packing)
@@ -163,7 +164,7 @@ class Batcher:
     def collate(self, rows: list[list[int]]) -> tuple[dict, int]:
         examples = self.encoded.examples
         lengths = [sum(len(examples[i][0]) for i in row) for row in rows]
-        width = max(lengths)
+        width = -(-max(lengths) // self.width_multiple) * self.width_multiple
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)

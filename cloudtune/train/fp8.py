@@ -1,11 +1,13 @@
 """`method: fp8`: the frozen base's decoder linears stored in float8 e4m3, one scale per output row.
 
 Half the bytes of a bf16 base. On GPUs with FP8 tensor cores (compute capability 8.9: Ada, Hopper,
-Blackwell) the forward matmul runs there through `torch._scaled_mm` with row-wise scales: each token's
-activation row gets its own scale, quantised by one compiled (Triton) kernel, since a separate amax, divide
-and cast per call costs more than FP8 saves (bench/results/fp8_layers.jsonl). The input gradient
-grad·W runs in 16 bits on the dequantised weight, as bitsandbytes' bases do. Elsewhere (the CPU, where
-the tests run) both run in 16/32 bits on the dequantised weight: the same function, slower.
+Blackwell) both of the base's matmuls run there through `torch._scaled_mm` with row-wise scales: the
+forward x·Wᵀ, each token's activation row quantised with its own scale, and the input gradient grad·W,
+the weight's row scales folded into grad's columns before grad's rows are quantised the same way (W's
+transposed copy is made per call: keeping one would cost the bytes FP8 saves). Quantising is one Triton
+kernel a row (fp8_kernels.py), since a separate amax, divide and cast per call costs more than FP8 saves
+(bench/results/fp8_layers.jsonl). Elsewhere (the CPU, where the tests run) both run in 16/32 bits on the
+dequantised weight: the same function, slower.
 """
 from __future__ import annotations
 
@@ -16,6 +18,15 @@ import torch
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 SCALE_FLOOR = 1e-12  # an all-zero row keeps a finite scale
+WIDEST_ROW = 32768  # the widest row the quantiser holds in one program's registers
+# _scaled_mm takes token counts in multiples of 16; a micro-batch of packed rows of any other length
+# would take the dequantised path in every layer (seen: half the steps of a benchmark run)
+TOKEN_MULTIPLE = 16
+
+
+def row_width_multiple(method: str) -> int:
+    """What the batcher pads each micro-batch's rows to a multiple of, for this method."""
+    return TOKEN_MULTIPLE if method == "fp8" else 1
 
 
 def quantise_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,16 +42,6 @@ def fp8_matmuls(device: torch.device) -> bool:
 
 
 @functools.cache
-def _compiled_row_quantiser():
-    # amax over each row, scale and cast in one kernel instead of four; dynamic: the token count varies
-    def activation_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=SCALE_FLOOR) / E4M3_MAX
-        return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-    return torch.compile(activation_rows, dynamic=True)
-
-
-@functools.cache
 def _compiled_dequantiser():
     # one pass (read 1 byte, write 2) instead of eager's three with an fp32 temporary, which made the
     # input gradient 25 % slower than bf16's at the 7B shapes (bench/results/fp8_layers.jsonl, 2026-12-02)
@@ -50,10 +51,29 @@ def _compiled_dequantiser():
     return torch.compile(dequantise)
 
 
-def scaled_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype):
-    """x (n × in, 16 bits) @ (weight · scale)ᵀ on the FP8 tensor cores, row-wise scales on both sides."""
-    quantised, x_scale = _compiled_row_quantiser()(x)
-    return torch._scaled_mm(quantised, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=out_dtype)
+@functools.cache
+def _ones(columns: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(1, columns, device=device)
+
+
+def scaled_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (n × in, bf16) @ (weight · scale)ᵀ on the FP8 tensor cores, row-wise scales on both sides."""
+    from .fp8_kernels import quantise_rows as quantise
+
+    quantised, x_scale = quantise(x, None, SCALE_FLOOR)
+    return torch._scaled_mm(quantised, weight.t(), scale_a=x_scale, scale_b=scale.view(1, -1), out_dtype=x.dtype)
+
+
+def scaled_input_gradient(grad: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """grad (n × out, bf16) @ (weight · scale) on the FP8 tensor cores: grad·diag(scale) is quantised by
+    rows, and _scaled_mm's second operand must be column-major, which for W is its transposed copy."""
+    from .fp8_kernels import quantise_rows as quantise
+    from .fp8_kernels import transposed
+
+    quantised, grad_scale = quantise(grad, scale, SCALE_FLOOR)
+    column_major = transposed(weight).t()
+    return torch._scaled_mm(quantised, column_major, scale_a=grad_scale,
+                            scale_b=_ones(weight.shape[1], grad.device), out_dtype=grad.dtype)
 
 
 class _Float8Matmul(torch.autograd.Function):
@@ -81,9 +101,10 @@ class Float8Linear(torch.nn.Linear):
         self.register_buffer("weight_scale", scale)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.compute_dtype = compute_dtype
-        # _scaled_mm takes sizes in multiples of 16 (the token count too is checked per call, as only
-        # shapes of that kind were measured)
-        self.fp8_shapes = self.in_features % 16 == 0 and self.out_features % 16 == 0
+        # _scaled_mm takes sizes in multiples of 16 (the token count is checked per call); each side's
+        # rows are quantised, forward and backward
+        self.fp8_shapes = all(n % TOKEN_MULTIPLE == 0 and n <= WIDEST_ROW
+                              for n in (self.in_features, self.out_features))
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight.is_cuda:
@@ -94,21 +115,28 @@ class Float8Linear(torch.nn.Linear):
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
+    def _on_fp8_cores(self, flat: torch.Tensor) -> bool:
+        # row-wise scaled _scaled_mm writes bf16 only
+        return self.fp8_shapes and flat.shape[0] % TOKEN_MULTIPLE == 0 and flat.dtype == torch.bfloat16 \
+            and fp8_matmuls(flat.device)
+
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._dtype(x)
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        if self.fp8_shapes and flat.shape[0] % 16 == 0 and fp8_matmuls(x.device) \
-                and dtype in (torch.bfloat16, torch.float16):
-            out = scaled_matmul(flat, self.weight, self.weight_scale, dtype)
+        flat = x.reshape(-1, x.shape[-1]).to(self._dtype(x))
+        if self._on_fp8_cores(flat):
+            out = scaled_matmul(flat, self.weight, self.weight_scale)
         else:  # the dequantised fallback: no FP8 tensor cores, or a shape _scaled_mm refuses
-            out = flat @ self.dense_weight(dtype).t()
+            out = flat @ self.dense_weight(flat.dtype).t()
         if self.bias is not None:
-            out = out + self.bias.to(dtype)
+            out = out + self.bias.to(out.dtype)
         return out.view(*x.shape[:-1], self.out_features)
 
     def input_gradient(self, grad: torch.Tensor) -> torch.Tensor:
         flat = grad.reshape(-1, grad.shape[-1])
-        return (flat @ self.dense_weight(flat.dtype)).view(*grad.shape[:-1], self.in_features)
+        if self._on_fp8_cores(flat):
+            out = scaled_input_gradient(flat, self.weight, self.weight_scale)
+        else:
+            out = flat @ self.dense_weight(flat.dtype)
+        return out.view(*grad.shape[:-1], self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

@@ -25,6 +25,7 @@ from . import Stopped, attention, checkpoint, distributed, export, quiet, say, t
 from . import model as model_lib
 from .data import IGNORE, Batcher, Encoded, encode, load_rows
 from .evaluation import make_evaluation
+from .fp8 import row_width_multiple
 
 
 def preflight(recipe: Recipe, device: torch.device) -> None:
@@ -152,7 +153,8 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
 
     per_document = base.config._attn_implementation == attention.DOCUMENT_ATTENTION
     batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed,
-                      tokenizer.pad_token_id, document_offsets=per_document)
+                      tokenizer.pad_token_id, document_offsets=per_document,
+                      width_multiple=row_width_multiple(recipe.method))
     steps = total_steps(recipe, len(batcher))
     evaluation = make_evaluation(recipe, eval_encoded, steps, precision, device, fused, tokenizer.pad_token_id,
                                  per_document, world)
@@ -415,7 +417,9 @@ def train_step(model, group: list, step: StepContext, share: list | None = None)
     device, scaler, optimizer = step.device, step.scaler, step.optimizer
     share = group if share is None else share
     n_items = sum(int((batch["labels"][:, 1:] != IGNORE).sum()) for batch, _ in group)
-    loss_sum = 0.0
+    # Summed on the device and read once the step is done: reading each micro-batch's loss, or the grad
+    # norm before the optimizer step, would make the host wait on the GPU and the GPU then wait on the host.
+    loss_sum = torch.zeros((), device=device)
     for index, (batch, _tokens) in enumerate(share):
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with distributed.gradient_sync(model, index == len(share) - 1):
@@ -423,11 +427,10 @@ def train_step(model, group: list, step: StepContext, share: list | None = None)
                 loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
             scaled = loss * step.world_size if step.world_size > 1 else loss
             (scaler.scale(scaled) if scaler else scaled).backward()
-        loss_sum += loss.detach().float().item()
+        loss_sum += loss.detach().float()
     if scaler:
         scaler.unscale_(optimizer)  # clipping and the reported norm see the true gradients
-    grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(step.trainable, step.max_grad_norm)) \
-        if step.max_grad_norm else None
+    grad_norm = torch.nn.utils.clip_grad_norm_(step.trainable, step.max_grad_norm) if step.max_grad_norm else None
     if scaler:
         scaler.step(optimizer)
         scaler.update()
@@ -437,7 +440,8 @@ def train_step(model, group: list, step: StepContext, share: list | None = None)
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # so the step's time is the GPU's, not just the launch queue's
-    return loss_sum, n_items, grad_norm if grad_norm is None or math.isfinite(grad_norm) else None
+    grad_norm = None if grad_norm is None else distributed.as_float(grad_norm)
+    return loss_sum.item(), n_items, grad_norm if grad_norm is None or math.isfinite(grad_norm) else None
 
 
 @contextmanager
