@@ -141,3 +141,27 @@ def test_the_tiny_llama_trains_the_same_fused_as_under_peft(ct_home):
             plain = reference(input_ids=ids).logits
             assert torch.equal(fused(input_ids=ids).logits, plain)
         assert relative(fused(input_ids=ids).logits, plain) > 1e-3  # and the adapters are back on
+
+
+def test_the_compute_copies_of_the_adapters_follow_every_update_of_them():
+    """Under autocast the fused module multiplies with bf16 copies of A and s·B, made once per change of
+    A or B: each optimizer step, and a load of other weights, must reach the next forward."""
+    reference, fused = adapted("lora", 0.0), adapted("lora", 0.0)
+    fuse_lora(fused)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.05)
+                  for m in (reference, fused)]
+    x, upstream = torch.randn(3, 7, 64), torch.randn(3, 7, 48)
+    before = None
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (want_out, _, _), (got_out, _, _) = (step(model, x, upstream, seed=5) for model in (reference, fused))
+        assert relative(got_out, want_out) < 1e-2
+        assert before is None or relative(got_out, before) > 1e-2  # the step changed what it computes
+        before = got_out
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    fused.load_state_dict(adapted("lora", 0.0, seed=9).state_dict())
+    reloaded = adapted("lora", 0.0, seed=9)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert relative(fused(x), reloaded(x)) < 1e-2

@@ -44,7 +44,7 @@ class LoraProjection(torch.autograd.Function):
     """The adapted projection's forward and backward in one node (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling: float, dropout: float):
+    def forward(ctx, x, lora_a, lora_b, base, scaling: float, dropout: float, factors):
         with torch.no_grad():
             y = base(x)  # exactly what peft's module computes first, quantised kernels and autocast included
         dtype = y.dtype
@@ -56,31 +56,49 @@ class LoraProjection(torch.autograd.Function):
             scaled = F.dropout(torch.ones_like(flat), dropout, training=True)
             flat = flat * scaled
             keep = scaled != 0
-        a = lora_a.to(dtype)
-        scaled_b = lora_b.to(dtype) * scaling
+        a, scaled_b = factors(dtype)
         h = flat @ a.t()
         out = y.reshape(-1, y.shape[-1]).addmm_(h, scaled_b.t())
-        ctx.save_for_backward(flat, h, lora_a, lora_b, keep)
+        ctx.save_for_backward(flat, h, a, scaled_b, keep)
         ctx.base, ctx.scaling, ctx.dropout, ctx.x_shape, ctx.x_dtype = base, scaling, dropout, x.shape, x.dtype
+        ctx.factor_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(*y.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        flat, h, lora_a, lora_b, keep = ctx.saved_tensors
+        flat, h, a, scaled_b, keep = ctx.saved_tensors
+        a_dtype, b_dtype = ctx.factor_dtypes
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(h.dtype)
-        scaled_b = lora_b.to(h.dtype) * ctx.scaling
         grad_h = grad @ scaled_b  # n × r
-        grad_a = (grad_h.t() @ flat).to(lora_a.dtype)
-        grad_b = (grad.t() @ h).mul_(ctx.scaling).to(lora_b.dtype)
+        grad_a = (grad_h.t() @ flat).to(a_dtype)
+        grad_b = (grad.t() @ h).mul_(ctx.scaling).to(b_dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = input_gradient(ctx.base, grad)
             if keep is None:
-                grad_x.addmm_(grad_h, lora_a.to(h.dtype))
+                grad_x.addmm_(grad_h, a)
             else:
-                grad_x.addcmul_(grad_h @ lora_a.to(h.dtype), keep, value=1 / (1 - ctx.dropout))
+                grad_x.addcmul_(grad_h @ a, keep, value=1 / (1 - ctx.dropout))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+class ComputeFactors:
+    """A and s·B in the compute dtype, made again only once the optimizer has changed A or B (their
+    version counters move with every in-place update): casting and scaling them in every forward and
+    backward cost six small kernels per adapted projection, a fifth of a 7B step's kernel launches."""
+
+    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float):
+        self.lora_a, self.lora_b, self.scaling = lora_a, lora_b, scaling
+        self.made_for, self.factors = None, None
+
+    def __call__(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (dtype, self.lora_a._version, self.lora_b._version, self.scaling)
+        if key != self.made_for:
+            with torch.no_grad():
+                self.factors = self.lora_a.to(dtype), self.lora_b.to(dtype) * self.scaling
+            self.made_for = key
+        return self.factors
 
 
 def _fusable_adapter(module) -> str | None:
@@ -102,8 +120,12 @@ def fused_forward(self, x, *args, **kwargs):
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-    return LoraProjection.apply(x, self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.base_layer,
-                                self.scaling[adapter], p)
+    lora_a, lora_b, scaling = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter]
+    factors = self._compute_factors.get(adapter)
+    if factors is None or factors.lora_a is not lora_a or factors.lora_b is not lora_b:
+        factors = self._compute_factors[adapter] = ComputeFactors(lora_a, lora_b, scaling)
+    factors.scaling = scaling
+    return LoraProjection.apply(x, lora_a, lora_b, self.base_layer, scaling, p, factors)
 
 
 def _linear_lora_classes() -> tuple[type, ...]:
@@ -126,6 +148,7 @@ def fuse_lora(model) -> int:
     for module in model.modules():
         if isinstance(module, classes) and not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
+            module._compute_factors = {}
             module.forward = types.MethodType(fused_forward, module)
             count += 1
     return count
