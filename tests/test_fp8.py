@@ -103,3 +103,34 @@ def test_fp8_batches_hold_token_counts_the_fp8_matmul_takes():
         offsets, _ = document_offsets(batch["position_ids"])
         assert offsets.tolist() == documents
     assert TOKEN_MULTIPLE == 16
+
+
+def test_both_matmuls_on_the_fp8_path_compute_the_layer(monkeypatch):
+    """The GPU's path, forward x·Wᵀ and input gradient grad·W through `torch._scaled_mm` (which runs on this
+    CPU too), with the two Triton kernels (row quantiser, transpose) replaced by eager equivalents: the
+    weight's row scales folded into grad's columns and the operands' layouts give what the dense layer
+    gives. The kernels themselves are checked on the GPU (bench/fp8_layers.py)."""
+    import sys
+    import types
+
+    from cloudtune.train import fp8
+
+    def quantise(x, column_scale, floor):
+        x = x.float() * (1 if column_scale is None else column_scale)
+        scale = x.abs().amax(dim=1, keepdim=True).clamp(min=floor) / 448
+        return (x / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+    kernels = types.SimpleNamespace(quantise_rows=quantise, transposed=lambda matrix: matrix.t().contiguous())
+    monkeypatch.setitem(sys.modules, "cloudtune.train.fp8_kernels", kernels)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-3, 2, 48)[:, None])  # output rows five decades apart
+    layer = Float8Linear(linear, torch.bfloat16)
+    x, grad = torch.randn(32, 64, dtype=torch.bfloat16), torch.randn(32, 48, dtype=torch.bfloat16)
+    out = fp8.scaled_matmul(x, layer.weight, layer.weight_scale)
+    input_grad = fp8.scaled_input_gradient(grad, layer.weight, layer.weight_scale)
+    assert out.dtype == input_grad.dtype == torch.bfloat16
+    want_out, want_grad = x.float() @ linear.weight.t(), grad.float() @ linear.weight
+    assert ((out.float() - want_out).norm(dim=0) / want_out.norm(dim=0)).max() < 0.08  # every output column
+    assert (input_grad.float() - want_grad).norm() / want_grad.norm() < 0.08
