@@ -121,7 +121,7 @@ class FakeCloud:
         self.record("cancel_request", request=request_id)
         self._requests.pop(request_id, None)
 
-    def wait_launched(self, request_id: str) -> dict:
+    def wait_launched(self, request_id: str) -> tuple[dict, int | None]:
         task, cluster = self._requests.pop(request_id)
         first = list(task.resources)[0]  # SkyPilot tries `ordered` alternatives in order; the first has capacity
         if not self.cluster_dir(cluster).exists():
@@ -142,35 +142,43 @@ class FakeCloud:
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.is_symlink():
                 target.symlink_to(bucket, target_is_directory=True)
-        if task.setup:
-            done = subprocess.run(["bash", "-c", task.setup], cwd=self.home(cluster), env=self._env(cluster, task),
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"setup failed on {cluster}: {done.stdout}{done.stderr}")
-        return self._state(cluster)["launched"]
+        job_id = self._submit(task, cluster) if task.setup or task.run else None
+        return self._state(cluster)["launched"], job_id
 
-    def exec(self, task, cluster: str) -> int:
+    def _submit(self, task, cluster: str) -> int:
+        """As SkyPilot's launch does: one job, queued before the launch returns, that runs the setup
+        (failing as FAILED_SETUP) and then the run script; their output is the job log, the run's exit
+        status the job status."""
         state = self._state(cluster)
         job_id = len(state["jobs"]) + 1
         home = self.home(cluster)
-        secrets_file = home / "cloudtune" / "upload" / "secrets.env"  # what the sync's upload brought
-        self.record("exec", cluster=cluster, job_id=job_id, resources=[str(r) for r in task.resources],
-                    secrets=sorted(task.secrets), envs=sorted(task.envs),
+        secrets_file = home / "cloudtune" / "upload" / "secrets.env"  # what the task's upload brought
+        self.record("job", cluster=cluster, job_id=job_id, resources=[str(r) for r in task.resources],
+                    secrets=sorted(task.secrets), envs=sorted(task.envs), has_setup=bool(task.setup),
+                    has_run=bool(task.run),
                     secrets_file_mode=oct(secrets_file.stat().st_mode & 0o777) if secrets_file.exists() else None)
-        log = home / f".job-{job_id}.log"
-        # As SkyPilot does: the run script's output is the job log, its exit status the job status.
-        wrapper = f"( {task.run}\n) > {log} 2>&1; echo $? > {home}/.job-{job_id}.exit"
+        log, exit_file = home / f".job-{job_id}.log", home / f".job-{job_id}.exit"
+        setup = (f"( {task.setup}\n) > {log} 2>&1 || {{ echo FAILED_SETUP > {exit_file}; exit; }}\n"
+                 if task.setup else f": > {log}\n")
+        wrapper = f"{setup}( {task.run or ':'}\n) >> {log} 2>&1; echo $? > {exit_file}"
         process = subprocess.Popen(["bash", "-c", wrapper], cwd=home, env=self._env(cluster, task),
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         state["jobs"][str(job_id)] = {"pid": process.pid}
         self._save(cluster, state)
         return job_id
 
-    def _exit(self, cluster: str, job_id: int) -> int | None:
+    def _exit(self, cluster: str, job_id: int) -> int | str | None:
         path = self.home(cluster) / f".job-{job_id}.exit"
-        return int(path.read_text()) if path.exists() and path.read_text().strip() else None
+        text = path.read_text().strip() if path.exists() else ""
+        return int(text) if text.isdigit() else text or None
 
     def job_status(self, cluster: str, job_id: int | None) -> str | None:
+        return self._job_state(cluster, job_id)
+
+    def _job_state(self, cluster: str, job_id: int | None) -> str | None:
+        """job_status for the fake's own use (its log tail polls it), apart from the SkyClient seam's."""
+        if not (self.cluster_dir(cluster) / "state.json").exists():
+            return None  # as SkyClient.job_status answers SkyPilot's ClusterDoesNotExist
         job = self._state(cluster)["jobs"].get(str(job_id))
         if job is None:
             return None
@@ -179,7 +187,7 @@ class FakeCloud:
         code = self._exit(cluster, job_id)
         if code is None:
             return "RUNNING"
-        return "SUCCEEDED" if code == 0 else "FAILED"
+        return "SUCCEEDED" if code == 0 else code if isinstance(code, str) else "FAILED"
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
         if job_id is None:  # as SkyPilot does: the cluster's latest job
@@ -206,7 +214,7 @@ class FakeCloud:
                         return
                     yield line
                     continue
-                if not follow or self.job_status(cluster, job_id) != "RUNNING":
+                if not follow or self._job_state(cluster, job_id) != "RUNNING":
                     rest = line + handle.read()
                     yield from (part + "\n" for part in rest.splitlines())
                     return
@@ -267,8 +275,7 @@ class FakeCloud:
     def _start_job(self, name: str) -> None:
         cluster = f"{name}-{self._recoveries[name]}"
         task = self._job_tasks[name]
-        self.wait_launched(self.launch(task, cluster, autostop_minutes=0))
-        self.exec(task, cluster)
+        self.wait_launched(self.launch(task, cluster, autostop_minutes=0))  # the job: setup, then run
         self._job_cluster[1] = cluster
 
     def jobs_tail_logs(self, job_id: int, follow: bool) -> Iterator[str]:
@@ -292,7 +299,7 @@ class FakeCloud:
             return None
         if not self.cluster_dir(cluster).exists():
             return self._job_final.get(job_id, "CANCELLED")
-        status = self.job_status(cluster, 1)
+        status = self._job_state(cluster, 1)
         if status in ("SUCCEEDED", "FAILED"):  # the controller takes a finished job's machine down itself
             self._job_final[job_id] = status
             self.down(cluster)

@@ -253,13 +253,9 @@ class TaskRecorder:
         self.tasks.append(task)
         return "request-1"
 
-    def wait_launched(self, request_id: str) -> dict:
+    def wait_launched(self, request_id: str) -> tuple[dict, int | None]:
         return {"cloud": "lambda", "region": "us-east-1", "zone": None, "instance_type": "gpu_1x_a10",
-                "accelerators": {"A10": 1}, "spot": False, "price_per_hour": 1.29}
-
-    def exec(self, task, cluster: str) -> int:
-        self.tasks.append(task)
-        return 1
+                "accelerators": {"A10": 1}, "spot": False, "price_per_hour": 1.29}, 1 if self.tasks[-1].run else None
 
 
 def test_several_machines_reach_skypilot_as_num_nodes(tmp_path):
@@ -346,14 +342,17 @@ def test_run_provisions_syncs_trains_pulls_and_tears_down(tmp_path, cloud, regis
     assert run_json["image_digest"] == f"{registry}/cloudtune/train@{Registry.digest}"
 
     calls = cloud.calls()
-    assert [c["call"] for c in calls] == ["launch", "launch", "exec", "down"]
-    provision, sync, start, _ = calls
+    assert [c["call"] for c in calls] == ["launch", "launch", "job", "down"]
+    provision, start, job, _ = calls
     assert provision["resources"][0].startswith("Lambda(gpu_1x_a10") and len(provision["resources"]) == 3
     assert provision["autostop_minutes"] == 20 and not provision["file_mounts"] and not provision["has_run"]
-    assert sync["file_mounts"] == ["~/cloudtune/upload"] and sync["has_setup"] and not sync["secrets"]
+    # One launch on the cluster carries the upload, the setup and the training: one job, no exec after it.
+    assert start["file_mounts"] == ["~/cloudtune/upload"] and start["has_setup"] and start["has_run"]
+    assert start["resources"] == [provision["resources"][0]] and start["autostop_minutes"] == 20
     # The secret went up in the upload as a file only its owner reads, never as task envs or secrets,
     # which SkyPilot writes into its job script (Slurm: its executor's command line).
-    assert start["secrets_file_mode"] == "0o600" and not start["secrets"] and "HF_TOKEN" not in start["envs"]
+    assert job["secrets_file_mode"] == "0o600" and not job["secrets"] and "HF_TOKEN" not in job["envs"]
+    assert not start["secrets"]
     assert cloud.status() == {}, "cluster left behind"
 
     ledger = Ledger()
@@ -425,7 +424,7 @@ def test_a_dropped_log_stream_is_reattached_and_the_run_goes_on(tmp_path, image,
                      events)
     assert result.status == "succeeded" and result.receipt["steps"] == 6
     calls = [c["call"] for c in cloud.calls()]
-    assert calls == ["launch", "launch", "exec", "stream_dropped", "down"]
+    assert calls == ["launch", "launch", "job", "stream_dropped", "down"]
     assert any("log stream dropped (the stream ended) while the job is RUNNING: reattaching" in warning
                for warning in events.warnings)
     steps = [line.split()[1] for line in events.lines if line.startswith("step ")]
@@ -821,10 +820,10 @@ def test_real_client_against_a_local_skypilot_api_server(tmp_path, monkeypatch):
         assert client.server.started and _api_servers(port), "cloudtune started the server, and knows it"
         assert client.status() == {} and SkyPilotBackend(client=client).list_machines() == {}
         client.down("ct-never-launched")  # SkyPilot's ClusterDoesNotExist means: already gone
-        task = to_task(task_config("ct-never-launched", {"accelerators": {"A10G": 1}}, run=True))
-        with pytest.raises(CloudtuneError) as gone:  # SkyPilot's own error from exec (whichever), translated
-            client.exec(task, "ct-never-launched")
-        assert gone.value.message.startswith("SkyPilot exec") and gone.value.hint
+        assert client.job_status("ct-never-launched", 1) is None  # SkyPilot's ClusterDoesNotExist: gone
+        with pytest.raises(CloudtuneError) as gone:  # SkyPilot's own error from cancel (whichever), translated
+            client.cancel("ct-never-launched", 1)
+        assert gone.value.message.startswith("SkyPilot cancel") and gone.value.hint
         client.server.release()
         deadline = time.time() + 60
         while _api_servers(port) and time.time() < deadline:
@@ -914,7 +913,6 @@ def test_every_client_call_turns_skypilots_errors_into_one_message_and_keeps_std
     task = to_task(task_config("ct-x", {"infra": "aws", "instance_type": "g5.xlarge"}))
     calls = {
         "launch": lambda: client.launch(task, "ct-x", autostop_minutes=5),
-        "exec": lambda: client.exec(task, "ct-x"),
         "tail_logs": lambda: list(client.tail_logs("ct-x", 1, False)),
         "job_status": lambda: client.job_status("ct-x", 1),
         "cancel": lambda: client.cancel("ct-x", 1),
@@ -945,7 +943,8 @@ def test_every_client_call_turns_skypilots_errors_into_one_message_and_keeps_std
     assert "retry later" in translate("launch", exceptions.ResourcesUnavailableError("no capacity")).hint
     assert "cloudtune check" in translate("launch", exceptions.NoCloudAccessError("none")).hint
     assert "not supported" in translate("launch", exceptions.NotSupportedError("docker_image")).message
-    assert "not up" in translate("exec", exceptions.ClusterNotUpError("ct-x is INIT", cluster_status=None)).message
+    not_up = exceptions.ClusterNotUpError("ct-x is INIT", cluster_status=None)
+    assert "not up" in translate("job_status", not_up).message
 
 
 def test_every_sdk_call_matches_skypilot_0_14_1():
@@ -970,7 +969,6 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
         (sdk.enabled_clouds, (), {}),
         (sky.launch, (task,), {"cluster_name": "ct-x", "idle_minutes_to_autostop": 30, "down": True}),
         (sky.stream_and_get, (object(),), {"output_stream": stream}),
-        (sky.exec, (task,), {"cluster_name": "ct-x"}),
         (sky.tail_logs, ("ct-x", 1), {"follow": True, "preload_content": False}),
         (sky.job_status, ("ct-x", [1]), {}),
         (sky.cancel, ("ct-x",), {"job_ids": [1], "all": False}),

@@ -9,14 +9,18 @@ How the lifecycle maps onto SkyPilot (on-demand):
              run first, as `ordered` alternatives (SkyPilot tries them in that order, unlike a set,
              which it would rank by $/hour). Autostop with down=True is armed at launch, so a killed
              CLI still ends the bill.
-  sync       sky.launch on the same cluster with one file mount (the bundle with the cloudtune wheel
-             in it, the wheel's requirements, checksums); setup verifies them and installs the wheel.
-  start      sky.exec of `python -m cloudtune.train`. Secrets travel in the upload as a 0600 file the run
-             script reads and deletes before the trainer starts, never as task envs or `secrets:`, which
-             SkyPilot writes into its job script or (Slurm) its executor's command line, where `ps` shows
-             them. A managed job (spot) is the exception: its upload is copied through the jobs controller
-             and a bucket, so it carries SkyPilot's own task `secrets:`.
-  logs       sky.tail_logs.
+  sync       the upload folder, made locally: the bundle with the cloudtune wheel in it, the wheel's
+             requirements, checksums (and the secrets file); nothing is asked of SkyPilot yet.
+  start      one sky.launch on the same cluster (its provisioning a no-op there) with the upload as a file
+             mount, `setup:` that verifies it and installs the wheel, and `run:` the training. SkyPilot
+             runs a launch's setup inside the job, before its run, on every node: one job, not a setup job
+             and a `sky.exec` after it, which cost a job's start-up and two round trips more. Secrets
+             travel in the upload as a 0600 file the run script reads and deletes before the trainer
+             starts, never as task envs or `secrets:`, which SkyPilot writes into its job script or
+             (Slurm) its executor's command line, where `ps` shows them. A managed job (spot) is the
+             exception: its upload is copied through the jobs controller and a bucket, so it carries
+             SkyPilot's own task `secrets:`.
+  logs       sky.tail_logs; the job's final status it saw is the exit status, not asked for again.
   pull       rsync over the SSH alias SkyPilot writes for every cluster.
   teardown   sky.down, then sky.status to verify the cluster is gone.
 Spot (`compute.spot`): one SkyPilot managed job, outputs and checkpoints on a bucket, `--resume`
@@ -405,30 +409,14 @@ class SkyClient:
 
         sky.get(sky.api_cancel(request_id, silent=True))
 
-    def wait_launched(self, request_id: str) -> dict[str, Any]:
+    def wait_launched(self, request_id: str) -> tuple[dict[str, Any], int | None]:
+        """The machine SkyPilot chose, and the id of the job it submitted: a task with `run:` (and its
+        `setup:`, which SkyPilot runs inside that job first) is queued, not finished, when the launch
+        returns. None for a task with neither."""
         import sky
 
         job_id, handle = sky.stream_and_get(request_id, output_stream=self.progress)
-        if job_id is not None:  # a launch with a setup step: SkyPilot runs it detached
-            self._wait_for_setup(handle.cluster_name, job_id)
-        return launched(handle.launched_resources)
-
-    def _wait_for_setup(self, cluster: str, job_id: int) -> None:
-        """SkyPilot runs a launch's setup detached, as a job of its own, and returns before it is done: a
-        job exec'd next would start on a half-prepared machine. Its log is shown until it ends."""
-        for line in self.tail_logs(cluster, job_id, follow=True):
-            self.progress.write(line if line.endswith("\n") else line + "\n")
-        status = self.job_status(cluster, job_id)
-        if status != "SUCCEEDED":
-            raise RuntimeError(f"the setup step on {cluster} ended {status} (its output is above)")
-
-    def exec(self, task, cluster: str) -> int:
-        import sky
-
-        with contextlib.redirect_stdout(self.progress):  # as in launch
-            request = sky.exec(task, cluster_name=cluster)
-        job_id, _ = sky.stream_and_get(request, output_stream=self.progress)
-        return job_id
+        return launched(handle.launched_resources), job_id
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
         """The job's log lines, without SkyPilot's colours and its `(task, pid=N) ` before every line. A
@@ -445,9 +433,15 @@ class SkyClient:
             raise ConnectionError(str(exc)) from exc
 
     def job_status(self, cluster: str, job_id: int | None) -> str | None:
+        """The job's status; None once the job or its cluster is gone. SkyPilot refreshes the cluster's
+        status for this call itself, so a `status` before it would only ask the cloud twice."""
         import sky
+        from sky import exceptions
 
-        statuses = sky.get(sky.job_status(cluster, [job_id] if job_id is not None else None))
+        try:
+            statuses = sky.get(sky.job_status(cluster, [job_id] if job_id is not None else None))
+        except exceptions.ClusterDoesNotExist:
+            return None
         status = next(iter(statuses.values()), None)
         return status.value if status is not None else None
 
@@ -683,6 +677,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         self._provisioning: set[str] = set()
         self._requested: set[str] = set()
         self._listed: dict[str, str] | None = None  # every cluster SkyPilot listed for `down`
+        self._final_status: dict[str, str | None] = {}  # run id -> the job's final status the log stream saw
 
     def quote(self, recipe: Recipe, report) -> Quote:
         """The cheapest offer that fits, priced for the whole run; refused when none fits or over budget."""
@@ -805,10 +800,10 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             ctx.state.managed_job, ctx.state.bucket = True, bucket_name(ctx.machine)
             return
         resources = resources_config(candidates, recipe.compute, disk_size_gib(recipe, self.model_bytes), managed=False)
-        ctx.state.launched = self._launch(ctx, task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes),
-                                          "provisioning")
+        ctx.state.launched, _ = self._launch(ctx, task_config(ctx.machine, resources,
+                                                              num_nodes=recipe.compute.num_nodes), "provisioning")
 
-    def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> dict[str, Any]:
+    def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> tuple[dict[str, Any], int | None]:
         recipe = self._recipe(ctx)
         task = to_task(config)
         self._requested.add(ctx.run_id)
@@ -852,20 +847,12 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         return resources
 
     def sync(self, ctx: RunContext, bundle: Bundle, secrets: dict[str, str]) -> None:
+        """The upload, made here; the task start() launches carries it (as a managed job's does)."""
         upload, wheel_name = prepare_upload(ctx.work_dir, bundle)
         ctx.state.wheel, ctx.state.bundle_sha256 = wheel_name, bundle.sha256
         self._secrets[ctx.run_id] = dict(secrets)
-        if self._managed(ctx):
-            return  # the managed job carries the upload itself
-        if secrets:
+        if secrets and not self._managed(ctx):  # a managed job's go as SkyPilot's `secrets:` (see start)
             write_secrets_file(upload / SECRETS_FILE, secrets)
-        compute = self._recipe(ctx).compute
-        config = task_config(ctx.machine, self._pinned_resources(ctx), num_nodes=compute.num_nodes, upload_dir=upload,
-                             wheel_name=wheel_name, envs=cluster_setup_envs(compute, upload))
-        try:
-            self._launch(ctx, config, "setting up")
-        finally:
-            remove_upload(ctx)
 
     def start(self, ctx: RunContext, resume: bool = False) -> None:
         # `resume` needs no flag here: the run script resumes whenever out/ holds a checkpoint, which is
@@ -881,11 +868,17 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             finally:
                 remove_upload(ctx)
             return
-        # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
-        resources = {"accelerators": ctx.state.launched["accelerators"]}
-        config = task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes, run=True,
-                             envs=image_envs(recipe.compute) | ctx.train_env)
-        ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
+        # The pinned resources name the GPUs, so the job gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from
+        # the request), and match the cluster's, so SkyPilot skips provisioning it again.
+        upload = ctx.work_dir / UPLOAD
+        config = task_config(ctx.machine, self._pinned_resources(ctx), num_nodes=recipe.compute.num_nodes,
+                             upload_dir=upload, wheel_name=ctx.state.wheel, run=True,
+                             envs=image_envs(recipe.compute) | cluster_setup_envs(recipe.compute, upload)
+                             | ctx.train_env)
+        try:
+            _, ctx.state.job_id = self._launch(ctx, config, "starting the training on")
+        finally:
+            remove_upload(ctx)
 
     def logs(self, ctx: RunContext, follow: bool = True) -> Iterator[str]:
         """The job's log from SkyPilot; a redacted copy is kept locally for after the machine is gone."""
@@ -931,6 +924,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
                 why = f"{type(exc).__name__}: {str(exc)[:200]}"
             status = self._job_status(ctx, reachable_only=False)
             if status is None or status in JOB_EXIT:
+                self._final_status[ctx.run_id] = status  # exit_code's answer: a final status stays final
                 return
             dropped_at = dropped_at or time.time()
             if time.time() - dropped_at > REATTACH_SECONDS:
@@ -948,8 +942,6 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         try:
             if self._managed(ctx):
                 return self.client.jobs_status(job_id)
-            if ctx.machine not in self.client.status([ctx.machine]):
-                return None
             return self.client.job_status(ctx.machine, job_id)
         except (OSError, CloudtuneError) as exc:
             if reachable_only or not out_of_reach(exc):
@@ -957,7 +949,11 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             return "UNREACHABLE"
 
     def exit_code(self, ctx: RunContext) -> int | None:
-        return JOB_EXIT.get(self._job_status(ctx) or "")
+        if ctx.run_id in self._final_status:  # the log stream just ended on it
+            status = self._final_status.pop(ctx.run_id)
+        else:
+            status = self._job_status(ctx)
+        return JOB_EXIT.get(status or "")
 
     def pull(self, ctx: RunContext, staging: Path) -> None:
         staging.mkdir(parents=True, exist_ok=True)
