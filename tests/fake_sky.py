@@ -46,7 +46,7 @@ class FakeCloud:
     def __init__(self, root: Path, image: Path, *, enabled: tuple[str, ...] = ("aws", "lambda", "runpod", "gcp"),
                  corrupt_on_pull: bool = False, interrupt_after_lines: int | None = None,
                  fail_after_lines: int | None = None, drop_after_lines: int | None = None,
-                 interrupt_launch: bool = False, preempt_on: str | None = None):
+                 interrupt_launch: bool = False, preempt_on: str | None = None, corrupt_upload: bool = False):
         self.root = root
         self.image = image
         self.enabled = list(enabled)
@@ -55,6 +55,7 @@ class FakeCloud:
         self.fail_after_lines = fail_after_lines  # the API server is gone: every stream breaks after N lines
         self.drop_after_lines = drop_after_lines  # one stream ends quietly after N lines, the job runs on
         self.interrupt_launch = interrupt_launch  # Ctrl-C while the cluster is provisioned (INIT)
+        self.corrupt_upload = corrupt_upload  # the bundle arrives changed: the setup's checksums must catch it
         self._requests: dict[str, tuple] = {}
         self.preempt_on = preempt_on  # a log line with this text: the spot machine is taken away
         self._job_tasks: dict[str, object] = {}  # managed jobs live in this process only
@@ -135,6 +136,9 @@ class FakeCloud:
             shutil.rmtree(target, ignore_errors=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if Path(local).is_dir() else shutil.copy2)(local, target)
+            if self.corrupt_upload and (target / "bundle.tar.gz").is_file():
+                with (target / "bundle.tar.gz").open("ab") as handle:
+                    handle.write(b"\0")
         for remote, storage in (task.storage_mounts or {}).items():  # a bucket outlives every machine
             bucket = self.bucket(storage.name)
             bucket.mkdir(parents=True, exist_ok=True)
@@ -158,8 +162,11 @@ class FakeCloud:
                     has_run=bool(task.run),
                     secrets_file_mode=oct(secrets_file.stat().st_mode & 0o777) if secrets_file.exists() else None)
         log, exit_file = home / f".job-{job_id}.log", home / f".job-{job_id}.exit"
-        setup = (f"( {task.setup}\n) > {log} 2>&1 || {{ echo FAILED_SETUP > {exit_file}; exit; }}\n"
-                 if task.setup else f": > {log}\n")
+        setup = f": > {log}\n"
+        if task.setup:  # a script of its own, as SkyPilot runs it: `set -e` in it holds (not so in a `( ) ||`)
+            script = home / f".job-{job_id}.setup.sh"
+            script.write_text(task.setup)
+            setup = f"bash {script} > {log} 2>&1 || {{ echo FAILED_SETUP > {exit_file}; exit; }}\n"
         wrapper = f"{setup}( {task.run or ':'}\n) >> {log} 2>&1; echo $? > {exit_file}"
         process = subprocess.Popen(["bash", "-c", wrapper], cwd=home, env=self._env(cluster, task),
                                    stdin=subprocess.DEVNULL, start_new_session=True)

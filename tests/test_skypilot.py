@@ -387,6 +387,51 @@ def test_failed_training_is_torn_down_and_the_secret_stays_redacted(tmp_path, cl
     no_secret_anywhere(Path(os.environ["CLOUDTUNE_HOME"]), cloud.root / "calls.jsonl")
 
 
+class SeamCalls:
+    """The fake behind a counter of the SkyClient calls the backend makes (the fake's own polling of its
+    jobs, inside its log tail, is not one of them)."""
+
+    def __init__(self, cloud: FakeCloud):
+        self.cloud, self.names = cloud, []
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self.cloud, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            self.names.append(name)
+            return attribute(*args, **kwargs)
+        return call
+
+
+def test_the_log_streams_final_status_is_the_exit_status_without_asking_again(tmp_path, image, monkeypatch):
+    """Each of SkyPilot's status calls costs seconds (Slurm: a refresh through the login node): once the
+    log has ended, one job_status says how the job ended, and nothing asks again before the pull."""
+    monkeypatch.chdir(tmp_path)
+    seam = SeamCalls(FakeCloud(tmp_path / "fake-cloud", image))
+    result = execute(tiny_recipe(tmp_path, steps=2), SkyPilotBackend(client=seam, plan=a10_plan()), Recorder())
+    assert result.status == "succeeded"
+    after_stream = seam.names[seam.names.index("tail_logs") + 1:seam.names.index("rsync_remote")]
+    assert after_stream == ["job_status"], seam.names
+    assert seam.names.count("status") == 2, seam.names  # the log's check that the cluster is there; teardown's
+
+
+def test_a_failed_setup_fails_the_run_saying_so_and_tears_down(tmp_path, image, monkeypatch):
+    """The setup runs inside the training's job: a bundle that arrives changed fails its checksums, the
+    job ends FAILED_SETUP, and the run fails naming the setup, with sha256sum's verdict in the log."""
+    monkeypatch.chdir(tmp_path)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, corrupt_upload=True)
+    events = Recorder()
+    with pytest.raises(RunFailed) as failed:
+        execute(tiny_recipe(tmp_path, steps=2), SkyPilotBackend(client=cloud, plan=a10_plan(), events=events),
+                events)
+    assert "exited with status 1" in failed.value.message and "bundle.tar.gz: FAILED" in failed.value.message
+    assert any("the setup step on ct-" in warning and "never started" in warning for warning in events.warnings)
+    assert not any(line.startswith("step ") for line in events.lines)
+    assert [c["call"] for c in cloud.calls()][-1] == "down" and cloud.status() == {}
+
+
 @pytest.mark.parametrize("trouble", ["interrupt", "connection"])
 def test_interrupt_or_lost_connection_while_training_tears_down(tmp_path, image, trouble, monkeypatch):
     """A connection that never comes back (every stream breaks, no new line) fails the run once the

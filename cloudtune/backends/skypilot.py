@@ -953,6 +953,9 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             status = self._final_status.pop(ctx.run_id)
         else:
             status = self._job_status(ctx)
+        if status == "FAILED_SETUP":  # else the run would read as a training that failed
+            self.events.warn(f"the setup step on {ctx.machine} failed, so the training never started; its output "
+                             "is the log's end")
         return JOB_EXIT.get(status or "")
 
     def pull(self, ctx: RunContext, staging: Path) -> None:
