@@ -113,7 +113,7 @@ class FakeCloud:
     def launch(self, task, cluster: str, *, autostop_minutes: int) -> str:
         self.record("launch", cluster=cluster, autostop_minutes=autostop_minutes,
                     resources=[str(r) for r in task.resources], file_mounts=sorted(task.file_mounts or {}),
-                    has_setup=bool(task.setup), has_run=bool(task.run), secrets=sorted(task.secrets))
+                    workdir=task.workdir, has_run=bool(task.run), secrets=sorted(task.secrets))
         request = f"request-{len(self._requests) + 1}"
         self._requests[request] = (task, cluster)
         return request
@@ -122,7 +122,7 @@ class FakeCloud:
         self.record("cancel_request", request=request_id)
         self._requests.pop(request_id, None)
 
-    def wait_launched(self, request_id: str) -> tuple[dict, int | None]:
+    def wait_launched(self, request_id: str) -> dict:
         task, cluster = self._requests.pop(request_id)
         first = list(task.resources)[0]  # SkyPilot tries `ordered` alternatives in order; the first has capacity
         if not self.cluster_dir(cluster).exists():
@@ -131,14 +131,12 @@ class FakeCloud:
             if self.interrupt_launch:
                 raise KeyboardInterrupt
             self._save(cluster, {"status": "UP", "launched": launched(first), "jobs": {}})
+        self._sync_workdir(task, cluster)
         for remote, local in (task.file_mounts or {}).items():
             target = self.home(cluster) / remote.removeprefix("~/")
             shutil.rmtree(target, ignore_errors=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if Path(local).is_dir() else shutil.copy2)(local, target)
-            if self.corrupt_upload and (target / "bundle.tar.gz").is_file():
-                with (target / "bundle.tar.gz").open("ab") as handle:
-                    handle.write(b"\0")
         for remote, storage in (task.storage_mounts or {}).items():  # a bucket outlives every machine
             bucket = self.bucket(storage.name)
             bucket.mkdir(parents=True, exist_ok=True)
@@ -146,28 +144,43 @@ class FakeCloud:
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.is_symlink():
                 target.symlink_to(bucket, target_is_directory=True)
-        job_id = self._submit(task, cluster) if task.setup or task.run else None
-        return self._state(cluster)["launched"], job_id
+        if task.setup or task.run:  # as SkyPilot's launch does: one job, its setup first, queued on return
+            self._submit(task, cluster, setup=True)
+        return self._state(cluster)["launched"]
 
-    def _submit(self, task, cluster: str) -> int:
-        """As SkyPilot's launch does: one job, queued before the launch returns, that runs the setup
-        (failing as FAILED_SETUP) and then the run script; their output is the job log, the run's exit
-        status the job status."""
+    def exec(self, task, cluster: str) -> int:
+        """As sky.exec: the workdir synced (file mounts are not), the run as a job (setup is not run)."""
+        self._sync_workdir(task, cluster)
+        secrets_file = self.home(cluster) / "sky_workdir" / "secrets.env"  # what the task's upload brought
+        self.record("exec", cluster=cluster, resources=[str(r) for r in task.resources], workdir=task.workdir,
+                    secrets=sorted(task.secrets), envs=sorted(task.envs), has_setup=bool(task.setup),
+                    secrets_file_mode=oct(secrets_file.stat().st_mode & 0o777) if secrets_file.exists() else None)
+        return self._submit(task, cluster, setup=False)
+
+    def _sync_workdir(self, task, cluster: str) -> None:
+        if not task.workdir:
+            return
+        target = self.home(cluster) / "sky_workdir"  # SkyPilot's SKY_REMOTE_WORKDIR
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(task.workdir, target)
+        if self.corrupt_upload and (target / "bundle.tar.gz").is_file():
+            with (target / "bundle.tar.gz").open("ab") as handle:
+                handle.write(b"\0")
+
+    def _submit(self, task, cluster: str, *, setup: bool) -> int:
+        """A job that runs the setup (a failure ends it FAILED_SETUP), then the run script in the workdir, as
+        SkyPilot's job does; their output is the job log, the run's exit status the job status."""
         state = self._state(cluster)
         job_id = len(state["jobs"]) + 1
         home = self.home(cluster)
-        secrets_file = home / "cloudtune" / "upload" / "secrets.env"  # what the task's upload brought
-        self.record("job", cluster=cluster, job_id=job_id, resources=[str(r) for r in task.resources],
-                    secrets=sorted(task.secrets), envs=sorted(task.envs), has_setup=bool(task.setup),
-                    has_run=bool(task.run),
-                    secrets_file_mode=oct(secrets_file.stat().st_mode & 0o777) if secrets_file.exists() else None)
         log, exit_file = home / f".job-{job_id}.log", home / f".job-{job_id}.exit"
-        setup = f": > {log}\n"
-        if task.setup:  # a script of its own, as SkyPilot runs it: `set -e` in it holds (not so in a `( ) ||`)
+        steps = f": > {log}\n"
+        if setup and task.setup:  # a script of its own, as SkyPilot runs it: `set -e` in it holds
             script = home / f".job-{job_id}.setup.sh"
             script.write_text(task.setup)
-            setup = f"bash {script} > {log} 2>&1 || {{ echo FAILED_SETUP > {exit_file}; exit; }}\n"
-        wrapper = f"{setup}( {task.run or ':'}\n) >> {log} 2>&1; echo $? > {exit_file}"
+            steps = f"bash {script} > {log} 2>&1 || {{ echo FAILED_SETUP > {exit_file}; exit; }}\n"
+        workdir = home / "sky_workdir"
+        wrapper = f"{steps}( cd {workdir} 2>/dev/null; {task.run or ':'}\n) >> {log} 2>&1; echo $? > {exit_file}"
         process = subprocess.Popen(["bash", "-c", wrapper], cwd=home, env=self._env(cluster, task),
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         state["jobs"][str(job_id)] = {"pid": process.pid}
@@ -270,6 +283,10 @@ class FakeCloud:
             (shutil.copytree if Path(local).is_dir() else shutil.copy2)(local, copy)
             uploaded[remote] = str(copy)
         task.set_file_mounts(uploaded or None)
+        if task.workdir:  # the controller's bucket holds the workdir for every recovery
+            copy = self.root / "job-uploads" / name / "workdir"
+            shutil.copytree(task.workdir, copy)
+            task.workdir = str(copy)
         self._job_tasks[name] = task
         self._recoveries[name] = 0
         controller = self.cluster_dir(JOBS_CONTROLLER)
@@ -282,7 +299,7 @@ class FakeCloud:
     def _start_job(self, name: str) -> None:
         cluster = f"{name}-{self._recoveries[name]}"
         task = self._job_tasks[name]
-        self.wait_launched(self.launch(task, cluster, autostop_minutes=0))  # the job: setup, then run
+        self.wait_launched(self.launch(task, cluster, autostop_minutes=0))  # its run starts as a job
         self._job_cluster[1] = cluster
 
     def jobs_tail_logs(self, job_id: int, follow: bool) -> Iterator[str]:

@@ -253,9 +253,13 @@ class TaskRecorder:
         self.tasks.append(task)
         return "request-1"
 
-    def wait_launched(self, request_id: str) -> tuple[dict, int | None]:
+    def wait_launched(self, request_id: str) -> dict:
         return {"cloud": "lambda", "region": "us-east-1", "zone": None, "instance_type": "gpu_1x_a10",
-                "accelerators": {"A10": 1}, "spot": False, "price_per_hour": 1.29}, 1 if self.tasks[-1].run else None
+                "accelerators": {"A10": 1}, "spot": False, "price_per_hour": 1.29}
+
+    def exec(self, task, cluster: str) -> int:
+        self.tasks.append(task)
+        return 1
 
 
 def test_several_machines_reach_skypilot_as_num_nodes(tmp_path):
@@ -342,17 +346,17 @@ def test_run_provisions_syncs_trains_pulls_and_tears_down(tmp_path, cloud, regis
     assert run_json["image_digest"] == f"{registry}/cloudtune/train@{Registry.digest}"
 
     calls = cloud.calls()
-    assert [c["call"] for c in calls] == ["launch", "launch", "job", "down"]
-    provision, start, job, _ = calls
+    assert [c["call"] for c in calls] == ["launch", "exec", "down"]
+    provision, start, _ = calls
     assert provision["resources"][0].startswith("Lambda(gpu_1x_a10") and len(provision["resources"]) == 3
     assert provision["autostop_minutes"] == 20 and not provision["file_mounts"] and not provision["has_run"]
-    # One launch on the cluster carries the upload, the setup and the training: one job, no exec after it.
-    assert start["file_mounts"] == ["~/cloudtune/upload"] and start["has_setup"] and start["has_run"]
-    assert start["resources"] == [provision["resources"][0]] and start["autostop_minutes"] == 20
+    assert not provision["workdir"]
+    # One exec carries the upload (as its workdir, which SkyPilot syncs to every node) and runs the setup
+    # inside the training's job: no second launch, no setup job of its own.
+    assert start["workdir"].endswith("/upload") and not start["has_setup"]
     # The secret went up in the upload as a file only its owner reads, never as task envs or secrets,
     # which SkyPilot writes into its job script (Slurm: its executor's command line).
-    assert job["secrets_file_mode"] == "0o600" and not job["secrets"] and "HF_TOKEN" not in job["envs"]
-    assert not start["secrets"]
+    assert start["secrets_file_mode"] == "0o600" and not start["secrets"] and "HF_TOKEN" not in start["envs"]
     assert cloud.status() == {}, "cluster left behind"
 
     ledger = Ledger()
@@ -418,16 +422,17 @@ def test_the_log_streams_final_status_is_the_exit_status_without_asking_again(tm
 
 
 def test_a_failed_setup_fails_the_run_saying_so_and_tears_down(tmp_path, image, monkeypatch):
-    """The setup runs inside the training's job: a bundle that arrives changed fails its checksums, the
-    job ends FAILED_SETUP, and the run fails naming the setup, with sha256sum's verdict in the log."""
+    """The setup runs inside the training's job: a bundle that arrives changed fails its checksums, and
+    the run fails naming the setup, with sha256sum's verdict in the log, before any training step."""
     monkeypatch.chdir(tmp_path)
     cloud = FakeCloud(tmp_path / "fake-cloud", image, corrupt_upload=True)
     events = Recorder()
     with pytest.raises(RunFailed) as failed:
         execute(tiny_recipe(tmp_path, steps=2), SkyPilotBackend(client=cloud, plan=a10_plan(), events=events),
                 events)
-    assert "exited with status 1" in failed.value.message and "bundle.tar.gz: FAILED" in failed.value.message
-    assert any("the setup step on ct-" in warning and "never started" in warning for warning in events.warnings)
+    message = failed.value.message
+    assert "exited with status 1" in message and "bundle.tar.gz: FAILED" in message
+    assert "the setup step failed" in message and "the training did not start" in message
     assert not any(line.startswith("step ") for line in events.lines)
     assert [c["call"] for c in cloud.calls()][-1] == "down" and cloud.status() == {}
 
@@ -469,7 +474,7 @@ def test_a_dropped_log_stream_is_reattached_and_the_run_goes_on(tmp_path, image,
                      events)
     assert result.status == "succeeded" and result.receipt["steps"] == 6
     calls = [c["call"] for c in cloud.calls()]
-    assert calls == ["launch", "launch", "job", "stream_dropped", "down"]
+    assert calls == ["launch", "exec", "stream_dropped", "down"]
     assert any("log stream dropped (the stream ended) while the job is RUNNING: reattaching" in warning
                for warning in events.warnings)
     steps = [line.split()[1] for line in events.lines if line.startswith("step ")]
@@ -958,6 +963,7 @@ def test_every_client_call_turns_skypilots_errors_into_one_message_and_keeps_std
     task = to_task(task_config("ct-x", {"infra": "aws", "instance_type": "g5.xlarge"}))
     calls = {
         "launch": lambda: client.launch(task, "ct-x", autostop_minutes=5),
+        "exec": lambda: client.exec(task, "ct-x"),
         "tail_logs": lambda: list(client.tail_logs("ct-x", 1, False)),
         "job_status": lambda: client.job_status("ct-x", 1),
         "cancel": lambda: client.cancel("ct-x", 1),
@@ -1014,6 +1020,7 @@ def test_every_sdk_call_matches_skypilot_0_14_1():
         (sdk.enabled_clouds, (), {}),
         (sky.launch, (task,), {"cluster_name": "ct-x", "idle_minutes_to_autostop": 30, "down": True}),
         (sky.stream_and_get, (object(),), {"output_stream": stream}),
+        (sky.exec, (task,), {"cluster_name": "ct-x"}),
         (sky.tail_logs, ("ct-x", 1), {"follow": True, "preload_content": False}),
         (sky.job_status, ("ct-x", [1]), {}),
         (sky.cancel, ("ct-x",), {"job_ids": [1], "all": False}),

@@ -10,11 +10,13 @@ How the lifecycle maps onto SkyPilot (on-demand):
              which it would rank by $/hour). Autostop with down=True is armed at launch, so a killed
              CLI still ends the bill.
   sync       the upload folder, made locally: the bundle with the cloudtune wheel in it, the wheel's
-             requirements, checksums (and the secrets file); nothing is asked of SkyPilot yet.
-  start      one sky.launch on the same cluster (its provisioning a no-op there) with the upload as a file
-             mount, `setup:` that verifies it and installs the wheel, and `run:` the training. SkyPilot
-             runs a launch's setup inside the job, before its run, on every node: one job, not a setup job
-             and a `sky.exec` after it, which cost a job's start-up and two round trips more. Secrets
+             requirements, checksums, the setup script (and the secrets file); nothing is asked of
+             SkyPilot yet.
+  start      one sky.exec with the upload as the task's workdir, which SkyPilot syncs to every node, and a
+             run step that first runs the setup (verify the upload, install the wheel), then the training:
+             one job. (A second sky.launch with a file mount and `setup:` costs its skipped provisioning's
+             checks and a setup job of its own, about 8 s more on Slurm, and more where each node is
+             checked over SSH.) Secrets
              travel in the upload as a 0600 file the run script reads and deletes before the trainer
              starts, never as task envs or `secrets:`, which SkyPilot writes into its job script or
              (Slurm) its executor's command line, where `ps` shows them. A managed job (spot) is the
@@ -86,6 +88,7 @@ REMOTE_DIR = "cloudtune"  # under the remote user's home: upload/, bundle/, out/
 UPLOAD = "upload"
 WHEEL_NAME = f"cloudtune-{__version__}-py3-none-any.whl"  # what build_wheel makes of this checkout
 CHECKSUMS = "SHA256SUMS"
+SETUP = "setup.sh"
 REQUIREMENTS = "requirements-train.txt"
 UPLOADED_HELPERS = ("missing_requirements", "make_venv")
 MAX_ALTERNATIVES = 8
@@ -241,23 +244,20 @@ def task_config(name: str, resources: dict[str, Any], *, num_nodes: int = 1, upl
     """A SkyPilot task YAML (as a dict). Secret values go in only for the task handed to SkyPilot.
 
     Every task of a run names the run's `num_nodes` (compute.num_nodes): the launch starts that many
-    machines, setup prepares each, and the training runs on each with SkyPilot's node rank and addresses."""
+    machines, and the run step (setup, then training) runs on each with SkyPilot's node rank and addresses.
+    The upload is the task's workdir, which both `sky.exec` and a managed job bring to every node."""
     config: dict[str, Any] = {"name": name, "num_nodes": num_nodes, "resources": resources}
-    mounts: dict[str, Any] = {}
     if upload_dir is not None:
-        mounts[f"~/{REMOTE_DIR}/{UPLOAD}"] = str(upload_dir)
+        config["workdir"] = str(upload_dir)
     if outputs_bucket:
         # Checkpoints and outputs outlive a preempted machine on the bucket; MOUNT_CACHED allows the
         # renames a checkpoint save does.
-        mounts[f"~/{REMOTE_DIR}/out"] = {"name": outputs_bucket, "mode": "MOUNT_CACHED"}
-    if mounts:
-        config["file_mounts"] = mounts
+        config["file_mounts"] = {f"~/{REMOTE_DIR}/out": {"name": outputs_bucket, "mode": "MOUNT_CACHED"}}
     envs = dict(envs or {})
     if wheel_name:
-        config["setup"] = script("skypilot_setup.sh")
         envs["CLOUDTUNE_WHEEL"] = wheel_name
     if run:
-        config["run"] = script("skypilot_run.sh")
+        config["run"] = script("skypilot_prepare.sh") + script("skypilot_run.sh")
     if envs:
         config["envs"] = envs
     if secrets:
@@ -319,6 +319,7 @@ def prepare_upload(work_dir: Path, bundle: Bundle) -> tuple[Path, str]:
     (upload / REQUIREMENTS).write_text("\n".join(train_requirements(build_wheel())) + "\n")
     for helper in UPLOADED_HELPERS:  # for a cluster without an image, which checks its own Python
         (upload / f"{helper}.py").write_text(remote_source(helper))
+    (upload / SETUP).write_text(script("skypilot_setup.sh"))  # run by the run step (skypilot_prepare.sh)
     names = ("bundle.tar.gz", REQUIREMENTS, *(f"{helper}.py" for helper in UPLOADED_HELPERS))
     sums = [f"{sha256_file(upload / name)}  {name}" for name in names]
     (upload / CHECKSUMS).write_text("\n".join(sums) + "\n")
@@ -409,14 +410,21 @@ class SkyClient:
 
         sky.get(sky.api_cancel(request_id, silent=True))
 
-    def wait_launched(self, request_id: str) -> tuple[dict[str, Any], int | None]:
-        """The machine SkyPilot chose, and the id of the job it submitted: a task with `run:` (and its
-        `setup:`, which SkyPilot runs inside that job first) is queued, not finished, when the launch
-        returns. None for a task with neither."""
+    def wait_launched(self, request_id: str) -> dict[str, Any]:
+        """The machine SkyPilot chose. The launch's task holds only resources: no job is started."""
         import sky
 
-        job_id, handle = sky.stream_and_get(request_id, output_stream=self.progress)
-        return launched(handle.launched_resources), job_id
+        _, handle = sky.stream_and_get(request_id, output_stream=self.progress)
+        return launched(handle.launched_resources)
+
+    def exec(self, task, cluster: str) -> int:
+        """The task's run as a job on the cluster, its workdir synced to every node first; the job's id."""
+        import sky
+
+        with contextlib.redirect_stdout(self.progress):  # SkyPilot prints while it uploads the workdir
+            request = sky.exec(task, cluster_name=cluster)
+        job_id, _ = sky.stream_and_get(request, output_stream=self.progress)
+        return job_id
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
         """The job's log lines, without SkyPilot's colours and its `(task, pid=N) ` before every line. A
@@ -800,10 +808,10 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             ctx.state.managed_job, ctx.state.bucket = True, bucket_name(ctx.machine)
             return
         resources = resources_config(candidates, recipe.compute, disk_size_gib(recipe, self.model_bytes), managed=False)
-        ctx.state.launched, _ = self._launch(ctx, task_config(ctx.machine, resources,
-                                                              num_nodes=recipe.compute.num_nodes), "provisioning")
+        ctx.state.launched = self._launch(ctx, task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes),
+                                          "provisioning")
 
-    def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> tuple[dict[str, Any], int | None]:
+    def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> dict[str, Any]:
         recipe = self._recipe(ctx)
         task = to_task(config)
         self._requested.add(ctx.run_id)
@@ -832,22 +840,8 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             self.events.warn(f"could not cancel SkyPilot's request {request} ({type(exc).__name__}: {exc}); "
                              f"`sky api cancel {request}` stops it")
 
-    def _pinned_resources(self, ctx: RunContext) -> dict[str, Any]:
-        """The machine SkyPilot chose, so later launches and execs land on that very cluster."""
-        recipe = self._recipe(ctx)
-        chosen = ctx.state.launched
-        resources = {"infra": "/".join(p for p in (chosen["cloud"], chosen["region"]) if p),
-                     "accelerators": chosen["accelerators"], **image_resources(recipe.compute),
-                     "autostop": {"idle_minutes": recipe.compute.autostop_minutes, "down": True}}
-        if chosen.get("instance_type"):
-            resources["instance_type"] = chosen["instance_type"]
-        disk = disk_size_gib(recipe, self.model_bytes)
-        if disk:
-            resources["disk_size"] = disk
-        return resources
-
     def sync(self, ctx: RunContext, bundle: Bundle, secrets: dict[str, str]) -> None:
-        """The upload, made here; the task start() launches carries it (as a managed job's does)."""
+        """The upload, made here; the task start() hands SkyPilot carries it as its workdir."""
         upload, wheel_name = prepare_upload(ctx.work_dir, bundle)
         ctx.state.wheel, ctx.state.bundle_sha256 = wheel_name, bundle.sha256
         self._secrets[ctx.run_id] = dict(secrets)
@@ -868,15 +862,14 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             finally:
                 remove_upload(ctx)
             return
-        # The pinned resources name the GPUs, so the job gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from
-        # the request), and match the cluster's, so SkyPilot skips provisioning it again.
+        # A job that asks for the GPUs gets them (SkyPilot sets CUDA_VISIBLE_DEVICES from the request).
         upload = ctx.work_dir / UPLOAD
-        config = task_config(ctx.machine, self._pinned_resources(ctx), num_nodes=recipe.compute.num_nodes,
-                             upload_dir=upload, wheel_name=ctx.state.wheel, run=True,
-                             envs=image_envs(recipe.compute) | cluster_setup_envs(recipe.compute, upload)
+        config = task_config(ctx.machine, {"accelerators": ctx.state.launched["accelerators"]},
+                             num_nodes=recipe.compute.num_nodes, upload_dir=upload, wheel_name=ctx.state.wheel,
+                             run=True, envs=image_envs(recipe.compute) | cluster_setup_envs(recipe.compute, upload)
                              | ctx.train_env)
         try:
-            _, ctx.state.job_id = self._launch(ctx, config, "starting the training on")
+            ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
         finally:
             remove_upload(ctx)
 
@@ -953,9 +946,6 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             status = self._final_status.pop(ctx.run_id)
         else:
             status = self._job_status(ctx)
-        if status == "FAILED_SETUP":  # else the run would read as a training that failed
-            self.events.warn(f"the setup step on {ctx.machine} failed, so the training never started; its output "
-                             "is the log's end")
         return JOB_EXIT.get(status or "")
 
     def pull(self, ctx: RunContext, staging: Path) -> None:
