@@ -401,10 +401,12 @@ class SkyHome:
         return found
 
     def record(self, name: str) -> dict:
-        """SkyPilot's own record of a cluster (autostop minutes, to_down), read through its SDK in a
-        subprocess under this HOME (this process must not import sky under another HOME)."""
-        code = ("import json, sys, sky; r = sky.get(sky.status([sys.argv[1]]))[0]; "
-                "print(json.dumps({'autostop': r['autostop'], 'to_down': r['to_down']}))")
+        """SkyPilot's own record of a cluster (status refreshed from Slurm, as `sky status --refresh` has it;
+        autostop minutes, to_down), read through its SDK in a subprocess under this HOME (this process must
+        not import sky under another HOME)."""
+        code = ("import json, sys, sky; from sky.utils import common; "
+                "r = sky.get(sky.status([sys.argv[1]], refresh=common.StatusRefreshMode.FORCE))[0]; "
+                "print(json.dumps({'status': r['status'].value, 'autostop': r['autostop'], 'to_down': r['to_down']}))")
         done = subprocess.run([sys.executable, "-c", code, name], env=self.env(), capture_output=True, text=True,
                               timeout=300, cwd=self.home)
         if done.returncode != 0:
