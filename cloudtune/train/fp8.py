@@ -117,8 +117,8 @@ class Float8Linear(torch.nn.Linear):
 
     def _on_fp8_cores(self, flat: torch.Tensor) -> bool:
         # row-wise scaled _scaled_mm writes bf16 only
-        return self.fp8_shapes and flat.shape[0] % TOKEN_MULTIPLE == 0 and flat.dtype == torch.bfloat16 \
-            and fp8_matmuls(flat.device)
+        return self.fp8_shapes and flat.shape[0] > 0 and flat.shape[0] % TOKEN_MULTIPLE == 0 \
+            and flat.dtype == torch.bfloat16 and fp8_matmuls(flat.device)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(self._dtype(x))
