@@ -807,10 +807,10 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
             ctx.state.managed_job, ctx.state.bucket = True, bucket_name(ctx.machine)
             return
         resources = resources_config(candidates, recipe.compute, disk_size_gib(recipe, self.model_bytes), managed=False)
-        ctx.state.launched = self._launch(ctx, task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes),
-                                          "provisioning")
+        ctx.state.launched = self._launch(ctx, task_config(ctx.machine, resources, num_nodes=recipe.compute.num_nodes))
 
-    def _launch(self, ctx: RunContext, config: dict[str, Any], step: str) -> dict[str, Any]:
+    def _launch(self, ctx: RunContext, config: dict[str, Any]) -> dict[str, Any]:
+        """The run's one sky.launch, of a task that holds only resources: the machine SkyPilot chose."""
         recipe = self._recipe(ctx)
         task = to_task(config)
         self._requested.add(ctx.run_id)
@@ -824,7 +824,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         except (CloudtuneError, AttributeError, NameError, TypeError):  # ours, or a bug: not SkyPilot's verdict
             raise
         except Exception as exc:  # noqa: BLE001 - SkyPilot raises many kinds; the lifecycle tears down either way
-            raise CloudtuneError(f"{step} {ctx.machine} failed: {type(exc).__name__}: {str(exc)[-1500:]}",
+            raise CloudtuneError(f"provisioning {ctx.machine} failed: {type(exc).__name__}: {str(exc)[-1500:]}",
                                  "SkyPilot's output above shows the step that failed; the machine is torn down.") \
                 from None
 
