@@ -20,9 +20,11 @@ from common import make_model, record, write_dataset  # noqa: E402
 from train_speed import CLOUDTUNE_PROFILES, cloudtune_recipe  # noqa: E402
 
 # kernel-name fragments → the family a step's time is reported under
+# (first match wins: PyTorch's own kernels are named "..._kernel" too, so they are told apart before Triton's)
 FAMILIES = [("dequant", ("dequantize", "kDequantize")), ("attention", ("flash", "fmha", "attention", "varlen")),
-            ("gemm", ("gemm", "sm90", "cutlass", "nvjet", "cublas")), ("liger", ("_kernel", "triton")),
-            ("elementwise", ("elementwise", "vectorized", "reduce", "copy", "cat", "fill"))]
+            ("gemm", ("gemm", "sm90", "cutlass", "nvjet", "cublas")),
+            ("elementwise", ("at::native", "elementwise", "vectorized", "reduce", "memcpy", "memset", "CatArray")),
+            ("triton", ("_kernel", "triton"))]
 
 
 def family(kernel: str) -> str:
@@ -90,7 +92,17 @@ def main() -> int:
     for event in kernels[:args.top]:
         share, ms = event.self_device_time_total / total_us, event.self_device_time_total / 1e3 / profiled
         print(f"{share:6.1%} {ms:8.1f} ms/step {event.count // profiled:6d}×  {event.key[:110]}")
+    idle = idle_gaps(profiler, torch, profiled)
+    print(f"GPU idle between kernels: {idle['idle_ms_per_step']:.1f} ms/step, {idle['gaps_per_step']} gaps of "
+          f"over {GAP_US} µs a step; the longest, with the kernels on either side:")
+    for gap in idle["longest"]:
+        print(f"  {gap['us']:8.0f} µs  after {gap['after'][:50]}  before {gap['before'][:50]}\n"
+              f"            host: {gap['host_stack'][:160]}")
+    print("idle summed by what the host was doing:")
+    for name, ms in idle["waited_for"]:
+        print(f"  {ms:6.2f} ms/step  {name[:100]}")
     record("profile_step", dict(profile=args.profile, shape=args.shape, gpu=torch.cuda.get_device_name(),
+                                idle_ms_per_step=idle["idle_ms_per_step"], gaps_per_step=idle["gaps_per_step"],
                                 gpu_ms_per_step=round(gpu_ms, 1), wall_ms_per_step=round(wall_ms, 1),
                                 gpu_busy=round(gpu_ms / wall_ms, 3),
                                 kernels_per_step=sum(e.count for e in kernels) // profiled,
@@ -98,6 +110,46 @@ def main() -> int:
                                 top=[dict(kernel=e.key[:120], share=round(e.self_device_time_total / total_us, 4))
                                      for e in kernels[:12]]))
     return 0
+
+
+GAP_US = 20  # shorter waits between kernels are the launch latency of a GPU that is kept fed
+
+
+def idle_gaps(profiler, torch, steps: int) -> dict:
+    """Where the GPU had nothing to run: gaps between consecutive device activities (kernels, copies) of
+    the profiled steps, the longest with what the host was doing meanwhile (the innermost host op that
+    spans the gap's middle), and the idle time summed by that host op."""
+    events = profiler.events()
+    activity = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                  key=lambda e: e.time_range.start)
+    gaps, busy_until, previous = [], None, ""
+    for event in activity:
+        start, end = event.time_range.start, event.time_range.end
+        if busy_until is not None and start - busy_until > GAP_US:
+            gaps.append(dict(us=round(start - busy_until), after=previous, before=event.name,
+                             at=(busy_until + start) / 2))
+        if busy_until is None or end > busy_until:
+            busy_until, previous = end, event.name
+    by_host_op: dict[str, float] = {}
+    open_ops, upcoming = [], iter(host)  # a sweep over the gaps in time order: the host ops open at each
+    pending = next(upcoming, None)
+    for gap in gaps:
+        while pending is not None and pending.time_range.start <= gap["at"]:
+            open_ops.append(pending)
+            pending = next(upcoming, None)
+        open_ops = [e for e in open_ops if e.time_range.end >= gap["at"]]
+        spanning = open_ops
+        gap["host"] = min(spanning, key=lambda e: e.time_range.end - e.time_range.start).name if spanning else "-"
+        gap["host_stack"] = " < ".join(e.name for e in sorted(spanning, key=lambda e: e.time_range.end
+                                                              - e.time_range.start)[:4])
+        del gap["at"]
+        by_host_op[gap["host"]] = by_host_op.get(gap["host"], 0.0) + gap["us"]
+    return dict(idle_ms_per_step=round(sum(g["us"] for g in gaps) / 1e3 / steps, 2), gaps_per_step=len(gaps) // steps,
+                longest=sorted(gaps, key=lambda g: g["us"], reverse=True)[:25],
+                waited_for=[(name, round(us / 1e3 / steps, 2)) for name, us in
+                            sorted(by_host_op.items(), key=lambda item: item[1], reverse=True)[:25]])
 
 
 if __name__ == "__main__":
