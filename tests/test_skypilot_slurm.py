@@ -10,9 +10,12 @@ cluster lives on the node at a time (a second stops the first's skylet), so the 
 another and each ends with its cluster gone.
 
 Three launches: the end-to-end run (its log stream dropped under it, a forwarded secret), a CLI killed
-mid-training and Ctrl-C while provisioning; about 4½ minutes on 2 idle cores with the cluster's start
-(261 s for this file alone on 2026-12-03: the cluster 19 s, the end-to-end run 104 s, the killed CLI 97 s,
-Ctrl-C 15 s; one launch takes 90-100 s, most of it SkyPilot's own provisioning and job start).
+mid-training and Ctrl-C while provisioning; about 4 minutes on 2 idle cores with the cluster's start
+(220-241 s for this file alone on 2026-12-03, 283 s before that day's trimming: the cluster and SkyPilot's
+check 18 s, the end-to-end run 94 s, the killed CLI 77 s, Ctrl-C 13 s). Most of a launch is SkyPilot's
+own: provisioning 27-41 s (Slurm allocates in 0.1 s; SkyPilot's runtime venv takes 10 s, its skylet
+8-14 s), the job's start 6-9 s and 9 s more to its first line, teardown 8-17 s; restarting the API
+server after `sky api stop` costs the end-to-end run about 30 s.
 `make test` runs them; `make test-slurm` runs this file alone.
 """
 from __future__ import annotations
