@@ -391,26 +391,27 @@ class SkyHome:
             raise RuntimeError(f"sky check slurm did not enable {SLURM_NAME}:\n{done.stdout}\n{done.stderr}")
 
     def clusters(self) -> dict[str, str]:
-        """name -> status of this HOME's SkyPilot clusters (sky status, refreshed)."""
-        done = self.sky("status", "--refresh")
-        found = {}
-        for line in done.stdout.splitlines():
-            parts = line.split()
-            if parts and parts[0].startswith("ct-") and len(parts) > 1:
-                found[parts[0]] = next((p for p in parts if p in ("UP", "INIT", "STOPPED")), "?")
-        return found
+        """name -> status of this HOME's SkyPilot clusters, refreshed from Slurm: what `sky status --refresh`
+        lists, without the CLI's own start and its questions to the jobs and serve controllers (seconds)."""
+        return {name: record["status"] for name, record in self._status().items()}
 
     def record(self, name: str) -> dict:
         """SkyPilot's own record of a cluster (status refreshed from Slurm, as `sky status --refresh` has it;
-        autostop minutes, to_down), read through its SDK in a subprocess under this HOME (this process must
-        not import sky under another HOME)."""
+        autostop minutes, to_down)."""
+        return self._status(name)[name]
+
+    def _status(self, name: str | None = None) -> dict[str, dict]:
+        """sky.status refreshed from Slurm (StatusRefreshMode.FORCE), of one cluster or all of them, through
+        SkyPilot's SDK in a subprocess under this HOME (this process must not import sky under another HOME)."""
         code = ("import json, sys, sky; from sky.utils import common; "
-                "r = sky.get(sky.status([sys.argv[1]], refresh=common.StatusRefreshMode.FORCE))[0]; "
-                "print(json.dumps({'status': r['status'].value, 'autostop': r['autostop'], 'to_down': r['to_down']}))")
-        done = subprocess.run([sys.executable, "-c", code, name], env=self.env(), capture_output=True, text=True,
-                              timeout=300, cwd=self.home)
+                "names = sys.argv[1:] or None; "
+                "records = sky.get(sky.status(names, refresh=common.StatusRefreshMode.FORCE)); "
+                "print(json.dumps({r['name']: {'status': r['status'].value, 'autostop': r['autostop'], "
+                "'to_down': r['to_down']} for r in records}))")
+        done = subprocess.run([sys.executable, "-c", code, *([name] if name else [])], env=self.env(),
+                              capture_output=True, text=True, timeout=300, cwd=self.home)
         if done.returncode != 0:
-            raise RuntimeError(f"sky.status({name}) failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"sky.status({name or ''}) failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     def stop(self) -> None:

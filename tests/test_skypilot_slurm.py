@@ -10,9 +10,12 @@ cluster lives on the node at a time (a second stops the first's skylet), so the 
 another and each ends with its cluster gone.
 
 Three launches: the end-to-end run (its log stream dropped under it, a forwarded secret), a CLI killed
-mid-training and Ctrl-C while provisioning; about 4½ minutes on 2 idle cores with the cluster's start
-(261 s for this file alone on 2026-12-03: the cluster 19 s, the end-to-end run 104 s, the killed CLI 97 s,
-Ctrl-C 15 s; one launch takes 90-100 s, most of it SkyPilot's own provisioning and job start).
+mid-training and Ctrl-C while provisioning; about 4 minutes on 2 idle cores with the cluster's start
+(220-241 s for this file alone on 2026-12-03, 283 s before that day's trimming: the cluster and SkyPilot's
+check 18 s, the end-to-end run 94 s, the killed CLI 77 s, Ctrl-C 13 s). Most of a launch is SkyPilot's
+own: provisioning 27-41 s (Slurm allocates in 0.1 s; SkyPilot's runtime venv takes 10 s, its skylet
+8-14 s), the job's start 6-9 s and 9 s more to its first line, teardown 8-17 s; restarting the API
+server after `sky api stop` costs the end-to-end run about 30 s.
 `make test` runs them; `make test-slurm` runs this file alone.
 """
 from __future__ import annotations
@@ -64,10 +67,16 @@ def cloudtune(sky, *args: str, env: dict | None = None, timeout: float = 600) ->
                           capture_output=True, text=True, timeout=timeout, cwd=sky.home)
 
 
-def start_cloudtune(sky, log: Path, *args: str, env: dict) -> subprocess.Popen:
-    """The CLI in its own session; stderr (the progress and the training's log) to `log`, stdout beside it."""
+def start_cloudtune(sky, log: Path, *args: str, env: dict, interruptible: bool = False) -> subprocess.Popen:
+    """The CLI in its own session; stderr (the progress and the training's log) to `log`, stdout beside it.
+
+    interruptible: SIGINT as a terminal's Ctrl-C delivers it. A session started in the background by a
+    shell without job control (`make test &`, some CI runners) ignores SIGINT, every child inherits that,
+    and Python then installs no KeyboardInterrupt handler: the CLI would never see the Ctrl-C."""
+    reset = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if interruptible else None
     return subprocess.Popen([sys.executable, "-m", "cloudtune.cli", *args], env=env, cwd=sky.home,
-                            stdout=log.with_suffix(".out").open("w"), stderr=log.open("w"), start_new_session=True)
+                            stdout=log.with_suffix(".out").open("w"), stderr=log.open("w"), start_new_session=True,
+                            preexec_fn=reset)
 
 
 def wait_for(what: str, ready, seconds: float, process: subprocess.Popen | None = None, log: Path | None = None):
@@ -75,7 +84,7 @@ def wait_for(what: str, ready, seconds: float, process: subprocess.Popen | None 
     while not ready():
         if time.time() > deadline or (process is not None and process.poll() is not None):
             raise AssertionError(f"{what} did not happen in {seconds:.0f} s:\n{log.read_text()[-4000:] if log else ''}")
-        time.sleep(1)
+        time.sleep(0.25)  # a file read or one squeue: cheap, and each second waited here is the suite's
 
 
 class TrainingWatcher:
@@ -111,7 +120,7 @@ def allocation_released(sky) -> None:
     as its processes take to end, so this waits a little before it fails."""
     deadline = time.time() + 90
     while sky.cluster.jobs() and time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.5)
     assert sky.cluster.jobs() == []
 
 
@@ -243,14 +252,19 @@ def test_a_run_on_slurm_trains_pulls_verifies_and_tears_down(slurm_sky, slurm_ru
     run = json.loads((out / "run.json").read_text())
     assert (run["world_size"], run["nodes"], run["parallelism"]) == (2, 1, "ddp"), run
     assert "ddp over 2 ranks" in " ".join(slurm_run.stderr.split())  # the log's line, as the terminal wrapped it
-    verify = subprocess.run([sys.executable, "-m", "cloudtune.train.verify", str(out)], capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
-    assert verify.returncode == 0, verify.stdout + verify.stderr
-
-    machine = Ledger(slurm_run.ct_home / "ledger.db").machine_for_run(receipt["run_id"])
-    assert machine["status"] == "terminated"
-    assert machine["name"] not in slurm_sky.clusters()
-    allocation_released(slurm_sky)
+    # The reload runs on this machine alone while SkyPilot and Slurm are asked what is left: side by side
+    verify = subprocess.Popen([sys.executable, "-m", "cloudtune.train.verify", str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        machine = Ledger(slurm_run.ct_home / "ledger.db").machine_for_run(receipt["run_id"])
+        assert machine["status"] == "terminated"
+        assert machine["name"] not in slurm_sky.clusters()
+        allocation_released(slurm_sky)
+        output, _ = verify.communicate(timeout=300)
+        assert verify.returncode == 0, output
+    finally:
+        if verify.poll() is None:
+            verify.kill()
 
 
 def test_a_forwarded_secret_reaches_the_training_and_is_stored_nowhere(slurm_sky, slurm_run):
@@ -308,7 +322,7 @@ def test_ctrl_c_while_provisioning_leaves_no_allocation_and_no_cluster(slurm_sky
     recipe = slurm_recipe(tmp_path, slurm_sky.cluster.node_python)
     env = slurm_sky.env(PYTHONPATH=str(REPO), CLOUDTUNE_HOME=str(ct_home))
     log = tmp_path / "cli.log"
-    cli = start_cloudtune(slurm_sky, log, "run", "--backend", "skypilot", str(recipe), env=env)
+    cli = start_cloudtune(slurm_sky, log, "run", "--backend", "skypilot", str(recipe), env=env, interruptible=True)
     try:  # the tests run one at a time, each ending with no allocation: any job of the node user is this run's
         wait_for("a Slurm allocation", lambda: bool(slurm_sky.cluster.jobs()), LAUNCH_SECONDS, cli, log)
     finally:

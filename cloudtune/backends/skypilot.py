@@ -685,6 +685,9 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         self._requested: set[str] = set()
         self._listed: dict[str, str] | None = None  # every cluster SkyPilot listed for `down`
         self._final_status: dict[str, str | None] = {}  # run id -> the job's final status the log stream saw
+        # Clusters this process has just seen up (it started their job, or found them UP to stop it): asking
+        # SkyPilot again is a refresh through the cloud (on Slurm, seconds through the login node).
+        self._seen_up: set[str] = set()
 
     def quote(self, recipe: Recipe, report) -> Quote:
         """The cheapest offer that fits, priced for the whole run; refused when none fits or over budget."""
@@ -869,6 +872,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
                              | ctx.train_env)
         try:
             ctx.state.job_id = self.client.exec(to_task(config), ctx.machine)
+            self._seen_up.add(ctx.machine)
         finally:
             remove_upload(ctx)
 
@@ -878,7 +882,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         if self._managed(ctx):
             def stream() -> Iterator[str]:
                 return self.client.jobs_tail_logs(job_id, follow)
-        elif ctx.machine in self.client.status([ctx.machine]):
+        elif ctx.machine in self._seen_up or ctx.machine in self.client.status([ctx.machine]):
             def stream() -> Iterator[str]:
                 return self.client.tail_logs(ctx.machine, job_id, follow)
         else:
@@ -978,7 +982,7 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
                 return None
             dest.mkdir(parents=True, exist_ok=True)
             return download_checkpoint(self.client.bucket_objects(ctx.state.bucket), dest)
-        if ctx.machine not in self.client.status([ctx.machine]):
+        if ctx.machine not in self._seen_up and ctx.machine not in self.client.status([ctx.machine]):
             return None  # a cluster that is gone holds nothing
         fetched = dest / ".fetching"
         shutil.rmtree(fetched, ignore_errors=True)
@@ -1008,10 +1012,12 @@ class SkyPilotBackend(Backend, DryRuns, ListsMachines, ChecksSetup, KeepsCheckpo
         elif job_id is not None and self.client.status([ctx.machine]).get(ctx.machine) == "UP":
             # No job yet (interrupted while provisioning) or a cluster not UP (INIT: SkyPilot refuses to
             # cancel there, ClusterNotUpError): nothing runs to stop, and teardown downs the machine.
+            self._seen_up.add(ctx.machine)
             self.client.cancel(ctx.machine, job_id)
 
     def teardown(self, ctx: RunContext) -> bool:
         self._secrets.pop(ctx.run_id, None)
+        self._seen_up.discard(ctx.machine)
         remove_upload(ctx)
         if ctx.run_id in self._provisioning and ctx.run_id not in self._requested:
             return True  # stopped before SkyPilot was asked for anything
