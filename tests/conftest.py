@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,11 @@ os.environ.setdefault("SKYPILOT_DISABLE_USAGE_COLLECTION", "1")  # its usage log
 # MKL picks its sgemm path by the memory alignment of each array, so the same CPU run can differ in the
 # last bits between two processes; its reproducible mode keeps resume tests comparing like with like.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# A suite started in the background by a shell without job control (`make test &`, some CI runners)
+# ignores SIGINT, every child inherits that, and Python then installs no KeyboardInterrupt handler: the
+# CLIs the tests Ctrl-C would never see it. A handler (unlike SIG_IGN) is reset to the default on exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def sky_env(home: Path, ct_home: Path) -> dict:

@@ -67,16 +67,10 @@ def cloudtune(sky, *args: str, env: dict | None = None, timeout: float = 600) ->
                           capture_output=True, text=True, timeout=timeout, cwd=sky.home)
 
 
-def start_cloudtune(sky, log: Path, *args: str, env: dict, interruptible: bool = False) -> subprocess.Popen:
-    """The CLI in its own session; stderr (the progress and the training's log) to `log`, stdout beside it.
-
-    interruptible: SIGINT as a terminal's Ctrl-C delivers it. A session started in the background by a
-    shell without job control (`make test &`, some CI runners) ignores SIGINT, every child inherits that,
-    and Python then installs no KeyboardInterrupt handler: the CLI would never see the Ctrl-C."""
-    reset = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if interruptible else None
+def start_cloudtune(sky, log: Path, *args: str, env: dict) -> subprocess.Popen:
+    """The CLI in its own session; stderr (the progress and the training's log) to `log`, stdout beside it."""
     return subprocess.Popen([sys.executable, "-m", "cloudtune.cli", *args], env=env, cwd=sky.home,
-                            stdout=log.with_suffix(".out").open("w"), stderr=log.open("w"), start_new_session=True,
-                            preexec_fn=reset)
+                            stdout=log.with_suffix(".out").open("w"), stderr=log.open("w"), start_new_session=True)
 
 
 def wait_for(what: str, ready, seconds: float, process: subprocess.Popen | None = None, log: Path | None = None):
@@ -322,7 +316,7 @@ def test_ctrl_c_while_provisioning_leaves_no_allocation_and_no_cluster(slurm_sky
     recipe = slurm_recipe(tmp_path, slurm_sky.cluster.node_python)
     env = slurm_sky.env(PYTHONPATH=str(REPO), CLOUDTUNE_HOME=str(ct_home))
     log = tmp_path / "cli.log"
-    cli = start_cloudtune(slurm_sky, log, "run", "--backend", "skypilot", str(recipe), env=env, interruptible=True)
+    cli = start_cloudtune(slurm_sky, log, "run", "--backend", "skypilot", str(recipe), env=env)
     try:  # the tests run one at a time, each ending with no allocation: any job of the node user is this run's
         wait_for("a Slurm allocation", lambda: bool(slurm_sky.cluster.jobs()), LAUNCH_SECONDS, cli, log)
     finally:
