@@ -87,16 +87,19 @@ def test_an_fp8_base_weighs_what_an_8bit_one_does_and_half_a_bf16_one():
 
 def test_fp8_batches_hold_token_counts_the_fp8_matmul_takes():
     """_scaled_mm takes token counts in multiples of 16: an fp8 run pads each micro-batch's rows to that,
-    the padding one more ignored document; other methods keep their rows as long as the longest."""
+    the padding one more ignored document, and so does every method on a GPU (Triton's kernels are
+    built once per divisibility by 16); other methods on the CPU keep their rows as long as the longest."""
     from cloudtune.train.attention import document_offsets
-    from cloudtune.train.data import IGNORE, Batcher, Encoded
-    from cloudtune.train.fp8 import TOKEN_MULTIPLE, row_width_multiple
+    from cloudtune.train.data import IGNORE, Batcher, Encoded, row_width_multiple
+    from cloudtune.train.fp8 import TOKEN_MULTIPLE
 
     docs = [list(range(3, 3 + n)) for n in (37, 50, 21)]
     encoded = Encoded(examples=[(ids, [IGNORE] + ids[1:]) for ids in docs], format="completion")
-    for method, width, documents in (("fp8", 64, [0, 37, 58, 64, 114, 128]), ("lora", 58, [0, 37, 58, 108, 116])):
+    padded, exact = (64, [0, 37, 58, 64, 114, 128]), (58, [0, 37, 58, 108, 116])
+    for method, device, (width, documents) in (("fp8", "cpu", padded), ("lora", "cuda", padded),
+                                               ("qlora", "cuda", padded), ("lora", "cpu", exact)):
         batcher = Batcher(encoded, micro_batch_size=2, max_seq_len=64, packing=True, seed=0, pad_id=2,
-                          document_offsets=True, width_multiple=row_width_multiple(method))
+                          document_offsets=True, width_multiple=row_width_multiple(method, torch.device(device)))
         batch, tokens = batcher.collate([[0, 2], [1]])
         assert batch["input_ids"].shape == (2, width) and tokens == 108
         assert (batch["labels"] != IGNORE).sum() == 108 - 3  # the padding carries no loss

@@ -24,6 +24,19 @@ from .attention import document_offsets
 IGNORE = -100
 
 
+def row_width_multiple(method: str, device: torch.device) -> int:
+    """What the batcher pads each micro-batch's rows to a multiple of.
+
+    On a GPU, 16 for every method: fp8's `_scaled_mm` takes no other token count, and Triton builds a
+    kernel once for each integer argument that is, or is not, a multiple of 16, so Liger's kernels (they
+    take the token count) were built again, at 0.1-0.4 s each, whenever a step's rows first came to the
+    other kind (bench/results/profile_step.jsonl). The padding costs under 16 tokens a row.
+    """
+    from .fp8 import TOKEN_MULTIPLE
+
+    return TOKEN_MULTIPLE if method == "fp8" or device.type == "cuda" else 1
+
+
 @dataclass
 class Encoded:
     examples: list[tuple[list[int], list[int]]]  # (input_ids, labels) per document
@@ -146,7 +159,7 @@ class Batcher:
     seed: int
     pad_id: int
     document_offsets: bool = False  # for attention.document_attention, in place of any padding mask
-    width_multiple: int = 1  # rows padded to a multiple of this (fp8.row_width_multiple)
+    width_multiple: int = 1  # rows padded to a multiple of this (row_width_multiple)
 
     def __post_init__(self) -> None:
         self.rows = layout([len(ids) for ids, _ in self.encoded.examples], self.max_seq_len, self.packing)

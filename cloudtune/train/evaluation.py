@@ -18,8 +18,7 @@ import torch
 from ..recipe import Recipe
 from . import checkpoint, distributed, say
 from . import model as model_lib
-from .data import Batcher, Encoded
-from .fp8 import row_width_multiple
+from .data import Batcher, Encoded, row_width_multiple
 
 
 @dataclass
@@ -144,5 +143,5 @@ def make_evaluation(recipe: Recipe, encoded: Encoded | None, steps: int, precisi
         return None
     spec = recipe.training
     batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed, pad_id,
-                      document_offsets=document_offsets, width_multiple=row_width_multiple(recipe.method))
+                      document_offsets=document_offsets, width_multiple=row_width_multiple(recipe.method, device))
     return Evaluation(recipe, batcher, steps, precision, device, fused_kernels, world)

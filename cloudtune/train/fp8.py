@@ -24,11 +24,6 @@ WIDEST_ROW = 32768  # the widest row the quantiser holds in one program's regist
 TOKEN_MULTIPLE = 16
 
 
-def row_width_multiple(method: str) -> int:
-    """What the batcher pads each micro-batch's rows to a multiple of, for this method."""
-    return TOKEN_MULTIPLE if method == "fp8" else 1
-
-
 def quantise_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 matrix, fp32 scale per row) with matrix ≈ quantised · scale[:, None]."""
     scale = matrix.abs().amax(dim=1).float().clamp(min=SCALE_FLOOR) / E4M3_MAX
