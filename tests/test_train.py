@@ -464,3 +464,38 @@ def test_a_loss_that_turns_nan_stops_the_training_with_the_last_good_checkpoint(
     assert "step 5: the loss is nan" in stopped.value.message
     assert "checkpoints/step-00000004" in stopped.value.message and "learning_rate" in stopped.value.hint
     assert not (out / "run.json").exists() and not (out / "manifest.json").exists()  # nothing to pull as a success
+
+
+def test_building_the_kernels_variants_leaves_rng_gradients_and_weights_as_they_were(ct_home):
+    """The two small passes before the first step (loop.build_kernel_variants) carry 16 and 17 trained
+    tokens, one count of each kind Triton builds a kernel for, and change nothing a step then sees."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cloudtune.train.data import IGNORE, Batcher, Encoded
+    from cloudtune.train.loop import StepContext, build_kernel_variants
+    from cloudtune.train.model import Precision
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir()),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(
+        (int((kwargs["labels"][:, 1:] != IGNORE).sum()), kwargs["num_items_in_batch"], kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    batcher = Batcher(Encoded(examples=[([3, 4, 5], [IGNORE, 4, 5])], format="completion"), micro_batch_size=2,
+                      max_seq_len=64, packing=True, seed=0, pad_id=2, document_offsets=True)
+    step = StepContext(optimizer=None, scheduler=None, scaler=None, trainable=trainable, max_grad_norm=None,
+                       precision=Precision(torch.float32, None), device=torch.device("cpu"))
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+
+    build_kernel_variants(model, batcher, step, triton_kernels=False)
+    assert seen == []  # nothing to build without Triton's kernels
+    build_kernel_variants(model, batcher, step, triton_kernels=True)
+
+    assert seen == [(16, 16, (2, 32)), (17, 17, (2, 32))]
+    assert all(p.grad is None for p in trainable)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert torch.equal(torch.get_rng_state(), rng)  # the dropout masks drew from a forked stream

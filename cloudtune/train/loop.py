@@ -23,9 +23,8 @@ from ..recipe import QUANTISED_METHODS, Recipe, quantising_needs_a_gpu
 from ..remote.budget import Budget, read_budget
 from . import Stopped, attention, checkpoint, distributed, export, quiet, say, tracking
 from . import model as model_lib
-from .data import IGNORE, Batcher, Encoded, encode, load_rows
+from .data import IGNORE, Batcher, Encoded, encode, load_rows, row_width_multiple
 from .evaluation import make_evaluation
-from .fp8 import row_width_multiple
 
 
 def preflight(recipe: Recipe, device: torch.device) -> None:
@@ -154,7 +153,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     per_document = base.config._attn_implementation == attention.DOCUMENT_ATTENTION
     batcher = Batcher(encoded, spec.micro_batch_size, spec.max_seq_len, spec.packing, spec.seed,
                       tokenizer.pad_token_id, document_offsets=per_document,
-                      width_multiple=row_width_multiple(recipe.method))
+                      width_multiple=row_width_multiple(recipe.method, device))
     steps = total_steps(recipe, len(batcher))
     evaluation = make_evaluation(recipe, eval_encoded, steps, precision, device, fused, tokenizer.pad_token_id,
                                  per_document, world)
@@ -176,6 +175,7 @@ def train(recipe: Recipe, out: Path, resume: bool = False) -> dict:
     stream = _micro_batches(batcher, state)
     step_context = StepContext(optimizer, scheduler, scaler, trainable, spec.max_grad_norm, precision, device,
                                world.size)
+    build_kernel_variants(trained, batcher, step_context, triton_kernels=fused)
     print_every = max(1, steps // 50)  # every step stays in metrics.jsonl; the terminal gets ~50 lines
     last_loss = float("nan")  # a resumed run that is already complete trains no step
     budget_clock, budget_stop = BudgetClock(read_budget(), started), None
@@ -442,6 +442,39 @@ def train_step(model, group: list, step: StepContext, share: list | None = None)
         torch.cuda.synchronize(device)  # so the step's time is the GPU's, not just the launch queue's
     grad_norm = None if grad_norm is None else distributed.as_float(grad_norm)
     return loss_sum.item(), n_items, grad_norm if grad_norm is None or math.isfinite(grad_norm) else None
+
+
+def build_kernel_variants(model, batcher: Batcher, step: StepContext, triton_kernels: bool) -> None:
+    """Have Triton build every variant of the fused kernels before the first step, not in the middle.
+
+    Triton builds a kernel once for each integer argument that is, or is not, a multiple of 16. The rows'
+    widths always are (data.row_width_multiple), but Liger's cross-entropy takes the micro-batch's count
+    of trained tokens, a multiple of 16 in one micro-batch of 16: that one paid 0.1-0.4 s of building
+    whenever it came (bench/results/profile_step.jsonl), a one-off that the step times, the tok/s the
+    log reports and the runs the cost model learns from all took for the method's pace. One small forward
+    and backward of each kind (16 and 17 trained tokens) builds them; RNG, gradients and weights are
+    left as they were.
+    """
+    if not triton_kernels:
+        return
+    width = 32  # a row width of the same kind as the training's (a multiple of 16), room for 17 labels
+    rows = batcher.micro_batch_size  # as many rows as a step's micro-batch: the kernels take that count too
+    for trained_tokens in (16, 17):
+        labels = torch.full((rows, width), IGNORE, dtype=torch.long)
+        labels[0, 1:trained_tokens + 1] = batcher.pad_id  # the loss reads labels from the second token on
+        batch = {"input_ids": torch.full((rows, width), batcher.pad_id, dtype=torch.long), "labels": labels,
+                 "position_ids": torch.arange(width).repeat(rows, 1)}
+        if batcher.document_offsets:
+            offsets, longest = attention.document_offsets(batch["position_ids"])
+            batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
+        batch = {k: v.to(step.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with torch.random.fork_rng(devices=[step.device] if step.device.type == "cuda" else []), \
+                distributed.gradient_sync(model, False):
+            with model_lib.mixed_precision(step.precision, step.device):
+                loss = model(**batch, num_items_in_batch=trained_tokens).loss
+            loss.backward()
+    for parameter in step.trainable:
+        parameter.grad = None
 
 
 @contextmanager
