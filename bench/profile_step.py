@@ -103,6 +103,7 @@ def main() -> int:
         print(f"  {ms:6.2f} ms/step  {name[:100]}")
     record("profile_step", dict(profile=args.profile, shape=args.shape, gpu=torch.cuda.get_device_name(),
                                 idle_ms_per_step=idle["idle_ms_per_step"], gaps_per_step=idle["gaps_per_step"],
+                                longest_gaps=idle["longest"][:10],
                                 gpu_ms_per_step=round(gpu_ms, 1), wall_ms_per_step=round(wall_ms, 1),
                                 gpu_busy=round(gpu_ms / wall_ms, 3),
                                 kernels_per_step=sum(e.count for e in kernels) // profiled,

@@ -17,6 +17,7 @@ the guanaco-like lengths), recomputation nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -122,6 +123,9 @@ def run_cloudtune(profile: str, model: Path, data: Path, steps: int, warmup: int
                 attention=run["attention"], fused_kernels=run.get("fused_kernels"), autocast=run.get("autocast"),
                 trainable_params=run["trainable_params"], world_size=run.get("world_size", 1),
                 device=run["device"],
+                # a step far over the others is a one-off (a kernel built, memory reserved), not the method's pace
+                step_seconds=[round(b["seconds"] - a["seconds"], 3) for a, b in itertools.pairwise(rows[warmup - 1:])]
+                if warmup else None,
                 # every profile sees the same batches in the same order: methods compare on the same tokens
                 mean_loss_measured=round(sum(r["loss"] for r in measured) / len(measured), 5))
 
