@@ -37,6 +37,12 @@ def row_width_multiple(method: str, device: torch.device) -> int:
     return TOKEN_MULTIPLE if method == "fp8" or device.type == "cuda" else 1
 
 
+def document_fields(position_ids: torch.Tensor) -> dict:
+    """What attention.document_attention reads from a batch: where each document starts, the longest."""
+    offsets, longest = document_offsets(position_ids)
+    return dict(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
+
+
 @dataclass
 class Encoded:
     examples: list[tuple[list[int], list[int]]]  # (input_ids, labels) per document
@@ -194,8 +200,7 @@ class Batcher:
             position_ids[r, at:] = torch.arange(width - at)
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if self.document_offsets:
-            offsets, longest = document_offsets(position_ids)
-            batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
+            batch.update(document_fields(position_ids))
         elif not self.packing:
             # one document per row: a plain padding mask (the packed form needs no mask at all)
             batch["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()

@@ -23,7 +23,7 @@ from ..recipe import QUANTISED_METHODS, Recipe, quantising_needs_a_gpu
 from ..remote.budget import Budget, read_budget
 from . import Stopped, attention, checkpoint, distributed, export, quiet, say, tracking
 from . import model as model_lib
-from .data import IGNORE, Batcher, Encoded, encode, load_rows, row_width_multiple
+from .data import IGNORE, Batcher, Encoded, document_fields, encode, load_rows, row_width_multiple
 from .evaluation import make_evaluation
 
 
@@ -465,8 +465,7 @@ def build_kernel_variants(model, batcher: Batcher, step: StepContext, triton_ker
         batch = {"input_ids": torch.full((rows, width), batcher.pad_id, dtype=torch.long), "labels": labels,
                  "position_ids": torch.arange(width).repeat(rows, 1)}
         if batcher.document_offsets:
-            offsets, longest = attention.document_offsets(batch["position_ids"])
-            batch.update(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
+            batch.update(document_fields(batch["position_ids"]))
         batch = {k: v.to(step.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with torch.random.fork_rng(devices=[step.device] if step.device.type == "cuda" else []), \
                 distributed.gradient_sync(model, False):
