@@ -467,8 +467,10 @@ def build_kernel_variants(model, batcher: Batcher, step: StepContext, triton_ker
         if batcher.document_offsets:
             batch.update(document_fields(batch["position_ids"]))
         batch = {k: v.to(step.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        # gradients synced as in a step's last micro-batch: unsynced, FSDP2 would keep them unsharded and add
+        # them into the first step's
         with torch.random.fork_rng(devices=[step.device] if step.device.type == "cuda" else []), \
-                distributed.gradient_sync(model, False):
+                distributed.gradient_sync(model, True):
             with model_lib.mixed_precision(step.precision, step.device):
                 loss = model(**batch, num_items_in_batch=trained_tokens).loss
             loss.backward()
