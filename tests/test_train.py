@@ -486,7 +486,8 @@ def test_building_the_kernels_variants_leaves_rng_gradients_and_weights_as_they_
         with_kwargs=True)
     batcher = Batcher(Encoded(examples=[([3, 4, 5], [IGNORE, 4, 5])], format="completion"), micro_batch_size=2,
                       max_seq_len=64, packing=True, seed=0, pad_id=2, document_offsets=True)
-    step = StepContext(optimizer=None, scheduler=None, scaler=None, trainable=trainable, max_grad_norm=None,
+    step = StepContext(optimizer=torch.optim.AdamW(trainable), scheduler=None, scaler=None, trainable=trainable,
+                       max_grad_norm=None,
                        precision=Precision(torch.float32, None), device=torch.device("cpu"))
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     rng = torch.get_rng_state()

@@ -474,8 +474,7 @@ def build_kernel_variants(model, batcher: Batcher, step: StepContext, triton_ker
             with model_lib.mixed_precision(step.precision, step.device):
                 loss = model(**batch, num_items_in_batch=trained_tokens).loss
             loss.backward()
-    for parameter in step.trainable:
-        parameter.grad = None
+    step.optimizer.zero_grad(set_to_none=True)  # as after every step
 
 
 @contextmanager
