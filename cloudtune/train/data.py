@@ -43,6 +43,11 @@ def document_fields(position_ids: torch.Tensor) -> dict:
     return dict(cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest)
 
 
+def on_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors copied to `device` (asynchronously where the copy can be)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 @dataclass
 class Encoded:
     examples: list[tuple[list[int], list[int]]]  # (input_ids, labels) per document

@@ -18,7 +18,7 @@ import torch
 from ..recipe import Recipe
 from . import checkpoint, distributed, say
 from . import model as model_lib
-from .data import Batcher, Encoded, row_width_multiple
+from .data import Batcher, Encoded, on_device, row_width_multiple
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Evaluation:
         return sum(part for part, _share in parts)
 
     def _forward(self, model, batch: dict, n_items: int, extra: dict) -> float:
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = on_device(batch, self.device)
         with model_lib.mixed_precision(self.precision, self.device):
             return float(model(**batch, num_items_in_batch=n_items, **extra).loss)
 

@@ -23,7 +23,7 @@ from ..recipe import QUANTISED_METHODS, Recipe, quantising_needs_a_gpu
 from ..remote.budget import Budget, read_budget
 from . import Stopped, attention, checkpoint, distributed, export, quiet, say, tracking
 from . import model as model_lib
-from .data import IGNORE, Batcher, Encoded, document_fields, encode, load_rows, row_width_multiple
+from .data import IGNORE, Batcher, Encoded, document_fields, encode, load_rows, on_device, row_width_multiple
 from .evaluation import make_evaluation
 
 
@@ -421,7 +421,7 @@ def train_step(model, group: list, step: StepContext, share: list | None = None)
     # norm before the optimizer step, would make the host wait on the GPU and the GPU then wait on the host.
     loss_sum = torch.zeros((), device=device)
     for index, (batch, _tokens) in enumerate(share):
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = on_device(batch, device)
         with distributed.gradient_sync(model, index == len(share) - 1):
             with model_lib.mixed_precision(step.precision, device):
                 loss = model(**batch, num_items_in_batch=max(n_items, 1)).loss
@@ -466,7 +466,7 @@ def build_kernel_variants(model, batcher: Batcher, step: StepContext, triton_ker
                  "position_ids": torch.arange(width).repeat(rows, 1)}
         if batcher.document_offsets:
             batch.update(document_fields(batch["position_ids"]))
-        batch = {k: v.to(step.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = on_device(batch, step.device)
         # gradients synced as in a step's last micro-batch: unsynced, FSDP2 would keep them unsharded and add
         # them into the first step's
         with torch.random.fork_rng(devices=[step.device] if step.device.type == "cuda" else []), \
