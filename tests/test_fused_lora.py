@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from cloudtune.train.fused_lora import fuse_lora
+from cloudtune.train.fused_lora import LoraGroup, fuse_lora
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,14 +108,30 @@ def test_the_8bit_forward_stays_bitsandbytes_own():
         assert torch.equal(fused.base_model.model.proj.base_layer(x), reference.base_model.model.proj.base_layer(x))
 
 
-def test_the_tiny_llama_trains_the_same_fused_as_under_peft(ct_home):
+def recorded_group_sizes(monkeypatch) -> list[int]:
+    """How many projections each LoraGroup call ran, in call order."""
+    sizes = []
+    apply = LoraGroup.apply
+
+    def recording(x, members, *rest):
+        sizes.append(len(members))
+        return apply(x, members, *rest)
+
+    monkeypatch.setattr(LoraGroup, "apply", recording)
+    return sizes
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_tiny_llama_trains_the_same_fused_as_under_peft(ct_home, monkeypatch, dropout):
+    """Without dropout each layer's q/k/v and gate/up run as two groups; with it, each projection alone
+    (each draws its own mask, as peft's modules do)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from cloudtune.train.model import tiny_llama_dir
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir())
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear")
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
     reference = get_peft_model(base, config)
     for name, parameter in reference.named_parameters():
         if "lora_B" in name:
@@ -124,12 +140,14 @@ def test_the_tiny_llama_trains_the_same_fused_as_under_peft(ct_home):
     assert fuse_lora(fused) == 2 * 7  # every linear of both decoder layers, not the head
     reference.train(), fused.train()
     ids = torch.randint(3, 259, (2, 24))
+    sizes = recorded_group_sizes(monkeypatch)
     results = []
     for model in (reference, fused):
         torch.manual_seed(1)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert sizes == ([3, 1, 2, 1] * 2 if dropout == 0 else [1] * 2 * 7)
     (want_loss, want), (got_loss, got) = results
     assert got_loss == pytest.approx(want_loss, rel=1e-6)
     for name, grad in want.items():
@@ -165,3 +183,48 @@ def test_the_compute_copies_of_the_adapters_follow_every_update_of_them():
     reloaded = adapted("lora", 0.0, seed=9)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert relative(fused(x), reloaded(x)) < 1e-2
+
+
+class CrossAttentionLike(torch.nn.Module):
+    """q/k/v named as in a decoder layer, but k and v read another tensor, and k's output goes unused."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer = torch.nn.Linear(16, 12, bias=name == "v_proj")
+            layer.weight.data = torch.randn(12, 16, generator=generator) / 4
+            setattr(self, name, layer)
+
+    def forward(self, x, memory):
+        q = self.q_proj(x)
+        self.k_proj(memory)
+        return q * self.v_proj(memory)
+
+
+def test_siblings_fed_other_tensors_each_get_their_own_input(monkeypatch):
+    """The group's outputs computed at q's call are for q's input: k and v, called with another tensor,
+    compute theirs again; an output the loss does not use leaves its adapter without a gradient, as peft
+    does, rather than with a zero one (which an optimizer would still step on)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])
+    reference = get_peft_model(CrossAttentionLike(), config)
+    for name, parameter in reference.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.3)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora(fused) == 3
+    sizes = recorded_group_sizes(monkeypatch)
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    results = []
+    for model in (reference, fused):
+        out = model(x, memory)
+        out.square().sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (want_out, want), (got_out, got) = results
+    assert sizes == [3, 3]
+    assert relative(got_out, want_out) < 1e-5
+    for name, grad in want.items():
+        assert (got[name] is None) == (grad is None) and (grad is None or relative(got[name], grad) < 1e-5), name
+    assert got["base_model.model.k_proj.lora_A.default.weight"] is None
