@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from cloudtune.backends.skypilot import launched
+from cloudtune.backends.skypilot import launched, log_stream
 from cloudtune.backends.skypilot_sdk import cloud_report
 from cloudtune.planning.offers import Offer
 from cloudtune.planning.planner import Estimate, Plan
@@ -46,6 +46,7 @@ class FakeCloud:
     def __init__(self, root: Path, image: Path, *, enabled: tuple[str, ...] = ("aws", "lambda", "runpod", "gcp"),
                  corrupt_on_pull: bool = False, interrupt_after_lines: int | None = None,
                  fail_after_lines: int | None = None, drop_after_lines: int | None = None,
+                 cancel_after_lines: int | None = None,
                  interrupt_launch: bool = False, preempt_on: str | None = None, corrupt_upload: bool = False):
         self.root = root
         self.image = image
@@ -54,6 +55,8 @@ class FakeCloud:
         self.interrupt_after_lines = interrupt_after_lines
         self.fail_after_lines = fail_after_lines  # the API server is gone: every stream breaks after N lines
         self.drop_after_lines = drop_after_lines  # one stream ends quietly after N lines, the job runs on
+        # one stream's request is cancelled on the API server after N lines (`sky api cancel`), the job runs on
+        self.cancel_after_lines = cancel_after_lines
         self.interrupt_launch = interrupt_launch  # Ctrl-C while the cluster is provisioned (INIT)
         self.corrupt_upload = corrupt_upload  # the bundle arrives changed: the setup's checksums must catch it
         self._requests: dict[str, tuple] = {}
@@ -210,6 +213,11 @@ class FakeCloud:
         return "SUCCEEDED" if code == 0 else code if isinstance(code, str) else "FAILED"
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
+        if self.cancel_after_lines is not None:  # read as SkyClient reads what SkyPilot's API server sends
+            return log_stream(lambda: self._job_log(cluster, job_id, follow))
+        return self._job_log(cluster, job_id, follow)
+
+    def _job_log(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
         if job_id is None:  # as SkyPilot does: the cluster's latest job
             job_id = len(self._state(cluster)["jobs"])
         log = self.home(cluster) / f".job-{job_id}.log"
@@ -224,13 +232,10 @@ class FakeCloud:
                 line = handle.readline()
                 if line.endswith("\n"):
                     count += 1
-                    if self.interrupt_after_lines is not None and count > self.interrupt_after_lines:
-                        raise KeyboardInterrupt
-                    if self.fail_after_lines is not None and count > self.fail_after_lines:
-                        raise ConnectionError("lost the API server while streaming logs")
-                    if self.drop_after_lines is not None and count > self.drop_after_lines:
-                        self.drop_after_lines = None
-                        self.record("stream_dropped", cluster=cluster, after_lines=count - 1)
+                    last = self._stream_ends(cluster, count)
+                    if last is not None:
+                        if last:
+                            yield last
                         return
                     yield line
                     continue
@@ -239,6 +244,23 @@ class FakeCloud:
                     yield from (part + "\n" for part in rest.splitlines())
                     return
                 time.sleep(POLL_SECONDS)
+
+    def _stream_ends(self, cluster: str, count: int) -> str | None:
+        """Whether trouble asked for ends a log stream before its line `count`: raises, or returns the last
+        line the stream sends ("" for none); None while it goes on."""
+        if self.interrupt_after_lines is not None and count > self.interrupt_after_lines:
+            raise KeyboardInterrupt
+        if self.fail_after_lines is not None and count > self.fail_after_lines:
+            raise ConnectionError("lost the API server while streaming logs")
+        if self.drop_after_lines is not None and count > self.drop_after_lines:
+            self.drop_after_lines = None
+            self.record("stream_dropped", cluster=cluster, after_lines=count - 1)
+            return ""
+        if self.cancel_after_lines is not None and count > self.cancel_after_lines:
+            self.cancel_after_lines = None
+            self.record("stream_cancelled", cluster=cluster, after_lines=count - 1)
+            return "'sky.logs' request 0f1e2d3c-fake cancelled\n"  # SkyPilot 0.14.1's server, then it closes
+        return None
 
     def cancel(self, cluster: str, job_id: int | None) -> None:
         from sky import exceptions

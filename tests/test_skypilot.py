@@ -465,21 +465,68 @@ def test_interrupt_or_lost_connection_while_training_tears_down(tmp_path, image,
     assert not any(pid_alive(p) for p in _training_pids(cloud)), "training outlived its cluster"
 
 
-def test_a_dropped_log_stream_is_reattached_and_the_run_goes_on(tmp_path, image, monkeypatch):
-    """The stream ends mid-run (a laptop that slept) while the job is RUNNING: the log is reopened, no
-    line is shown twice, and the run ends as the training does, not torn down halfway."""
+@pytest.mark.parametrize(("trouble", "recorded", "why"), [
+    ({"drop_after_lines": 4}, "stream_dropped", "the stream ended"),
+    ({"cancel_after_lines": 4}, "stream_cancelled",
+     "ConnectionError: SkyPilot's API server cancelled the log request 0f1e2d3c-fake"),
+], ids=["dropped", "cancelled"])
+def test_a_dropped_log_stream_is_reattached_and_the_run_goes_on(tmp_path, image, monkeypatch, trouble, recorded,
+                                                                 why):
+    """The stream ends mid-run while the job is RUNNING, quietly (a laptop that slept) or because its
+    request was cancelled on the API server (`sky api cancel`, another user of a shared server): the log
+    is reopened, no line is shown twice or lost, the server's line about the cancellation is not shown as
+    the training's, and the run ends as the training does, not torn down halfway nor taken for Ctrl-C."""
     monkeypatch.chdir(tmp_path)
-    cloud = FakeCloud(tmp_path / "fake-cloud", image, drop_after_lines=4)
+    cloud = FakeCloud(tmp_path / "fake-cloud", image, **trouble)
     events = Recorder()
     result = execute(tiny_recipe(tmp_path, steps=6), SkyPilotBackend(client=cloud, plan=a10_plan(), events=events),
                      events)
     assert result.status == "succeeded" and result.receipt["steps"] == 6
     calls = [c["call"] for c in cloud.calls()]
-    assert calls == ["launch", "exec", "stream_dropped", "down"]
-    assert any("log stream dropped (the stream ended) while the job is RUNNING: reattaching" in warning
-               for warning in events.warnings)
+    assert calls == ["launch", "exec", recorded, "down"]
+    assert any(f"log stream dropped ({why}) while the job is RUNNING: reattaching" in warning
+               for warning in events.warnings), events.warnings
+    assert not any("cancelled" in line for line in events.lines)
     steps = [line.split()[1] for line in events.lines if line.startswith("step ")]
     assert steps == [f"{n}/6" for n in range(1, 7)]  # each once, in order, through the drop
+
+
+def test_a_log_stream_the_api_server_ended_or_interrupted_raises_connection_error(monkeypatch):
+    """What the real client makes of SkyPilot 0.14.1's stream: the line its API server sends before it
+    closes the stream of a cancelled request is not yielded and raises ConnectionError, as a restarting
+    server's retry marker (RequestInterruptedError) does; a line of the job's own that reads the same is
+    kept when more follow."""
+    import sky
+    from sky import exceptions
+
+    from cloudtune.backends.skypilot import SkyClient, log_stream
+
+    cancelled = "'sky.logs' request 6c1d-ab cancelled\n"
+    streams = {
+        "cancelled": ["(task, pid=7) step 1/3\n", None, cancelled],
+        "look-alike": [cancelled, "step 2/3\n"],
+        "restart": ["step 1/3\n", exceptions.RequestInterruptedError("Streaming interrupted. Please retry.")],
+    }
+
+    def tail_logs(cluster, job_id, follow, preload_content):
+        assert preload_content is False
+        for item in streams[cluster]:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    monkeypatch.setattr(sky, "tail_logs", tail_logs)
+    client = SkyClient()
+    client.server.checked = True  # no API server to start: the stream is SkyPilot's, stood in above
+    shown: list[str] = []
+    with pytest.raises(ConnectionError, match="cancelled the log request 6c1d-ab$"):
+        shown.extend(client.tail_logs("cancelled", 1, True))
+    assert shown == ["step 1/3\n"]
+    assert list(client.tail_logs("look-alike", 1, True)) == [cancelled, "step 2/3\n"]
+    shown.clear()
+    with pytest.raises(ConnectionError, match="Please retry"):
+        shown.extend(log_stream(lambda: tail_logs("restart", 1, True, False)))
+    assert shown == ["step 1/3\n"]
 
 
 def test_ctrl_c_while_provisioning_cancels_the_request_and_downs_the_cluster(tmp_path, image, monkeypatch):

@@ -21,7 +21,9 @@ How the lifecycle maps onto SkyPilot (on-demand):
              SkyPilot writes into its job script or (Slurm) its executor's command line, where `ps` shows
              them. A managed job (spot) is the exception: its upload is copied through the jobs controller
              and a bucket, so it carries SkyPilot's own task `secrets:`.
-  logs       sky.tail_logs; the job's final status it saw is the exit status, not asked for again.
+  logs       sky.tail_logs, reopened while the job runs when the stream drops (the API server out of
+             reach or restarting, the request cancelled there); the job's final status it saw is the
+             exit status, not asked for again.
   pull       rsync over the SSH alias SkyPilot writes for every cluster.
   teardown   sky.down, then sky.status to verify the cluster is gone.
 Spot (`compute.spot`): one SkyPilot managed job, outputs and checkpoints on a bucket, `--resume`
@@ -110,6 +112,11 @@ RSYNC_PATH = "[ -f ~/.sky_ssh_rc ] && . ~/.sky_ssh_rc; rsync"
 RSYNC_SOURCE_MISSING = 23  # rsync's "partial transfer": here, no checkpoints folder on the machine
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 JOB_LINE_PREFIX = re.compile(r"(?m)^\([^()\s]+, pid=\d+\) ")
+# SkyPilot's API server ends the log stream of a request cancelled under it (`sky api cancel`, another user
+# of a shared server) with this line and closes it, the job running on (0.14.1: sky/server/stream_utils.py).
+# A server that shuts down gracefully sends a retry marker instead, which the client raises as
+# RequestInterruptedError.
+CANCELLED_STREAM = re.compile(r"'sky\.[\w.]+' request (\S+) cancelled\n?")
 
 # ----------------------------------------------------------------------------------------------
 # The task, as plain data: what `--dry-run` prints and what SkyPilot validates
@@ -428,16 +435,12 @@ class SkyClient:
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
         """The job's log lines, without SkyPilot's colours and its `(task, pid=N) ` before every line. A
         stream that drops ends, or raises ConnectionError (not translated by `sdk_calls`, so the backend can
-        tell it from SkyPilot's verdicts and reattach: `_reattached`)."""
+        tell it from SkyPilot's verdicts and reattach: `_reattached`), as does one whose request was
+        cancelled on the API server: `log_stream`."""
         import sky
-        from sky import exceptions
 
-        try:
-            for line in sky.tail_logs(cluster, job_id, follow=follow, preload_content=False):
-                if line is not None:
-                    yield JOB_LINE_PREFIX.sub("", ANSI_COLOUR.sub("", line))
-        except (exceptions.ApiServerConnectionError, OSError) as exc:  # OSError: requests' transport errors
-            raise ConnectionError(str(exc)) from exc
+        yield from log_stream(lambda: sky.tail_logs(cluster, job_id, follow=follow, preload_content=False),
+                              lambda line: JOB_LINE_PREFIX.sub("", ANSI_COLOUR.sub("", line)))
 
     def job_status(self, cluster: str, job_id: int | None) -> str | None:
         """The job's status; None once the job or its cluster is gone. SkyPilot refreshes the cluster's
@@ -508,14 +511,8 @@ class SkyClient:
 
     def jobs_tail_logs(self, job_id: int, follow: bool) -> Iterator[str]:
         import sky
-        from sky import exceptions
 
-        try:
-            for line in sky.jobs.tail_logs(job_id=job_id, follow=follow, preload_content=False):
-                if line is not None:
-                    yield line
-        except (exceptions.ApiServerConnectionError, OSError) as exc:  # OSError: requests' transport errors
-            raise ConnectionError(str(exc)) from exc
+        yield from log_stream(lambda: sky.jobs.tail_logs(job_id=job_id, follow=follow, preload_content=False))
 
     def jobs_status(self, job_id: int) -> str | None:
         import sky
@@ -561,6 +558,35 @@ class SkyClient:
         import sky
 
         sky.get(sky.storage_delete(bucket))
+
+
+def log_stream(open_stream: Callable[[], Iterable[str | None]],
+               clean: Callable[[str], str] = lambda line: line) -> Iterator[str]:
+    """The lines of one of SkyPilot's log streams (`sky.tail_logs(..., preload_content=False)`), cleaned,
+    without its None (control messages). The stream dropping raises ConnectionError: the API server out of
+    reach, gone mid-stream, restarting (RequestInterruptedError), or ending the stream because its request
+    was cancelled there (CANCELLED_STREAM's line, which is not the job's and is not yielded). The job runs
+    on in each case, so `_reattached` opens the stream again."""
+    from sky import exceptions
+
+    held = cancelled = None  # a line that reads as the cancellation's, kept until the stream shows it was not
+    try:
+        for line in open_stream():
+            if line is None:
+                continue
+            if held is not None:
+                yield clean(held)
+                held = cancelled = None
+            cancelled = CANCELLED_STREAM.fullmatch(line)
+            if cancelled:
+                held = line
+                continue
+            yield clean(line)
+    except (exceptions.ApiServerConnectionError, exceptions.RequestInterruptedError,
+            OSError) as exc:  # OSError: requests' transport errors
+        raise ConnectionError(str(exc)) from exc
+    if cancelled:
+        raise ConnectionError(f"SkyPilot's API server cancelled the log request {cancelled.group(1)}")
 
 
 def out_of_reach(exc: BaseException) -> bool:
