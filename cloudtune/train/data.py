@@ -189,20 +189,21 @@ class Batcher:
         examples = self.encoded.examples
         lengths = [sum(len(examples[i][0]) for i in row) for row in rows]
         width = -(-max(lengths) // self.width_multiple) * self.width_multiple
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            at = 0
+        # built as lists and made tensors once: a slice assignment per document cost ~3 ms a 2×4096 batch,
+        # time the GPU waited between steps (bench/results/profile_step.jsonl)
+        input_ids, labels, position_ids = [], [], []
+        for row, length in zip(rows, lengths, strict=True):
             for i in row:
                 ids, labs = examples[i]
-                n = len(ids)
-                input_ids[r, at:at + n] = torch.tensor(ids)
-                labels[r, at:at + n] = torch.tensor(labs)
-                position_ids[r, at:at + n] = torch.arange(n)
-                at += n
+                input_ids += ids
+                labels += labs
+                position_ids += range(len(ids))
             # padding restarts the positions, so it reads as one more (ignored) document
-            position_ids[r, at:] = torch.arange(width - at)
+            input_ids += [self.pad_id] * (width - length)
+            labels += [IGNORE] * (width - length)
+            position_ids += range(width - length)
+        input_ids, labels, position_ids = (torch.tensor(v, dtype=torch.long).view(len(rows), width)
+                                           for v in (input_ids, labels, position_ids))
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if self.document_offsets:
             batch.update(document_fields(position_ids))
