@@ -121,23 +121,29 @@ def recorded_group_sizes(monkeypatch) -> list[int]:
     return sizes
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_the_tiny_llama_trains_the_same_fused_as_under_peft(ct_home, monkeypatch, dropout):
-    """Without dropout each layer's q/k/v and gate/up run as two groups; with it, each projection alone
-    (each draws its own mask, as peft's modules do)."""
+@pytest.mark.parametrize(("dropout", "targets", "adapted_per_layer", "groups_per_layer"), [
+    (0.0, "all-linear", 7, [3, 1, 2, 1]),
+    (0.1, "all-linear", 7, [1] * 7),
+    (0.0, ["q_proj", "v_proj", "up_proj"], 3, [2, 1]),
+])
+def test_the_tiny_llama_trains_the_same_fused_as_under_peft(ct_home, monkeypatch, dropout, targets,
+                                                            adapted_per_layer, groups_per_layer):
+    """Without dropout each layer's adapted q/k/v and gate/up run as one group each (a projection whose
+    siblings are not adapted runs alone); with dropout, each projection alone (each draws its own mask,
+    as peft's modules do)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from cloudtune.train.model import tiny_llama_dir
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir())
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear")
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets)
     reference = get_peft_model(base, config)
     for name, parameter in reference.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.05)
     fused = copy.deepcopy(reference)
-    assert fuse_lora(fused) == 2 * 7  # every linear of both decoder layers, not the head
+    assert fuse_lora(fused) == 2 * adapted_per_layer  # of both decoder layers; never the head
     reference.train(), fused.train()
     ids = torch.randint(3, 259, (2, 24))
     sizes = recorded_group_sizes(monkeypatch)
@@ -147,7 +153,7 @@ def test_the_tiny_llama_trains_the_same_fused_as_under_peft(ct_home, monkeypatch
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    assert sizes == ([3, 1, 2, 1] * 2 if dropout == 0 else [1] * 2 * 7)
+    assert sizes == groups_per_layer * 2
     (want_loss, want), (got_loss, got) = results
     assert got_loss == pytest.approx(want_loss, rel=1e-6)
     for name, grad in want.items():

@@ -263,8 +263,8 @@ def fuse_lora(model) -> int:
     for parent in model.modules():
         children = dict(parent.named_children())
         for names in SHARED_INPUT_GROUPS:
-            siblings = [children.get(name) for name in names]
-            if all(isinstance(s, classes) for s in siblings):
+            siblings = [children[name] for name in names if isinstance(children.get(name), classes)]
+            if len(siblings) > 1:  # e.g. LoRA on q and v only: those two
                 group = SharedInput(siblings)
                 for sibling in siblings:
                     sibling._shared_input = group
