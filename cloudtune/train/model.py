@@ -271,7 +271,8 @@ def prepare_for_training(recipe: Recipe, model, checkpointed_layers: int, autoca
     With `autocast` (forward passes under `mixed_precision`), each LoRA module reads the layer's 16-bit
     input as it is: peft's cast to the fp32 adapter dtype would keep a second, fp32 copy of every
     module's input for backward, only for autocast to cast it back to 16 bits. `fused_lora`: each adapted
-    projection runs as one autograd function (train/fused_lora.py), part of the fused kernels.
+    projection, or group of them reading one input, runs as one autograd function (train/fused_lora.py),
+    part of the fused kernels.
     """
     # Quantised bases stay in 16 bits around the 4/8-bit weights, and get_peft_model freezes the base.
     # peft's prepare_model_for_kbit_training would upcast norms, embeddings and the 32k-wide head to
