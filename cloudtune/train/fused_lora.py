@@ -5,7 +5,7 @@ peft runs an adapted layer as separate kernels (the base matmul, A, B, the scale
 same and one more add for the two input gradients), and the profile of a 7B QLoRA step puts about 16 %
 of the GPU's time in those elementwise adds and muls (bench/results/profile_step.jsonl). Here s is
 folded into the r-wide factors, and the adapter's product is the C of the base's matmul where the base is
-a plain or a 4-bit weight: the narrow h·(sB)ᵀ writes its n × out once and the wide x·Wᵀ adds onto it in its
+a plain weight: the narrow h·(sB)ᵀ writes its n × out once and the wide x·Wᵀ adds onto it in its
 epilogue, hidden under its compute, where adding h·(sB)ᵀ onto a finished base output reads and writes
 n × out once more (the 7B LoRA profile of 2026-12-03 put 7 % of the step in such adds). The input
 gradient is built the same way: the adapters' grad_h·A first, the base's grad_y·W added by its matmul.
@@ -47,16 +47,9 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
-def forward_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
-    """The dense weight whose x·Wᵀ is the base's forward, where that is all the base computes: a torch
-    Linear, and in training a bitsandbytes 4-bit layer (for thousands of rows bitsandbytes itself
-    dequantises and calls linear; for the few rows of a generation step it has a kernel of its own).
-    None for LLM.int8() (outlier columns apart) and cloudtune's fp8 (its own matmul)."""
-    if type(base) is torch.nn.Linear:  # bitsandbytes' and cloudtune's layers are Linear subclasses
-        return base.weight.to(dtype)
-    if torch.is_grad_enabled() and getattr(base.weight, "quant_state", None) is not None:
-        return dense_weight(base, dtype)
-    return None
+def plain_linear(base: torch.nn.Module) -> bool:
+    """A torch Linear holding its weight as it is (bitsandbytes' layers are Linear subclasses)."""
+    return type(base) is torch.nn.Linear
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -116,11 +109,10 @@ class LoraGroup(torch.autograd.Function):
         h = dropped @ stacked_a.t()
         outputs = []
         for member, b, h_member in zip(members, scaled_b, h.split([m.rank for m in members], dim=1), strict=True):
-            weight = forward_weight(member.base, dtype)
-            if weight is not None:
+            if plain_linear(member.base):
                 bias = member.base.bias
                 out = h_member @ b.t() if bias is None else torch.addmm(bias.to(dtype), h_member, b.t())
-                out.addmm_(inputs, weight.t())
+                out.addmm_(inputs, member.base.weight.to(dtype).t())
             else:
                 with torch.no_grad():  # exactly what peft's module computes first, quantised kernels included
                     y = member.base(x)
