@@ -19,6 +19,7 @@ SkyPilot and cloudtune take the path a real GPU cluster takes (the training fall
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import json
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -413,6 +415,30 @@ class SkyHome:
         if done.returncode != 0:
             raise RuntimeError(f"sky.status({name or ''}) failed:\n{done.stderr[-3000:]}")
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    @contextlib.contextmanager
+    def request_canceller(self, name: str) -> Iterator[Callable[[], list[str]]]:
+        """A call that cancels the running requests called `name` (`sky.logs`: a CLI's log stream) on this
+        HOME's API server, which keeps running, as `sky api cancel ID` does, and returns their ids. Through
+        the SDK in a subprocess (as `_status`) started now, so that its `import sky` (3 s) is done by the
+        time the test calls it."""
+        code = ("import json, sys, sky; sys.stdin.readline(); "
+                "ids = [r.request_id for r in sky.api_status() if r.name == sys.argv[1] and r.status == 'RUNNING']; "
+                "ids and sky.get(sky.api_cancel(ids, silent=True)); print(json.dumps(ids))")
+        process = subprocess.Popen([sys.executable, "-c", code, name], env=self.env(), stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.home)
+
+        def cancel() -> list[str]:
+            out, err = process.communicate("\n", timeout=120)
+            if process.returncode != 0:
+                raise RuntimeError(f"cancelling the {name} requests failed:\n{err[-3000:]}")
+            return json.loads(out.strip().splitlines()[-1])
+
+        try:
+            yield cancel
+        finally:
+            if process.poll() is None:
+                stop_process(process, 5)
 
     def stop(self) -> None:
         """Every cluster of this HOME down, and its API server stopped (`sky api stop` stops the one on
