@@ -11,12 +11,12 @@ another and each ends with its cluster gone.
 
 Three launches: the end-to-end run (its log stream's request cancelled on the API server while the job
 runs, and reattached; a forwarded secret), a CLI killed mid-training and Ctrl-C while provisioning; about
-3 1/4 minutes on 2 idle cores with the cluster's start (191 and 195 s for this file alone on 2026-12-03:
-the cluster and SkyPilot's check 14-17 s, the end-to-end run 72-80 s, 5 s of it the training held for the
-drop and reattach, the killed CLI 72-81 s, Ctrl-C 9-11 s; a launch varies by 10 s from one run to the
-next). The same day, the version that stopped the API server under the stream took 185 and 198 s (its
-end-to-end run 75-84 s): the server's restart cost 4-8 s there, not 30, and in both runs the job had
-ended before the stream dropped, so nothing was reattached. Most of a launch is SkyPilot's own:
+3 1/4 minutes on 2 idle cores with the cluster's start (191, 195 and 239 s for this file alone on
+2026-12-03: the cluster and SkyPilot's check 14-18 s, the end-to-end run 72-102 s, 5-6.5 s of it the
+training held for the drop and reattach, the killed CLI 72-88 s, Ctrl-C 9-12 s; a launch varies by 10-20 s
+from one run to the next). The same day, the version that stopped the API server under the stream took
+185 and 198 s (its end-to-end run 75-84 s): the server's restart cost 4-8 s there, not 30, and in both
+runs the job had ended before the stream dropped, so nothing was reattached. Most of a launch is SkyPilot's own:
 provisioning 27-41 s (Slurm allocates in 0.1 s; SkyPilot's runtime venv takes 10 s, its skylet 8-14 s),
 the job's start 6-9 s and 9 s more to its first line, teardown 8-17 s.
 `make test` runs them; `make test-slurm` runs this file alone.
@@ -251,7 +251,7 @@ def slurm_run(slurm_sky, tmp_path_factory, shared_home) -> SlurmRun:
             # A dropped log stream: its request is cancelled on the API server, which keeps running (as
             # another user of a shared server, or `sky api cancel`, does) and ends the stream. The job is
             # RUNNING, all its steps to come: its ranks are held as they start (their 20 steps take 1-3 s,
-            # less than a drop and a reattach: 5 s from the cancel to the CLI's reattach, most of it the
+            # less than a drop and a reattach: 5-6.5 s from the cancel to the CLI's reattach, most of it the
             # server noticing and the CLI's job_status). The CLI must reattach and go on. (`sky api stop`
             # here instead cost the server's restart, 4-8 s, and came after the job had ended.)
             held = time.time()
