@@ -46,7 +46,7 @@ class FakeCloud:
     def __init__(self, root: Path, image: Path, *, enabled: tuple[str, ...] = ("aws", "lambda", "runpod", "gcp"),
                  corrupt_on_pull: bool = False, interrupt_after_lines: int | None = None,
                  fail_after_lines: int | None = None, drop_after_lines: int | None = None,
-                 cancel_after_lines: int | None = None,
+                 cancel_after_lines: int | None = None, log_written_late: bool = False,
                  interrupt_launch: bool = False, preempt_on: str | None = None, corrupt_upload: bool = False):
         self.root = root
         self.image = image
@@ -57,6 +57,8 @@ class FakeCloud:
         self.drop_after_lines = drop_after_lines  # one stream ends quietly after N lines, the job runs on
         # one stream's request is cancelled on the API server after N lines (`sky api cancel`), the job runs on
         self.cancel_after_lines = cancel_after_lines
+        # the first stream opens before the job's log exists: SkyPilot's tailer prints that it waits for it
+        self.log_written_late = log_written_late
         self.interrupt_launch = interrupt_launch  # Ctrl-C while the cluster is provisioned (INIT)
         self.corrupt_upload = corrupt_upload  # the bundle arrives changed: the setup's checksums must catch it
         self._requests: dict[str, tuple] = {}
@@ -213,7 +215,8 @@ class FakeCloud:
         return "SUCCEEDED" if code == 0 else code if isinstance(code, str) else "FAILED"
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
-        if self.cancel_after_lines is not None:  # read as SkyClient reads what SkyPilot's API server sends
+        if self.cancel_after_lines is not None or self.log_written_late:
+            # read as SkyClient reads what SkyPilot's API server sends
             return log_stream(lambda: self._job_log(cluster, job_id, follow))
         return self._job_log(cluster, job_id, follow)
 
@@ -227,6 +230,9 @@ class FakeCloud:
             if time.time() > deadline:
                 raise ConnectionError(f"{cluster} has no log for job {job_id}")
             time.sleep(POLL_SECONDS)
+        if self.log_written_late:
+            self.log_written_late = False
+            yield from ["INFO: Waiting 1s for the logs to be written...\n"] * 2
         with log.open() as handle:
             while True:
                 line = handle.readline()

@@ -117,6 +117,10 @@ JOB_LINE_PREFIX = re.compile(r"(?m)^\([^()\s]+, pid=\d+\) ")
 # A server that shuts down gracefully sends a retry marker instead, which the client raises as
 # RequestInterruptedError.
 CANCELLED_STREAM = re.compile(r"'sky\.[\w.]+' request (\S+) cancelled\n?")
+# What SkyPilot's log tailer prints while the job's log file does not exist yet (0.14.1: sky/skylet/log_lib.py):
+# only a stream opened that early has these lines, so counting them would make a reopened stream skip as
+# many of the job's.
+WAITING_FOR_LOG = re.compile(r"INFO: Waiting [\d.]+s for the logs to be written\.\.\.\n?")
 
 # ----------------------------------------------------------------------------------------------
 # The task, as plain data: what `--dry-run` prints and what SkyPilot validates
@@ -563,16 +567,16 @@ class SkyClient:
 def log_stream(open_stream: Callable[[], Iterable[str | None]],
                clean: Callable[[str], str] = lambda line: line) -> Iterator[str]:
     """The lines of one of SkyPilot's log streams (`sky.tail_logs(..., preload_content=False)`), cleaned,
-    without its None (control messages). The stream dropping raises ConnectionError: the API server out of
-    reach, gone mid-stream, restarting (RequestInterruptedError), or ending the stream because its request
-    was cancelled there (CANCELLED_STREAM's line, which is not the job's and is not yielded). The job runs
-    on in each case, so `_reattached` opens the stream again."""
+    without its None (control messages) and its WAITING_FOR_LOG lines. The stream dropping raises
+    ConnectionError: the API server out of reach, gone mid-stream, restarting (RequestInterruptedError), or
+    ending the stream because its request was cancelled there (CANCELLED_STREAM's line, which is not the
+    job's and is not yielded). The job runs on in each case, so `_reattached` opens the stream again."""
     from sky import exceptions
 
     held = cancelled = None  # a line that reads as the cancellation's, kept until the stream shows it was not
     try:
         for line in open_stream():
-            if line is None:
+            if line is None or WAITING_FOR_LOG.fullmatch(line):
                 continue
             if held is not None:
                 yield clean(held)
