@@ -215,10 +215,8 @@ class FakeCloud:
         return "SUCCEEDED" if code == 0 else code if isinstance(code, str) else "FAILED"
 
     def tail_logs(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
-        if self.cancel_after_lines is not None or self.log_written_late:
-            # read as SkyClient reads what SkyPilot's API server sends
-            return log_stream(lambda: self._job_log(cluster, job_id, follow))
-        return self._job_log(cluster, job_id, follow)
+        # what SkyPilot's API server sends, read as SkyClient reads it
+        return log_stream(lambda: self._job_log(cluster, job_id, follow))
 
     def _job_log(self, cluster: str, job_id: int | None, follow: bool) -> Iterator[str]:
         if job_id is None:  # as SkyPilot does: the cluster's latest job
